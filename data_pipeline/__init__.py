@@ -1,0 +1,1 @@
+"""Offline data preparation (tokenizer, VAE latents, packed MDS shards) and the streaming loader."""

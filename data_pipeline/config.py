@@ -1,0 +1,41 @@
+"""Typed config of the data section: where shards live, how sources mix, per-step randomness."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class StreamConfig:
+    """One source of packed MDS shards (text, image-caption or interleaved)."""
+
+    name: str = "text"
+    remote: str | None = None  # s3://, gs://, or a local directory used as a remote
+    local: str = ""  # local directory with shards (or cache dir when remote is set)
+    proportion: float | None = None  # share of sequences drawn from this stream
+
+
+@dataclass
+class DataConfig:
+    """The data section of a run config."""
+
+    tokenizer: str = ""  # path to the sentencepiece .model (special ids sit next to it)
+    seq_len: int = 4096  # positions per packed training sequence
+    streams: list[StreamConfig] = field(default_factory=list)
+    val_streams: list[StreamConfig] = field(default_factory=list)
+    cache_dir: str = ""  # streaming local cache root; one subdirectory per job
+    num_workers: int = 2
+    prefetch_factor: int = 2
+    shuffle: bool = True
+    num_canonical_nodes: int = 1  # fixed so mid-epoch resumption holds across world sizes
+    caption_first_prob: float = 0.8  # share of image-caption pairs laid out caption first
+    image_first_max_timestep: int = 500  # noise cap for image-first pairs (captioning)
+    caption_dropout: float = 0.1  # drop the caption for classifier-free guidance
+
+    def __post_init__(self) -> None:
+        if self.seq_len <= 0:
+            raise ValueError(f"data.seq_len must be positive, got {self.seq_len}")
+        for name in ("caption_first_prob", "caption_dropout"):
+            v = getattr(self, name)
+            if not 0.0 <= v <= 1.0:
+                raise ValueError(f"data.{name} must lie in [0, 1], got {v}")
