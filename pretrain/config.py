@@ -39,7 +39,7 @@ class ModelConfig:
     latent_size: int = 32  # latent side (256 px image / 8x VAE)
     patch_size: int = 2
     patch_encoder: PatchEncoder = "linear"
-    unet_channels: tuple[int, ...] = (512, 768)  # one entry per resolution level; len = log2(p)+1
+    unet_channels: tuple[int, ...] = ()  # per resolution level, len log2(p)+1; () = paper-sized default
     unet_res_blocks: int = 2
     timestep_freq_dim: int = 256
     # diffusion
@@ -59,7 +59,7 @@ class ModelConfig:
             raise ValueError(
                 f"model.latent_size={self.latent_size} must be divisible by model.patch_size={self.patch_size}"
             )
-        if self.patch_encoder == "unet" and len(self.unet_channels) != self.unet_levels:
+        if self.patch_encoder == "unet" and self.unet_channels and len(self.unet_channels) != self.unet_levels:
             raise ValueError(
                 f"model.unet_channels needs log2(patch_size)+1 = {self.unet_levels} entries "
                 f"for patch_size={self.patch_size}, got {list(self.unet_channels)}"
@@ -96,6 +96,13 @@ class ModelConfig:
     @property
     def unet_levels(self) -> int:
         return int(math.log2(self.patch_size)) + 1
+
+    @property
+    def unet_channel_list(self) -> tuple[int, ...]:
+        """U-Net widths per level; the default adds about 0.27B parameters, as in the paper."""
+        if self.unet_channels:
+            return tuple(self.unet_channels)
+        return (512, 640, 896, 1344)[-self.unet_levels :]
 
 
 @dataclass

@@ -1,0 +1,1 @@
+"""Transfusion pretraining: model, DeepSpeed ZeRO-3 trainer, checkpoints, export and generation."""

@@ -1,0 +1,138 @@
+"""DeepSpeed-native checkpoints that survive a crash mid-save, and `resume: auto`.
+
+Layout: RUN_DIR/checkpoints/step_00001000/ holds DeepSpeed's per-rank shards plus our client
+state (step, loader state, RNG states, merged config). Every rank joins every save (ZeRO-3
+saving is collective). After all ranks have written, rank 0 writes the `COMPLETE` marker
+(atomically, last) and only then updates `latest`. Resume picks the newest directory that has
+the marker, so a process killed while saving leaves the previous checkpoint in charge.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import shutil
+import signal
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pretrain.distributed import barrier
+
+MARKER = "COMPLETE"
+_TAG = re.compile(r"^step_(\d{8,})$")
+
+
+def checkpoint_root(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def tag_for(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def is_complete(path: Path) -> bool:
+    return (path / MARKER).is_file()
+
+
+def list_checkpoints(root: Path) -> list[tuple[int, Path]]:
+    """(step, dir) of every checkpoint directory under `root`, complete or not, oldest first."""
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _TAG.match(p.name))]
+    return sorted(found)
+
+
+def find_resume(resume: str, run_dir: str | Path) -> Path | None:
+    """The checkpoint to resume from: "none" -> None, "auto" -> newest complete one (or None), else that dir."""
+    if resume == "none":
+        return None
+    if resume == "auto":
+        complete = [p for _, p in list_checkpoints(checkpoint_root(run_dir)) if is_complete(p)]
+        return complete[-1] if complete else None
+    path = Path(resume)
+    if not is_complete(path):
+        raise FileNotFoundError(
+            f"checkpoint.resume={resume}: not a complete checkpoint (no {MARKER} marker); "
+            f"pick a step_* directory that has one, or use checkpoint.resume=auto"
+        )
+    return path
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Write via a temp file, fsync, rename: readers see the old file or the whole new one."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def fault_point(name: str, step: int) -> None:
+    """Test hook: PRETRAIN_FAULT="name=step" kills this process with SIGKILL here (a real kill -9)."""
+    spec = os.environ.get("PRETRAIN_FAULT", "")
+    if spec and spec == f"{name}={step}":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def rng_state() -> dict[str, Any]:
+    """Every RNG a rank draws from, so a resumed run continues the same random streams."""
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def save(engine, run_dir: str | Path, step: int, client_state: dict[str, Any], keep_last: int) -> Path:
+    """Collective save of step `step` on every rank, then marker, `latest`, pruning (rank 0)."""
+    root = checkpoint_root(run_dir)
+    tag = tag_for(step)
+    engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
+    barrier()  # every rank's shards are on disk before the marker says so
+    fault_point("kill_in_save", step)
+    if engine.global_rank == 0:
+        _write_atomic(root / tag / MARKER, f"{step}\n")
+        _write_atomic(root / "latest", tag)
+        prune(root, keep_last)
+    barrier()
+    return root / tag
+
+
+def prune(root: Path, keep_last: int) -> None:
+    """Keep the newest `keep_last` complete checkpoints; drop older ones and leftovers of crashed saves."""
+    ckpts = list_checkpoints(root)
+    complete = [s for s, p in ckpts if is_complete(p)]
+    if not complete or keep_last <= 0:
+        return
+    keep = set(complete[-keep_last:])
+    newest = complete[-1]
+    for step, path in ckpts:
+        if step not in keep and step <= newest:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def load(engine, path: Path) -> dict[str, Any]:
+    """Load model and optimizer shards and return this rank's client state (every rank must call it)."""
+    load_path, client = engine.load_checkpoint(
+        str(path.parent), tag=path.name, load_optimizer_states=True, load_lr_scheduler_states=False
+    )
+    if load_path is None:
+        raise FileNotFoundError(f"DeepSpeed could not load the checkpoint in {path} (see the log above)")
+    return client

@@ -1,0 +1,180 @@
+"""DeepSpeed set-up: batch plan, the DeepSpeed config derived from ours, model, optimizer, engine.
+
+Our `Config` is the one source of truth; the DeepSpeed JSON is derived from it and the user's
+`distributed.deepspeed` mapping is merged on top (for knobs we do not expose). The model is
+built inside `deepspeed.zero.Init`, so under ZeRO-3 no rank ever holds the whole model.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.utils.checkpoint
+
+from pretrain.config import Config
+
+log = logging.getLogger(__name__)
+
+
+class BatchSizeError(ValueError):
+    """The global batch does not split into micro-batches x accumulation x ranks."""
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """How one optimizer step's global batch (in sequences) is split."""
+
+    global_batch: int
+    micro_batch: int
+    grad_accum: int
+    world_size: int
+
+
+def plan_batch(cfg: Config, world_size: int) -> BatchPlan:
+    """global = micro x accumulation x ranks; raise an error that says what to change if it does not divide."""
+    g, m = cfg.train.global_batch_size, cfg.train.micro_batch_size
+    per_step = m * world_size
+    if g <= 0 or m <= 0 or g % per_step:
+        lo, hi = max(per_step, (g // per_step) * per_step), (g // per_step + 1) * per_step
+        divisors = [d for d in range(1, g + 1) if g % (d * world_size) == 0][:8]
+        raise BatchSizeError(
+            f"train.global_batch_size={g} is not a multiple of train.micro_batch_size={m} x {world_size} ranks "
+            f"= {per_step}. Set train.global_batch_size to {lo} or {hi}, or train.micro_batch_size to one of "
+            f"{divisors or 'none (change the number of ranks)'}."
+        )
+    return BatchPlan(g, m, g // per_step, world_size)
+
+
+def use_bf16(cfg: Config, on_gpu: bool) -> bool:
+    """bf16 on GPU, fp32 on CPU (no bf16 units there) unless train.precision says otherwise."""
+    if cfg.train.precision == "auto":
+        return on_gpu
+    return cfg.train.precision == "bf16"
+
+
+def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """`base` with `extra` merged in recursively (extra wins); neither input is modified."""
+    out = copy.deepcopy(base)
+    for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def derive_ds_config(cfg: Config, plan: BatchPlan, on_gpu: bool) -> dict[str, Any]:
+    """The DeepSpeed JSON for this run: ZeRO stage, precision, batch plan, clipping, offload, user extras."""
+    d = cfg.distributed
+    zero: dict[str, Any] = {
+        "stage": d.zero_stage,
+        "contiguous_gradients": True,
+        "overlap_comm": on_gpu,
+        "stage3_gather_16bit_weights_on_model_save": False,  # export streams from the shards instead
+    }
+    if d.offload_optimizer and on_gpu:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+    if d.offload_params and on_gpu:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": True}
+    ds = {
+        "train_batch_size": plan.global_batch,
+        "train_micro_batch_size_per_gpu": plan.micro_batch,
+        "gradient_accumulation_steps": plan.grad_accum,
+        "gradient_clipping": cfg.optim.grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": use_bf16(cfg, on_gpu)},
+        "fp16": {"enabled": False},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,  # we log ourselves
+        "wall_clock_breakdown": False,
+    }
+    merged = deep_merge(ds, d.deepspeed)
+    for key in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
+        if merged[key] != ds[key]:
+            raise BatchSizeError(
+                f"distributed.deepspeed.{key}={merged[key]} conflicts with the batch plan ({ds[key]}); "
+                "set train.global_batch_size / train.micro_batch_size instead"
+            )
+    return merged
+
+
+def build_model(cfg: Config, ds_config: dict[str, Any]) -> torch.nn.Module:
+    """Build the Transfusion model from the seed, partitioned at construction by `zero.Init` under ZeRO-3."""
+    import deepspeed
+
+    from pretrain.model import Transfusion
+
+    torch.manual_seed(cfg.train.seed)
+    dtype = torch.bfloat16 if ds_config["bf16"]["enabled"] else torch.float32
+    if ds_config["zero_optimization"]["stage"] == 3:
+        with deepspeed.zero.Init(config_dict_or_path=ds_config, dtype=dtype):
+            model = Transfusion(cfg.model)
+    else:
+        model = Transfusion(cfg.model)
+    if cfg.train.activation_checkpointing:
+        apply_activation_checkpointing(model)
+    return model
+
+
+def _checkpointed_forward(forward, *args, **kwargs):
+    """Run a block under non-reentrant activation checkpointing (works with ZeRO-3's gather hooks)."""
+    if not torch.is_grad_enabled():
+        return forward(*args, **kwargs)
+    return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+
+def apply_activation_checkpointing(model: torch.nn.Module) -> None:
+    """Recompute each transformer block in backward; parameter names stay unchanged."""
+    for block in model.layers:
+        block.forward = functools.partial(_checkpointed_forward, block.forward)
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Weight decay on matrices (ndim >= 2), none on norms, biases and embeddings' 1-d params."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if not p.requires_grad:
+            continue
+        shape = getattr(p, "ds_shape", p.shape)  # ZeRO-3 partitioned params are flat; ds_shape is the real one
+        (decay if len(shape) >= 2 else no_decay).append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def build_optimizer(model: torch.nn.Module, cfg: Config, on_gpu: bool) -> torch.optim.Optimizer:
+    """AdamW: DeepSpeed FusedAdam on GPU, DeepSpeedCPUAdam on CPU (or with optimizer offload), else torch AdamW."""
+    o = cfg.optim
+    groups = param_groups(model, o.weight_decay)
+    kw = dict(lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+    if on_gpu and not cfg.distributed.offload_optimizer:
+        from deepspeed.ops.adam import FusedAdam
+
+        return FusedAdam(groups, adam_w_mode=True, **kw)
+    try:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(groups, adamw_mode=True, **kw)
+    except Exception as e:  # the op JIT-builds; a machine without a compiler cannot build it
+        if cfg.distributed.offload_optimizer and on_gpu:
+            raise RuntimeError(f"distributed.offload_optimizer needs DeepSpeedCPUAdam, which failed to build: {e}")
+        log.warning("DeepSpeedCPUAdam unavailable (%s); using torch.optim.AdamW", e)
+        return torch.optim.AdamW(groups, **kw)
+
+
+def build_engine(cfg: Config, plan: BatchPlan):
+    """Model + optimizer wrapped by `deepspeed.initialize`; returns (engine, ds_config)."""
+    import deepspeed
+
+    on_gpu = torch.cuda.is_available()
+    ds_config = derive_ds_config(cfg, plan, on_gpu)
+    model = build_model(cfg, ds_config)
+    optimizer = build_optimizer(model, cfg, on_gpu)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    return engine, ds_config

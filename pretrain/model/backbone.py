@@ -1,0 +1,140 @@
+"""The Llama backbone: pre-RMSNorm blocks of RoPE attention and SwiGLU, no biases.
+
+Attention takes either a dense boolean mask (SDPA) or a FlexAttention BlockMask; both express
+the same Transfusion mask (see masks.py).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pretrain.config import ModelConfig
+from pretrain.model.layers import Linear, RMSNorm
+
+try:
+    from torch.nn.attention.flex_attention import BlockMask, create_mask, flex_attention
+except ImportError:  # pragma: no cover
+    BlockMask, create_mask, flex_attention = None, None, None  # type: ignore[assignment,misc]
+
+_compiled_flex: Callable | None = None
+
+
+def _compiled_flex_attention() -> Callable:
+    global _compiled_flex
+    if _compiled_flex is None:
+        _compiled_flex = torch.compile(flex_attention, dynamic=False)
+    return _compiled_flex
+
+
+def _flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: "BlockMask", gqa: bool) -> torch.Tensor:
+    """Compiled flex_attention (the eager path would materialise the full score matrix).
+
+    PyTorch has no FlexAttention backward on CPU; there the forward is the flex kernel and the
+    backward recomputes attention densely from the same mask_mod (see _FlexCPUBackward).
+    """
+    if q.device.type == "cpu" and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return _FlexCPUBackward.apply(q, k, v, mask, gqa)
+    return _compiled_flex_attention()(q, k, v, block_mask=mask, enable_gqa=gqa)
+
+
+def _dense_from_block_mask(mask: "BlockMask", L: int) -> torch.Tensor:
+    """(B, 1, L, L) bool evaluated from the BlockMask's own mask_mod, cached on the mask object."""
+    dense = getattr(mask, "_dense_cache", None)
+    if dense is None:
+        B = mask.kv_num_blocks.shape[0]
+        dense = create_mask(mask.mask_mod, B, None, L, L, device=mask.kv_num_blocks.device)
+        mask._dense_cache = dense
+    return dense
+
+
+class _FlexCPUBackward(torch.autograd.Function):
+    """Forward: compiled flex kernel. Backward: dense SDPA recompute under the mask_mod (CPU only)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, mask, gqa):  # noqa: ANN001, ANN205
+        ctx.save_for_backward(q, k, v)
+        ctx.mask, ctx.gqa = mask, gqa
+        return _compiled_flex_attention()(q.detach(), k.detach(), v.detach(), block_mask=mask, enable_gqa=gqa)
+
+    @staticmethod
+    def backward(ctx, grad_out):  # noqa: ANN001, ANN205
+        q, k, v = (t.detach().requires_grad_() for t in ctx.saved_tensors)
+        dense = _dense_from_block_mask(ctx.mask, q.shape[-2])
+        with torch.enable_grad():
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=dense, enable_gqa=ctx.gqa)
+            dq, dk, dv = torch.autograd.grad(out, (q, k, v), grad_out)
+        return dq, dk, dv, None, None
+
+
+def rope_tables(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin of RoPE angles for integer positions (B, L) -> two (B, L, 1, head_dim/2) tensors."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
+    angles = positions.to(torch.float32)[..., None] * inv_freq  # (B, L, hd/2)
+    return angles.cos()[:, :, None, :], angles.sin()[:, :, None, :]
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate (B, L, H, hd) by the angles; the two halves of hd form the complex pairs."""
+    x1, x2 = x.float().chunk(2, dim=-1)  # (B, L, H, hd/2) each
+    out = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)  # (B, L, H, hd)
+    return out.type_as(x)
+
+
+class Attention(nn.Module):
+    """Multi-head (optionally grouped-query) attention with RoPE and a Transfusion mask."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim
+        out_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)  # depth-scaled residual projections
+        self.wqkv = Linear(cfg.dim, (self.n_heads + 2 * self.n_kv) * self.head_dim, cfg.init_std)
+        self.wo = Linear(self.n_heads * self.head_dim, cfg.dim, out_std)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: object) -> torch.Tensor:
+        B, L, _ = x.shape
+        q, k, v = self.wqkv(x).split(
+            [self.n_heads * self.head_dim, self.n_kv * self.head_dim, self.n_kv * self.head_dim], dim=-1
+        )
+        q = apply_rope(q.view(B, L, self.n_heads, self.head_dim), *rope).transpose(1, 2)  # (B, H, L, hd)
+        k = apply_rope(k.view(B, L, self.n_kv, self.head_dim), *rope).transpose(1, 2)  # (B, Hkv, L, hd)
+        v = v.view(B, L, self.n_kv, self.head_dim).transpose(1, 2)  # (B, Hkv, L, hd)
+        gqa = self.n_kv != self.n_heads
+        if isinstance(mask, torch.Tensor):
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)  # (B, H, L, hd)
+        else:
+            y = _flex(q, k, v, mask, gqa)  # (B, H, L, hd)
+        return self.wo(y.transpose(1, 2).reshape(B, L, -1))  # (B, L, D)
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x), with w1 and w3 fused into one matmul."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.hidden = cfg.hidden_dim
+        self.w13 = Linear(cfg.dim, 2 * self.hidden, cfg.init_std)
+        self.w2 = Linear(self.hidden, cfg.dim, cfg.init_std / math.sqrt(2 * cfg.n_layers))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.w13(x).chunk(2, dim=-1)  # (B, L, F) each
+        return self.w2(F.silu(gate) * up)  # (B, L, D)
+
+
+class TransformerBlock(nn.Module):
+    """x + attn(norm(x)), then + ffn(norm(x))."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attention = Attention(cfg)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.feed_forward = FeedForward(cfg)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: object) -> torch.Tensor:
+        x = x + self.attention(self.attention_norm(x), rope, mask)  # (B, L, D)
+        return x + self.feed_forward(self.ffn_norm(x))  # (B, L, D)

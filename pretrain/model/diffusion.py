@@ -1,0 +1,71 @@
+"""DDPM pieces: the cosine schedule (Nichol & Dhariwal), noising, timestep embedding, a DDIM sampler."""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+from torch import nn
+
+from pretrain.model.layers import Linear
+
+
+def cosine_alpha_bar(steps: int, s: float = 0.008, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Cumulative signal level alpha_bar_t for t = 0..steps-1, (steps,) fp64 -> fp32.
+
+    Follows Nichol & Dhariwal: betas from the cosine curve, clipped at 0.999, then cumprod.
+    """
+    t = torch.arange(steps + 1, dtype=torch.float64, device=device) / steps
+    f = torch.cos((t + s) / (1 + s) * math.pi / 2) ** 2  # (steps+1,)
+    betas = (1 - f[1:] / f[:-1]).clamp(max=0.999)  # (steps,)
+    return torch.cumprod(1 - betas, dim=0).to(torch.float32)  # (steps,)
+
+
+def add_noise(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
+    """x_t = sqrt(ab_t) x0 + sqrt(1 - ab_t) eps for (N, C, H, W) latents and (N,) timesteps."""
+    ab = alpha_bar[t].view(-1, *([1] * (x0.dim() - 1))).to(x0.dtype)  # (N, 1, 1, 1)
+    return ab.sqrt() * x0 + (1 - ab).sqrt() * noise  # (N, C, H, W)
+
+
+class TimestepEmbedder(nn.Module):
+    """Sinusoidal features of t -> MLP -> width `dim` (as in DiT)."""
+
+    def __init__(self, dim: int, freq_dim: int = 256, std: float = 0.02) -> None:
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.fc1 = Linear(freq_dim, dim, std, bias=True)
+        self.fc2 = Linear(dim, dim, std, bias=True)
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        half = self.freq_dim // 2
+        freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+        args = t.to(torch.float32)[:, None] * freqs[None]  # (N, half)
+        emb = torch.cat([args.cos(), args.sin()], dim=-1).to(self.fc1.weight.dtype)  # (N, freq_dim)
+        return self.fc2(nn.functional.silu(self.fc1(emb)))  # (N, dim)
+
+
+EpsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def ddim_sample(
+    eps_fn: EpsFn,
+    noise: torch.Tensor,
+    alpha_bar: torch.Tensor,
+    num_steps: int,
+) -> torch.Tensor:
+    """Deterministic DDIM (eta=0) from pure noise (N, C, H, W) to x0, in `num_steps` steps.
+
+    eps_fn(x_t, t) predicts epsilon for timesteps t (N,). Classifier-free guidance belongs in eps_fn.
+    """
+    T = alpha_bar.shape[0]
+    ts = torch.linspace(T - 1, 0, num_steps, device=noise.device).round().long()  # (S,)
+    x = noise
+    for i, t in enumerate(ts):
+        tt = t.expand(x.shape[0])  # (N,)
+        ab = alpha_bar[t]
+        eps = eps_fn(x, tt)  # (N, C, H, W)
+        x0 = (x - (1 - ab).sqrt() * eps) / ab.sqrt()
+        ab_prev = alpha_bar[ts[i + 1]] if i + 1 < len(ts) else torch.ones((), device=x.device)
+        x = ab_prev.sqrt() * x0 + (1 - ab_prev).sqrt() * eps
+    return x

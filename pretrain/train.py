@@ -1,0 +1,337 @@
+"""Train a Transfusion model with DeepSpeed ZeRO-3: `python -m pretrain.train --config PATH [key=value ...]`.
+
+The same code path runs under `deepspeed`, `torchrun`, `accelerate launch`, plain `srun` and a
+bare `python`. Exit codes: 0 done; 75 (EX_TEMPFAIL) stopped on SIGUSR1/SIGTERM after saving a
+checkpoint, requeue me; 1 failed (e.g. too many NaN/Inf steps in a row). See docs/train.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import logging
+import signal
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from pretrain import checkpoint, configlib, distributed
+from pretrain.config import Config, load_config, save_config
+from pretrain.engine import BatchPlan, build_engine, plan_batch
+from pretrain.metrics import MetricsWriter, StepStats, StepTimer, detect_peak_flops
+from pretrain.model.batch import TransfusionBatch
+from pretrain.schedule import lr_at, set_lr
+
+log = logging.getLogger("pretrain")
+
+
+class TrainingDiverged(RuntimeError):
+    """Too many NaN/Inf steps in a row."""
+
+
+class StopRequest:
+    """SIGUSR1/SIGTERM set a flag; the loop finishes its step, saves and exits with EXIT_REQUEUE."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.requested = True
+        log.warning("received signal %d: finishing this step, then saving and exiting", signum)
+
+
+@dataclass
+class Run:
+    """Everything the loop carries from step to step."""
+
+    cfg: Config
+    env: distributed.DistEnv
+    plan: BatchPlan
+    engine: Any
+    loader: Any
+    val_loader: Any
+    writer: MetricsWriter
+    stop: StopRequest
+    step: int = 0  # optimizer steps done
+    bad_in_row: int = 0
+    bad_total: int = 0
+    timer: StepTimer = field(default_factory=StepTimer)
+    _iter: Iterator[TransfusionBatch] | None = None
+
+
+def parse_args(argv: list[str] | None) -> tuple[str, list[str]]:
+    """--config PATH plus key=value overrides; --local_rank (passed by the deepspeed launcher) is ignored."""
+    p = argparse.ArgumentParser(prog="python -m pretrain.train", description=__doc__.splitlines()[0])
+    p.add_argument("--config", required=True, help="YAML run config, e.g. configs/tiny.yaml")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.steps=100")
+    a = p.parse_args(argv)
+    return a.config, a.overrides
+
+
+def setup_logging(rank: int) -> None:
+    """INFO on rank 0, warnings only elsewhere, so the console shows one copy of each line."""
+    logging.basicConfig(
+        level=logging.INFO if rank == 0 else logging.WARNING,
+        format=f"%(asctime)s [rank{rank}] %(message)s",
+        stream=sys.stdout,
+        force=True,
+    )
+
+
+def prepare_config(cfg: Config) -> Config:
+    """Take vocab_size from the tokenizer metadata (the single source of the vocabulary)."""
+    if cfg.data.tokenizer:
+        from data_pipeline.tokenizer import load_special_ids
+
+        cfg.model.vocab_size = load_special_ids(cfg.data.tokenizer).vocab_size
+    return cfg
+
+
+def build_loaders(cfg: Config, plan: BatchPlan) -> tuple[Any, Any]:
+    """Train loader, and the validation loader when data.val_streams is set (else None)."""
+    from data_pipeline.loader import build_loader
+
+    m = cfg.model
+    kw = dict(
+        micro_batch_size=plan.micro_batch, seed=cfg.train.seed, patch_size=m.patch_size,
+        latent_shape=(m.latent_channels, m.latent_size, m.latent_size), diffusion_steps=m.diffusion_steps,
+    )
+    train = build_loader(cfg.data, split="train", **kw)
+    val = build_loader(cfg.data, split="val", **kw) if cfg.data.val_streams else None
+    return train, val
+
+
+def next_batch(run: Run) -> TransfusionBatch:
+    """The next micro-batch; a finished epoch starts the next one."""
+    if run._iter is None:
+        run._iter = iter(run.loader)
+    try:
+        return next(run._iter)
+    except StopIteration:
+        run._iter = iter(run.loader)
+        return next(run._iter)
+
+
+def batch_digest(batches: list[TransfusionBatch]) -> int:
+    """A 48-bit fingerprint of the sequences (tokens, latents): what resume tests compare."""
+    h = hashlib.sha1()
+    for b in batches:
+        h.update(b.tokens.numpy().tobytes())
+        h.update(b.latents.float().numpy().tobytes())
+    return int(h.hexdigest()[:12], 16)
+
+
+def global_denominators(batches: list[TransfusionBatch], plan: BatchPlan, rank: int) -> tuple[float, float, int, int, list[int]]:
+    """All-reduce the step's text-target and image counts; return per-micro-batch denominators.
+
+    DeepSpeed divides each micro-batch loss by the accumulation steps and averages gradients over
+    ranks, so dividing sums by global/(gas*world) yields exactly d(sum / global count).
+    """
+    digests = [0.0] * plan.world_size
+    digests[rank] = float(batch_digest(batches))
+    text = sum(b.num_text_targets for b in batches)
+    images = sum(b.num_images for b in batches)
+    out = distributed.all_reduce_sum([float(text), float(images), *digests])
+    g_text, g_img = int(out[0]), int(out[1])
+    scale = plan.grad_accum * plan.world_size
+    return max(g_text, 1) / scale, max(g_img, 1) / scale, g_text, g_img, [int(d) for d in out[2:]]
+
+
+def forward_backward(run: Run, batches: list[TransfusionBatch], text_denom: float, image_denom: float) -> tuple[float, float]:
+    """One optimizer step over the micro-batches; returns this rank's (LM CE sum, diffusion MSE sum)."""
+    dev = distributed.device()
+    lm_sum = diff_sum = 0.0
+    for b in batches:
+        with run.timer.phase("forward"):
+            out = run.engine(b.to(dev), text_denom=text_denom, image_denom=image_denom)
+        with run.timer.phase("backward"):
+            run.engine.backward(out.loss)
+        with run.timer.phase("optimizer"):
+            run.engine.step()  # applies the update at the accumulation boundary (the last micro-batch)
+        lm_sum += float(out.lm_loss_sum)
+        diff_sum += float(out.diffusion_loss_sum)
+    return lm_sum, diff_sum
+
+
+def train_step(run: Run) -> StepStats:
+    """Fetch all micro-batches, normalise by global counts, step, and gather the step's losses."""
+    run.timer.reset()
+    with run.timer.phase("data"):
+        batches = [next_batch(run) for _ in range(run.plan.grad_accum)]
+    t_denom, i_denom, g_text, g_img, digests = global_denominators(batches, run.plan, run.env.rank)
+    lr = lr_at(run.step, run.cfg.optim, run.cfg.train.steps)
+    set_lr(run.engine.optimizer, lr)
+    lm_sum, diff_sum = forward_backward(run, batches, t_denom, i_denom)
+    lm_g, diff_g, stop = distributed.all_reduce_sum([lm_sum, diff_sum, float(run.stop.requested)])
+    run.stop.requested = stop > 0  # a signal seen by any rank stops every rank after this step
+    lm = lm_g / max(g_text, 1)
+    diff = diff_g / max(g_img, 1)
+    gn = run.engine.get_global_grad_norm()
+    return StepStats(
+        step=run.step + 1, loss=lm + run.cfg.model.diffusion_loss_weight * diff, lm_loss=lm, diffusion_loss=diff,
+        lr=lr, grad_norm=float(gn) if gn is not None else float("nan"), text_tokens=g_text, images=g_img,
+        applied=bool(run.engine.was_step_applied()), times=dict(run.timer.times), digest=digests,
+    )
+
+
+def check_bad_step(run: Run, s: StepStats) -> None:
+    """Count NaN/Inf steps (DeepSpeed skipped their update); stop after train.max_bad_steps in a row."""
+    finite = s.applied and torch.isfinite(torch.tensor(s.loss)).item()
+    if finite:
+        run.bad_in_row = 0
+        return
+    run.bad_in_row += 1
+    run.bad_total += 1
+    log.warning("step %d: loss %s / grad norm %s is not finite; update skipped (%d in a row, %d total)",
+                s.step, s.loss, s.grad_norm, run.bad_in_row, run.bad_total)
+    if run.bad_in_row >= run.cfg.train.max_bad_steps:
+        raise TrainingDiverged(
+            f"{run.bad_in_row} NaN/Inf steps in a row (train.max_bad_steps={run.cfg.train.max_bad_steps}) at step "
+            f"{s.step}. Look at: the learning rate (optim.lr, optim.warmup_steps), bf16 overflow "
+            f"(try train.precision=fp32), and the data of these steps (the digests in metrics.jsonl; "
+            f"check the shards for NaN latents). Resume from the last checkpoint after fixing."
+        )
+
+
+@torch.no_grad()
+def validate(run: Run) -> dict[str, float]:
+    """Mean LM loss per text target and diffusion loss per image on the first val batches (every rank)."""
+    run.engine.eval()
+    dev = distributed.device()
+    sums = [0.0, 0.0, 0.0, 0.0]
+    for i, b in enumerate(run.val_loader):
+        if i >= run.cfg.logging.val_batches:
+            break
+        out = run.engine(b.to(dev))
+        sums = [sums[0] + float(out.lm_loss_sum), sums[1] + float(out.diffusion_loss_sum),
+                sums[2] + out.num_text_tokens, sums[3] + out.num_images]
+    run.engine.train()
+    lm, diff, n_text, n_img = distributed.all_reduce_sum(sums)
+    return {"val/lm_loss": lm / max(n_text, 1), "val/diffusion_loss": diff / max(n_img, 1)}
+
+
+def client_state(run: Run) -> dict[str, Any]:
+    """This rank's resume state, stored in its DeepSpeed checkpoint shard."""
+    return {
+        "step": run.step, "loader": run.loader.state_dict(), "rng": checkpoint.rng_state(),
+        "config": configlib.to_dict(run.cfg), "world_size": run.env.world_size,
+        "bad_total": run.bad_total,
+    }
+
+
+def save(run: Run) -> None:
+    path = checkpoint.save(run.engine, run.cfg.train.run_dir, run.step, client_state(run), run.cfg.checkpoint.keep_last)
+    log.info("saved checkpoint %s", path)
+
+
+def resume(run: Run) -> None:
+    """Load the checkpoint chosen by checkpoint.resume (auto: newest complete one), if any."""
+    path = checkpoint.find_resume(run.cfg.checkpoint.resume, run.cfg.train.run_dir)
+    if path is None:
+        log.info("starting from scratch (no complete checkpoint in %s)", checkpoint.checkpoint_root(run.cfg.train.run_dir))
+        return
+    client = checkpoint.load(run.engine, path)
+    if client.get("world_size") != run.env.world_size:
+        raise RuntimeError(
+            f"{path} was saved by {client.get('world_size')} ranks, this job has {run.env.world_size}. ZeRO-3 "
+            "shards are tied to the world size: relaunch with the same number of ranks, or convert it with "
+            "DeepSpeed's ds_to_universal and load it as a universal checkpoint (see docs/train.md)."
+        )
+    run.step = int(client["step"])
+    run.bad_total = int(client.get("bad_total", 0))
+    run.loader.load_state_dict(client["loader"])
+    checkpoint.set_rng_state(client["rng"])
+    log.info("resumed from %s at step %d", path, run.step)
+
+
+def maybe_sample(run: Run) -> None:
+    """Every logging.sample_every steps: generated images and captions to TensorBoard (needs pretrain.generate)."""
+    try:
+        from pretrain import generate
+    except ImportError:
+        return
+    if hasattr(generate, "tensorboard_samples"):
+        generate.tensorboard_samples(run.engine.module, run.cfg, run.writer, run.step)
+
+
+def setup(argv: list[str] | None) -> Run:
+    """Config, process group, engine, loaders, metrics, signal handlers, resume."""
+    path, overrides = parse_args(argv)
+    cfg = prepare_config(load_config(path, overrides))
+    env = distributed.init_distributed(cfg.distributed.backend, cfg.distributed.timeout_minutes)
+    setup_logging(env.rank)
+    plan = plan_batch(cfg, env.world_size)
+    log.info("launcher %s, %d ranks; global batch %d = micro %d x accumulation %d x ranks %d",
+             env.launcher, env.world_size, plan.global_batch, plan.micro_batch, plan.grad_accum, plan.world_size)
+    if env.is_main:
+        Path(cfg.train.run_dir).mkdir(parents=True, exist_ok=True)
+        save_config(cfg, Path(cfg.train.run_dir) / "config.yaml")
+    engine, _ = build_engine(cfg, plan)
+    loader, val_loader = build_loaders(cfg, plan)
+    writer = make_writer(cfg, env, plan, engine)
+    run = Run(cfg, env, plan, engine, loader, val_loader, writer, StopRequest())
+    resume(run)
+    return run
+
+
+def make_writer(cfg: Config, env: distributed.DistEnv, plan: BatchPlan, engine: Any) -> MetricsWriter:
+    """Rank 0's metrics sinks; FLOPs per step from the model's formula for MFU."""
+    from pretrain.model import flops_per_position
+
+    flops = flops_per_position(cfg.model, cfg.data.seq_len) * cfg.data.seq_len * plan.global_batch
+    return MetricsWriter(cfg.train.run_dir, env.is_main, cfg.logging.tensorboard, flops,
+                         detect_peak_flops(cfg.logging.peak_flops), env.world_size, cfg.model.patches_per_image)
+
+
+def after_step(run: Run, s: StepStats) -> None:
+    """Log, validate, sample and checkpoint on their schedules."""
+    lg, ck = run.cfg.logging, run.cfg.checkpoint
+    run.writer.record_step(s, log_now=run.step % lg.every == 0 or run.step == 1)
+    if run.bad_total:
+        run.writer.scalars({"train/bad_steps_total": float(run.bad_total)}, run.step) if run.step % lg.every == 0 else None
+    if run.val_loader is not None and lg.val_every > 0 and run.step % lg.val_every == 0:
+        run.writer.scalars(validate(run), run.step)
+    if lg.sample_every > 0 and run.step % lg.sample_every == 0:
+        maybe_sample(run)
+    if ck.every > 0 and run.step % ck.every == 0 and run.step < run.cfg.train.steps:
+        save(run)
+    checkpoint.fault_point("kill_after_step", run.step)
+
+
+def train(run: Run) -> int:
+    """The loop; returns the process exit code."""
+    while run.step < run.cfg.train.steps:
+        s = train_step(run)
+        run.step += 1
+        check_bad_step(run, s)
+        after_step(run, s)
+        if run.stop.requested and run.step < run.cfg.train.steps:
+            if not (run.cfg.checkpoint.every > 0 and run.step % run.cfg.checkpoint.every == 0):
+                save(run)
+            log.warning("stopped at step %d on signal; exiting %d so the job is requeued",
+                        run.step, distributed.EXIT_REQUEUE)
+            return distributed.EXIT_REQUEUE
+    save(run)
+    log.info("done: %d steps", run.step)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    run = setup(argv)
+    try:
+        return train(run)
+    except TrainingDiverged as e:
+        log.error("%s", e)
+        return 1
+    finally:
+        run.writer.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
