@@ -31,11 +31,21 @@ class DataConfig:
     caption_first_prob: float = 0.8  # share of image-caption pairs laid out caption first
     image_first_max_timestep: int = 500  # noise cap for image-first pairs (captioning)
     caption_dropout: float = 0.1  # drop the caption for classifier-free guidance
+    # When no stream sets `proportion`: choose proportions so this share of all positions are image
+    # patches (the paper's 1:1 text:image positions), from each stream's pack.json; None = by size.
+    image_position_share: float | None = 0.5
 
     def __post_init__(self) -> None:
         if self.seq_len <= 0:
             raise ValueError(f"data.seq_len must be positive, got {self.seq_len}")
-        for name in ("caption_first_prob", "caption_dropout"):
+        for name in ("caption_first_prob", "caption_dropout", "image_position_share"):
             v = getattr(self, name)
-            if not 0.0 <= v <= 1.0:
+            if v is not None and not 0.0 <= v <= 1.0:
                 raise ValueError(f"data.{name} must lie in [0, 1], got {v}")
+        if self.image_first_max_timestep < 0:
+            raise ValueError(f"data.image_first_max_timestep must be >= 0, got {self.image_first_max_timestep}")
+        props = [s.proportion for s in self.streams]
+        if any(p is None for p in props) and any(p is not None for p in props):
+            raise ValueError("data.streams: set `proportion` on every stream or on none")
+        if any(p is not None and p <= 0 for p in props):
+            raise ValueError(f"data.streams: proportions must be positive, got {props}")

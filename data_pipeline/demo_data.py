@@ -1,0 +1,139 @@
+"""Demo and test data in one call: synthetic images + captions + texts -> tokenizer -> VAE ->
+latents -> packed shards for text, image-caption and interleaved sources -> `data.yaml`.
+
+`python -m data_pipeline.demo_data --out DIR [--fast]`. `--fast` uses a small randomly initialised
+VAE (tests, seconds); without it a small VAE is trained on the images (a few minutes on CPU) so
+the latents carry what a tiny model can learn from.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+
+from data_pipeline import pack, precompute, sources, tokenizer, vae as vaelib
+from data_pipeline.config import DataConfig, StreamConfig
+from data_pipeline.synthetic import write_demo_sources
+
+
+@dataclass
+class DemoData:
+    """Paths of a generated demo data set and its ready-to-use DataConfig."""
+
+    root: Path
+    config_path: Path  # data.yaml: `data:` section + the `model:` latent keys
+    data_config: DataConfig
+    tokenizer: Path
+    vae: Path
+    latent_shape: tuple[int, int, int]
+    patch_size: int
+    vocab_size: int
+
+    @property
+    def shards(self) -> dict[str, Path]:
+        return {s.name: Path(s.local) for s in self.data_config.streams}
+
+
+@dataclass
+class DemoSizes:
+    """How much synthetic data to make."""
+
+    pairs: int = 2000
+    texts: int = 2000
+    interleaved: int = 300
+    image_size: int = 64
+    vae_steps: int = 600
+
+
+FAST = DemoSizes(pairs=240, texts=300, interleaved=40, vae_steps=0)
+
+
+def _vae(root: Path, raw: dict, sizes: DemoSizes, seed: int, latent_channels: int) -> Path:
+    """Train a small VAE (sizes.vae_steps > 0) or save a random one, with measured latent stats."""
+    out = root / "vae"
+    data = vaelib.load_images([str(raw["pairs"])], sizes.image_size, limit=2000)
+    if sizes.vae_steps > 0:
+        return vaelib.train_vae(data, out, steps=sizes.vae_steps, batch_size=32, lr=2e-3, latent_channels=latent_channels,
+                                downsample=8, width=32, seed=seed, sample_every=max(1, sizes.vae_steps // 3))
+    model = vaelib.small_vae(latent_channels, downsample=8, width=8, seed=seed)
+    return vaelib.save_with_stats(model, data[:256], out, {"random_init": True})
+
+
+def _precompute(raw_file: Path, kind: str, vae_dir: Path, out: Path, size: int) -> None:
+    args = precompute.build_parser().parse_args([
+        "--input", str(raw_file), "--kind", kind, "--vae", str(vae_dir), "--out", str(out),
+        "--image-size", str(size), "--batch-size", "64", "--part-size", "500", "--decode-threads", "2",
+    ])
+    precompute.run(args, rank_and_world=(0, 1))
+
+
+def _pack(kind: str, inputs: list[str], tok: Path, out: Path, seq_len: int, patch: int) -> dict:
+    args = pack.build_parser().parse_args([
+        "--kind", kind, "--input", *inputs, "--tokenizer", str(tok), "--out", str(out),
+        "--seq-len", str(seq_len), "--patch-size", str(patch), "--val-every", "10",
+    ])
+    return pack.run(args)
+
+
+def make_demo_data(out: str | Path, seed: int = 0, fast: bool = True, seq_len: int = 256, patch_size: int = 2,
+                   latent_channels: int = 8, vocab_size: int = 1000, sizes: DemoSizes | None = None) -> DemoData:
+    """Generate everything under `out` (wiped first) deterministically from `seed`."""
+    root = Path(out).resolve()
+    if root.exists():
+        shutil.rmtree(root)
+    sizes = sizes or (FAST if fast else DemoSizes())
+    torch.manual_seed(seed)
+    raw = write_demo_sources(root / "raw", seed, sizes.pairs, sizes.texts, sizes.interleaved, sizes.image_size)
+    tok_path = root / "tokenizer" / "spm.model"
+    corpus = list(sources.iter_texts([str(raw["texts"])]))
+    corpus += [json.loads(line)["caption"] for line in open(raw["pairs"])]
+    ids = tokenizer.train(corpus, tok_path, vocab_size=vocab_size, seed=seed)
+    vae_dir = _vae(root, raw, sizes, seed, latent_channels)
+    for kind in ("pairs", "interleaved"):
+        _precompute(raw[kind], kind, vae_dir, root / "latents" / kind, sizes.image_size)
+    shards = root / "shards"
+    _pack("text", [str(raw["texts"])], tok_path, shards / "text", seq_len, patch_size)
+    for kind in ("pairs", "interleaved"):
+        _pack(kind, [str(root / "latents" / kind)], tok_path, shards / kind, seq_len, patch_size)
+    h = sizes.image_size // 8
+    cfg = {
+        "data": {
+            "tokenizer": str(tok_path), "seq_len": seq_len, "cache_dir": str(root / "cache"),
+            "streams": [{"name": k, "local": str(shards / k / "train")} for k in ("text", "pairs", "interleaved")],
+            "val_streams": [{"name": k, "local": str(shards / k / "val")} for k in ("text", "pairs", "interleaved")],
+        },
+        "model": {"latent_channels": latent_channels, "latent_size": h, "patch_size": patch_size,
+                  "vocab_size": ids.vocab_size, "max_seq_len": seq_len},
+    }
+    cfg_path = root / "data.yaml"
+    cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    d = cfg["data"]
+    dc = DataConfig(tokenizer=d["tokenizer"], seq_len=seq_len, cache_dir=d["cache_dir"],
+                    streams=[StreamConfig(**s) for s in d["streams"]], val_streams=[StreamConfig(**s) for s in d["val_streams"]])
+    return DemoData(root, cfg_path, dc, tok_path, vae_dir, (latent_channels, h, h), patch_size, ids.vocab_size)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m data_pipeline.demo_data", description=__doc__,
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--out", required=True, help="output directory (wiped first)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--fast", action="store_true", help="random-init VAE and fewer samples (tests)")
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--patch-size", type=int, default=2)
+    ap.add_argument("--vocab-size", type=int, default=1000)
+    a = ap.parse_args(argv)
+    t0 = time.time()
+    d = make_demo_data(a.out, a.seed, a.fast, a.seq_len, a.patch_size, vocab_size=a.vocab_size)
+    print(f"demo data in {time.time() - t0:.0f}s: {d.config_path} (latent shape {d.latent_shape}, vocab {d.vocab_size})")
+
+
+if __name__ == "__main__":
+    main()

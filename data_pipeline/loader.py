@@ -1,0 +1,182 @@
+"""The training loader: packed MDS streams mixed by weight, per-step randomness, exact resumption.
+
+`build_loader(cfg.data, split, micro_batch_size, seed, patch_size, latent_shape, diffusion_steps)`
+returns an iterable of `TransfusionBatch` (CPU tensors); the train split is endless (re-epochs).
+`state_dict()` is plain JSON data; `load_state_dict()` resumes mid-epoch exactly, also with
+workers and several ranks (streaming's own sample accounting, fixed `num_canonical_nodes`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from streaming import Stream, StreamingDataLoader, StreamingDataset
+from streaming.base.util import clean_stale_shared_memory
+
+from data_pipeline.config import DataConfig, StreamConfig
+from data_pipeline.sequence import RowSpec, build_row
+from data_pipeline.tokenizer import load_special_ids
+from pretrain.model.batch import TransfusionBatch
+
+_CLEANED = False
+
+
+def _clean_once() -> None:
+    """Remove shared memory left by crashed runs, once per process (later calls would hit live loaders)."""
+    global _CLEANED
+    if not _CLEANED:
+        clean_stale_shared_memory()
+        _CLEANED = True
+
+
+def job_cache_dir(root: str) -> Path:
+    """One local cache directory per job (Slurm job id, torchrun run id, or the launcher's port)."""
+    job = os.environ.get("SLURM_JOB_ID") or os.environ.get("TORCHELASTIC_RUN_ID") or os.environ.get("MASTER_PORT")
+    return Path(root or ".cache/streaming") / f"job-{job or os.getpid()}"
+
+
+class PackedDataset(StreamingDataset):
+    """StreamingDataset of packed rows that lays each row out with (seed, epoch, sample id) randomness."""
+
+    def __init__(self, *, spec: RowSpec, seed: int, **kwargs: Any):
+        self.spec, self.seed, self._epoch = spec, seed, 0
+        super().__init__(**kwargs)
+
+    def _resume_incr_epoch(self) -> tuple[int, int]:
+        epoch, offset = super()._resume_incr_epoch()
+        self._epoch = epoch  # this worker's epoch, used to seed per-sample randomness
+        return epoch, offset
+
+    def get_item(self, sample_id: int, retry: int = 7) -> dict:
+        try:
+            raw = super().get_item(sample_id, retry)
+        except Exception as e:  # noqa: BLE001 - re-raised naming the shard
+            shard_id, _ = self.spanner[sample_id]
+            shard = self.shards[shard_id]
+            stream = self.streams[self.stream_per_shard[shard_id]]
+            where = Path(stream.local) / stream.split / shard.raw_data.basename
+            raise RuntimeError(f"{where}: corrupt or unreadable shard ({type(e).__name__}: {e}); "
+                               "re-run data_pipeline.pack for this stream or remove the shard") from e
+        return build_row(raw, self.spec, self.seed, self._epoch, int(sample_id))
+
+
+def collate(rows: list[dict]) -> TransfusionBatch:
+    """Stack rows into a TransfusionBatch; images renumbered 0..N-1 in row-major order."""
+    offsets = np.cumsum([0] + [len(r["timesteps"]) for r in rows])
+    image_ids = [np.where(r["image_ids"] >= 0, r["image_ids"] + o, -1) for r, o in zip(rows, offsets)]
+
+    def stack(key: str) -> torch.Tensor:
+        return torch.from_numpy(np.stack([r[key] for r in rows]))  # (B, L)
+
+    def cat(key: str) -> torch.Tensor:
+        return torch.from_numpy(np.concatenate([r[key] for r in rows]))  # (N, ...)
+
+    return TransfusionBatch(
+        tokens=stack("tokens"), targets=stack("targets"), doc_ids=stack("doc_ids"),
+        image_ids=torch.from_numpy(np.stack(image_ids)), positions=stack("positions"),
+        latents=cat("latents"), noise=cat("noise"), timesteps=cat("timesteps"),
+    )
+
+
+class _Loader(StreamingDataLoader):
+    def _get_batch_size(self, batch: Any) -> int:
+        return int(batch.tokens.shape[0]) if isinstance(batch, TransfusionBatch) else super()._get_batch_size(batch)
+
+
+def _pack_stats(sc: StreamConfig) -> dict | None:
+    """The pack.json of a stream, when it can be read from the local filesystem."""
+    for root in (sc.local, sc.remote):
+        if root and "://" not in root and (Path(root) / "pack.json").is_file():
+            return json.loads((Path(root) / "pack.json").read_text())
+    return None
+
+
+def mix_proportions(streams: list[StreamConfig], image_share: float | None) -> list[float | None]:
+    """Per-stream proportions giving `image_share` of positions as image patches (None: streaming's default)."""
+    if any(s.proportion is not None for s in streams) or image_share is None or len(streams) < 2:
+        return [s.proportion for s in streams]
+    stats = [_pack_stats(s) for s in streams]
+    if any(st is None for st in stats):
+        missing = [s.name for s, st in zip(streams, stats) if st is None]
+        raise ValueError(f"data.streams {missing}: no pack.json to derive the mix from; set `proportion` on every stream")
+    rows = np.array([st["rows"] for st in stats], dtype=np.float64)
+    share = np.array([st["image_positions"] / max(1, st["positions"]) for st in stats])
+    lo, hi = share < image_share, share >= image_share
+    if not lo.any() or not hi.any():
+        return [float(x) for x in rows / rows.sum()]
+    f_lo = (share[lo] * rows[lo]).sum() / rows[lo].sum()
+    f_hi = (share[hi] * rows[hi]).sum() / rows[hi].sum()
+    alpha = (image_share - f_lo) / (f_hi - f_lo)  # weight of the image-heavy group
+    w = np.where(hi, alpha * rows / rows[hi].sum(), (1 - alpha) * rows / rows[lo].sum())
+    return [float(x) for x in w]
+
+
+def _streams(cfg: DataConfig, split: str) -> list[Stream]:
+    scs = cfg.streams if split == "train" else cfg.val_streams
+    if not scs:
+        raise ValueError(f"data.{'streams' if split == 'train' else 'val_streams'} is empty: list the packed MDS directories")
+    props = mix_proportions(scs, cfg.image_position_share) if split == "train" else [None] * len(scs)
+    cache = job_cache_dir(cfg.cache_dir)
+    out = []
+    for i, (sc, p) in enumerate(zip(scs, props)):
+        local = str(cache / split / f"{i}-{sc.name}") if sc.remote else sc.local
+        if not sc.remote and not (Path(local) / "index.json").is_file():
+            raise FileNotFoundError(f"data.{'streams' if split == 'train' else 'val_streams'}[{i}].local={local}: no index.json")
+        out.append(Stream(remote=sc.remote, local=local, proportion=p))
+    return out
+
+
+class TransfusionLoader:
+    """Iterable of TransfusionBatch with JSON-able state; endless for train, one pass for val."""
+
+    def __init__(self, cfg: DataConfig, split: str, micro_batch_size: int, seed: int, spec: RowSpec):
+        if split not in ("train", "val"):
+            raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+        _clean_once()
+        self.split = split
+        self.dataset = PackedDataset(
+            spec=spec, seed=seed, streams=_streams(cfg, split), batch_size=micro_batch_size,
+            shuffle=cfg.shuffle and split == "train", shuffle_seed=seed, num_canonical_nodes=cfg.num_canonical_nodes,
+        )
+        kw = {"prefetch_factor": cfg.prefetch_factor, "persistent_workers": False} if cfg.num_workers > 0 else {}
+        self.loader = _Loader(self.dataset, batch_size=micro_batch_size, num_workers=cfg.num_workers,
+                              collate_fn=collate, drop_last=True, **kw)
+
+    def __iter__(self) -> Iterator[TransfusionBatch]:
+        if self.split == "val":
+            yield from self.loader
+            return
+        empty = 0
+        while True:  # re-epoch forever; an epoch resumed at its very end yields nothing once
+            n = 0
+            for batch in self.loader:
+                n += 1
+                yield batch
+            empty = 0 if n else empty + 1
+            if empty >= 2:
+                raise RuntimeError("the train streams yield no full micro-batch: fewer rows than micro_batch_size x ranks")
+
+    def state_dict(self) -> dict:
+        """Resumption state (plain JSON data); take it after the batch the trainer consumed last."""
+        return dict(self.loader.state_dict() or {})
+
+    def load_state_dict(self, sd: dict) -> None:
+        """Continue exactly after the batch where `sd` was taken; call before iterating."""
+        self.loader.load_state_dict(sd)
+
+
+def build_loader(cfg: DataConfig, split: str, micro_batch_size: int, seed: int, patch_size: int,
+                 latent_shape: tuple[int, int, int], diffusion_steps: int) -> TransfusionLoader:
+    """The loader the trainer calls; rank and world size come from the environment (as streaming reads them)."""
+    spec = RowSpec(
+        ids=load_special_ids(cfg.tokenizer), seq_len=cfg.seq_len, patch_size=patch_size,
+        latent_shape=tuple(int(x) for x in latent_shape), diffusion_steps=diffusion_steps,
+        caption_first_prob=cfg.caption_first_prob, image_first_max_timestep=cfg.image_first_max_timestep,
+        caption_dropout=cfg.caption_dropout,
+    )
+    return TransfusionLoader(cfg, split, micro_batch_size, seed, spec)

@@ -1,0 +1,246 @@
+"""The image autoencoder: load any diffusers AutoencoderKL, normalise its latents, train a small one.
+
+Latents handed to the model are `(z - shift) * scale` per the VAE config (`shift_factor`,
+`scaling_factor`, or SDXL-style per-channel `latents_mean`/`latents_std`), so the model always
+sees unit variance. A VAE trained here gets its shift/scale measured on the data and recorded.
+Run `python -m data_pipeline.vae --help` to train one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL
+from PIL import Image
+from tqdm import tqdm
+
+from data_pipeline import images as imglib
+from data_pipeline import sources
+
+
+@dataclass
+class Vae:
+    """A frozen AutoencoderKL with the affine map that makes its latents unit-variance."""
+
+    model: AutoencoderKL
+    shift: torch.Tensor  # (1, C, 1, 1) or scalar
+    scale: torch.Tensor  # (1, C, 1, 1) or scalar
+
+    @property
+    def latent_channels(self) -> int:
+        return int(self.model.config.latent_channels)
+
+    @property
+    def downsample(self) -> int:
+        return 2 ** (len(self.model.config.block_out_channels) - 1)
+
+
+def _affine(cfg) -> tuple[torch.Tensor, torch.Tensor]:
+    """(shift, scale) from a diffusers VAE config."""
+    sf = float(cfg.scaling_factor)
+    if getattr(cfg, "latents_mean", None) is not None and getattr(cfg, "latents_std", None) is not None:
+        mean = torch.tensor(cfg.latents_mean, dtype=torch.float32).view(1, -1, 1, 1)
+        std = torch.tensor(cfg.latents_std, dtype=torch.float32).view(1, -1, 1, 1)
+        return mean, sf / std
+    shift = float(cfg.shift_factor) if getattr(cfg, "shift_factor", None) is not None else 0.0
+    return torch.tensor(shift), torch.tensor(sf)
+
+
+def wrap(model: AutoencoderKL) -> Vae:
+    """Freeze `model` and attach its latent normalisation."""
+    model.eval().requires_grad_(False)
+    shift, scale = _affine(model.config)
+    return Vae(model, shift, scale)
+
+
+def load_vae(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> Vae:
+    """Load a diffusers AutoencoderKL from a local directory (config.json + safetensors)."""
+    p = Path(path)
+    if not (p / "config.json").is_file():
+        raise FileNotFoundError(f"{p}: not a diffusers AutoencoderKL directory (config.json missing)")
+    model = AutoencoderKL.from_pretrained(str(p), torch_dtype=dtype, local_files_only=True)
+    return wrap(model.to(device))
+
+
+def small_vae(latent_channels: int = 8, downsample: int = 8, width: int = 32, seed: int = 0) -> AutoencoderKL:
+    """A small AutoencoderKL (untrained): log2(downsample)+1 blocks, `latent_channels` channels."""
+    n = int(math.log2(downsample)) + 1
+    chans = tuple(width * min(2 ** (i // 2), 4) for i in range(n))
+    torch.manual_seed(seed)
+    return AutoencoderKL(
+        down_block_types=("DownEncoderBlock2D",) * n,
+        up_block_types=("UpDecoderBlock2D",) * n,
+        block_out_channels=chans,
+        layers_per_block=1,
+        latent_channels=latent_channels,
+        norm_num_groups=min(16, width),
+        mid_block_add_attention=False,
+        scaling_factor=1.0,
+        shift_factor=0.0,
+    )
+
+
+@torch.no_grad()
+def encode(vae: Vae, x: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) images in [-1, 1] -> (B, C, H/f, W/f) normalised posterior means (fp32)."""
+    p = next(vae.model.parameters())
+    mean = vae.model.encode(x.to(p.device, p.dtype)).latent_dist.mean.float()  # (B, C, h, w)
+    return (mean - vae.shift.to(mean.device)) * vae.scale.to(mean.device)
+
+
+@torch.no_grad()
+def decode(vae: Vae, z: torch.Tensor) -> torch.Tensor:
+    """(B, C, h, w) normalised latents -> (B, 3, H, W) images in [-1, 1]."""
+    p = next(vae.model.parameters())
+    raw = z.float() / vae.scale.to(z.device) + vae.shift.to(z.device)
+    return vae.model.decode(raw.to(p.device, p.dtype)).sample.float().clamp(-1, 1)
+
+
+def load_images(inputs: list[str], size: int, limit: int | None = None, kind: str = "pairs") -> torch.Tensor:
+    """Every good image of pair/folder/tar inputs as a (N, 3, size, size) tensor; bad ones skipped."""
+    out: list[np.ndarray] = []
+    for part in sources.list_parts(inputs):
+        for rec in sources.read_part(part, kind):
+            for kind, val in rec.segments:
+                if kind == "image" and val is not None:
+                    try:
+                        out.append(imglib.load_image(val, size))
+                    except imglib.BadImage:
+                        continue
+                if limit and len(out) >= limit:
+                    return torch.from_numpy(np.stack(out))
+    if not out:
+        raise ValueError(f"{inputs}: no readable images to train the VAE on")
+    return torch.from_numpy(np.stack(out))
+
+
+class PatchDiscriminator(torch.nn.Module):
+    """A small PatchGAN discriminator (hinge loss) for the optional adversarial term."""
+
+    def __init__(self, width: int = 32):
+        super().__init__()
+        c = width
+        self.net = torch.nn.Sequential(
+            torch.nn.Conv2d(3, c, 4, 2, 1), torch.nn.LeakyReLU(0.2),
+            torch.nn.Conv2d(c, 2 * c, 4, 2, 1), torch.nn.GroupNorm(8, 2 * c), torch.nn.LeakyReLU(0.2),
+            torch.nn.Conv2d(2 * c, 1, 3, 1, 1),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)  # (B, 1, H/4, W/4) logits per patch
+
+
+@torch.no_grad()
+def measure_stats(model: AutoencoderKL, data: torch.Tensor, batch: int = 64) -> tuple[float, float]:
+    """Mean and std of the raw posterior means over `data`."""
+    model.eval()
+    zs = [model.encode(data[i : i + batch]).latent_dist.mean for i in range(0, len(data), batch)]
+    z = torch.cat(zs)
+    return float(z.mean()), float(z.std())
+
+
+def _save_recon(model: AutoencoderKL, x: torch.Tensor, path: Path) -> None:
+    """Originals (top row) over reconstructions (bottom row) as one PNG."""
+    with torch.no_grad():
+        rec = model(x, sample_posterior=False).sample.clamp(-1, 1)
+    grid = torch.cat([torch.cat(list(x), dim=2), torch.cat(list(rec), dim=2)], dim=1)  # (3, 2H, n*W)
+    Image.fromarray(imglib.to_uint8(grid.numpy())).save(path)
+
+
+def _batches(data: torch.Tensor, bs: int, gen: torch.Generator) -> Iterator[torch.Tensor]:
+    while True:
+        perm = torch.randperm(len(data), generator=gen)
+        for i in range(0, len(data) - bs + 1, bs):
+            yield data[perm[i : i + bs]]
+
+
+def train_vae(data: torch.Tensor, out: str | Path, steps: int = 300, batch_size: int = 16, lr: float = 2e-3,
+              kl_weight: float = 1e-6, gan_weight: float = 0.0, gan_start: int = 0, latent_channels: int = 8,
+              downsample: int = 8, width: int = 32, seed: int = 0, sample_every: int = 100) -> Path:
+    """Train a small AutoencoderKL with L1 + KL (+ patch GAN), save it with measured shift/scale."""
+    out = Path(out)
+    (out / "samples").mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    model = small_vae(latent_channels, downsample, width, seed).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
+    disc = PatchDiscriminator() if gan_weight > 0 else None
+    dopt = torch.optim.AdamW(disc.parameters(), lr=lr / 4, betas=(0.5, 0.9)) if disc else None
+    gen = torch.Generator().manual_seed(seed)
+    it = _batches(data, min(batch_size, len(data)), gen)
+    bar = tqdm(range(steps), desc="vae", unit="step")
+    for step in bar:
+        x = next(it)  # (B, 3, H, W)
+        post = model.encode(x).latent_dist
+        rec = model.decode(post.sample(generator=gen)).sample
+        l1 = (rec - x).abs().mean()
+        kl = post.kl().mean() / x[0].numel()
+        loss = l1 + kl_weight * kl
+        use_gan = disc is not None and step >= gan_start
+        if use_gan:
+            loss = loss - gan_weight * disc(rec).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if use_gan:
+            d_loss = F.relu(1 - disc(x)).mean() + F.relu(1 + disc(rec.detach())).mean()
+            dopt.zero_grad(set_to_none=True)
+            d_loss.backward()
+            dopt.step()
+        bar.set_postfix(l1=f"{l1.item():.4f}", kl=f"{kl.item():.1f}")
+        if (step + 1) % sample_every == 0 or step + 1 == steps:
+            model.eval()
+            _save_recon(model, data[:8], out / "samples" / f"recon_{step + 1:06d}.png")
+            model.train()
+    return save_with_stats(model, data, out, {"final_l1": float(l1), "steps": steps})
+
+
+def save_with_stats(model: AutoencoderKL, data: torch.Tensor, out: Path, extra: dict | None = None) -> Path:
+    """Measure latent mean/std on `data`, record them as shift/scale, save the VAE to `out`."""
+    mean, std = measure_stats(model, data)
+    model.register_to_config(shift_factor=mean, scaling_factor=1.0 / std)
+    model.save_pretrained(str(out), safe_serialization=True)
+    (out / "latent_stats.json").write_text(json.dumps({"mean": mean, "std": std, **(extra or {})}, indent=2) + "\n")
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    """CLI: train a small AutoencoderKL on the images of pair/folder/tar inputs."""
+    ap = argparse.ArgumentParser(prog="python -m data_pipeline.vae", description=__doc__,
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--input", nargs="+", required=True, help="pairs .jsonl, image folders or webdataset .tar files")
+    ap.add_argument("--out", required=True, help="output directory (diffusers format + samples/*.png)")
+    ap.add_argument("--kind", default="pairs", choices=("pairs", "interleaved"), help="layout of .jsonl inputs")
+    ap.add_argument("--image-size", type=int, default=256)
+    ap.add_argument("--max-images", type=int, default=20000, help="images held in memory for training")
+    ap.add_argument("--steps", type=int, default=2000)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--kl-weight", type=float, default=1e-6)
+    ap.add_argument("--gan-weight", type=float, default=0.0, help="> 0 adds a patch-GAN hinge loss")
+    ap.add_argument("--gan-start", type=int, default=0, help="step at which the GAN loss starts")
+    ap.add_argument("--latent-channels", type=int, default=8)
+    ap.add_argument("--downsample", type=int, default=8, choices=(4, 8, 16))
+    ap.add_argument("--width", type=int, default=64, help="channels of the first block")
+    ap.add_argument("--sample-every", type=int, default=500)
+    ap.add_argument("--seed", type=int, default=0)
+    a = ap.parse_args(argv)
+    t0 = time.time()
+    data = load_images(a.input, a.image_size, a.max_images, a.kind)
+    train_vae(data, a.out, a.steps, a.batch_size, a.lr, a.kl_weight, a.gan_weight, a.gan_start,
+              a.latent_channels, a.downsample, a.width, a.seed, a.sample_every)
+    print(f"saved {a.out} in {time.time() - t0:.0f}s")
+
+
+if __name__ == "__main__":
+    main()
