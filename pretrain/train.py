@@ -143,17 +143,19 @@ def global_denominators(batches: list[TransfusionBatch], plan: BatchPlan, rank: 
     return max(g_text, 1) / scale, max(g_img, 1) / scale, g_text, g_img, [int(d) for d in out[2:]]
 
 
-def forward_backward(run: Run, batches: list[TransfusionBatch], text_denom: float, image_denom: float) -> tuple[float, float]:
+def forward_backward(
+    engine: Any, batches: list[TransfusionBatch], text_denom: float, image_denom: float, timer: StepTimer
+) -> tuple[float, float]:
     """One optimizer step over the micro-batches; returns this rank's (LM CE sum, diffusion MSE sum)."""
     dev = distributed.device()
     lm_sum = diff_sum = 0.0
     for b in batches:
-        with run.timer.phase("forward"):
-            out = run.engine(b.to(dev), text_denom=text_denom, image_denom=image_denom)
-        with run.timer.phase("backward"):
-            run.engine.backward(out.loss)
-        with run.timer.phase("optimizer"):
-            run.engine.step()  # applies the update at the accumulation boundary (the last micro-batch)
+        with timer.phase("forward"):
+            out = engine(b.to(dev), text_denom=text_denom, image_denom=image_denom)
+        with timer.phase("backward"):
+            engine.backward(out.loss)
+        with timer.phase("optimizer"):
+            engine.step()  # applies the update at the accumulation boundary (the last micro-batch)
         lm_sum += float(out.lm_loss_sum)
         diff_sum += float(out.diffusion_loss_sum)
     return lm_sum, diff_sum
@@ -167,7 +169,7 @@ def train_step(run: Run) -> StepStats:
     t_denom, i_denom, g_text, g_img, digests = global_denominators(batches, run.plan, run.env.rank)
     lr = lr_at(run.step, run.cfg.optim, run.cfg.train.steps)
     set_lr(run.engine.optimizer, lr)
-    lm_sum, diff_sum = forward_backward(run, batches, t_denom, i_denom)
+    lm_sum, diff_sum = forward_backward(run.engine, batches, t_denom, i_denom, run.timer)
     lm_g, diff_g, stop = distributed.all_reduce_sum([lm_sum, diff_sum, float(run.stop.requested)])
     run.stop.requested = stop > 0  # a signal seen by any rank stops every rank after this step
     lm = lm_g / max(g_text, 1)
