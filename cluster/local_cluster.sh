@@ -1,0 +1,234 @@
+#!/usr/bin/env bash
+# A one-node Slurm cluster on localhost, for the tests and for trying the templates on one machine.
+#
+#   bash cluster/local_cluster.sh start    install slurm-wlm + munge if missing, start munged,
+#                                          slurmctld and slurmd; wait until the node is idle
+#                                          (a quick no-op when the cluster is already up)
+#   bash cluster/local_cluster.sh stop     cancel its jobs, end the daemons it started (by pid)
+#   bash cluster/local_cluster.sh status   print the daemons, sinfo and squeue
+#   bash cluster/local_cluster.sh env      print `export SLURM_CONF=...` (eval it to use sbatch)
+#
+# Everything lives in one state directory (TF_SLURM_DIR, default /tmp/transfusion-slurm):
+# slurm.conf, its own munge key and socket, spool, state, pid and log files. Nothing under /etc
+# is written and no system service is started or stopped; the daemons use their own ports
+# (TF_SLURM_PORT, default 6917, and the next one), so an existing Slurm on the machine is untouched.
+# Needs root (Slurm daemons run as root here). Options (environment):
+#   TF_SLURM_DIR      state directory                     [/tmp/transfusion-slurm]
+#   TF_SLURM_CPUS     CPUs of the node                    [max(nproc, 2)]
+#   TF_SLURM_PORT     slurmctld port; slurmd uses PORT+1  [6917]
+set -euo pipefail
+
+STATE=${TF_SLURM_DIR:-/tmp/transfusion-slurm}
+PORT=${TF_SLURM_PORT:-6917}
+NODE=$(hostname -s)
+CLUSTER=tflocal
+CONF=$STATE/slurm.conf
+MUNGE_SOCKET=$STATE/munge/munge.socket
+START_TIMEOUT=${TF_SLURM_START_TIMEOUT:-90}
+
+log() { echo "local_cluster: $*" >&2; }
+die() { log "error: $*"; exit 1; }
+
+# pid file of each daemon this script starts, in start order
+pidfile() {
+  case $1 in
+    munged) echo "$STATE/munge/munged.pid" ;;
+    slurmctld) echo "$STATE/run/slurmctld.pid" ;;
+    slurmd) echo "$STATE/run/slurmd-$NODE.pid" ;;
+  esac
+}
+
+# pid of a daemon we started if it is still running (checked against its command name)
+running_pid() {
+  local f pid
+  f=$(pidfile "$1")
+  [[ -s $f ]] || return 1
+  pid=$(<"$f")
+  [[ $pid =~ ^[0-9]+$ ]] || return 1
+  [[ -r /proc/$pid/comm && $(<"/proc/$pid/comm") == "$1" ]] || return 1
+  echo "$pid"
+}
+
+install_packages() {
+  if command -v slurmctld >/dev/null && command -v slurmd >/dev/null && command -v munged >/dev/null \
+    && command -v sbatch >/dev/null; then
+    return 0
+  fi
+  [[ $(id -u) == 0 ]] || die "slurm-wlm and munge are missing; install them as root: apt-get install -y slurm-wlm munge"
+  log "installing slurm-wlm and munge (apt-get)"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -q
+  apt-get install -y -q slurm-wlm munge
+}
+
+write_munge_key() {
+  mkdir -p "$STATE/munge"
+  chmod 0700 "$STATE/munge"
+  if [[ ! -s $STATE/munge/munge.key ]]; then
+    (umask 077 && head -c 1024 /dev/urandom >"$STATE/munge/munge.key")
+  fi
+  chmod 0600 "$STATE/munge/munge.key"
+}
+
+write_slurm_conf() {
+  local cpus=${TF_SLURM_CPUS:-$(nproc)}
+  ((cpus >= 2)) || cpus=2
+  mkdir -p "$STATE"/{ctld,spool,run,log}
+  cat >"$CONF" <<EOF
+# Written by cluster/local_cluster.sh: a one-node cluster on localhost.
+ClusterName=$CLUSTER
+SlurmctldHost=$NODE(127.0.0.1)
+SlurmctldPort=$PORT
+SlurmdPort=$((PORT + 1))
+SlurmUser=root
+SlurmdUser=root
+AuthType=auth/munge
+# cred_expire: a requeued job waits this long before it may start again (Slurm default 120 s)
+AuthInfo=socket=$MUNGE_SOCKET,cred_expire=20
+CredType=cred/munge
+StateSaveLocation=$STATE/ctld
+SlurmdSpoolDir=$STATE/spool/%n
+SlurmctldPidFile=$(pidfile slurmctld)
+SlurmdPidFile=$STATE/run/slurmd-%n.pid
+SlurmctldLogFile=$STATE/log/slurmctld.log
+SlurmdLogFile=$STATE/log/slurmd-%n.log
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_CPU
+SchedulerType=sched/backfill
+SchedulerParameters=sched_interval=2
+AccountingStorageType=accounting_storage/none
+JobAcctGatherType=jobacct_gather/none
+JobCompType=jobcomp/none
+MpiDefault=none
+ReturnToService=2
+SlurmdParameters=config_overrides
+SlurmctldTimeout=30
+SlurmdTimeout=60
+MessageTimeout=20
+KillWait=30
+MinJobAge=600
+JobRequeue=1
+NodeName=$NODE NodeAddr=127.0.0.1 CPUs=$cpus State=UNKNOWN
+PartitionName=debug Nodes=$NODE Default=YES MaxTime=INFINITE State=UP
+EOF
+}
+
+start_munged() {
+  running_pid munged >/dev/null && return 0
+  write_munge_key
+  munged --force --key-file="$STATE/munge/munge.key" --socket="$MUNGE_SOCKET" \
+    --pid-file="$(pidfile munged)" --log-file="$STATE/log/munged.log" \
+    --seed-file="$STATE/munge/munged.seed"
+}
+
+start_slurm_daemons() {
+  export SLURM_CONF=$CONF
+  if ! running_pid slurmctld >/dev/null; then
+    slurmctld -f "$CONF" || die "slurmctld did not start; see $STATE/log/slurmctld.log"
+  fi
+  if ! running_pid slurmd >/dev/null; then
+    slurmd -f "$CONF" -N "$NODE" || die "slurmd did not start; see $STATE/log/slurmd-$NODE.log"
+  fi
+}
+
+node_state() { SLURM_CONF=$CONF sinfo -h -n "$NODE" -o %t 2>/dev/null | head -n1; }
+
+healthy() {
+  running_pid munged >/dev/null && running_pid slurmctld >/dev/null && running_pid slurmd >/dev/null \
+    && [[ $(node_state) =~ ^(idle|mix|alloc) ]]
+}
+
+wait_idle() {
+  local t0=$SECONDS state=""
+  while ((SECONDS - t0 < START_TIMEOUT)); do
+    state=$(node_state || true)
+    if [[ $state == idle ]]; then
+      return 0
+    fi
+    if [[ $state =~ ^(down|drain|drng|fail) ]]; then
+      SLURM_CONF=$CONF scontrol update NodeName="$NODE" State=RESUME 2>/dev/null || true
+    fi
+    sleep 1
+  done
+  die "node $NODE not idle after ${START_TIMEOUT}s (state '${state}'); logs in $STATE/log"
+}
+
+cmd_start() {
+  [[ $(id -u) == 0 ]] || die "run as root (the local Slurm daemons run as root)"
+  if healthy; then
+    log "already up ($CONF)"
+    return 0
+  fi
+  install_packages
+  if running_pid munged >/dev/null || running_pid slurmctld >/dev/null || running_pid slurmd >/dev/null; then
+    log "partly up: restarting"
+    cmd_stop
+  fi
+  mkdir -p "$STATE"
+  write_slurm_conf
+  start_munged
+  start_slurm_daemons
+  wait_idle
+  log "up: node $NODE idle; use it with: export SLURM_CONF=$CONF"
+}
+
+# end one daemon we started: TERM, then KILL after a grace period
+stop_daemon() {
+  local pid _
+  pid=$(running_pid "$1") || return 0
+  kill -TERM "$pid" 2>/dev/null || return 0
+  for _ in $(seq 1 100); do
+    [[ -d /proc/$pid ]] || return 0
+    sleep 0.1
+  done
+  log "$1 ($pid) did not stop on TERM: killing it"
+  kill -KILL "$pid" 2>/dev/null || true
+}
+
+cancel_jobs() {
+  running_pid slurmctld >/dev/null || return 0
+  local jobs _
+  jobs=$(SLURM_CONF=$CONF squeue -h -o %i 2>/dev/null || true)
+  [[ -n $jobs ]] || return 0
+  log "cancelling jobs: $(echo "$jobs" | tr '\n' ' ')"
+  # shellcheck disable=SC2086  # word splitting wanted: one argument per job id
+  SLURM_CONF=$CONF scancel $jobs 2>/dev/null || true
+  for _ in $(seq 1 40); do
+    [[ -z $(SLURM_CONF=$CONF squeue -h -o %i 2>/dev/null) ]] && return 0
+    sleep 0.5
+  done
+}
+
+cmd_stop() {
+  cancel_jobs
+  stop_daemon slurmd
+  stop_daemon slurmctld
+  stop_daemon munged
+  log "stopped"
+}
+
+cmd_status() {
+  local d pid rc=0
+  for d in munged slurmctld slurmd; do
+    if pid=$(running_pid "$d"); then echo "$d: running (pid $pid)"; else echo "$d: not running"; rc=1; fi
+  done
+  if ((rc == 0)); then
+    SLURM_CONF=$CONF sinfo || rc=1
+    SLURM_CONF=$CONF squeue || rc=1
+  fi
+  echo "SLURM_CONF=$CONF"
+  return $rc
+}
+
+case ${1:-} in
+  start) cmd_start ;;
+  stop) cmd_stop ;;
+  status) cmd_status ;;
+  env) echo "export SLURM_CONF=$CONF" ;;
+  *)
+    echo "usage: $0 start|stop|status|env" >&2
+    exit 2
+    ;;
+esac
