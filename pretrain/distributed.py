@@ -167,3 +167,11 @@ def device() -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
+
+
+def all_reduce_max(values: list[float]) -> list[float]:
+    """Element-wise maximum over all ranks."""
+    t = torch.tensor(values, dtype=torch.float64, device=device())
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return t.tolist()

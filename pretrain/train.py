@@ -12,7 +12,7 @@ import hashlib
 import logging
 import signal
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -54,7 +54,7 @@ class Run:
     plan: BatchPlan
     engine: Any
     loader: Any
-    val_loader: Any
+    val_loaders: dict[str, Any]
     writer: MetricsWriter
     stop: StopRequest
     step: int = 0  # optimizer steps done
@@ -93,8 +93,8 @@ def prepare_config(cfg: Config) -> Config:
     return cfg
 
 
-def build_loaders(cfg: Config, plan: BatchPlan) -> tuple[Any, Any]:
-    """Train loader, and the validation loader when data.val_streams is set (else None)."""
+def build_loaders(cfg: Config, plan: BatchPlan) -> tuple[Any, dict[str, Any]]:
+    """Train loader, and one validation loader per data.val_streams entry (per-modality val loss)."""
     from data_pipeline.loader import build_loader
 
     m = cfg.model
@@ -103,7 +103,7 @@ def build_loaders(cfg: Config, plan: BatchPlan) -> tuple[Any, Any]:
         latent_shape=(m.latent_channels, m.latent_size, m.latent_size), diffusion_steps=m.diffusion_steps,
     )
     train = build_loader(cfg.data, split="train", **kw)
-    val = build_loader(cfg.data, split="val", **kw) if cfg.data.val_streams else None
+    val = {sc.name: build_loader(replace(cfg.data, val_streams=[sc]), split="val", **kw) for sc in cfg.data.val_streams}
     return train, val
 
 
@@ -201,21 +201,45 @@ def check_bad_step(run: Run, s: StepStats) -> None:
         )
 
 
+def _val_batches(loader: Any, limit: int) -> list[TransfusionBatch]:
+    """The first `limit` batches of a val stream, cut to the count every rank has (ZeRO-3 needs equal forwards)."""
+    batches = []
+    for b in loader:
+        if len(batches) >= limit:
+            break
+        batches.append(b)
+    n = int(-distributed.all_reduce_max([-float(len(batches))])[0])  # min over ranks
+    return batches[:n]
+
+
 @torch.no_grad()
 def validate(run: Run) -> dict[str, float]:
-    """Mean LM loss per text target and diffusion loss per image on the first val batches (every rank)."""
+    """Mean LM loss per text target and diffusion loss per image, per val stream and overall (every rank)."""
     run.engine.eval()
     dev = distributed.device()
-    sums = [0.0, 0.0, 0.0, 0.0]
-    for i, b in enumerate(run.val_loader):
-        if i >= run.cfg.logging.val_batches:
-            break
-        out = run.engine(b.to(dev))
-        sums = [sums[0] + float(out.lm_loss_sum), sums[1] + float(out.diffusion_loss_sum),
-                sums[2] + out.num_text_tokens, sums[3] + out.num_images]
+    sums: list[float] = []
+    for loader in run.val_loaders.values():
+        s = [0.0, 0.0, 0.0, 0.0]  # LM CE sum, diffusion MSE sum, text targets, images
+        for b in _val_batches(loader, run.cfg.logging.val_batches):
+            out = run.engine(b.to(dev))
+            s = [s[0] + float(out.lm_loss_sum), s[1] + float(out.diffusion_loss_sum),
+                 s[2] + out.num_text_tokens, s[3] + out.num_images]
+        sums += s
     run.engine.train()
-    lm, diff, n_text, n_img = distributed.all_reduce_sum(sums)
-    return {"val/lm_loss": lm / max(n_text, 1), "val/diffusion_loss": diff / max(n_img, 1)}
+    g = distributed.all_reduce_sum(sums)
+    out: dict[str, float] = {}
+    for i, name in enumerate(run.val_loaders):
+        lm, diff, n_text, n_img = g[4 * i : 4 * i + 4]
+        if n_text:
+            out[f"val/{name}/lm_loss"] = lm / n_text
+        if n_img:
+            out[f"val/{name}/diffusion_loss"] = diff / n_img
+    tot = [sum(g[k::4]) for k in range(4)]
+    if tot[2]:
+        out["val/lm_loss"] = tot[0] / tot[2]
+    if tot[3]:
+        out["val/diffusion_loss"] = tot[1] / tot[3]
+    return out
 
 
 def client_state(run: Run) -> dict[str, Any]:
@@ -275,9 +299,9 @@ def setup(argv: list[str] | None) -> Run:
         Path(cfg.train.run_dir).mkdir(parents=True, exist_ok=True)
         save_config(cfg, Path(cfg.train.run_dir) / "config.yaml")
     engine, _ = build_engine(cfg, plan)
-    loader, val_loader = build_loaders(cfg, plan)
+    loader, val_loaders = build_loaders(cfg, plan)
     writer = make_writer(cfg, env, plan, engine)
-    run = Run(cfg, env, plan, engine, loader, val_loader, writer, StopRequest())
+    run = Run(cfg, env, plan, engine, loader, val_loaders, writer, StopRequest())
     resume(run)
     return run
 
@@ -295,9 +319,9 @@ def after_step(run: Run, s: StepStats) -> None:
     """Log, validate, sample and checkpoint on their schedules."""
     lg, ck = run.cfg.logging, run.cfg.checkpoint
     run.writer.record_step(s, log_now=run.step % lg.every == 0 or run.step == 1)
-    if run.bad_total:
-        run.writer.scalars({"train/bad_steps_total": float(run.bad_total)}, run.step) if run.step % lg.every == 0 else None
-    if run.val_loader is not None and lg.val_every > 0 and run.step % lg.val_every == 0:
+    if run.bad_total and run.step % lg.every == 0:
+        run.writer.scalars({"train/bad_steps_total": float(run.bad_total)}, run.step)
+    if run.val_loaders and lg.val_every > 0 and run.step % lg.val_every == 0:
         run.writer.scalars(validate(run), run.step)
     if lg.sample_every > 0 and run.step % lg.sample_every == 0:
         maybe_sample(run)
@@ -308,6 +332,7 @@ def after_step(run: Run, s: StepStats) -> None:
 
 def train(run: Run) -> int:
     """The loop; returns the process exit code."""
+    start = run.step
     while run.step < run.cfg.train.steps:
         s = train_step(run)
         run.step += 1
@@ -319,7 +344,8 @@ def train(run: Run) -> int:
             log.warning("stopped at step %d on signal; exiting %d so the job is requeued",
                         run.step, distributed.EXIT_REQUEUE)
             return distributed.EXIT_REQUEUE
-    save(run)
+    if run.step > start:
+        save(run)
     log.info("done: %d steps", run.step)
     return 0
 

@@ -1,0 +1,93 @@
+"""Fast trainer units: launcher detection, batch plan, DeepSpeed config derivation, LR schedule, checkpoint picking."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from pretrain import checkpoint
+from pretrain.config import load_config
+from pretrain.distributed import detect_env, expand_nodelist
+from pretrain.engine import BatchSizeError, derive_ds_config, plan_batch
+from pretrain.schedule import lr_at
+
+
+@pytest.mark.parametrize(
+    "nodelist, hosts",
+    [
+        ("node1", ["node1"]),
+        ("gpu[01-03,07]", ["gpu01", "gpu02", "gpu03", "gpu07"]),
+        ("a[1-2],b3,c[9-10]", ["a1", "a2", "b3", "c9", "c10"]),
+        ("n[1-2]-ib", ["n1-ib", "n2-ib"]),
+    ],
+)
+def test_expand_nodelist(nodelist, hosts):
+    assert expand_nodelist(nodelist) == hosts
+
+
+def test_plain_srun_env_is_derived_from_slurm_variables():
+    env = {"SLURM_PROCID": "3", "SLURM_LOCALID": "1", "SLURM_NTASKS": "4", "SLURM_TASKS_PER_NODE": "2(x2)",
+           "SLURM_JOB_NODELIST": "gpu[07-08]", "SLURM_JOB_ID": "12345"}
+    d = detect_env(env)
+    assert (d.rank, d.local_rank, d.world_size, d.local_world_size) == (3, 1, 4, 2)
+    assert d.master_addr == "gpu07" and d.master_port == 20000 + 12345 % 20000 and d.launcher == "srun"
+
+
+def test_torch_variables_win_over_slurm_ones():
+    env = {"RANK": "1", "LOCAL_RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "h", "MASTER_PORT": "1234",
+           "TORCHELASTIC_RUN_ID": "x", "SLURM_PROCID": "0", "SLURM_NTASKS": "1"}
+    d = detect_env(env)
+    assert (d.rank, d.world_size, d.master_addr, d.master_port, d.launcher) == (1, 2, "h", 1234, "torchrun")
+    assert detect_env({"RANK": "0", "WORLD_SIZE": "2", "ACCELERATE_USE_DEEPSPEED": "true"}).launcher == "accelerate"
+    assert detect_env({}).world_size == 1
+
+
+def test_batch_plan_and_its_error_says_what_to_change():
+    cfg = load_config("configs/tiny.yaml", ["train.global_batch_size=8", "train.micro_batch_size=2"])
+    p = plan_batch(cfg, 2)
+    assert (p.micro_batch, p.grad_accum, p.world_size) == (2, 2, 2)
+    with pytest.raises(BatchSizeError, match=r"train.global_batch_size to 6 or 12"):
+        plan_batch(cfg, 3)
+
+
+def test_deepspeed_config_is_derived_and_user_keys_merge_on_top():
+    cfg = load_config("configs/tiny.yaml", [
+        "train.global_batch_size=8", "train.micro_batch_size=1",
+        "distributed.deepspeed={zero_optimization: {stage3_param_persistence_threshold: 0}, gradient_clipping: 0.5}",
+    ])
+    ds = derive_ds_config(cfg, plan_batch(cfg, 2), on_gpu=False)
+    assert ds["train_batch_size"] == 8 and ds["gradient_accumulation_steps"] == 4
+    assert ds["zero_optimization"]["stage"] == 3 and ds["zero_optimization"]["stage3_param_persistence_threshold"] == 0
+    assert ds["gradient_clipping"] == 0.5 and ds["bf16"]["enabled"] is False
+    gpu = load_config("configs/tiny.yaml", ["train.precision=auto", "distributed.offload_optimizer=true"])
+    ds_gpu = derive_ds_config(gpu, plan_batch(gpu, 2), on_gpu=True)
+    assert ds_gpu["bf16"]["enabled"] is True and ds_gpu["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    bad = load_config("configs/tiny.yaml", ["distributed.deepspeed={train_batch_size: 3}"])
+    with pytest.raises(BatchSizeError, match="train.global_batch_size"):
+        derive_ds_config(bad, plan_batch(bad, 2), on_gpu=False)
+
+
+def test_lr_warmup_then_cosine_to_floor():
+    o = load_config(None, ["optim.lr=1.0e-3", "optim.min_lr=1.0e-4", "optim.warmup_steps=10"]).optim
+    assert lr_at(0, o, 110) == pytest.approx(1e-4)
+    assert lr_at(9, o, 110) == pytest.approx(1e-3)
+    assert lr_at(60, o, 110) == pytest.approx(1e-4 + 0.9e-3 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert lr_at(110, o, 110) == pytest.approx(1e-4) and lr_at(500, o, 110) == pytest.approx(1e-4)
+    assert all(lr_at(s, o, 110) >= lr_at(s + 1, o, 110) for s in range(10, 120))
+
+
+def test_resume_auto_picks_newest_complete_and_prune_keeps_last_k(tmp_path):
+    root = checkpoint.checkpoint_root(tmp_path)
+    for step in (5, 10, 15, 20):
+        (root / checkpoint.tag_for(step)).mkdir(parents=True)
+    for step in (5, 10, 15):
+        (root / checkpoint.tag_for(step) / checkpoint.MARKER).write_text(str(step))
+    # step 20 was killed mid-save: no marker
+    assert checkpoint.find_resume("auto", tmp_path) == root / "step_00000015"
+    assert checkpoint.find_resume("none", tmp_path) is None
+    with pytest.raises(FileNotFoundError, match="COMPLETE"):
+        checkpoint.find_resume(str(root / "step_00000020"), tmp_path)
+    checkpoint.prune(root, keep_last=2)
+    left = [p.name for _, p in checkpoint.list_checkpoints(root)]
+    assert left == ["step_00000010", "step_00000015", "step_00000020"]  # the newer incomplete one is not ours to judge
