@@ -54,7 +54,7 @@ class PackedDataset(StreamingDataset):
 
     def get_item(self, sample_id: int, retry: int = 7) -> dict:
         try:
-            raw = super().get_item(sample_id, retry)
+            return build_row(super().get_item(sample_id, retry), self.spec, self.seed, self._epoch, int(sample_id))
         except Exception as e:  # noqa: BLE001 - re-raised naming the shard
             shard_id, _ = self.spanner[sample_id]
             shard = self.shards[shard_id]
@@ -62,7 +62,6 @@ class PackedDataset(StreamingDataset):
             where = Path(stream.local) / stream.split / shard.raw_data.basename
             raise RuntimeError(f"{where}: corrupt or unreadable shard ({type(e).__name__}: {e}); "
                                "re-run data_pipeline.pack for this stream or remove the shard") from e
-        return build_row(raw, self.spec, self.seed, self._epoch, int(sample_id))
 
 
 def collate(rows: list[dict]) -> TransfusionBatch:

@@ -183,6 +183,7 @@ def finalize(out: Path, n_parts: int, meta: dict) -> dict:
         if (d / "index.json").is_file():
             index_files.append(str(d / "index.json"))
     if index_files:
+        (out / "index.json").unlink(missing_ok=True)  # a rerun re-merges
         merge_index(index_files, str(out), keep_local=True)
     report = {"parts": n_parts, **total.to_json()}
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")

@@ -1,0 +1,283 @@
+"""End-to-end data pipeline on the fast demo data: raw docs -> shards -> loader -> TransfusionBatch.
+
+Real sentencepiece, a real (random-init) diffusers VAE, real MDS shards read by real streaming.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from data_pipeline import sources, vae as vaelib
+from data_pipeline.config import StreamConfig
+from data_pipeline.loader import build_loader, mix_proportions
+from data_pipeline.pack import read_mds
+from data_pipeline.tokenizer import Tokenizer
+from pretrain.model.batch import IGNORE_INDEX
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _cfg(demo, names=None, **kw):
+    dc = demo.data_config
+    streams = [s for s in dc.streams if names is None or s.name in names]
+    kw.setdefault("num_workers", 0)
+    return dataclasses.replace(dc, streams=streams, **kw)
+
+
+def _loader(demo, cfg, split="train", mbs=1, seed=0):
+    return build_loader(cfg, split, micro_batch_size=mbs, seed=seed, patch_size=demo.patch_size,
+                        latent_shape=demo.latent_shape, diffusion_steps=1000)
+
+
+def _one_epoch(demo, cfg, mbs=1):
+    ld = _loader(demo, cfg, mbs=mbs)
+    n = ld.dataset.epoch_size // mbs
+    out = []
+    for i, b in enumerate(ld):
+        if i == n:
+            break
+        b.validate(demo.patch_size)
+        out.append(b)
+    return out
+
+
+def test_text_roundtrip_bit_exact(demo_data):
+    """Every train text document comes back as exactly BOS + its tokens + EOS, none lost or repeated."""
+    tok = Tokenizer(demo_data.tokenizer)
+    ids = tok.ids
+    texts = list(sources.iter_texts([str(demo_data.root / "raw" / "texts.jsonl")]))
+    expected = Counter(tuple(tok.encode(t)) for i, t in enumerate(texts) if i % 10 != 9)  # val_every=10
+    batches = _one_epoch(demo_data, _cfg(demo_data, ["text"], shuffle=False, image_position_share=None))
+    stream = torch.cat([b.tokens[0][b.tokens[0] != ids.pad_id] for b in batches]).tolist()
+    got, cur = Counter(), None
+    for t in stream:
+        if t == ids.bos_id:
+            cur = []
+        elif t == ids.eos_id:
+            got[tuple(cur)] += 1
+            cur = None
+        else:
+            cur.append(t)
+    assert got == expected
+    b = batches[0]
+    real = b.tokens[0] != ids.pad_id
+    nxt_same_doc = torch.cat([b.doc_ids[0][1:] == b.doc_ids[0][:-1], torch.tensor([False])])
+    want = torch.where(real & nxt_same_doc, torch.roll(b.tokens[0], -1), IGNORE_INDEX)
+    assert torch.equal(b.targets[0], want)
+
+
+def _pairs_from_batch(b, ids, P):
+    """(caption tokens, latent bytes) of every image in a batch of caption-image pairs."""
+    out = []
+    for r in range(b.tokens.shape[0]):
+        toks, img = b.tokens[r].tolist(), b.image_ids[r].tolist()
+        for s in [i for i in range(len(toks)) if toks[i] == ids.boi_id]:
+            k = img[s + 1]
+            if toks[s - 1] == ids.bos_id:  # image first: caption after EOI
+                e = toks.index(ids.eos_id, s + P + 2)
+                cap = toks[s + P + 2 : e]
+            else:  # caption first: caption between BOS and BOI
+                bos = max(i for i in range(s) if toks[i] == ids.bos_id)
+                cap = toks[bos + 1 : s]
+            out.append((tuple(cap), b.latents[k].numpy().astype(np.float16).tobytes()))
+    return out
+
+
+def test_pairs_roundtrip_bit_exact(demo_data):
+    """Each pair's caption tokens and its precomputed latent reach the batch unchanged, fp16 bit for bit."""
+    tok = Tokenizer(demo_data.tokenizer)
+    P = 16
+    want = Counter()
+    for i, s in enumerate(read_mds(demo_data.root / "latents" / "pairs")):
+        if i % 10 != 9:
+            want[(tuple(tok.encode(s["doc"][0]["text"])), s["latents"][0].tobytes())] += 1
+    cfg = _cfg(demo_data, ["pairs"], shuffle=False, caption_dropout=0.0, image_position_share=None)
+    got = Counter(p for b in _one_epoch(demo_data, cfg, mbs=2) for p in _pairs_from_batch(b, tok.ids, P))
+    assert got == want
+
+
+def test_precomputed_latents_match_direct_encode(demo_data):
+    """The stored fp16 latent equals a direct VAE encode of the decoded image, to fp16 precision."""
+    vae = vaelib.load_vae(demo_data.vae)
+    recs = list(sources.read_part(sources.list_parts([str(demo_data.root / "raw" / "pairs.jsonl")])[0], "pairs"))[:8]
+    from data_pipeline.images import load_image
+    x = torch.from_numpy(np.stack([load_image(r.segments[1][1], 64) for r in recs]))
+    direct = vaelib.encode(vae, x)  # (8, C, h, w)
+    stored = torch.stack([torch.from_numpy(s["latents"][0].astype(np.float32)) for _, s in zip(range(8), read_mds(demo_data.root / "latents" / "pairs"))])
+    torch.testing.assert_close(stored, direct, atol=2e-3, rtol=2e-3)
+    stats = json.loads((demo_data.vae / "latent_stats.json").read_text())
+    assert stats["std"] > 0
+
+
+def test_pair_randomness_layout_and_caps(demo_data):
+    """Caption-first ~80%, image-first pairs have t <= 500, dropout ~10%; same (seed, epoch, id) -> same batch."""
+    cfg = _cfg(demo_data, ["pairs"], shuffle=False, image_position_share=None)
+    ids = Tokenizer(demo_data.tokenizer).ids
+    first, img_first_t, dropped = [], [], 0
+    batches = _one_epoch(demo_data, cfg, mbs=2)
+    for b in batches:
+        toks = b.tokens
+        for r in range(toks.shape[0]):
+            t = toks[r].tolist()
+            for s in [i for i in range(len(t)) if t[i] == ids.boi_id]:
+                k = b.image_ids[r][s + 1].item()
+                if t[s - 1] == ids.bos_id and t[s + 18] != ids.eos_id:
+                    img_first_t.append(b.timesteps[k].item())
+                    first.append(False)
+                else:
+                    first.append(True)
+                    dropped += t[s - 1] == ids.bos_id
+    assert img_first_t and max(img_first_t) <= 500
+    assert 0.65 < np.mean(first) < 0.92, np.mean(first)
+    assert 0 < dropped < 0.25 * sum(first)
+    again = _one_epoch(demo_data, cfg, mbs=2)
+    for a, b in zip(batches, again):
+        assert torch.equal(a.noise, b.noise) and torch.equal(a.timesteps, b.timesteps) and torch.equal(a.tokens, b.tokens)
+    other = _loader(demo_data, cfg, mbs=2, seed=1)
+    assert not torch.equal(next(iter(other)).noise, batches[0].noise)
+
+
+def test_mix_proportions_reach_one_to_one(tmp_path):
+    """With paper-like streams (text 0%, pairs 91% image positions) the derived mix gives 50% image positions."""
+    streams = []
+    for name, rows, share in (("text", 1000, 0.0), ("pairs", 300, 0.91), ("inter", 100, 0.3)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "pack.json").write_text(json.dumps(
+            {"rows": rows, "positions": rows * 4096, "image_positions": int(share * rows * 4096)}))
+        streams.append(StreamConfig(name=name, local=str(tmp_path / name)))
+    w = mix_proportions(streams, 0.5)
+    assert abs(sum(w) - 1) < 1e-9
+    assert abs(w[0] * 0.0 + w[1] * 0.91 + w[2] * 0.3 - 0.5) < 1e-6
+    assert abs(w[0] / w[2] - 10.0) < 1e-6  # within the text-heavy group: by size
+
+
+def test_default_mix_matches_prediction(demo_data):
+    """The measured share of image positions over one epoch matches the mix derived from pack.json, +- 0.03."""
+    cfg = _cfg(demo_data)
+    w = mix_proportions(cfg.streams, cfg.image_position_share)
+    stats = [json.loads((Path(s.local) / "pack.json").read_text()) for s in cfg.streams]
+    predicted = sum(wi * st["image_positions"] / st["positions"] for wi, st in zip(w, stats))
+    img = pos = 0
+    for b in _one_epoch(demo_data, cfg, mbs=4):
+        img += int((b.image_ids >= 0).sum())
+        pos += b.tokens.numel()
+    assert abs(img / pos - predicted) < 0.03, (img / pos, predicted)
+
+
+def test_explicit_proportions_hold(demo_data):
+    """Stream proportions 0.25 text / 0.75 pairs: share of image-free rows 0.25 +- 0.03 over one epoch."""
+    streams = [dataclasses.replace(s, proportion=p) for s, p in zip(_cfg(demo_data, ["text", "pairs"]).streams, (0.25, 0.75))]
+    cfg = dataclasses.replace(demo_data.data_config, streams=streams, num_workers=0)
+    rows = no_img = 0
+    for b in _one_epoch(demo_data, cfg, mbs=2):
+        for r in range(b.tokens.shape[0]):
+            rows += 1
+            no_img += int((b.image_ids[r] >= 0).sum()) == 0
+    assert rows > 100 and abs(no_img / rows - 0.25) < 0.03, no_img / rows
+
+
+def test_remote_directory_with_local_cache(demo_data, tmp_path):
+    """A local directory used as the remote is downloaded into the job cache and yields the same batches."""
+    local = _cfg(demo_data, ["pairs"], shuffle=False, image_position_share=None)
+    remote = dataclasses.replace(local, cache_dir=str(tmp_path / "cache"),
+                                 streams=[StreamConfig(name="pairs", remote=local.streams[0].local)])
+    a = _one_epoch(demo_data, local, mbs=2)
+    b = _one_epoch(demo_data, remote, mbs=2)
+    assert len(a) == len(b) and all(torch.equal(x.tokens, y.tokens) and torch.equal(x.latents, y.latents) for x, y in zip(a, b))
+    assert list((tmp_path / "cache").rglob("*.mds"))
+
+
+def test_corrupt_shard_error_names_it(demo_data, tmp_path):
+    src = Path(demo_data.data_config.streams[0].local)
+    shutil.copytree(src, tmp_path / "bad")
+    shard = sorted((tmp_path / "bad").glob("*.mds"))[0]
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    cfg = dataclasses.replace(demo_data.data_config, streams=[StreamConfig(name="bad", local=str(tmp_path / "bad"))],
+                              num_workers=0, shuffle=False)
+    with pytest.raises(RuntimeError, match=str(shard)):
+        for _ in zip(range(1000), _loader(demo_data, cfg)):
+            pass
+
+
+def test_val_split_is_one_pass(demo_data):
+    cfg = dataclasses.replace(demo_data.data_config, num_workers=0)
+    n = sum(1 for b in _loader(demo_data, cfg, split="val", mbs=1) if b.validate(demo_data.patch_size) is None)
+    rows = sum(json.loads((Path(s.local) / "pack.json").read_text())["rows"] for s in cfg.val_streams)
+    assert n == rows
+
+
+def _bad_image_inputs(root: Path) -> Path:
+    """A pairs jsonl with one good image of each mode and every kind of bad image."""
+    d = root / "imgs"
+    d.mkdir(parents=True)
+    good = {"rgb.png": Image.new("RGB", (80, 64), (9, 200, 9)), "rgba.png": Image.new("RGBA", (64, 64), (9, 9, 200, 128)),
+            "grey.png": Image.new("L", (64, 70), 128), "pal.png": Image.new("RGB", (64, 64), (200, 0, 0)).convert("P"),
+            "cmyk.jpg": Image.new("CMYK", (64, 64), (0, 100, 100, 0))}
+    for name, im in good.items():
+        im.save(d / name)
+    (d / "empty.png").write_bytes(b"")
+    (d / "text.png").write_bytes(b"not an image")
+    full = (d / "rgb.png").read_bytes()
+    (d / "trunc.png").write_bytes(full[: len(full) // 3])
+    Image.new("RGB", (1, 1)).save(d / "tiny.png")
+    Image.new("RGB", (640, 32)).save(d / "wide.png")
+    Image.new("1", (9000, 9000)).save(d / "bomb.png")
+    names = list(good) + ["empty.png", "text.png", "trunc.png", "tiny.png", "wide.png", "bomb.png", "missing.png"]
+    jl = root / "pairs.jsonl"
+    jl.write_text("".join(json.dumps({"image": f"imgs/{n}", "caption": f"image {n}"}) + "\n" for n in names))
+    return jl
+
+
+def _precompute(args, env_extra=None, check=True):
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS")}
+    env.update(env_extra or {})
+    return subprocess.run([sys.executable, "-m", "data_pipeline.precompute", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, check=check, timeout=300)
+
+
+def test_precompute_skips_and_counts_bad_images(demo_data, tmp_path):
+    jl = _bad_image_inputs(tmp_path)
+    out = tmp_path / "lat"
+    _precompute(["--input", str(jl), "--vae", str(demo_data.vae), "--out", str(out), "--image-size", "64"])
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["records_read"] == 12 and rep["encoded"] == 5 and rep["records_written"] == 5
+    assert rep["skipped"] == {"bad_aspect_ratio": 1, "decompression_bomb": 1, "empty": 1, "missing_file": 1,
+                              "not_an_image": 1, "too_small": 1, "truncated": 1}
+    assert [s["latents"].shape for s in read_mds(out)] == [(1, 8, 8, 8)] * 5
+
+
+def test_precompute_two_ranks_equal_one_and_resume(demo_data, tmp_path):
+    """2 ranks write the same dataset as 1; a rerun after a crash redoes only the unfinished part."""
+    raw = str(demo_data.root / "raw" / "pairs.jsonl")
+    common = ["--input", raw, "--vae", str(demo_data.vae), "--image-size", "64", "--part-size", "60", "--batch-size", "16"]
+    _precompute([*common, "--out", str(tmp_path / "one")])
+    env2 = {"WORLD_SIZE": "2"}
+    procs = [subprocess.Popen([sys.executable, "-m", "data_pipeline.precompute", *common, "--out", str(tmp_path / "two")],
+                              cwd=ROOT, env={**os.environ, **env2, "RANK": str(r)}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+             for r in range(2)]
+    assert all(p.wait(timeout=300) == 0 for p in procs)
+    one, two = tmp_path / "one", tmp_path / "two"
+    files = sorted(str(p.relative_to(one)) for p in one.rglob("*.mds"))
+    assert files == sorted(str(p.relative_to(two)) for p in two.rglob("*.mds")) and len(files) == 4
+    assert all((one / f).read_bytes() == (two / f).read_bytes() for f in files)
+    assert json.loads((one / "index.json").read_text()) == json.loads((two / "index.json").read_text())
+    # crash simulation: part 2 unfinished (no report.json); the rerun redoes only part 2
+    (one / "part-00002" / "report.json").unlink()
+    before = {f: (one / f).stat().st_mtime_ns for f in files}
+    res = _precompute([*common, "--out", str(one)])
+    assert "3 already done" in res.stdout
+    after = {f: (one / f).stat().st_mtime_ns for f in files}
+    assert [f for f in files if before[f] != after[f]] == [f for f in files if f.startswith("part-00002")]
+    assert all((one / f).read_bytes() == (two / f).read_bytes() for f in files)
