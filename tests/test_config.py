@@ -1,0 +1,107 @@
+"""Config system and parameter estimator."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pretrain.config import Config, load_config, save_config
+from pretrain.configlib import ConfigError
+from pretrain.estimate import count_parameters
+
+ROOT = Path(__file__).resolve().parents[1]
+PAPER = ["0.16b", "0.37b", "0.76b", "1.4b", "7b"]
+
+
+def test_yaml_then_overrides(tmp_path: Path) -> None:
+    cfg = load_config(ROOT / "configs/tiny.yaml", ["optim.lr=1e-4", "model.patch_encoder=unet", "train.steps=7"])
+    assert cfg.optim.lr == 1e-4 and cfg.model.patch_encoder == "unet" and cfg.train.steps == 7
+    assert cfg.model.n_layers == 2  # from the file
+    assert cfg.optim.betas == (0.9, 0.95)  # from the defaults
+    out = tmp_path / "merged.yaml"
+    save_config(cfg, out)
+    assert load_config(out) == cfg
+
+
+def test_unknown_key_names_nearest(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"unknown config key 'optim.lrr'.*did you mean lr"):
+        load_config(None, ["optim.lrr=1"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  n_layer: 4\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml.*'model.n_layer'.*n_layers"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match=r"unknown config key 'modle'.*model"):
+        load_config(None, ["modle.dim=3"])
+
+
+def test_wrong_type_names_field_and_type(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"model.n_layers: expected int, got 'two'"):
+        load_config(None, ["model.n_layers=two"])
+    with pytest.raises(ConfigError, match=r"model.attention: expected one of 'flex' \| 'sdpa'"):
+        load_config(None, ["model.attention=xformers"])
+    with pytest.raises(ConfigError, match=r"train.activation_checkpointing: expected bool"):
+        load_config(None, ["train.activation_checkpointing=3"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data:\n  streams:\n    - {name: text, proportion: lots}\n")
+    with pytest.raises(ConfigError, match=r"data.streams\[0\].proportion"):
+        load_config(bad)
+
+
+def test_post_init_says_what_to_change() -> None:
+    with pytest.raises(ConfigError, match="model.dim=100 must be divisible by model.n_heads=3"):
+        load_config(None, ["model.dim=100", "model.n_heads=3"])
+    with pytest.raises(ConfigError, match="model.patch_size must be 1, 2, 4 or 8"):
+        load_config(None, ["model.patch_size=3"])
+
+
+@pytest.mark.parametrize("name", PAPER)
+def test_paper_configs_load(name: str) -> None:
+    cfg = load_config(ROOT / f"configs/transfusion_{name}.yaml")
+    layers, dim, heads = {"0.16b": (16, 768, 12), "0.37b": (24, 1024, 16), "0.76b": (24, 1536, 24),
+                          "1.4b": (24, 2048, 16), "7b": (32, 4096, 32)}[name]
+    assert (cfg.model.n_layers, cfg.model.dim, cfg.model.n_heads) == (layers, dim, heads)
+    assert cfg.train.global_batch_size * cfg.data.seq_len in (2**21, 2**22)  # 2M or 4M positions
+
+
+def test_7b_matches_llama2_and_unet_adds_027b() -> None:
+    cfg = load_config(ROOT / "configs/transfusion_7b.yaml")
+    n = count_parameters(cfg.model)["total"]
+    assert abs(n - 6.74e9) / 6.74e9 < 0.02, n
+    assert cfg.model.hidden_dim == 11008
+    for name in PAPER:
+        lin = load_config(ROOT / f"configs/transfusion_{name}.yaml")
+        unet = load_config(ROOT / f"configs/transfusion_{name}.yaml", ["model.patch_encoder=unet"])
+        added = count_parameters(unet.model)["total"] - count_parameters(lin.model)["total"]
+        assert abs(added - 0.27e9) / 0.27e9 < 0.15, (name, added)
+
+
+def test_estimate_cli_prints_exact_count() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "pretrain.estimate", "--config", str(ROOT / "configs/tiny.yaml")],
+        capture_output=True, text=True, check=True, cwd=ROOT,
+    ).stdout
+    line = next(l for l in out.splitlines() if l.startswith("parameters: "))
+    cfg = load_config(ROOT / "configs/tiny.yaml")
+    import torch
+
+    from pretrain.model import Transfusion
+
+    expected = sum(p.numel() for p in Transfusion(cfg.model).parameters())
+    assert int(line.split()[1]) == expected
+
+
+def test_estimate_cli_rejects_bad_key() -> None:
+    res = subprocess.run(
+        [sys.executable, "-m", "pretrain.estimate", "--config", str(ROOT / "configs/tiny.yaml"), "model.widht=3"],
+        capture_output=True, text=True, cwd=ROOT,
+    )
+    assert res.returncode == 2 and "model.widht" in res.stderr
+
+
+def test_defaults_are_valid() -> None:
+    assert Config() == load_config(None)
+    assert yaml.safe_load(yaml.safe_dump({"x": 1}))["x"] == 1

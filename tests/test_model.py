@@ -1,0 +1,248 @@
+"""Model tests on a 2-layer model, CPU, fp32: mask semantics, flex == SDPA, losses, split invariance."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from batches import random_batch
+from pretrain.config import ModelConfig
+from pretrain.model import IGNORE_INDEX, Transfusion, TransfusionBatch
+from pretrain.model.masks import dense_mask
+
+L = 128
+
+
+def tiny_cfg(**kw: object) -> ModelConfig:
+    base = dict(dim=64, n_layers=2, n_heads=4, vocab_size=97, max_seq_len=L, latent_size=8, patch_size=2,
+                unet_channels=(16, 32), timestep_freq_dim=32, attention="sdpa")
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+def build(cfg: ModelConfig, seed: int = 0) -> Transfusion:
+    torch.manual_seed(seed)
+    return Transfusion(cfg)
+
+
+def _perturbed_hidden(model: Transfusion, batch: TransfusionBatch, where: torch.Tensor) -> torch.Tensor:
+    """Backbone outputs (B, L, D) for random inputs, and for the same inputs changed at `where` (B, L)."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(*batch.tokens.shape, model.cfg.dim, generator=g)  # (B, L, D)
+    x2 = x.clone()
+    x2[where] += torch.randn(int(where.sum()), model.cfg.dim, generator=g)
+    with torch.no_grad():
+        return model.backbone(x, batch), model.backbone(x2, batch)
+
+
+def _changed(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return (a - b).abs().amax(dim=-1) > 1e-6  # (B, L)
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "flex"])
+def test_mask_semantics_on_outputs(attention: str) -> None:
+    cfg = tiny_cfg(attention=attention)
+    model = build(cfg)
+    batch = random_batch(cfg, 2, L, seed=3, images_per_row=2, docs_per_row=2)
+    img, doc = batch.image_ids[0], batch.doc_ids[0]
+    # 1. Text position q: unchanged when any later position changes.
+    text_pos = [int(i) for i in torch.nonzero(img < 0).flatten() if doc[i] == 0]
+    q = text_pos[len(text_pos) // 2]
+    where = torch.zeros_like(batch.tokens, dtype=torch.bool)
+    where[0, q + 1 :] = True
+    a, b = _perturbed_hidden(model, batch, where)
+    assert not _changed(a, b)[0, : q + 1].any(), "a text position saw a later position"
+    # 2. A patch sees a later patch of its own image, but not later text.
+    pos0 = torch.nonzero(img == 0).flatten()
+    first, last = int(pos0[0]), int(pos0[-1])
+    where = torch.zeros_like(where)
+    where[0, last] = True
+    a, b = _perturbed_hidden(model, batch, where)
+    assert _changed(a, b)[0, first], "a patch did not see a later patch of the same image"
+    where = torch.zeros_like(where)
+    where[0, last + 2] = True  # first text after EOI
+    a, b = _perturbed_hidden(model, batch, where)
+    assert not _changed(a, b)[0, first : last + 1].any(), "a patch saw text after its image"
+    # 3. Nothing crosses a document boundary, in either direction.
+    for src, dst in ((0, 1), (1, 0)):
+        where = batch.doc_ids == src
+        a, b = _perturbed_hidden(model, batch, where)
+        assert not _changed(a, b)[batch.doc_ids == dst].any(), f"document {src} leaked into document {dst}"
+        assert _changed(a, b)[batch.doc_ids == src].all()
+
+
+def test_dense_mask_matches_rule_elementwise() -> None:
+    """The dense mask equals the rule evaluated position by position (a slow reference)."""
+    cfg = tiny_cfg()
+    batch = random_batch(cfg, 1, L, seed=5)
+    m = dense_mask(batch.doc_ids, batch.image_ids)[0, 0]
+    d, im = batch.doc_ids[0].tolist(), batch.image_ids[0].tolist()
+    ref = torch.tensor([[d[q] == d[k] and (k <= q or (im[q] >= 0 and im[q] == im[k])) for k in range(L)] for q in range(L)])
+    assert torch.equal(m, ref)
+
+
+@pytest.mark.parametrize("patch_encoder", ["linear", "unet"])
+def test_flex_and_sdpa_agree_on_outputs_and_gradients(patch_encoder: str) -> None:
+    """Same weights, same packed batch: loss, hidden states and every gradient agree (fp32, atol 1e-5, rtol 1e-4)."""
+    results = []
+    for attention in ("sdpa", "flex"):
+        cfg = tiny_cfg(attention=attention, patch_encoder=patch_encoder)
+        model = build(cfg, seed=7)
+        batch = random_batch(cfg, 3, L, seed=11, images_per_row=2, docs_per_row=3)
+        out = model(batch)
+        out.loss.backward()
+        results.append((out, {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (o1, g1), (o2, g2) = results
+    torch.testing.assert_close(o1.loss, o2.loss, atol=1e-5, rtol=1e-4)
+    for name in g1:
+        torch.testing.assert_close(g1[name], g2[name], atol=1e-5, rtol=1e-4, msg=f"gradient of {name}")
+
+
+@pytest.mark.parametrize(
+    "patch_encoder,patch_size,channels",
+    [("linear", 1, ()), ("linear", 2, ()), ("linear", 4, ()), ("unet", 1, (16,)), ("unet", 2, (16, 32)), ("unet", 4, (16, 16, 32))],
+)
+def test_overfit_one_batch(patch_encoder: str, patch_size: int, channels: tuple[int, ...]) -> None:
+    """Training on one batch drives both losses down, and every parameter gets a gradient."""
+    cfg = tiny_cfg(patch_encoder=patch_encoder, patch_size=patch_size, unet_channels=channels)
+    model = build(cfg)
+    batch = random_batch(cfg, 2, L, seed=1, images_per_row=1)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    first = None
+    for step in range(30):
+        out = model(batch)
+        out.loss.backward()
+        if step == 0:
+            # The zero-initialised epsilon layer passes no gradient below it on step 0, but learns itself.
+            last = model.patch_decoder.proj if patch_encoder == "linear" else model.patch_decoder.conv_out
+            assert last.weight.grad.abs().sum() > 0
+        opt.step()
+        opt.zero_grad()
+        lm, diff = out.lm_loss_sum / out.num_text_tokens, out.diffusion_loss_sum / out.num_images
+        first = first or (lm.item(), diff.item())
+    assert lm.item() < 0.5 * first[0], f"LM loss {first[0]:.3f} -> {lm.item():.3f}"
+    assert diff.item() < 0.8 * first[1], f"diffusion loss {first[1]:.3f} -> {diff.item():.3f}"
+    for n, p in model.named_parameters():
+        assert p.grad is None or torch.isfinite(p.grad).all()
+    out = model(batch)
+    out.loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters()), "a parameter got no gradient"
+
+
+def test_same_seed_same_result() -> None:
+    cfg = tiny_cfg(patch_encoder="unet")
+    losses = []
+    for _ in range(2):
+        model = build(cfg, seed=3)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        batch = random_batch(cfg, 2, L, seed=2)
+        for _ in range(3):
+            out = model(batch)
+            out.loss.backward()
+            opt.step()
+            opt.zero_grad()
+        losses.append(out.loss.item())
+    assert losses[0] == losses[1]
+    other = build(cfg, seed=4)
+    assert not torch.equal(next(other.parameters()), next(build(cfg, seed=3).parameters()))
+
+
+def test_zero_init_epsilon_output() -> None:
+    for enc in ("linear", "unet"):
+        model = build(tiny_cfg(patch_encoder=enc))
+        last = model.patch_decoder.proj if enc == "linear" else model.patch_decoder.conv_out
+        assert torch.count_nonzero(last.weight) == 0 and torch.count_nonzero(last.bias) == 0
+
+
+def _split(batch: TransfusionBatch, rows: list[int], P: int) -> TransfusionBatch:
+    """Rows of a batch as a batch of its own, images renumbered."""
+    img = batch.image_ids[rows]
+    ids = sorted({int(i) for i in img.flatten() if i >= 0})
+    remap = torch.full((batch.num_images + 1,), -1)
+    remap[torch.tensor(ids, dtype=torch.long)] = torch.arange(len(ids))
+    sel = torch.tensor(ids, dtype=torch.long)
+    return TransfusionBatch(
+        batch.tokens[rows], batch.targets[rows], batch.doc_ids[rows], remap[img], batch.positions[rows],
+        batch.latents[sel], batch.noise[sel], batch.timesteps[sel],
+    )
+
+
+def _grads(model: Transfusion) -> dict[str, torch.Tensor]:
+    out = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    return out
+
+
+def test_loss_split_invariance() -> None:
+    """1 rank x 4 micro-batches == 2 ranks x 2 micro-batches == one batch of 4 (DeepSpeed-style scaling).
+
+    Rows hold different numbers of text targets and images, so a per-micro-batch mean would differ.
+    """
+    cfg = tiny_cfg()
+    model = build(cfg)
+    rows = [random_batch(cfg, 1, L, seed=s, images_per_row=k, docs_per_row=1 + s % 2) for s, k in enumerate([0, 1, 2, 1])]
+    full = _cat(rows)
+    n_text, n_img = full.num_text_targets, full.num_images
+    model(full).loss.backward()  # one batch: local counts are the global counts
+    reference = _grads(model)
+    for world, gas in ((1, 4), (2, 2)):
+        per_rank = []
+        for r in range(world):
+            for m in range(gas):
+                mb = rows[r * gas + m]
+                out = model(mb, text_denom=n_text / (gas * world), image_denom=max(n_img, 1) / (gas * world))
+                (out.loss / gas).backward()  # what DeepSpeed's engine.backward does
+            per_rank.append(_grads(model))
+        averaged = {n: sum(g[n] for g in per_rank) / world for n in reference}  # the data-parallel all-reduce
+        for n in reference:
+            torch.testing.assert_close(averaged[n], reference[n], atol=1e-6, rtol=1e-5, msg=f"{world}x{gas}: {n}")
+
+
+def _cat(batches: list[TransfusionBatch]) -> TransfusionBatch:
+    offset, image_ids = 0, []
+    for b in batches:
+        image_ids.append(torch.where(b.image_ids >= 0, b.image_ids + offset, b.image_ids))
+        offset += b.num_images
+    return TransfusionBatch(
+        torch.cat([b.tokens for b in batches]), torch.cat([b.targets for b in batches]),
+        torch.cat([b.doc_ids for b in batches]), torch.cat(image_ids), torch.cat([b.positions for b in batches]),
+        torch.cat([b.latents for b in batches]), torch.cat([b.noise for b in batches]),
+        torch.cat([b.timesteps for b in batches]),
+    )
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "flex"])
+@pytest.mark.parametrize("patch_encoder", ["linear", "unet"])
+def test_batch_without_images_runs_every_module(attention: str, patch_encoder: str) -> None:
+    """No image in the batch: finite loss equal to the LM loss, and every parameter is in the graph."""
+    cfg = tiny_cfg(attention=attention, patch_encoder=patch_encoder)
+    model = build(cfg)
+    batch = random_batch(cfg, 2, L, seed=4, images_per_row=0)
+    assert batch.num_images == 0
+    batch.validate(cfg.patch_size)
+    used: set[str] = set()
+    hooks = [m.register_forward_hook(lambda mod, i, o, n=n: used.add(n)) for n, m in model.named_modules() if n]
+    out = model(batch)
+    for h in hooks:
+        h.remove()
+    leaves = {n for n, m in model.named_modules() if n and not list(m.children()) and list(m.parameters(recurse=False))}
+    assert leaves <= used, f"modules skipped without images: {sorted(leaves - used)}"
+    out.loss.backward()
+    assert torch.isfinite(out.loss) and out.diffusion_loss_sum == 0
+    torch.testing.assert_close(out.loss, out.lm_loss_sum / out.num_text_tokens)
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_timesteps_and_noise_are_inputs() -> None:
+    """The batch fixes t and eps: same batch, same loss; other noise, other loss."""
+    cfg = tiny_cfg()
+    model = build(cfg)
+    batch = random_batch(cfg, 2, L, seed=9)
+    a, b = model(batch).loss, model(batch).loss
+    assert a == b
+    other = copy.copy(batch)
+    other.noise = torch.randn_like(batch.noise)
+    assert model(other).loss != a
+    assert (batch.targets[batch.image_ids >= 0] == IGNORE_INDEX).all()
