@@ -57,10 +57,13 @@ def matmul_rate(n: int = 1024, reps: int = 30) -> float:
     return 2 * n**3 * reps / (time.perf_counter() - t)
 
 
-def step_rate(cfg: ModelConfig, steps: int, warmup: int) -> float:
+def step_rate(cfg: ModelConfig, steps: int, warmup: int, compile_blocks: bool = False) -> float:
     """Positions/s of forward + backward + AdamW step, after `warmup` untimed steps."""
     torch.manual_seed(0)
     model = Transfusion(cfg)
+    if compile_blocks:
+        for block in model.layers:
+            block.compile(dynamic=False)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, foreach=True)
     batch = bench_batch(cfg)
     positions = batch.tokens.numel()
@@ -90,12 +93,14 @@ def main() -> None:
     base = dict(dim=256, n_layers=2, n_heads=4, vocab_size=1024, max_seq_len=512, latent_size=32, patch_size=2)
     peak = matmul_rate()
     print(f"threads: {args.threads}   fp32 matmul rate (1024^3): {peak / 1e9:.1f} GFLOP/s")
-    print(f"{'path':6s} {'positions/s':>12s} {'GFLOP/s':>9s} {'share of matmul':>16s}")
+    print(f"{'path':15s} {'positions/s':>12s} {'GFLOP/s':>9s} {'share of matmul':>16s}")
     for attn in ("sdpa", "flex"):
-        cfg = ModelConfig(**base, attention=attn)
-        rate = step_rate(cfg, args.steps, args.warmup)
-        flops = flops_per_position(cfg, seq_len=TEXT + P + 2) * rate
-        print(f"{attn:6s} {rate:12,.0f} {flops / 1e9:9.1f} {flops / peak:16.1%}")
+        for compiled in (False, True):
+            cfg = ModelConfig(**base, attention=attn)
+            rate = step_rate(cfg, args.steps, args.warmup, compiled)
+            flops = flops_per_position(cfg, seq_len=TEXT + P + 2) * rate
+            name = attn + (" +compile" if compiled else "")
+            print(f"{name:15s} {rate:12,.0f} {flops / 1e9:9.1f} {flops / peak:16.1%}")
 
 
 if __name__ == "__main__":
