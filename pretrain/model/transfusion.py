@@ -74,21 +74,11 @@ class Transfusion(nn.Module):
         text_denom: float | None = None,
         image_denom: float | None = None,
     ) -> TransfusionOutput:
-        B, L = batch.tokens.shape
-        D = self.cfg.dim
         latents, noise, t, img_weight = self._images_or_dummy(batch)
         x_t = add_noise(latents, noise, t, self.alpha_bar(latents.device))  # (N, C, H, W)
-        patches, ctx = self.patch_encoder(x_t.to(self.tok_embeddings.weight.dtype), t)  # (N, P, D)
-
-        x = self.tok_embeddings(batch.tokens).view(B * L, D)  # (B*L, D)
-        patch_pos = torch.nonzero(batch.image_ids.view(-1) >= 0).squeeze(1)  # (N*P,)
-        if batch.num_images > 0:
-            x = x.index_copy(0, patch_pos, patches.reshape(-1, D))
-        h = self.backbone(x.view(B, L, D), batch).view(B * L, D)  # (B*L, D)
+        h, eps_hat = self.denoise(batch, x_t, t)  # (B*L, D), (N, C, H, W)
 
         lm_sum, n_text = self._lm_loss(h, batch.targets.view(-1))
-        h_img = h[patch_pos].view_as(patches) if batch.num_images > 0 else patches  # (N, P, D)
-        eps_hat = self.patch_decoder(h_img, t, ctx)  # (N, C, H, W)
         per_image = (eps_hat.float() - noise.float()).pow(2).mean(dim=(1, 2, 3))  # (N,)
         diff_sum = (per_image * img_weight).sum()
 
@@ -97,6 +87,26 @@ class Transfusion(nn.Module):
         image_denom = float(max(n_img, 1)) if image_denom is None else image_denom
         loss = lm_sum / text_denom + self.cfg.diffusion_loss_weight * diff_sum / image_denom
         return TransfusionOutput(loss, lm_sum.detach(), diff_sum.detach(), n_text, n_img)
+
+    def denoise(self, batch: TransfusionBatch, x_t: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Hidden states (B*L, D) and predicted epsilon (N, C, H, W) for noised latents x_t at timesteps t.
+
+        When the batch holds no image, x_t/t is the dummy image, which bypasses the backbone.
+        """
+        B, L = batch.tokens.shape
+        D = self.cfg.dim
+        patches, ctx = self.patch_encoder(x_t.to(self.tok_embeddings.weight.dtype), t)  # (N, P, D)
+        x = self.tok_embeddings(batch.tokens).view(B * L, D)  # (B*L, D)
+        patch_pos = torch.nonzero(batch.image_ids.view(-1) >= 0).squeeze(1)  # (N*P,)
+        if batch.num_images > 0:
+            x = x.index_copy(0, patch_pos, patches.reshape(-1, D))
+        h = self.backbone(x.view(B, L, D), batch).view(B * L, D)  # (B*L, D)
+        h_img = h[patch_pos].view_as(patches) if batch.num_images > 0 else patches  # (N, P, D)
+        return h, self.patch_decoder(h_img, t, ctx)  # (B*L, D), (N, C, H, W)
+
+    def lm_logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Next-token logits (..., V) from final hidden states (..., D)."""
+        return self.output(h)
 
     def _images_or_dummy(self, batch: TransfusionBatch) -> tuple[torch.Tensor, ...]:
         """(latents, noise, timesteps, weights); one zero-weight dummy image when the batch has none."""

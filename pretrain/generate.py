@@ -1,0 +1,217 @@
+"""Generation: greedy text, captions of images, and images from text (DDIM with classifier-free guidance).
+
+Single-device functions over a `Transfusion` model: under ZeRO-3 every rank calls them with the same
+prompts, so control flow (and so parameter gathering) is identical everywhere. Layouts follow the
+training data: caption-first `BOS caption BOI patches EOI EOS`, dropped caption `BOS BOI patches EOI`,
+image-first `BOS BOI patches EOI caption EOS`.
+
+    python -m pretrain.generate --model EXPORT_DIR --prompt "a red circle at the top left" --out samples/
+    python -m pretrain.generate --model EXPORT_DIR --caption image.png
+    python -m pretrain.generate --model EXPORT_DIR --text "Once upon a time"
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from pretrain.model import IGNORE_INDEX, Transfusion, TransfusionBatch
+from pretrain.model.diffusion import ddim_sample
+
+
+@dataclass(frozen=True)
+class Specials:
+    """The special token ids generation needs."""
+
+    bos_id: int
+    eos_id: int
+    boi_id: int
+    eoi_id: int
+    pad_id: int
+
+
+Row = list[int | None]  # token ids; None marks a patch position of the row's image
+
+
+def _batch(model: Transfusion, rows: list[Row], latents: torch.Tensor, t: torch.Tensor, pad: int) -> TransfusionBatch:
+    """Right-padded batch of rows (each one document, at most one image) in the model's contract."""
+    L = max(len(r) for r in rows)
+    B, device = len(rows), latents.device
+    tokens = torch.full((B, L), pad, dtype=torch.long)
+    image_ids = torch.full((B, L), -1, dtype=torch.long)
+    doc_ids = torch.ones(B, L, dtype=torch.long)  # padding: document 1
+    n = 0
+    for b, row in enumerate(rows):
+        doc_ids[b, : len(row)] = 0
+        has_image = False
+        for i, tok in enumerate(row):
+            if tok is None:
+                image_ids[b, i] = n
+                has_image = True
+            else:
+                tokens[b, i] = tok
+        n += has_image
+    positions = torch.arange(L).expand(B, L).contiguous()
+    return TransfusionBatch(
+        tokens=tokens.to(device), targets=torch.full_like(tokens, IGNORE_INDEX).to(device), doc_ids=doc_ids.to(device),
+        image_ids=image_ids.to(device), positions=positions.to(device), latents=latents, noise=torch.zeros_like(latents),
+        timesteps=t,
+    )
+
+
+@torch.no_grad()
+def generate_images(
+    model: Transfusion,
+    prompts: list[list[int]],
+    sp: Specials,
+    steps: int = 250,
+    cfg_scale: float = 3.0,
+    seed: int = 0,
+) -> torch.Tensor:
+    """Latents (N, C, H, W) for N tokenised captions (without BOS): DDIM from noise, CFG against a dropped caption."""
+    cfg = model.cfg
+    P, C, S = cfg.patches_per_image, cfg.latent_channels, cfg.latent_size
+    device = next(model.parameters()).device
+    n = len(prompts)
+    rows: list[Row] = [[sp.bos_id, *p, sp.boi_id] + [None] * P for p in prompts]
+    if cfg_scale != 1.0:
+        rows += [[sp.bos_id, sp.boi_id] + [None] * P for _ in prompts]
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.randn(n, C, S, S, generator=g).to(device)
+
+    def eps_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        k = len(rows) // n
+        xs, ts = x.repeat(k, 1, 1, 1), t.repeat(k)  # (k*N, C, H, W)
+        _, eps = model.denoise(_batch(model, rows, xs, ts, sp.pad_id), xs, ts)  # (k*N, C, H, W)
+        if k == 1:
+            return eps
+        cond, uncond = eps.chunk(2)
+        return uncond + cfg_scale * (cond - uncond)
+
+    return ddim_sample(eps_fn, noise, model.alpha_bar(device), steps)
+
+
+@torch.no_grad()
+def generate_text(
+    model: Transfusion,
+    prompts: list[list[int]],
+    sp: Specials,
+    max_new_tokens: int = 32,
+    images: torch.Tensor | None = None,
+) -> list[list[int]]:
+    """Greedy continuation of each prompt; with `images` (N, C, H, W) each prompt follows `BOS BOI image EOI`.
+
+    Runs exactly max_new_tokens forward passes (no early exit) so every ZeRO-3 rank does the same work.
+    """
+    P = model.cfg.patches_per_image
+    device = next(model.parameters()).device
+    if images is None:
+        rows: list[Row] = [[sp.bos_id, *p] for p in prompts]
+        latents = torch.zeros(0, model.cfg.latent_channels, model.cfg.latent_size, model.cfg.latent_size, device=device)
+    else:
+        rows = [[sp.bos_id, sp.boi_id] + [None] * P + [sp.eoi_id, *p] for p in prompts]
+        latents = images.to(device)
+    t = torch.zeros(latents.shape[0], dtype=torch.long, device=device)  # clean images: t = 0
+    new: list[list[int]] = [[] for _ in rows]
+    done = [False] * len(rows)
+    for _ in range(max_new_tokens):
+        batch = _batch(model, rows, latents, t, sp.pad_id)
+        x_t = latents if latents.shape[0] else torch.zeros(1, *latents.shape[1:], device=device)
+        h, _ = model.denoise(batch, x_t, t if latents.shape[0] else t.new_zeros(1))
+        last = torch.tensor([len(r) - 1 for r in rows], device=device) + torch.arange(len(rows), device=device) * batch.tokens.shape[1]
+        next_ids = model.lm_logits(h[last]).argmax(dim=-1).tolist()  # (B,)
+        for b, tok in enumerate(next_ids):
+            rows[b].append(tok)
+            if not done[b]:
+                new[b].append(tok)
+                done[b] = tok == sp.eos_id
+    return [seq[:-1] if seq and seq[-1] == sp.eos_id else seq for seq in new]
+
+
+def load_exported(path: str | Path, device: str = "cpu") -> tuple[Transfusion, Specials, Path]:
+    """Model, special ids and the export directory from `python -m pretrain.export` output."""
+    from safetensors.torch import load_file
+
+    from pretrain.config import load_config
+
+    root = Path(path)
+    for name in ("config.yaml", "model.safetensors", "tokenizer.json"):
+        if not (root / name).is_file():
+            raise FileNotFoundError(f"{root / name} missing: point --model at a directory written by pretrain.export")
+    cfg = load_config(root / "config.yaml")
+    with torch.device("meta"):
+        model = Transfusion(cfg.model)
+    model.load_state_dict(load_file(root / "model.safetensors", device=device), assign=True)
+    meta = json.loads((root / "tokenizer.json").read_text())
+    sp = Specials(**{k: int(meta[k]) for k in ("bos_id", "eos_id", "boi_id", "eoi_id", "pad_id")})
+    return model.eval(), sp, root
+
+
+def main(argv: list[str] | None = None) -> None:
+    """CLI: images from prompts (PNG), captions of PNG images, or text continuations."""
+    from data_pipeline.tokenizer import Tokenizer
+    from data_pipeline.vae import decode, load_vae
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True, help="export directory (pretrain.export)")
+    ap.add_argument("--prompt", action="append", default=[], help="caption to draw (repeatable)")
+    ap.add_argument("--caption", action="append", default=[], help="PNG/JPEG image to caption (repeatable)")
+    ap.add_argument("--text", action="append", default=[], help="text prompt to continue (repeatable)")
+    ap.add_argument("--out", default="samples", help="directory for generated PNGs")
+    ap.add_argument("--steps", type=int, default=250, help="DDIM steps (paper: 250)")
+    ap.add_argument("--cfg-scale", type=float, default=3.0, help="classifier-free guidance scale (paper: 3-5)")
+    ap.add_argument("--max-new-tokens", type=int, default=48)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    model, sp, root = load_exported(args.model)
+    tok = Tokenizer(root / "tokenizer.model")
+    vae = load_vae(root / "vae")
+    if args.prompt:
+        _draw(model, sp, tok, vae, decode, args)
+    if args.caption:
+        _caption(model, sp, tok, vae, args)
+    for prompt, ids in zip(args.text, generate_text(model, [tok.encode(p) for p in args.text], sp, args.max_new_tokens)):
+        print(f"{prompt!r} -> {tok.decode(ids)!r}")
+
+
+def save_pngs(pixels: torch.Tensor, out: str | Path, prefix: str = "") -> list[Path]:
+    """Write (N, 3, H, W) images in [-1, 1] as PNG files; returns their paths."""
+    from PIL import Image
+
+    from data_pipeline.images import to_uint8
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, img in enumerate(pixels):
+        path = out / f"{prefix}{i:03d}.png"
+        Image.fromarray(to_uint8(img.cpu().numpy())).save(path)
+        paths.append(path)
+    return paths
+
+
+def _draw(model: Transfusion, sp: Specials, tok: object, vae: object, decode: object, args: argparse.Namespace) -> None:
+    lat = generate_images(model, [tok.encode(p) for p in args.prompt], sp, args.steps, args.cfg_scale, args.seed)
+    for prompt, path in zip(args.prompt, save_pngs(decode(vae, lat), args.out)):
+        print(f"{prompt!r} -> {path}")
+
+
+def _caption(model: Transfusion, sp: Specials, tok: object, vae: object, args: argparse.Namespace) -> None:
+    import numpy as np
+
+    from data_pipeline.images import load_image
+    from data_pipeline.vae import encode
+
+    size = model.cfg.latent_size * vae.downsample
+    pixels = torch.from_numpy(np.stack([load_image(Path(p).read_bytes(), size) for p in args.caption]))
+    lat = encode(vae, pixels)  # (N, C, h, w)
+    for path, ids in zip(args.caption, generate_text(model, [[] for _ in args.caption], sp, args.max_new_tokens, lat)):
+        print(f"{path} -> {tok.decode(ids)!r}")
+
+
+if __name__ == "__main__":
+    main()
