@@ -180,8 +180,9 @@ class Config:
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Defaults, then YAML at `path`, then `section.key=value` overrides; raises ConfigError."""
+def load_config(path: str | Path | list[str | Path] | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults, then YAML at `path` (several: a list or comma-separated, later ones win), then
+    `section.key=value` overrides; raises ConfigError naming the file and field."""
     try:
         return configlib.load(Config, path, overrides)
     except ValueError as e:  # __post_init__ checks

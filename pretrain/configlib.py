@@ -173,27 +173,48 @@ def apply_override(data: dict[str, Any], cls: type, path: list[str], value: Any)
         node_cls = sub_cls if dataclasses.is_dataclass(sub_cls) else None
 
 
-def load(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:
-    """Defaults of `cls`, then the YAML file at `path`, then `key.sub=value` overrides."""
+def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    """Deep-merge mapping `top` over `base` (lists and scalars are replaced whole)."""
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        loaded = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from e
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    return loaded
+
+
+def split_paths(path: str | Path | list[str | Path] | None) -> list[Path]:
+    """Config paths from one path, a comma-separated string, or a list (later files override earlier)."""
+    if path is None:
+        return []
+    items = path if isinstance(path, list) else str(path).split(",")
+    return [Path(p) for p in (str(i).strip() for i in items) if p]
+
+
+def load(cls: type[T], path: str | Path | list[str | Path] | None = None, overrides: list[str] | None = None) -> T:
+    """Defaults of `cls`, then the YAML file(s) at `path` (merged in order), then `key.sub=value` overrides."""
     data: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        try:
-            loaded = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML: {e}") from e
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of sections")
-        data = loaded
+    paths = split_paths(path)
+    for p in paths:
+        data = _merge(data, _read_yaml(p))
     for text in overrides or []:
         keys, value = parse_override(text)
         apply_override(data, cls, keys, value)
     try:
         return from_dict(cls, data)
     except ConfigError as e:
-        raise ConfigError(f"{path}: {e}" if path else str(e)) from e
+        where = ", ".join(str(p) for p in paths)
+        raise ConfigError(f"{where}: {e}" if where else str(e)) from e
 
 
 def dump(obj: Any, path: str | Path) -> None:

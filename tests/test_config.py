@@ -105,3 +105,13 @@ def test_estimate_cli_rejects_bad_key() -> None:
 def test_defaults_are_valid() -> None:
     assert Config() == load_config(None)
     assert yaml.safe_load(yaml.safe_dump({"x": 1}))["x"] == 1
+
+
+def test_layered_config_files(tmp_path: Path) -> None:
+    """Later files override earlier ones key by key (how a data.yaml fragment joins configs/tiny.yaml)."""
+    frag = tmp_path / "data.yaml"
+    frag.write_text("data:\n  seq_len: 128\nmodel:\n  latent_size: 4\n")
+    for spec in ([ROOT / "configs/tiny.yaml", frag], f"{ROOT / 'configs/tiny.yaml'},{frag}"):
+        cfg = load_config(spec, ["data.num_workers=0"])
+        assert cfg.data.seq_len == 128 and cfg.model.latent_size == 4
+        assert cfg.model.n_layers == 2 and cfg.data.num_workers == 0
