@@ -246,3 +246,18 @@ def test_timesteps_and_noise_are_inputs() -> None:
     other.noise = torch.randn_like(batch.noise)
     assert model(other).loss != a
     assert (batch.targets[batch.image_ids >= 0] == IGNORE_INDEX).all()
+
+
+def test_rope_scores_depend_only_on_relative_position() -> None:
+    """q.k after RoPE is unchanged when both positions shift by the same amount, and changes otherwise."""
+    from pretrain.model.backbone import apply_rope, rope_tables
+
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(1, 1, 1, 64, generator=g), torch.randn(1, 1, 1, 64, generator=g)
+
+    def score(pq: int, pk: int) -> float:
+        rq, rk = (rope_tables(torch.tensor([[p]]), 64, 10000.0) for p in (pq, pk))
+        return float((apply_rope(q, rq) * apply_rope(k, rk)).sum())
+
+    assert score(5, 2) == pytest.approx(score(105, 102), rel=1e-4, abs=1e-5)
+    assert score(5, 2) != pytest.approx(score(5, 3), rel=1e-3)

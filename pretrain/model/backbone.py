@@ -71,18 +71,17 @@ class _FlexCPUBackward(torch.autograd.Function):
         return dq, dk, dv, None, None
 
 
-def rope_tables(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin of RoPE angles for integer positions (B, L) -> two (B, L, 1, head_dim/2) tensors."""
+def rope_tables(positions: torch.Tensor, head_dim: int, theta: float) -> torch.Tensor:
+    """Unit complex rotations for integer positions (B, L) -> (B, L, 1, head_dim/2) complex64."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
     angles = positions.to(torch.float32)[..., None] * inv_freq  # (B, L, hd/2)
-    return angles.cos()[:, :, None, :], angles.sin()[:, :, None, :]
+    return torch.polar(torch.ones_like(angles), angles)[:, :, None, :]  # (B, L, 1, hd/2)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate (B, L, H, hd) by the angles; the two halves of hd form the complex pairs."""
-    x1, x2 = x.float().chunk(2, dim=-1)  # (B, L, H, hd/2) each
-    out = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)  # (B, L, H, hd)
-    return out.type_as(x)
+def apply_rope(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
+    """Rotate (B, L, H, hd) by complex `rot`; adjacent pairs of hd are the complex numbers (Llama's layout)."""
+    xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))  # (B, L, H, hd/2)
+    return torch.view_as_real(xc * rot).flatten(-2).type_as(x)  # (B, L, H, hd)
 
 
 class Attention(nn.Module):
@@ -95,14 +94,13 @@ class Attention(nn.Module):
         self.wqkv = Linear(cfg.dim, (self.n_heads + 2 * self.n_kv) * self.head_dim, cfg.init_std)
         self.wo = Linear(self.n_heads * self.head_dim, cfg.dim, out_std)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: object) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, mask: object) -> torch.Tensor:
         B, L, _ = x.shape
-        q, k, v = self.wqkv(x).split(
-            [self.n_heads * self.head_dim, self.n_kv * self.head_dim, self.n_kv * self.head_dim], dim=-1
-        )
-        q = apply_rope(q.view(B, L, self.n_heads, self.head_dim), *rope).transpose(1, 2)  # (B, H, L, hd)
-        k = apply_rope(k.view(B, L, self.n_kv, self.head_dim), *rope).transpose(1, 2)  # (B, Hkv, L, hd)
-        v = v.view(B, L, self.n_kv, self.head_dim).transpose(1, 2)  # (B, Hkv, L, hd)
+        H, Hkv, hd = self.n_heads, self.n_kv, self.head_dim
+        qkv = self.wqkv(x).view(B, L, H + 2 * Hkv, hd)  # (B, L, H+2Hkv, hd)
+        qk = apply_rope(qkv[:, :, : H + Hkv], rope).transpose(1, 2)  # (B, H+Hkv, L, hd), one rotation for q and k
+        q, k = qk[:, :H], qk[:, H:]  # (B, H, L, hd), (B, Hkv, L, hd)
+        v = qkv[:, :, H + Hkv :].transpose(1, 2)  # (B, Hkv, L, hd)
         gqa = self.n_kv != self.n_heads
         if isinstance(mask, torch.Tensor):
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)  # (B, H, L, hd)
@@ -135,6 +133,6 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.feed_forward = FeedForward(cfg)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: object) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, mask: object) -> torch.Tensor:
         x = x + self.attention(self.attention_norm(x), rope, mask)  # (B, L, D)
         return x + self.feed_forward(self.ffn_norm(x))  # (B, L, D)
