@@ -151,6 +151,13 @@ class LoggingConfig:
     val_every: int = 1000
     val_batches: int = 4
     sample_every: int = 5000
+    sample_prompts: list[str] = field(
+        default_factory=lambda: ["a red circle at the top left", "a blue square at the bottom right",
+                                 "a green triangle in the center", "a yellow circle at the top right"]
+    )
+    sample_steps: int = 50  # DDIM steps for the logged samples (generation default: 250)
+    sample_cfg_scale: float = 3.0
+    sample_vae: str = ""  # diffusers AutoencoderKL dir to decode samples; "" logs latent channels 0-2
     tensorboard: bool = True
     peak_flops: float | None = None  # per device; None = detect the GPU (unknown: MFU not shown)
 

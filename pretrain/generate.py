@@ -132,6 +132,47 @@ def generate_text(
     return [seq[:-1] if seq and seq[-1] == sp.eos_id else seq for seq in new]
 
 
+def tensorboard_samples(model: Transfusion, cfg: "Config", writer: object, step: int) -> None:
+    """Generate images for cfg.logging.sample_prompts, caption them back, log a PNG grid and the text.
+
+    Every rank must call this (ZeRO-3 forwards are collective); only the writer of rank 0 writes.
+    """
+    from torchvision.utils import make_grid, save_image
+
+    from data_pipeline.tokenizer import Tokenizer, load_special_ids
+
+    lg = cfg.logging
+    ids = load_special_ids(cfg.data.tokenizer)
+    sp = Specials(ids.bos_id, ids.eos_id, ids.boi_id, ids.eoi_id, ids.pad_id)
+    tok = Tokenizer(cfg.data.tokenizer)
+    was_training = model.training
+    model.eval()
+    latents = generate_images(model, [tok.encode(p) for p in lg.sample_prompts], sp, lg.sample_steps,
+                              lg.sample_cfg_scale, seed=step)
+    captions = generate_text(model, [[] for _ in lg.sample_prompts], sp, 24, images=latents)
+    model.train(was_training)
+    pixels = _to_pixels(latents, lg.sample_vae)  # (N, 3, H, W) in [0, 1]
+    grid = make_grid(pixels, nrow=min(4, len(pixels)), padding=2)  # (3, H', W')
+    if getattr(writer, "enabled", False):
+        out = Path(cfg.train.run_dir) / "samples" / f"step_{step:07d}.png"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        save_image(grid, out)
+        writer.images("samples/images", grid, step)
+        lines = [f"{p!r} -> {tok.decode(c)!r}" for p, c in zip(lg.sample_prompts, captions)]
+        writer.text("samples/captions", "  \n".join(lines), step)
+
+
+def _to_pixels(latents: torch.Tensor, vae_dir: str) -> torch.Tensor:
+    """Decode with the VAE when one is configured, else show latent channels 0-2 rescaled; (N, 3, H, W) in [0, 1]."""
+    if vae_dir:
+        from data_pipeline.vae import decode, load_vae
+
+        return (decode(load_vae(vae_dir, device=latents.device), latents.float()) + 1) / 2
+    x = latents[:, :3].float()
+    x = x - x.amin(dim=(1, 2, 3), keepdim=True)
+    return x / x.amax(dim=(1, 2, 3), keepdim=True).clamp_min(1e-6)
+
+
 def load_exported(path: str | Path, device: str = "cpu") -> tuple[Transfusion, Specials, Path]:
     """Model, special ids and the export directory from `python -m pretrain.export` output."""
     from safetensors.torch import load_file

@@ -56,3 +56,30 @@ def test_images_deterministic_and_guidance_matters() -> None:
     c = generate_images(model, [[5, 6], [7]], SP, steps=4, cfg_scale=1.0, seed=1)
     assert a.shape == (2, 8, 8, 8) and torch.equal(a, b)
     assert not torch.allclose(a, c)
+
+
+def test_tensorboard_samples_writes_png_grid_image_and_captions(demo_data, tmp_path) -> None:
+    """The trainer's sample hook: a PNG grid on disk, an image and captions in TensorBoard (read back)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from pretrain.config import load_config
+    from pretrain.generate import tensorboard_samples
+    from pretrain.metrics import MetricsWriter
+
+    cfg = load_config(["configs/tiny.yaml", str(demo_data.config_path)],
+                      [f"train.run_dir={tmp_path}", "logging.sample_steps=3", f"logging.sample_vae={demo_data.vae}"])
+    torch.manual_seed(0)
+    from pretrain.model import Transfusion
+
+    model = Transfusion(cfg.model)
+    writer = MetricsWriter(tmp_path, True, True, 1.0, None, 1, cfg.model.patches_per_image)
+    tensorboard_samples(model, cfg, writer, step=7)
+    writer.close()
+    assert (tmp_path / "samples" / "step_0000007.png").stat().st_size > 0
+    acc = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"images": 0, "tensors": 0}).Reload()
+    assert "samples/images" in acc.Tags()["images"]
+    img = acc.Images("samples/images")[0]
+    assert img.step == 7 and img.width > 64 and img.height >= 64
+    text = acc.Tensors("samples/captions_text_summary" if "samples/captions_text_summary" in acc.Tags()["tensors"]
+                       else "samples/captions/text_summary")[0]
+    assert b"a red circle at the top left" in text.tensor_proto.string_val[0]
