@@ -110,8 +110,8 @@ def load_images(inputs: list[str], size: int, limit: int | None = None, kind: st
     out: list[np.ndarray] = []
     for part in sources.list_parts(inputs):
         for rec in sources.read_part(part, kind):
-            for kind, val in rec.segments:
-                if kind == "image" and val is not None:
+            for seg_kind, val in rec.segments:
+                if seg_kind == "image" and val is not None:
                     try:
                         out.append(imglib.load_image(val, size))
                     except imglib.BadImage:
