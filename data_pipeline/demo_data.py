@@ -49,7 +49,7 @@ class DemoSizes:
     texts: int = 2000
     interleaved: int = 300
     image_size: int = 64
-    vae_steps: int = 600
+    vae_steps: int = 150  # ~3-4 minutes on 2 CPU cores
 
 
 FAST = DemoSizes(pairs=240, texts=300, interleaved=40, vae_steps=0)
@@ -60,8 +60,8 @@ def _vae(root: Path, raw: dict, sizes: DemoSizes, seed: int, latent_channels: in
     out = root / "vae"
     data = vaelib.load_images([str(raw["pairs"])], sizes.image_size, limit=2000)
     if sizes.vae_steps > 0:
-        return vaelib.train_vae(data, out, steps=sizes.vae_steps, batch_size=32, lr=2e-3, latent_channels=latent_channels,
-                                downsample=8, width=32, seed=seed, sample_every=max(1, sizes.vae_steps // 3))
+        return vaelib.train_vae(data, out, steps=sizes.vae_steps, batch_size=16, lr=3e-3, latent_channels=latent_channels,
+                                downsample=8, width=16, seed=seed, sample_every=max(1, sizes.vae_steps // 3))
     model = vaelib.small_vae(latent_channels, downsample=8, width=8, seed=seed)
     return vaelib.save_with_stats(model, data[:256], out, {"random_init": True})
 

@@ -197,7 +197,7 @@ def train_vae(data: torch.Tensor, out: str | Path, steps: int = 300, batch_size:
             dopt.zero_grad(set_to_none=True)
             d_loss.backward()
             dopt.step()
-        bar.set_postfix(l1=f"{l1.item():.4f}", kl=f"{kl.item():.1f}")
+        bar.set_postfix(l1=f"{l1.item():.4f}", kl=f"{kl.item():.3g}")
         if (step + 1) % sample_every == 0 or step + 1 == steps:
             model.eval()
             _save_recon(model, data[:8], out / "samples" / f"recon_{step + 1:06d}.png")

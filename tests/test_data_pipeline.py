@@ -281,3 +281,58 @@ def test_precompute_two_ranks_equal_one_and_resume(demo_data, tmp_path):
     after = {f: (one / f).stat().st_mtime_ns for f in files}
     assert [f for f in files if before[f] != after[f]] == [f for f in files if f.startswith("part-00002")]
     assert all((one / f).read_bytes() == (two / f).read_bytes() for f in files)
+
+
+def _run_precompute(demo, inputs, out, kind="pairs"):
+    from data_pipeline import precompute
+    args = precompute.build_parser().parse_args(["--input", *map(str, inputs), "--kind", kind, "--vae", str(demo.vae),
+                                                 "--out", str(out), "--image-size", "64", "--decode-threads", "1"])
+    return precompute.run(args, rank_and_world=(0, 1))
+
+
+def test_webdataset_tar_and_folder_inputs(demo_data, tmp_path):
+    """img2dataset-style tars (jpg+txt, png+json) and a folder with caption side files are read as pairs."""
+    import io
+    import tarfile
+    from data_pipeline.synthetic import draw_shape, png_bytes
+
+    def jpg(img):
+        b = io.BytesIO()
+        img.save(b, format="JPEG")
+        return b.getvalue()
+
+    members = {"00000.jpg": jpg(draw_shape("red", "circle", "top")), "00000.txt": b"a red circle at the top",
+               "00001.png": png_bytes(draw_shape("blue", "square", "left")), "00001.json": b'{"caption": "a blue square at the left"}',
+               "00002.jpg": b"\xff\xd8broken", "00002.txt": b"broken"}
+    with tarfile.open(tmp_path / "000.tar", "w") as tf:
+        for name, data in members.items():
+            ti = tarfile.TarInfo(name)
+            ti.size = len(data)
+            tf.addfile(ti, io.BytesIO(data))
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    draw_shape("green", "triangle", "center").save(folder / "a.png")
+    (folder / "a.txt").write_text("a green triangle in the center\n")
+    rep = _run_precompute(demo_data, [tmp_path / "*.tar", folder], tmp_path / "out")
+    assert (rep["records_read"], rep["encoded"], rep["skipped"]) == (4, 3, {"not_an_image": 1})
+    caps = [s["doc"][0]["text"] for s in read_mds(tmp_path / "out")]
+    assert caps == ["a red circle at the top", "a blue square at the left", "a green triangle in the center"]
+
+
+def test_interleaved_bad_image_drops_only_the_image(demo_data, tmp_path):
+    from data_pipeline.synthetic import draw_shape
+    draw_shape("red", "circle", "top").save(tmp_path / "ok.png")
+    (tmp_path / "bad.png").write_bytes(b"")
+    rec = {"segments": [{"text": "one"}, {"image": "ok.png"}, {"text": "two"}, {"image": "bad.png"}, {"text": None, "image": None}]}
+    (tmp_path / "inter.jsonl").write_text(json.dumps(rec) + "\n")
+    rep = _run_precompute(demo_data, [tmp_path / "inter.jsonl"], tmp_path / "out", kind="interleaved")
+    assert (rep["records_written"], rep["encoded"], rep["skipped"]) == (1, 1, {"empty": 1})
+    (s,) = list(read_mds(tmp_path / "out"))
+    assert s["doc"] == [{"text": "one"}, {"image": 0}, {"text": "two"}] and s["latents"].shape == (1, 8, 8, 8)
+
+
+def test_bad_jsonl_line_error_names_file_and_line(tmp_path):
+    (tmp_path / "p.jsonl").write_text('{"image": "a.png", "caption": "x"}\n{"caption": "no image"}\n')
+    part = sources.list_parts([str(tmp_path / "p.jsonl")])[0]
+    with pytest.raises(ValueError, match=r"p.jsonl:2: field 'image'"):
+        list(sources.read_part(part, "pairs"))

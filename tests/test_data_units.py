@@ -111,3 +111,15 @@ def test_packing_efficiency_and_invariants():
         got_img += len(row.latents)
     assert (got_text, got_img) == (n_text, n_img)  # nothing lost, nothing duplicated
     assert packer.efficiency >= 0.99, packer.efficiency
+
+
+@pytest.mark.parametrize("stage", ["tokenizer", "vae", "precompute", "pack", "demo_data"])
+def test_stage_help(stage, capsys):
+    """Every stage documents itself with --help."""
+    import importlib
+
+    mod = importlib.import_module(f"data_pipeline.{stage}")
+    with pytest.raises(SystemExit) as e:
+        mod.main(["--help"])
+    assert e.value.code == 0
+    assert "usage: python -m data_pipeline." + stage in capsys.readouterr().out
