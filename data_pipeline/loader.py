@@ -115,7 +115,20 @@ def mix_proportions(streams: list[StreamConfig], image_share: float | None) -> l
     return [float(x) for x in w]
 
 
-def _streams(cfg: DataConfig, split: str) -> list[Stream]:
+def _check_stream(sc: StreamConfig, cfg: DataConfig, spec: RowSpec) -> None:
+    """The stream was packed for this seq_len, patch size and latent shape (when its pack.json is readable)."""
+    st = _pack_stats(sc)
+    if not st:
+        return
+    where = sc.local or sc.remote
+    if st.get("seq_len", cfg.seq_len) != cfg.seq_len:
+        raise ValueError(f"{where}: packed with seq_len={st['seq_len']} but data.seq_len={cfg.seq_len}; repack or change data.seq_len")
+    if st.get("latent_shape") and (st["patch_size"] != spec.patch_size or list(st["latent_shape"]) != list(spec.latent_shape)):
+        raise ValueError(f"{where}: packed for patch_size={st['patch_size']}, latent_shape={st['latent_shape']} but the model "
+                         f"uses patch_size={spec.patch_size}, latent_shape={list(spec.latent_shape)}; repack with matching --patch-size")
+
+
+def _streams(cfg: DataConfig, split: str, spec: RowSpec) -> list[Stream]:
     scs = cfg.streams if split == "train" else cfg.val_streams
     if not scs:
         raise ValueError(f"data.{'streams' if split == 'train' else 'val_streams'} is empty: list the packed MDS directories")
@@ -123,6 +136,7 @@ def _streams(cfg: DataConfig, split: str) -> list[Stream]:
     cache = job_cache_dir(cfg.cache_dir)
     out = []
     for i, (sc, p) in enumerate(zip(scs, props)):
+        _check_stream(sc, cfg, spec)
         local = str(cache / split / f"{i}-{sc.name}") if sc.remote else sc.local
         if not sc.remote and not (Path(local) / "index.json").is_file():
             raise FileNotFoundError(f"data.{'streams' if split == 'train' else 'val_streams'}[{i}].local={local}: no index.json")
@@ -139,7 +153,7 @@ class TransfusionLoader:
         _clean_once()
         self.split = split
         self.dataset = PackedDataset(
-            spec=spec, seed=seed, streams=_streams(cfg, split), batch_size=micro_batch_size,
+            spec=spec, seed=seed, streams=_streams(cfg, split, spec), batch_size=micro_batch_size,
             shuffle=cfg.shuffle and split == "train", shuffle_seed=seed, num_canonical_nodes=cfg.num_canonical_nodes,
         )
         kw = {"prefetch_factor": cfg.prefetch_factor, "persistent_workers": False} if cfg.num_workers > 0 else {}

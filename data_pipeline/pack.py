@@ -163,8 +163,7 @@ def run(args: argparse.Namespace) -> dict:
 
     report = dict(meta)
     for split in ("train", "val") if args.val_every > 0 else ("train",):
-        packer = Packer(args.seq_len, max(P, 1) if args.kind != "text" else 1, args.lookahead)
-        packer.P = P
+        packer = Packer(args.seq_len, P, args.lookahead)
         rows, n_img = write_rows(packer, _split(docs(), args.val_every, split == "val"), out / split,
                                  meta["dtype"] == "bf16", args.shard_size)
         report[split] = {"rows": rows, "images": n_img, "positions": rows * args.seq_len, "real_positions": packer.real,

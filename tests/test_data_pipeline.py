@@ -336,3 +336,10 @@ def test_bad_jsonl_line_error_names_file_and_line(tmp_path):
     part = sources.list_parts([str(tmp_path / "p.jsonl")])[0]
     with pytest.raises(ValueError, match=r"p.jsonl:2: field 'image'"):
         list(sources.read_part(part, "pairs"))
+
+
+def test_mismatched_shapes_are_clear_errors(demo_data):
+    with pytest.raises(ValueError, match="seq_len=256 but data.seq_len=512"):
+        _loader(demo_data, _cfg(demo_data, seq_len=512))
+    with pytest.raises(ValueError, match="repack with matching --patch-size"):
+        build_loader(_cfg(demo_data, ["pairs"]), "train", 1, 0, 4, demo_data.latent_shape, 1000)
