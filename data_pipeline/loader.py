@@ -43,13 +43,14 @@ def job_cache_dir(root: str) -> Path:
 class PackedDataset(StreamingDataset):
     """StreamingDataset of packed rows that lays each row out with (seed, epoch, sample id) randomness."""
 
-    def __init__(self, *, spec: RowSpec, seed: int, **kwargs: Any):
-        self.spec, self.seed, self._epoch = spec, seed, 0
+    def __init__(self, *, spec: RowSpec, seed: int, fixed_epoch: bool = False, **kwargs: Any):
+        self.spec, self.seed, self._epoch, self._fixed_epoch = spec, seed, 0, fixed_epoch
         super().__init__(**kwargs)
 
     def _resume_incr_epoch(self) -> tuple[int, int]:
         epoch, offset = super()._resume_incr_epoch()
-        self._epoch = epoch  # this worker's epoch, used to seed per-sample randomness
+        if not self._fixed_epoch:  # val keeps epoch 0: the same noise every evaluation
+            self._epoch = epoch  # this worker's epoch, used to seed per-sample randomness
         return epoch, offset
 
     def get_item(self, sample_id: int, retry: int = 7) -> dict:
@@ -153,7 +154,7 @@ class TransfusionLoader:
         _clean_once()
         self.split = split
         self.dataset = PackedDataset(
-            spec=spec, seed=seed, streams=_streams(cfg, split, spec), batch_size=micro_batch_size,
+            spec=spec, seed=seed, fixed_epoch=split == "val", streams=_streams(cfg, split, spec), batch_size=micro_batch_size,
             shuffle=cfg.shuffle and split == "train", shuffle_seed=seed, num_canonical_nodes=cfg.num_canonical_nodes,
         )
         kw = {"prefetch_factor": cfg.prefetch_factor, "persistent_workers": False} if cfg.num_workers > 0 else {}
