@@ -100,8 +100,11 @@ tf_run_step() {
   return 0
 }
 
-# Streaming's local cache for this job (one per job: a requeued job reuses its own).
-tf_cache_dir() { echo "${TF_CACHE_ROOT:-${TMPDIR:-/tmp}/transfusion-cache}/job-${SLURM_JOB_ID}"; }
+# Streaming's node-local cache: the trainer is given the root (data.cache_dir) and uses
+# ROOT/job-$SLURM_JOB_ID under it (data_pipeline.loader.job_cache_dir), one per job; a requeued
+# job keeps its id and so reuses its own.
+tf_cache_root() { echo "${TF_CACHE_ROOT:-${TMPDIR:-/tmp}/transfusion-cache}"; }
+tf_cache_dir() { echo "$(tf_cache_root)/job-${SLURM_JOB_ID}"; }
 
 # One task per node: create this job's cache dir and remove streaming shared memory left by
 # crashed jobs (FileExistsError ..._locals on the next start). Streaming's cleaner removes every

@@ -8,7 +8,8 @@
 # LOCAL_WORLD_SIZE = tasks of this step on this node; MASTER_ADDR/MASTER_PORT come from the
 # batch script (common.sh: tf_rendezvous). Every GPU of the node stays visible; the program picks
 # cuda:LOCAL_RANK (one task per GPU). TF_TASK_PREFIX, when set, is put before the command
-# (e.g. "apptainer exec --nv /path/image.sif").
+# (e.g. "apptainer exec --nv /path/image.sif"). TF_TASK_VERBOSE=1 prints one line per task (rank,
+# node, master) to stderr.
 set -euo pipefail
 
 # tasks on node number $2 given Slurm's compressed per-node counts $1, e.g. "4(x2),3" -> 4 4 3
@@ -42,6 +43,10 @@ LOCAL_RANK=$SLURM_LOCALID
 WORLD_SIZE=${SLURM_STEP_NUM_TASKS:-$SLURM_NTASKS}
 LOCAL_WORLD_SIZE=$(tasks_on_node "${SLURM_STEP_TASKS_PER_NODE:-$SLURM_TASKS_PER_NODE}" "${SLURM_NODEID:-0}")
 export RANK LOCAL_RANK WORLD_SIZE LOCAL_WORLD_SIZE MASTER_ADDR MASTER_PORT
+if [[ ${TF_TASK_VERBOSE:-0} == 1 ]]; then
+  echo "[srun_task] rank $RANK/$WORLD_SIZE local $LOCAL_RANK/$LOCAL_WORLD_SIZE node ${SLURMD_NODENAME:-?}" \
+    "master $MASTER_ADDR:$MASTER_PORT gloo_if ${GLOO_SOCKET_IFNAME:-auto}" >&2
+fi
 
 prefix=()
 if [[ -n ${TF_TASK_PREFIX:-} ]]; then
