@@ -78,10 +78,19 @@ def _write_atomic(path: Path, text: str) -> None:
 
 
 def fault_point(name: str, step: int) -> None:
-    """Test hook: PRETRAIN_FAULT="name=step" kills this process with SIGKILL here (a real kill -9)."""
+    """Test hook, off unless PRETRAIN_FAULT="name=step" is set: inject a real failure at an exact point.
+
+    kill_after_step / kill_in_save: SIGKILL this process (kill -9); sigusr1_rank1_after_step: rank 1
+    sends itself SIGUSR1 (what `scancel --signal=USR1` does), to show one rank's signal stops all ranks.
+    """
     spec = os.environ.get("PRETRAIN_FAULT", "")
-    if spec and spec == f"{name}={step}":
-        os.kill(os.getpid(), signal.SIGKILL)
+    if not spec or spec != f"{name}={step}":
+        return
+    if name.startswith("sigusr1_rank1"):
+        if os.environ.get("RANK") == "1":
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def rng_state() -> dict[str, Any]:

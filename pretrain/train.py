@@ -36,7 +36,8 @@ class StopRequest:
     """SIGUSR1/SIGTERM set a flag; the loop finishes its step, saves and exits with EXIT_REQUEUE."""
 
     def __init__(self) -> None:
-        self.requested = False
+        self.requested = False  # this rank got a signal
+        self.agreed = False  # some rank got one (all-reduced each step): every rank stops together
         for sig in (signal.SIGUSR1, signal.SIGTERM):
             signal.signal(sig, self._handle)
 
@@ -171,7 +172,7 @@ def train_step(run: Run) -> StepStats:
     set_lr(run.engine.optimizer, lr)
     lm_sum, diff_sum = forward_backward(run.engine, batches, t_denom, i_denom, run.timer)
     lm_g, diff_g, stop = distributed.all_reduce_sum([lm_sum, diff_sum, float(run.stop.requested)])
-    run.stop.requested = stop > 0  # a signal seen by any rank stops every rank after this step
+    run.stop.agreed = stop > 0  # a signal seen by any rank stops every rank after this step
     lm = lm_g / max(g_text, 1)
     diff = diff_g / max(g_img, 1)
     gn = run.engine.get_global_grad_norm()
@@ -262,13 +263,14 @@ def resume(run: Run) -> None:
     if path is None:
         log.info("starting from scratch (no complete checkpoint in %s)", checkpoint.checkpoint_root(run.cfg.train.run_dir))
         return
-    client = checkpoint.load(run.engine, path)
-    if client.get("world_size") != run.env.world_size:
+    saved = len(list(path.glob("zero_pp_rank_*_model_states.pt")))  # one per rank under ZeRO-3
+    if saved and saved != run.env.world_size:
         raise RuntimeError(
-            f"{path} was saved by {client.get('world_size')} ranks, this job has {run.env.world_size}. ZeRO-3 "
-            "shards are tied to the world size: relaunch with the same number of ranks, or convert it with "
-            "DeepSpeed's ds_to_universal and load it as a universal checkpoint (see docs/train.md)."
+            f"{path} was saved by {saved} ranks, this job has {run.env.world_size}. ZeRO-3 shards are tied to "
+            "the world size: relaunch with the same number of ranks, or start a new train.run_dir "
+            "(checkpoint.resume=none)."
         )
+    client = checkpoint.load(run.engine, path)
     run.step = int(client["step"])
     run.bad_total = int(client.get("bad_total", 0))
     run.loader.load_state_dict(client["loader"])
@@ -328,6 +330,7 @@ def after_step(run: Run, s: StepStats) -> None:
     if ck.every > 0 and run.step % ck.every == 0 and run.step < run.cfg.train.steps:
         save(run)
     checkpoint.fault_point("kill_after_step", run.step)
+    checkpoint.fault_point("sigusr1_rank1_after_step", run.step)
 
 
 def train(run: Run) -> int:
@@ -338,7 +341,7 @@ def train(run: Run) -> int:
         run.step += 1
         check_bad_step(run, s)
         after_step(run, s)
-        if run.stop.requested and run.step < run.cfg.train.steps:
+        if run.stop.agreed and run.step < run.cfg.train.steps:
             if not (run.cfg.checkpoint.every > 0 and run.step % run.cfg.checkpoint.every == 0):
                 save(run)
             log.warning("stopped at step %d on signal; exiting %d so the job is requeued",
