@@ -110,9 +110,10 @@ def build_model(cfg: Config, ds_config: dict[str, Any]) -> torch.nn.Module:
     from pretrain.model import Transfusion
 
     torch.manual_seed(cfg.train.seed)
-    dtype = torch.bfloat16 if ds_config["bf16"]["enabled"] else torch.float32
     if ds_config["zero_optimization"]["stage"] == 3:
-        with deepspeed.zero.Init(config_dict_or_path=ds_config, dtype=dtype):
+        # dtype comes from ds_config's bf16 flag; an explicit dtype= is ignored on CPU (DeepSpeed 0.19
+        # _set_dtype precedence bug picks bf16 whenever fp16 is unsupported)
+        with deepspeed.zero.Init(config_dict_or_path=ds_config):
             model = Transfusion(cfg.model)
     else:
         model = Transfusion(cfg.model)

@@ -6,9 +6,11 @@ the worker drives the trainer's own `global_denominators` and `forward_backward`
 The parent replays the same steps in a single-process PyTorch loop (torch AdamW, clipping 1.0, same
 schedule, loss = sum / global count) and compares.
 
-Tolerance (fp32): losses within rel 1e-5, parameters within abs 1e-5 after 3 steps. What differs is
-only the summation order (per-rank partial gradients, reduce-scatter) and DeepSpeedCPUAdam's fused
-update against torch's AdamW: both are rounding-level, ~1e-7 relative per step.
+Tolerance (fp32): losses and pre-clip gradient norms within rel 1e-5; parameters after 3 steps within
+abs 1e-5 between 1 and 2 ranks (measured 3e-7) and abs 5e-5 against plain PyTorch (measured 1e-5, i.e.
+0.5% of one lr=2e-3 step). What differs is the summation order (per-rank partial gradients,
+reduce-scatter) and DeepSpeedCPUAdam's fused update against torch's AdamW, whose m/(sqrt(v)+eps) is
+sensitive to rounding where gradients are near eps.
 """
 
 from __future__ import annotations
@@ -138,7 +140,7 @@ def _cut_batches(demo_data, cfg) -> list[list]:
     return [[asdict(b) for b in step] for step in steps]
 
 
-def _reference(cfg, steps: list[list]) -> tuple[dict, list[float], dict]:
+def _reference(cfg, steps: list[list]) -> tuple[dict, list[float], list[float], dict]:
     """Single-process PyTorch: same init, loss = sum / global count over all micro-batches, AdamW, clip 1.0."""
     from pretrain.engine import param_groups
     from pretrain.model import Transfusion, TransfusionBatch
@@ -149,7 +151,7 @@ def _reference(cfg, steps: list[list]) -> tuple[dict, list[float], dict]:
     init = {n: p.detach().clone() for n, p in model.named_parameters()}
     o = cfg.optim
     opt = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=tuple(o.betas), eps=o.eps)
-    losses = []
+    losses, norms = [], []
     for step, micro in enumerate(steps[:STEPS]):
         micro = [TransfusionBatch(**b) for b in micro]
         g_text = sum(b.num_text_targets for b in micro)
@@ -160,11 +162,11 @@ def _reference(cfg, steps: list[list]) -> tuple[dict, list[float], dict]:
         for b in micro:
             out = model(b, text_denom=g_text, image_denom=g_img)
             out.loss.backward()
-            total += float(out.loss)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
+            total += float(out.loss.detach())
+        norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)))
         opt.step()
         losses.append(total)
-    return init, losses, {n: p.detach().clone() for n, p in model.named_parameters()}
+    return init, losses, norms, {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
 @pytest.fixture(scope="module")
@@ -195,14 +197,22 @@ def test_each_rank_holds_only_its_partition(zero3_results):
 
 def test_zero3_two_ranks_match_plain_pytorch_and_one_rank(zero3_results):
     cfg, steps, one, two = zero3_results
-    init, ref_losses, ref_final = _reference(cfg, steps)
+    init, ref_losses, ref_norms, ref_final = _reference(cfg, steps)
     for n, p in init.items():  # zero.Init builds the very same weights from the seed
         assert torch.equal(two["init"][n], p), n
     assert two["losses"][:STEPS] == pytest.approx(ref_losses, rel=1e-5)
     assert one["losses"][:STEPS] == pytest.approx(two["losses"][:STEPS], rel=1e-5)
+    # Adam and clipping hide a constant gradient scale; the pre-clip norm does not (e.g. a missed 1/accumulation)
+    assert two["grad_norms"][:STEPS] == pytest.approx(ref_norms, rel=1e-5)
+    assert one["grad_norms"][:STEPS] == pytest.approx(two["grad_norms"][:STEPS], rel=1e-5)
+    d_ref = max(float((two["final"][n] - p).abs().max()) for n, p in ref_final.items())
+    d_split = max(float((two["final"][n] - p).abs().max()) for n, p in one["final"].items())
+    d_loss = max(abs(a - b) / abs(b) for a, b in zip(two["losses"], ref_losses))
+    print(f"max |param diff| 2 ranks vs plain PyTorch {d_ref:.2e}, 2 ranks vs 1 rank {d_split:.2e}; "
+          f"max loss rel diff vs plain {d_loss:.2e}")
     for n, p in ref_final.items():
         assert not torch.equal(p, init[n]) or p.abs().sum() == 0, f"{n} did not train"
-        torch.testing.assert_close(two["final"][n], p, rtol=0, atol=1e-5, msg=lambda m: f"{n}: {m}")
+        torch.testing.assert_close(two["final"][n], p, rtol=0, atol=5e-5, msg=lambda m: f"{n}: {m}")
         torch.testing.assert_close(one["final"][n], two["final"][n], rtol=0, atol=1e-5, msg=lambda m: f"{n}: {m}")
 
 
