@@ -82,7 +82,8 @@ def small_vae(latent_channels: int = 8, downsample: int = 8, width: int = 32, se
         block_out_channels=chans,
         layers_per_block=1,
         latent_channels=latent_channels,
-        norm_num_groups=min(16, width),
+        norm_num_groups=max(1, width // 8),  # >= 8 channels per group: one channel per group
+        # normalises away the colour of a small object on a flat background
         mid_block_add_attention=False,
         scaling_factor=1.0,
         shift_factor=0.0,
@@ -171,6 +172,8 @@ def train_vae(data: torch.Tensor, out: str | Path, steps: int = 300, batch_size:
     (out / "samples").mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     model = small_vae(latent_channels, downsample, width, seed).train()
+    with torch.no_grad():  # start with a narrow posterior (std ~0.05): at std 1 the sampled latent drowns
+        model.quant_conv.bias[latent_channels:] = -6.0  # colour and shape and early training only learns blobs
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
     disc = PatchDiscriminator() if gan_weight > 0 else None

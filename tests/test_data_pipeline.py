@@ -264,6 +264,7 @@ def test_precompute_skips_and_counts_bad_images(demo_data, tmp_path):
     assert [s["latents"].shape for s in read_mds(out)] == [(1, 8, 8, 8)] * 5
 
 
+@pytest.mark.slow
 def test_precompute_two_ranks_equal_one_and_resume(demo_data, tmp_path):
     """2 ranks write the same dataset as 1; a rerun after a crash redoes only the unfinished part."""
     raw = str(demo_data.root / "raw" / "pairs.jsonl")

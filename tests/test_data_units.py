@@ -123,3 +123,21 @@ def test_stage_help(stage, capsys):
         mod.main(["--help"])
     assert e.value.code == 0
     assert "usage: python -m data_pipeline." + stage in capsys.readouterr().out
+
+
+def test_vae_train_records_unit_variance_stats(tmp_path):
+    """A few VAE steps write recon PNGs and a config whose shift/scale make the latents unit-variance."""
+    import torch
+
+    from data_pipeline import synthetic, vae
+
+    rng = np.random.default_rng(0)
+    imgs = [images.load_image(synthetic.png_bytes(synthetic.draw_shape(*synthetic.random_scene(rng), 32)), 32) for _ in range(16)]
+    data = torch.from_numpy(np.stack(imgs))  # (16, 3, 32, 32)
+    out = vae.train_vae(data, tmp_path / "vae", steps=2, batch_size=8, latent_channels=4, width=8, sample_every=1)
+    assert sorted(p.name for p in (out / "samples").glob("*.png")) == ["recon_000001.png", "recon_000002.png"]
+    v = vae.load_vae(out)
+    z = vae.encode(v, data)  # (16, 4, 4, 4)
+    assert z.shape == (16, 4, 4, 4)
+    assert abs(float(z.mean())) < 1e-3 and abs(float(z.std()) - 1) < 1e-3
+    assert vae.decode(v, z).shape == data.shape
