@@ -180,13 +180,21 @@ def load_exported(path: str | Path, device: str = "cpu") -> tuple[Transfusion, S
     from pretrain.config import load_config
 
     root = Path(path)
-    for name in ("config.yaml", "model.safetensors", "tokenizer.json"):
+    for name in ("config.yaml", "tokenizer.json"):
         if not (root / name).is_file():
             raise FileNotFoundError(f"{root / name} missing: point --model at a directory written by pretrain.export")
+    index = root / "model.safetensors.index.json"
+    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else ["model.safetensors"]
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        if not (root / f).is_file():
+            raise FileNotFoundError(f"{root / f} missing: re-run pretrain.export")
+        state.update(load_file(root / f, device=device))
     cfg = load_config(root / "config.yaml")
     with torch.device("meta"):
         model = Transfusion(cfg.model)
-    model.load_state_dict(load_file(root / "model.safetensors", device=device), assign=True)
+    dtype = next(iter(state.values())).dtype
+    model.load_state_dict({k: v.float() for k, v in state.items()} if dtype != torch.float32 else state, assign=True)
     meta = json.loads((root / "tokenizer.json").read_text())
     sp = Specials(**{k: int(meta[k]) for k in ("bos_id", "eos_id", "boi_id", "eoi_id", "pad_id")})
     return model.eval(), sp, root
