@@ -115,3 +115,17 @@ def test_layered_config_files(tmp_path: Path) -> None:
         cfg = load_config(spec, ["data.num_workers=0"])
         assert cfg.data.seq_len == 128 and cfg.model.latent_size == 4
         assert cfg.model.n_layers == 2 and cfg.data.num_workers == 0
+
+
+def test_readme_documents_every_config_key() -> None:
+    """Every config field appears as `section.key` in README.md's config reference (keeps the README true)."""
+    import dataclasses
+
+    readme = (ROOT / "README.md").read_text()
+    missing = [
+        f"{section.name}.{f.name}"
+        for section in dataclasses.fields(Config)
+        for f in dataclasses.fields(section.type if isinstance(section.type, type) else type(getattr(Config(), section.name)))
+        if f"`{section.name}.{f.name}`" not in readme
+    ]
+    assert not missing, f"README.md config reference lacks: {missing}"
