@@ -131,7 +131,6 @@ class TrainConfig:
     activation_checkpointing: bool = False
     max_bad_steps: int = 5  # consecutive NaN/Inf steps before the run stops
     run_dir: str = "runs/default"
-    compile: bool = False
 
 
 @dataclass
