@@ -64,7 +64,7 @@ def step_rate(cfg: ModelConfig, steps: int, warmup: int, compile_blocks: bool = 
     if compile_blocks:
         for block in model.layers:
             block.compile(dynamic=False)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
     batch = bench_batch(cfg)
     positions = batch.tokens.numel()
 

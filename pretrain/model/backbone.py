@@ -97,10 +97,10 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, rope: torch.Tensor, mask: object) -> torch.Tensor:
         B, L, _ = x.shape
         H, Hkv, hd = self.n_heads, self.n_kv, self.head_dim
-        qkv = self.wqkv(x).view(B, L, H + 2 * Hkv, hd)  # (B, L, H+2Hkv, hd)
-        qk = apply_rope(qkv[:, :, : H + Hkv], rope).transpose(1, 2)  # (B, H+Hkv, L, hd), one rotation for q and k
-        q, k = qk[:, :H], qk[:, H:]  # (B, H, L, hd), (B, Hkv, L, hd)
-        v = qkv[:, :, H + Hkv :].transpose(1, 2)  # (B, Hkv, L, hd)
+        # split (not slicing): its backward is one cat, where slices each zero-fill a full-size gradient
+        qk, v = self.wqkv(x).view(B, L, H + 2 * Hkv, hd).split([H + Hkv, Hkv], dim=2)  # (B, L, ., hd)
+        q, k = apply_rope(qk, rope).transpose(1, 2).split([H, Hkv], dim=1)  # (B, H, L, hd), (B, Hkv, L, hd)
+        v = v.transpose(1, 2)  # (B, Hkv, L, hd)
         gqa = self.n_kv != self.n_heads
         if isinstance(mask, torch.Tensor):
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)  # (B, H, L, hd)

@@ -57,7 +57,11 @@ class Transfusion(nn.Module):
     def attention_mask(self, batch: TransfusionBatch) -> object:
         """Dense bool mask (sdpa) or BlockMask (flex) for the batch's documents and images."""
         if self.cfg.attention == "sdpa":
-            return masks.dense_mask(batch.doc_ids, batch.image_ids)
+            allowed = masks.dense_mask(batch.doc_ids, batch.image_ids)  # (B, 1, L, L) bool
+            # additive form, built once for all layers (SDPA would convert a bool mask in every call)
+            return torch.zeros(allowed.shape, dtype=self.tok_embeddings.weight.dtype, device=allowed.device).masked_fill_(
+                ~allowed, float("-inf")
+            )
         return masks.block_mask(batch.doc_ids, batch.image_ids)
 
     def backbone(self, x: torch.Tensor, batch: TransfusionBatch) -> torch.Tensor:
