@@ -12,6 +12,7 @@ import hashlib
 import logging
 import signal
 import sys
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterator
@@ -62,7 +63,8 @@ class Run:
     bad_in_row: int = 0
     bad_total: int = 0
     timer: StepTimer = field(default_factory=StepTimer)
-    _iter: Iterator[TransfusionBatch] | None = None
+    prefetch: "StepPrefetcher | None" = None
+    loader_state: dict = field(default_factory=dict)  # loader position after the last step's batches
 
 
 def parse_args(argv: list[str] | None) -> tuple[str, list[str]]:
@@ -108,15 +110,34 @@ def build_loaders(cfg: Config, plan: BatchPlan) -> tuple[Any, dict[str, Any]]:
     return train, val
 
 
-def next_batch(run: Run) -> TransfusionBatch:
-    """The next micro-batch; a finished epoch starts the next one."""
-    if run._iter is None:
-        run._iter = iter(run.loader)
-    try:
-        return next(run._iter)
-    except StopIteration:
-        run._iter = iter(run.loader)
-        return next(run._iter)
+class StepPrefetcher:
+    """Fetches the next step's micro-batches in a background thread while the current step computes.
+
+    Each step's batches come with the loader state taken right after fetching them, so a checkpoint
+    records exactly what was consumed, never what was prefetched.
+    """
+
+    def __init__(self, loader: Any, grad_accum: int) -> None:
+        self.loader, self.grad_accum = loader, grad_accum
+        self._it: Iterator[TransfusionBatch] | None = None
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch")
+        self._next: Future | None = None
+
+    def _fetch(self) -> tuple[list[TransfusionBatch], dict]:
+        if self._it is None:
+            self._it = iter(self.loader)
+        batches = [next(self._it) for _ in range(self.grad_accum)]
+        return batches, self.loader.state_dict()
+
+    def get(self) -> tuple[list[TransfusionBatch], dict]:
+        """This step's micro-batches and the loader state after them; starts fetching the next step."""
+        fut = self._next or self._pool.submit(self._fetch)
+        out = fut.result()
+        self._next = self._pool.submit(self._fetch)
+        return out
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 def batch_digest(batches: list[TransfusionBatch]) -> int:
@@ -166,7 +187,7 @@ def train_step(run: Run) -> StepStats:
     """Fetch all micro-batches, normalise by global counts, step, and gather the step's losses."""
     run.timer.reset()
     with run.timer.phase("data"):
-        batches = [next_batch(run) for _ in range(run.plan.grad_accum)]
+        batches, run.loader_state = run.prefetch.get()
     t_denom, i_denom, g_text, g_img, digests = global_denominators(batches, run.plan, run.env.rank)
     lr = lr_at(run.step, run.cfg.optim, run.cfg.train.steps)
     set_lr(run.engine.optimizer, lr)
@@ -246,7 +267,7 @@ def validate(run: Run) -> dict[str, float]:
 def client_state(run: Run) -> dict[str, Any]:
     """This rank's resume state, stored in its DeepSpeed checkpoint shard."""
     return {
-        "step": run.step, "loader": run.loader.state_dict(), "rng": checkpoint.rng_state(),
+        "step": run.step, "loader": run.loader_state, "rng": checkpoint.rng_state(),
         "config": configlib.to_dict(run.cfg), "world_size": run.env.world_size,
         "bad_total": run.bad_total,
     }
@@ -274,6 +295,7 @@ def resume(run: Run) -> None:
     run.step = int(client["step"])
     run.bad_total = int(client.get("bad_total", 0))
     run.loader.load_state_dict(client["loader"])
+    run.loader_state = client["loader"]
     checkpoint.set_rng_state(client["rng"])
     log.info("resumed from %s at step %d", path, run.step)
 
@@ -305,6 +327,7 @@ def setup(argv: list[str] | None) -> Run:
     writer = make_writer(cfg, env, plan, engine)
     run = Run(cfg, env, plan, engine, loader, val_loaders, writer, StopRequest())
     resume(run)
+    run.prefetch = StepPrefetcher(loader, plan.grad_accum)  # starts after resume has positioned the loader
     return run
 
 
@@ -362,6 +385,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     finally:
         run.writer.close()
+        run.prefetch.close()
 
 
 if __name__ == "__main__":
