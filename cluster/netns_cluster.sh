@@ -12,7 +12,8 @@
 # a veth pair whose inner end is called tfnet0 in every node (so GLOO_SOCKET_IFNAME=tfnet0 /
 # NCCL_SOCKET_IFNAME=tfnet0 fit all nodes), address 10.200.0.(10+K), 1 CPU per node. Each slurmd
 # is started with `nsenter --net=/var/run/netns/tfnK slurmd -N nK` (`ip netns exec` would remount
-# /sys and hide the cgroup mounts slurmd needs). Node names do not resolve: jobs take MASTER_ADDR
+# /sys and hide the cgroup mounts slurmd needs), in a private mount namespace with its own
+# /dev/shm (a tmpfs that goes away with the node). Node names do not resolve: jobs take MASTER_ADDR
 # from `scontrol show node` (NodeAddr), as cluster/common.sh does.
 # It is independent of local_cluster.sh: own state directory, munge key and socket, ports
 # (TF_NETNS_PORT, default 6927, and the next one) and cluster name, so both can run at once.
@@ -135,7 +136,11 @@ start_daemons() {
   fi
   for ((k = 1; k <= NODES; k++)); do
     if ! running_pid slurmd "$STATE/run/slurmd-n$k.pid" >/dev/null; then
-      nsenter --net="/var/run/netns/tfn$k" slurmd -f "$CONF" -N "n$k" \
+      # its own /dev/shm too (a private mount namespace), as a real node has: streaming and
+      # DeepSpeed name their shared memory per node, and two nodes sharing one /dev/shm collide
+      # shellcheck disable=SC2016  # $@ is expanded by the inner shell
+      nsenter --net="/var/run/netns/tfn$k" unshare --mount --propagation private \
+        sh -c 'mount -t tmpfs -o mode=1777 tmpfs /dev/shm && exec slurmd "$@"' _ -f "$CONF" -N "n$k" \
         || die "slurmd n$k did not start; see $STATE/log/slurmd-n$k.log"
     fi
   done
