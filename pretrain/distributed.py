@@ -11,6 +11,7 @@ import os
 import re
 import socket
 from dataclasses import dataclass
+from pathlib import Path
 from datetime import timedelta
 from typing import Mapping, MutableMapping
 
@@ -138,6 +139,8 @@ def init_distributed(backend: str = "auto", timeout_minutes: int = 30) -> DistEn
     export_env(d)
     if torch.cuda.is_available():
         torch.cuda.set_device(d.local_rank)
+    else:
+        remove_shm_buffer(d)  # a killed job with the same address:port left it; reusing it corrupts all-reduces
     deepspeed.init_distributed(
         dist_backend=resolve_backend(backend),
         auto_mpi_discovery=False,
@@ -146,6 +149,19 @@ def init_distributed(backend: str = "auto", timeout_minutes: int = 30) -> DistEn
         world_size=d.world_size,
     )
     return d
+
+
+def shm_buffer_path(d: DistEnv) -> Path:
+    """The /dev/shm segment DeepSpeed's CPU all-reduce creates for this rank (named by uid, master address, port)."""
+    return Path(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{d.master_addr}_{d.master_port}_{d.rank}")
+
+
+def remove_shm_buffer(d: DistEnv) -> None:
+    """Unlink this rank's DeepSpeed CPU all-reduce segment (at start: a dead job's; at exit: ours)."""
+    try:
+        shm_buffer_path(d).unlink(missing_ok=True)
+    except OSError:
+        pass
 
 
 def all_reduce_sum(values: list[float]) -> list[float]:

@@ -386,6 +386,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         run.writer.close()
         run.prefetch.close()
+        if not torch.cuda.is_available():
+            distributed.remove_shm_buffer(run.env)  # peers keep their mappings; only the name goes
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 The test (parent) cuts fixed micro-batches from the real loader, then runs this file as a worker under
 torchrun with 2 ranks (micro 1 x accumulation 2 x 2 ranks) and with 1 rank (micro 1 x accumulation 4):
 the worker drives the trainer's own `global_denominators` and `forward_backward` on a real ZeRO-3 engine.
-The parent replays the same steps in a single-process PyTorch loop (torch AdamW, clipping 1.0, same
+The 1-rank run also turns on activation checkpointing. The parent replays the same steps in a single-process PyTorch loop (torch AdamW, clipping 1.0, same
 schedule, loss = sum / global count) and compares.
 
 Tolerance (fp32): losses and pre-clip gradient norms within rel 1e-5; parameters after 3 steps within
@@ -44,7 +44,7 @@ def _overrides(world: int) -> list[str]:
 # ----------------------------------------------------------------------------------------------- worker
 
 
-def worker(config: str, batches_path: str, out_path: str) -> None:
+def worker(config: str, batches_path: str, out_path: str, *extra: str) -> None:
     """Runs on every rank under torchrun; rank 0 writes the results."""
     import deepspeed
 
@@ -57,7 +57,7 @@ def worker(config: str, batches_path: str, out_path: str) -> None:
     from pretrain.train import forward_backward, global_denominators
 
     env = distributed.init_distributed("gloo", timeout_minutes=3)
-    cfg = load_config(config, _overrides(env.world_size))
+    cfg = load_config(config, _overrides(env.world_size) + list(extra))
     plan = plan_batch(cfg, env.world_size)
     engine, _ = build_engine(cfg, plan)
     params = list(engine.module.parameters())
@@ -104,9 +104,9 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _run_worker(world: int, config: str, batches: Path, out: Path) -> dict:
+def _run_worker(world: int, config: str, batches: Path, out: Path, *extra: str) -> dict:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world), "--master_port",
-           str(_free_port()), __file__, "worker", config, str(batches), str(out)]
+           str(_free_port()), __file__, "worker", config, str(batches), str(out), *extra]
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=420)
     assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
@@ -180,7 +180,8 @@ def zero3_results(demo_data, tmp_path_factory):
     steps = _cut_batches(demo_data, cfg)
     torch.save(steps, tmp / "batches.pt")
     two = _run_worker(2, config, tmp / "batches.pt", tmp / "two.pt")
-    one = _run_worker(1, config, tmp / "batches.pt", tmp / "one.pt")
+    # the 1-rank run also recomputes blocks in backward: matching it checks activation checkpointing under ZeRO-3
+    one = _run_worker(1, config, tmp / "batches.pt", tmp / "one.pt", "train.activation_checkpointing=true")
     return cfg, steps, one, two
 
 
@@ -225,4 +226,4 @@ def test_nan_step_is_skipped_on_every_rank(zero3_results):
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["worker"]:
-    worker(*sys.argv[2:5])
+    worker(*sys.argv[2:])
