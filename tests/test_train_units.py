@@ -91,3 +91,23 @@ def test_resume_auto_picks_newest_complete_and_prune_keeps_last_k(tmp_path):
     checkpoint.prune(root, keep_last=2)
     left = [p.name for _, p in checkpoint.list_checkpoints(root)]
     assert left == ["step_00000010", "step_00000015", "step_00000020"]  # the newer incomplete one is not ours to judge
+
+
+def test_bad_steps_are_counted_and_too_many_in_a_row_stop_with_advice():
+    from dataclasses import replace
+    from types import SimpleNamespace
+
+    from pretrain.metrics import StepStats
+    from pretrain.train import TrainingDiverged, check_bad_step
+
+    run = SimpleNamespace(cfg=load_config("configs/tiny.yaml", ["train.max_bad_steps=2"]), bad_in_row=0, bad_total=0)
+    ok = StepStats(step=1, loss=3.0, lm_loss=2.0, diffusion_loss=0.2, lr=1e-3, grad_norm=1.0, text_tokens=10,
+                   images=1, applied=True)
+    bad = replace(ok, loss=float("nan"), grad_norm=float("inf"), applied=False)
+    check_bad_step(run, bad)
+    check_bad_step(run, ok)
+    assert (run.bad_in_row, run.bad_total) == (0, 1)
+    check_bad_step(run, bad)
+    with pytest.raises(TrainingDiverged, match=r"2 NaN/Inf steps in a row.*optim.lr.*train.precision=fp32"):
+        check_bad_step(run, bad)
+    assert run.bad_total == 3
