@@ -9,6 +9,7 @@ the latents carry what a tiny model can learn from.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shutil
 import time
@@ -49,7 +50,7 @@ class DemoSizes:
     texts: int = 2000
     interleaved: int = 300
     image_size: int = 64
-    vae_steps: int = 150  # ~3-4 minutes on 2 CPU cores
+    vae_steps: int = 600  # ~3 minutes on 2 idle CPU cores (width-8 VAE)
 
 
 FAST = DemoSizes(pairs=240, texts=300, interleaved=40, vae_steps=0)
@@ -60,8 +61,8 @@ def _vae(root: Path, raw: dict, sizes: DemoSizes, seed: int, latent_channels: in
     out = root / "vae"
     data = vaelib.load_images([str(raw["pairs"])], sizes.image_size, limit=2000)
     if sizes.vae_steps > 0:
-        return vaelib.train_vae(data, out, steps=sizes.vae_steps, batch_size=16, lr=3e-3, latent_channels=latent_channels,
-                                downsample=8, width=16, seed=seed, sample_every=max(1, sizes.vae_steps // 3))
+        return vaelib.train_vae(data, out, steps=sizes.vae_steps, batch_size=16, lr=5e-3, latent_channels=latent_channels,
+                                downsample=8, width=8, seed=seed, sample_every=max(1, sizes.vae_steps // 3))
     model = vaelib.small_vae(latent_channels, downsample=8, width=8, seed=seed)
     return vaelib.save_with_stats(model, data[:256], out, {"random_init": True})
 
@@ -129,9 +130,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--patch-size", type=int, default=2)
     ap.add_argument("--vocab-size", type=int, default=1000)
+    ap.add_argument("--vae-steps", type=int, default=DemoSizes.vae_steps,
+                    help="VAE training steps without --fast (more steps: sharper colours in reconstructions)")
     a = ap.parse_args(argv)
     t0 = time.time()
-    d = make_demo_data(a.out, a.seed, a.fast, a.seq_len, a.patch_size, vocab_size=a.vocab_size)
+    sizes = FAST if a.fast else dataclasses.replace(DemoSizes(), vae_steps=a.vae_steps)
+    d = make_demo_data(a.out, a.seed, a.fast, a.seq_len, a.patch_size, vocab_size=a.vocab_size, sizes=sizes)
     print(f"demo data in {time.time() - t0:.0f}s: {d.config_path} (latent shape {d.latent_shape}, vocab {d.vocab_size})")
 
 

@@ -205,7 +205,7 @@ def train_vae(data: torch.Tensor, out: str | Path, steps: int = 300, batch_size:
             model.eval()
             _save_recon(model, data[:8], out / "samples" / f"recon_{step + 1:06d}.png")
             model.train()
-    return save_with_stats(model, data, out, {"final_l1": float(l1), "steps": steps})
+    return save_with_stats(model, data, out, {"final_l1": l1.item(), "steps": steps})
 
 
 def save_with_stats(model: AutoencoderKL, data: torch.Tensor, out: Path, extra: dict | None = None) -> Path:
