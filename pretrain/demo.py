@@ -55,8 +55,9 @@ def main(argv: list[str] | None = None) -> int:
     if a.fresh or not (data / "data.yaml").is_file():
         run([py, "-m", "data_pipeline.demo_data", "--out", str(data)])
     resume = "none" if a.fresh else "auto"
-    run(launcher_cmd(a.launcher, a.nproc) + [
-        "-m", "pretrain.train", "--config", f"configs/tiny.yaml,{data / 'data.yaml'}",
+    module = ["--module" if a.launcher == "deepspeed" else "-m", "pretrain.train"]  # deepspeed has no -m
+    run(launcher_cmd(a.launcher, a.nproc) + module + [
+        "--config", f"configs/tiny.yaml,{data / 'data.yaml'}",
         f"train.run_dir={run_dir}", f"train.steps={a.steps}", f"logging.sample_vae={data / 'vae'}",
         f"checkpoint.resume={resume}",
     ], env)

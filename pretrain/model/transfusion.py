@@ -9,7 +9,7 @@ decoder, so ZeRO-3 ranks always gather the same parameters.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -24,9 +24,11 @@ from pretrain.model.layers import Embedding, Linear, RMSNorm
 from pretrain.model.patching import build_patching
 
 
-@dataclass
-class TransfusionOutput:
-    """Loss for backward plus detached sums and counts for logging and normalisation."""
+class TransfusionOutput(NamedTuple):
+    """Loss for backward plus detached sums and counts for logging and normalisation.
+
+    A NamedTuple so DeepSpeed's ZeRO-3 hooks can see the tensors inside it.
+    """
 
     loss: torch.Tensor  # scalar
     lm_loss_sum: torch.Tensor  # scalar, detached: CE summed over text targets
