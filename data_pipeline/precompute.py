@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import shutil
+import sys
 import time
 from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
@@ -136,7 +137,8 @@ def encode_group(vae: vaelib.Vae, group: list[Decoded], batch_size: int) -> list
     return out
 
 
-def process_part(part: sources.Part, kind: sources.SourceKind, vae: vaelib.Vae, out_dir: Path, args, bar) -> dict:
+def process_part(part: sources.Part, kind: sources.SourceKind, vae: vaelib.Vae, out_dir: Path,
+                 args: argparse.Namespace, bar: tqdm) -> dict:
     """Encode one part into `out_dir` (fresh), then write its report.json as the done marker."""
     if out_dir.exists():
         shutil.rmtree(out_dir)  # a crashed, unfinished part
@@ -246,7 +248,8 @@ def run(args: argparse.Namespace, rank_and_world: tuple[int, int] | None = None)
         mine = [k for k in range(len(parts)) if k % world == rank]
         todo = [k for k in mine if not (part_dir(out, k) / "report.json").is_file()]
         print(f"[precompute rank {rank}/{world}] {len(parts)} parts, {len(mine)} mine, {len(mine) - len(todo)} already done")
-        with tqdm(desc=f"rank {rank}", unit="img", disable=None) as bar:
+        # in Slurm logs (no TTY) the bar is redrawn every 30 s instead of continuously
+        with tqdm(desc=f"rank {rank}", unit="img", mininterval=0.1 if sys.stderr.isatty() else 30.0) as bar:
             for k in todo:
                 process_part(parts[k], args.kind, vae, part_dir(out, k), args, bar)
     if rank != 0:
