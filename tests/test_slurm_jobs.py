@@ -23,7 +23,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 CPU_RANKS = ["--nodes=1", "--ntasks-per-node=2", "--cpus-per-task=1", "--gpus-per-node=0"]
-STEPS = 24  # tiny, but long enough to signal mid-run
+STEPS = 40  # tiny, but long enough to signal twice mid-run
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
@@ -166,23 +166,43 @@ def _wait_for_step(run_dir: Path, step: int, jid: int, slurm: Slurm, log: Path, 
 
 def test_preempted_job_saves_requeues_and_resumes_on_the_same_trajectory(
         slurm: Slurm, train_config: Path, reference_run: Job, tmp_path: Path) -> None:
-    """USR1 to the batch script (the --signal=B:USR1 path of a time limit): it forwards the signal,
-    the trainer saves and exits 75, the job requeues itself and finishes with the reference losses."""
+    """Preempted twice mid-run, it saves, requeues, resumes and ends on the reference trajectory.
+
+    First USR1 to the batch script only (`scancel --batch`: the --signal=B:USR1@120 path of a time
+    limit), which must forward it to the ranks; then, after the requeued job has resumed and
+    trained on, USR1 to the ranks directly (`scancel --signal=USR1`). Each time the trainer saves
+    and exits 75 and train.slurm requeues the job.
+    """
     log = tmp_path / "job.out"
     run = tmp_path / "run"
     jid = slurm.sbatch("cluster/train.slurm", [str(train_config), f"train.run_dir={run}"], CPU_RANKS, log)
     _wait_for_step(run, 3, jid, slurm, log)
     slurm.cmd("scancel", "--batch", "--signal=USR1", str(jid))
+    first = _wait_for_stop(log, 1)
+    _wait_for_step(run, first + 3, jid, slurm, log)  # resumed from `first` and trained on
+    slurm.cmd("scancel", "--signal=USR1", str(jid))
     info = slurm.wait(jid, log)
     text = log.read_text()
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", tail(log)
-    assert info["Restarts"] == "1", tail(log)
-    stopped = re.search(r"stopped at step (\d+) on signal", text)
-    assert "got SIGUSR1; forwarding" in text and stopped, tail(log)
-    k = int(stopped.group(1))
-    assert k < STEPS and f"requeueing job {jid}" in text
-    assert re.search(rf"resumed from \S+step_{k:08d} at step {k}\b", text), tail(log)
+    assert info["Restarts"] == "2", tail(log)
+    assert text.count("got SIGUSR1; forwarding") == 1, tail(log)  # only the --batch signal went via the script
+    stops = [int(k) for k in re.findall(r"\[rank0\] stopped at step (\d+) on signal", text)]
+    assert len(stops) == 2 and stops[0] < stops[1] < STEPS, tail(log)
+    assert text.count(f"requeueing job {jid}") == 2
+    for k in stops:
+        assert re.search(rf"resumed from \S+step_{k:08d} at step {k}\b", text), tail(log)
     assert_same_trajectory(losses(run), losses(reference_run.run_dir))
+
+
+def _wait_for_stop(log: Path, n: int, timeout: float = 300) -> int:
+    """Step at which the n-th signal stop happened, once the log shows it."""
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        stops = re.findall(r"\[rank0\] stopped at step (\d+) on signal", log.read_text() if log.exists() else "")
+        if len(stops) >= n:
+            return int(stops[n - 1])
+        time.sleep(0.5)
+    raise AssertionError(f"no stop #{n} after {timeout}s:\n{tail(log)}")
 
 
 def test_precompute_job_matches_the_single_process_command(slurm: Slurm, demo_data, tmp_path: Path) -> None:
