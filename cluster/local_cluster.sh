@@ -126,7 +126,8 @@ start_munged() {
 start_slurm_daemons() {
   export SLURM_CONF=$CONF
   if ! running_pid slurmctld >/dev/null; then
-    slurmctld -f "$CONF" || die "slurmctld did not start; see $STATE/log/slurmctld.log"
+    # -c: start from a clean state: no jobs of an earlier session come back to life
+    slurmctld -c -f "$CONF" || die "slurmctld did not start; see $STATE/log/slurmctld.log"
   fi
   if ! running_pid slurmd >/dev/null; then
     slurmd -f "$CONF" -N "$NODE" || die "slurmd did not start; see $STATE/log/slurmd-$NODE.log"

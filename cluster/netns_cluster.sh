@@ -132,7 +132,8 @@ start_daemons() {
       --seed-file="$STATE/munge/munged.seed"
   fi
   if ! running_pid slurmctld "$STATE/run/slurmctld.pid" >/dev/null; then
-    slurmctld -f "$CONF" || die "slurmctld did not start; see $STATE/log/slurmctld.log"
+    # -c: start from a clean state: no jobs of an earlier session come back to life
+    slurmctld -c -f "$CONF" || die "slurmctld did not start; see $STATE/log/slurmctld.log"
   fi
   for ((k = 1; k <= NODES; k++)); do
     if ! running_pid slurmd "$STATE/run/slurmd-n$k.pid" >/dev/null; then
