@@ -106,7 +106,10 @@ def build_loaders(cfg: Config, plan: BatchPlan) -> tuple[Any, dict[str, Any]]:
         latent_shape=(m.latent_channels, m.latent_size, m.latent_size), diffusion_steps=m.diffusion_steps,
     )
     train = build_loader(cfg.data, split="train", **kw)
-    val = {sc.name: build_loader(replace(cfg.data, val_streams=[sc]), split="val", **kw) for sc in cfg.data.val_streams}
+    # Validation reads a few batches in the main thread: no worker processes, so nothing forks while
+    # the prefetch thread is inside the train loader (that killed train workers at the next epoch).
+    val = {sc.name: build_loader(replace(cfg.data, val_streams=[sc], num_workers=0), split="val", **kw)
+           for sc in cfg.data.val_streams}
     return train, val
 
 

@@ -165,3 +165,23 @@ def test_killed_during_save_resumes_from_previous_checkpoint(straight, demo_data
     assert [got[s]["digest"] for s in range(1, 11)] == [ref[s]["digest"] for s in range(1, 11)]
     assert [got[s]["loss"] for s in range(1, 7)] == [ref[s]["loss"] for s in range(1, 7)]  # see the test above
     assert all(abs(got[s]["loss"] - ref[s]["loss"]) <= 1e-6 for s in range(7, 11))
+
+
+@pytest.mark.slow
+def test_epochs_roll_over_with_workers_and_validation(demo_data, tmp_path):
+    """Several epochs with 2 loader workers and validation every 3 steps (one process).
+
+    Regression: validation loaders used to fork workers while the prefetch thread was inside the
+    train loader; the train workers then died at the next epoch ("DataLoader worker exited").
+    """
+    cmd = [sys.executable, "-m", "pretrain.train", "--config", config_arg(demo_data), f"train.run_dir={tmp_path}",
+           f"data.cache_dir={tmp_path}/cache", "train.steps=40", "train.global_batch_size=8", "train.micro_batch_size=2",
+           "data.num_workers=2", "logging.val_every=3", "logging.val_batches=1", "logging.sample_every=0",
+           "checkpoint.every=0", "logging.every=1"]
+    with open(tmp_path / "run.log", "w") as log:
+        p = subprocess.run(cmd, cwd=REPO, env=run_env(), stdout=log, stderr=subprocess.STDOUT, timeout=TIMEOUT)
+    assert p.returncode == 0, (tmp_path / "run.log").read_text()[-3000:]
+    rows = train_rows(tmp_path)
+    assert sorted(rows) == list(range(1, 41))
+    rows_per_epoch = sum(json.loads((Path(s.local) / "pack.json").read_text())["rows"] for s in demo_data.data_config.streams)
+    assert 40 * 8 > 2 * rows_per_epoch, "the run must cross at least two epoch boundaries"
