@@ -131,6 +131,13 @@ tf_cleanup_nodes() {
 # ends this script right away; the job starts again once resources (and BeginTime) allow.
 tf_requeue() {
   local restarts=${SLURM_RESTART_COUNT:-0} max=${TF_MAX_RESTARTS:-100}
+  if [[ $TF_SIGNAL == TERM ]]; then
+    # TERM reaches the batch script on `scancel JOB` (the user wants it gone) and on preemption
+    # (Slurm requeues preempted jobs itself when PreemptMode=REQUEUE): requeueing here would
+    # bring a cancelled job back
+    tf_log "stopped by SIGTERM (scancel or preemption): not requeueing; the checkpoint is saved"
+    exit 75
+  fi
   if ((restarts >= max)); then
     tf_log "not requeueing: restarted $restarts times (TF_MAX_RESTARTS=$max)"
     exit 75

@@ -205,6 +205,21 @@ def _wait_for_stop(log: Path, n: int, timeout: float = 300) -> int:
     raise AssertionError(f"no stop #{n} after {timeout}s:\n{tail(log)}")
 
 
+def test_cancelled_job_is_not_requeued(slurm: Slurm, train_config: Path, tmp_path: Path) -> None:
+    """`scancel JOB` mid-run: the trainer saves and exits 75, but the job must stay cancelled."""
+    log, run = tmp_path / "job.out", tmp_path / "run"
+    jid = slurm.sbatch("cluster/train.slurm", [str(train_config), f"train.run_dir={run}"], CPU_RANKS, log)
+    _wait_for_step(run, 2, jid, slurm, log)
+    slurm.cmd("scancel", str(jid))
+    t0 = time.time()
+    while slurm.cmd("squeue", "-h", "-j", str(jid), check=False).strip() and time.time() - t0 < 120:
+        time.sleep(1)  # until the batch script has ended (it would requeue before that)
+    time.sleep(3)
+    info = slurm.job(jid)
+    assert info["JobState"] == "CANCELLED" and info["Restarts"] == "0", f"{info['JobState']}\n{tail(log)}"
+    assert "not requeueing" in log.read_text(), tail(log)
+
+
 def test_precompute_job_matches_the_single_process_command(slurm: Slurm, demo_data, tmp_path: Path) -> None:
     """precompute.slurm with 2 tasks writes the same shards, index and counts as one process."""
     args = ["--input", str(demo_data.root / "raw" / "pairs.jsonl"), "--kind", "pairs", "--vae", str(demo_data.vae),
