@@ -73,6 +73,8 @@ def _launcher_name(env: Mapping[str, str]) -> str:
         return "torchrun"
     if "CROSS_RANK" in env or "DS_ACCELERATOR" in env or "PDSH_RCMD_TYPE" in env:
         return "deepspeed"
+    if "SLURM_PROCID" in env:
+        return "srun"  # cluster/srun_task.sh exported RANK & co. from Slurm's variables
     return "torchrun"
 
 
