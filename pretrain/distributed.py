@@ -143,6 +143,10 @@ def init_distributed(backend: str = "auto", timeout_minutes: int = 30) -> DistEn
         torch.cuda.set_device(d.local_rank)
     else:
         remove_shm_buffer(d)  # a killed job with the same address:port left it; reusing it corrupts all-reduces
+        # DeepSpeed's CPU accelerator answers device_count() from LOCAL_SIZE, else by running `numactl`
+        # in a subprocess on every ZeRO-3 gradient reduction. That fork raced the data workers forked by
+        # the prefetch thread (a worker inherited the exec pipe and the step hung forever).
+        os.environ.setdefault("LOCAL_SIZE", str(d.local_world_size))
     deepspeed.init_distributed(
         dist_backend=resolve_backend(backend),
         auto_mpi_discovery=False,
