@@ -62,7 +62,8 @@ def _vae(root: Path, raw: dict, sizes: DemoSizes, seed: int, latent_channels: in
     data = vaelib.load_images([str(raw["pairs"])], sizes.image_size, limit=2000)
     if sizes.vae_steps > 0:
         return vaelib.train_vae(data, out, steps=sizes.vae_steps, batch_size=16, lr=5e-3, latent_channels=latent_channels,
-                                downsample=8, width=8, seed=seed, sample_every=max(1, sizes.vae_steps // 3))
+                                downsample=8, width=8, seed=seed, sample_every=max(1, sizes.vae_steps // 3),
+                                fg_weight=10.0)  # keeps the colour of the small shapes
     model = vaelib.small_vae(latent_channels, downsample=8, width=8, seed=seed)
     return vaelib.save_with_stats(model, data[:256], out, {"random_init": True})
 

@@ -141,3 +141,19 @@ def test_vae_train_records_unit_variance_stats(tmp_path):
     assert z.shape == (16, 4, 4, 4)
     assert abs(float(z.mean())) < 1e-3 and abs(float(z.std()) - 1) < 1e-3
     assert vae.decode(v, z).shape == data.shape
+
+
+def test_weighted_l1_emphasises_pixels_off_the_dominant_colour():
+    """fg_weight scales the error on object pixels (off the median colour) relative to the background."""
+    import torch
+
+    from data_pipeline.vae import weighted_l1
+
+    x = torch.ones(1, 3, 8, 8)  # white image
+    x[:, :, :2, :2] = -1.0  # a 2x2 black object: 4 of 64 pixels
+    rec = x.clone()
+    rec[:, :, 0, 0] = 1.0  # wrong on one object pixel (error 2 per channel)
+    plain = weighted_l1(rec, x, 1.0)
+    assert torch.isclose(plain, torch.tensor(2 * 3 / (3 * 64)))
+    heavy = weighted_l1(rec, x, 10.0)  # weights: 4 object pixels x 10 + 60 x 1 = 100
+    assert torch.isclose(heavy, torch.tensor(10 * 2 * 3 / (3 * 100)))
