@@ -107,6 +107,8 @@ def generate_text(
 
     Runs exactly max_new_tokens forward passes (no early exit) so every ZeRO-3 rank does the same work.
     """
+    if not prompts:
+        return []
     P = model.cfg.patches_per_image
     device = next(model.parameters()).device
     if images is None:
@@ -223,8 +225,9 @@ def main(argv: list[str] | None = None) -> None:
         _draw(model, sp, tok, vae, decode, args)
     if args.caption:
         _caption(model, sp, tok, vae, args)
-    for prompt, ids in zip(args.text, generate_text(model, [tok.encode(p) for p in args.text], sp, args.max_new_tokens)):
-        print(f"{prompt!r} -> {tok.decode(ids)!r}")
+    if args.text:
+        for prompt, ids in zip(args.text, generate_text(model, [tok.encode(p) for p in args.text], sp, args.max_new_tokens)):
+            print(f"{prompt!r} -> {tok.decode(ids)!r}")
 
 
 def save_pngs(pixels: torch.Tensor, out: str | Path, prefix: str = "") -> list[Path]:

@@ -101,6 +101,13 @@ def test_generate_cli_writes_pngs_and_captions(trained_run: Path, demo_data, tmp
     with Image.open(pngs[0]) as im:
         assert im.format == "PNG" and im.size == (64, 64)
     assert f"{image} -> " in res.stdout and "'The' -> " in res.stdout
+    only_prompt = subprocess.run(  # images alone: no caption or text requests
+        [sys.executable, "-m", "pretrain.generate", "--model", str(tmp_path / "exp"), "--out", str(tmp_path / "png2"),
+         "--steps", "2", "--prompt", "a red circle at the top left"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert only_prompt.returncode == 0, only_prompt.stderr[-2000:]
+    assert (tmp_path / "png2" / "000.png").is_file()
 
 
 def test_export_errors_name_what_is_missing(tmp_path: Path) -> None:

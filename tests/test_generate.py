@@ -47,6 +47,10 @@ def test_greedy_text_matches_teacher_forcing() -> None:
         assert gen == pred[start - 1 : start - 1 + len(gen)].tolist()
 
 
+def test_no_prompts_no_work() -> None:
+    assert generate_text(build(tiny_cfg()), [], SP) == []
+
+
 def test_images_deterministic_and_guidance_matters() -> None:
     model = build(tiny_cfg())
     with torch.no_grad():  # give the zero-initialised epsilon layer some weight so guidance has an effect
