@@ -87,3 +87,21 @@ def test_tensorboard_samples_writes_png_grid_image_and_captions(demo_data, tmp_p
     text = acc.Tensors("samples/captions_text_summary" if "samples/captions_text_summary" in acc.Tags()["tensors"]
                        else "samples/captions/text_summary")[0]
     assert b"a red circle at the top left" in text.tensor_proto.string_val[0]
+
+
+def test_ddim_clamps_x0_so_a_small_eps_error_cannot_blow_up() -> None:
+    """alpha_bar(T-1) ~ 2e-9: an epsilon error of 1e-2 at t = T-1 becomes ~2e2 in the x0 estimate.
+
+    One DDIM step from t = T-1 returns that estimate: clamped it stays a plausible latent.
+    """
+    ab = cosine_alpha_bar(1000)
+    x0 = torch.randn(2, 8, 4, 4).clamp(-3, 3)
+    g = torch.Generator().manual_seed(0)
+
+    def slightly_wrong(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        a = ab[t].view(-1, 1, 1, 1)
+        return (x - a.sqrt() * x0) / (1 - a).sqrt() + 1e-2 * torch.randn(x.shape, generator=g)
+
+    noise = torch.randn(2, 8, 4, 4)
+    assert ddim_sample(slightly_wrong, noise, ab, 1).abs().max() <= 5.0
+    assert ddim_sample(slightly_wrong, noise, ab, 1, clip_x0=None).abs().max() > 50.0

@@ -53,10 +53,14 @@ def ddim_sample(
     noise: torch.Tensor,
     alpha_bar: torch.Tensor,
     num_steps: int,
+    clip_x0: float | None = 5.0,
 ) -> torch.Tensor:
     """Deterministic DDIM (eta=0) from pure noise (N, C, H, W) to x0, in `num_steps` steps.
 
     eps_fn(x_t, t) predicts epsilon for timesteps t (N,). Classifier-free guidance belongs in eps_fn.
+    The x0 estimate is clamped to +-clip_x0 (latents are unit-variance): at t = T-1 the cosine
+    schedule has alpha_bar ~ 2e-9, so x0 = (x - sqrt(1-ab) eps) / sqrt(ab) multiplies any error in
+    eps by ~2e4, and one unclamped first step saturates the whole sample.
     """
     T = alpha_bar.shape[0]
     ts = torch.linspace(T - 1, 0, num_steps, device=noise.device).round().long()  # (S,)
@@ -66,6 +70,8 @@ def ddim_sample(
         ab = alpha_bar[t]
         eps = eps_fn(x, tt)  # (N, C, H, W)
         x0 = (x - (1 - ab).sqrt() * eps) / ab.sqrt()
+        if clip_x0 is not None:
+            x0 = x0.clamp(-clip_x0, clip_x0)
         ab_prev = alpha_bar[ts[i + 1]] if i + 1 < len(ts) else torch.ones((), device=x.device)
         x = ab_prev.sqrt() * x0 + (1 - ab_prev).sqrt() * eps
     return x
