@@ -1,7 +1,7 @@
 """The tiny end-to-end run on CPU: synthetic data -> tokenizer, VAE, shards -> 2-rank ZeRO-3 training
 -> export -> generated images (PNG) and captions. `make demo` runs it.
 
-    python -m pretrain.demo --out demo_out [--steps 300] [--launcher deepspeed|torchrun] [--fresh]
+    python -m pretrain.demo --out demo_out [--steps 1500] [--launcher deepspeed|torchrun] [--fresh]
 
 Every stage is the same command a user runs on real data; this script only chains them.
 """
@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     """Chain the stages; print where the outputs are."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="demo_out", type=Path)
-    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--steps", type=int, default=1500)  # ~4 min on 2 CPU ranks; captions start to follow the image
     ap.add_argument("--nproc", type=int, default=2)
     ap.add_argument("--launcher", choices=["deepspeed", "torchrun"], default="deepspeed")
     ap.add_argument("--fresh", action="store_true", help="rebuild the data and restart training from scratch")
