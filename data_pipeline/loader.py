@@ -18,10 +18,10 @@ import torch
 from streaming import Stream, StreamingDataLoader, StreamingDataset
 from streaming.base.util import clean_stale_shared_memory
 
+from contract.batch import TransfusionBatch
+from contract.special_ids import load_special_ids
 from data_pipeline.config import DataConfig, StreamConfig
 from data_pipeline.sequence import RowSpec, build_row
-from data_pipeline.tokenizer import load_special_ids
-from pretrain.model.batch import TransfusionBatch
 
 _CLEANED = False
 

@@ -28,12 +28,13 @@ from streaming import MDSWriter
 from streaming.base.util import merge_index
 from tqdm import tqdm
 
+from contract import latents as latent_codec
+from contract.dist_env import detect_env
 from data_pipeline import images as imglib
 from data_pipeline import sources, vae as vaelib
-from data_pipeline.dist_env import rank_world
 
-COLUMNS = {"key": "str", "kind": "str", "doc": "json", "latents": "ndarray:float16"}
-COLUMNS_BF16 = {"key": "str", "kind": "str", "doc": "json", "latents_bf16": "ndarray:uint16"}
+#: MDS columns besides the latents (whose column depends on the storage dtype: contract.latents)
+COLUMNS = {"key": "str", "kind": "str", "doc": "json"}
 
 
 @dataclass
@@ -80,7 +81,7 @@ def decode_record(rec: sources.Record, size: int) -> Decoded:
     return Decoded(rec, out)
 
 
-def to_sample(d: Decoded, latents: list[np.ndarray], bf16: bool) -> dict | None:
+def to_sample(d: Decoded, latents: list[np.ndarray], dtype: latent_codec.LatentDtype) -> dict | None:
     """MDS sample of a decoded record: doc segments ({'text'} / {'image': i}) + stacked latents."""
     doc, lats, j = [], [], 0
     good = iter(latents)
@@ -96,11 +97,8 @@ def to_sample(d: Decoded, latents: list[np.ndarray], bf16: bool) -> dict | None:
             continue
         doc.append({"image": len(lats)})
         lats.append(next(good))
-    arr = np.stack(lats) if lats else np.zeros((1, 1, 1, 1), np.float32)  # (n, C, h, w); MDS needs >= 1 element
-    t = torch.from_numpy(arr)
-    key = "latents_bf16" if bf16 else "latents"
-    val = t.to(torch.bfloat16).view(torch.uint16).numpy() if bf16 else arr.astype(np.float16)
-    return {"key": d.rec.key, "kind": d.rec.kind, "doc": doc, key: val}
+    val = latent_codec.encode(np.stack(lats), dtype) if lats else latent_codec.placeholder(dtype)  # (n, C, h, w)
+    return {"key": d.rec.key, "kind": d.rec.kind, "doc": doc, latent_codec.column(dtype): val}
 
 
 def _prefetch(pool: ThreadPoolExecutor, fn, it, depth: int) -> Iterator:
@@ -138,19 +136,20 @@ def encode_group(vae: vaelib.Vae, group: list[Decoded], batch_size: int) -> list
 
 
 def process_part(part: sources.Part, kind: sources.SourceKind, vae: vaelib.Vae, out_dir: Path,
-                 args: argparse.Namespace, bar: tqdm) -> dict:
+                 opts: PrecomputeOptions, bar: tqdm) -> dict:
     """Encode one part into `out_dir` (fresh), then write its report.json as the done marker."""
     if out_dir.exists():
         shutil.rmtree(out_dir)  # a crashed, unfinished part
     stats = Stats()
     t0 = time.time()
-    with ThreadPoolExecutor(args.decode_threads) as pool, MDSWriter(
-        out=str(out_dir), columns=COLUMNS_BF16 if args.dtype == "bf16" else COLUMNS, size_limit=args.shard_size
+    with ThreadPoolExecutor(opts.decode_threads) as pool, MDSWriter(
+        out=str(out_dir), columns={**COLUMNS, latent_codec.column(opts.dtype): latent_codec.COLUMNS[opts.dtype][1]},
+        size_limit=opts.shard_size
     ) as w:
-        decoded = _prefetch(pool, lambda r: decode_record(r, args.image_size), sources.read_part(part, kind),
-                            depth=2 * args.batch_size)
-        for group in _chunks(decoded, args.batch_size):
-            lats = encode_group(vae, group, args.batch_size)
+        decoded = _prefetch(pool, lambda r: decode_record(r, opts.image_size), sources.read_part(part, kind),
+                            depth=2 * opts.batch_size)
+        for group in _chunks(decoded, opts.batch_size):
+            lats = encode_group(vae, group, opts.batch_size)
             k = 0
             for d in group:
                 n_good = sum(isinstance(p, np.ndarray) for p in d.pixels)
@@ -158,7 +157,7 @@ def process_part(part: sources.Part, kind: sources.SourceKind, vae: vaelib.Vae, 
                 stats.images_read += len(d.pixels)
                 stats.encoded += n_good
                 stats.skipped.update(p for p in d.pixels if isinstance(p, str))
-                sample = to_sample(d, lats[k : k + n_good], args.dtype == "bf16")
+                sample = to_sample(d, lats[k : k + n_good], opts.dtype)
                 k += n_good
                 if sample is not None:
                     w.write(sample)
@@ -205,63 +204,93 @@ def wait_for_parts(out: Path, n_parts: int, timeout: float) -> None:
         time.sleep(1.0)
 
 
+@dataclass
+class PrecomputeOptions:
+    """What `run` encodes and how (the CLI flags, typed); Python callers build it directly."""
+
+    inputs: list[str]  # pairs/interleaved .jsonl, image folders, webdataset .tar (globs ok)
+    vae: str  # local diffusers AutoencoderKL directory
+    out: str  # output directory (MDS dataset)
+    kind: sources.SourceKind = "pairs"  # layout of .jsonl inputs
+    image_size: int = 256
+    batch_size: int = 32  # images per VAE forward
+    part_size: int = 1000  # records per part (unit of work and resumption)
+    dtype: latent_codec.LatentDtype = "fp16"  # storage dtype of latents
+    device: str = "auto"  # auto = cuda:LOCAL_RANK if present, else cpu
+    decode_threads: int = 4
+    shard_size: int = 1 << 27  # bytes per MDS shard
+    wait_timeout: float = 6 * 3600  # rank 0 waits this long for other ranks
+    merge_only: bool = False  # only merge finished parts and write the reports
+
+
 def build_parser() -> argparse.ArgumentParser:
+    """The CLI; its defaults are PrecomputeOptions' (dest names are its field names)."""
+    d = PrecomputeOptions([], "", "")
     ap = argparse.ArgumentParser(prog="python -m data_pipeline.precompute", description=__doc__,
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ap.add_argument("--input", nargs="+", required=True, help="pairs/interleaved .jsonl, image folders, webdataset .tar (globs ok)")
-    ap.add_argument("--kind", choices=("pairs", "interleaved"), default="pairs", help="layout of .jsonl inputs")
+    ap.add_argument("--input", dest="inputs", nargs="+", required=True,
+                    help="pairs/interleaved .jsonl, image folders, webdataset .tar (globs ok)")
+    ap.add_argument("--kind", choices=("pairs", "interleaved"), default=d.kind, help="layout of .jsonl inputs")
     ap.add_argument("--vae", required=True, help="local diffusers AutoencoderKL directory")
     ap.add_argument("--out", required=True, help="output directory (MDS dataset)")
-    ap.add_argument("--image-size", type=int, default=256)
-    ap.add_argument("--batch-size", type=int, default=32, help="images per VAE forward")
-    ap.add_argument("--part-size", type=int, default=1000, help="records per part (unit of work and resumption)")
-    ap.add_argument("--dtype", choices=("fp16", "bf16"), default="fp16", help="storage dtype of latents")
-    ap.add_argument("--device", default="auto", help="auto = cuda:LOCAL_RANK if present, else cpu")
-    ap.add_argument("--decode-threads", type=int, default=4)
-    ap.add_argument("--shard-size", type=int, default=1 << 27, help="bytes per MDS shard")
-    ap.add_argument("--wait-timeout", type=float, default=6 * 3600, help="rank 0 waits this long for other ranks")
+    ap.add_argument("--image-size", type=int, default=d.image_size)
+    ap.add_argument("--batch-size", type=int, default=d.batch_size, help="images per VAE forward")
+    ap.add_argument("--part-size", type=int, default=d.part_size, help="records per part (unit of work and resumption)")
+    ap.add_argument("--dtype", choices=tuple(latent_codec.COLUMNS), default=d.dtype, help="storage dtype of latents")
+    ap.add_argument("--device", default=d.device, help="auto = cuda:LOCAL_RANK if present, else cpu")
+    ap.add_argument("--decode-threads", type=int, default=d.decode_threads)
+    ap.add_argument("--shard-size", type=int, default=d.shard_size, help="bytes per MDS shard")
+    ap.add_argument("--wait-timeout", type=float, default=d.wait_timeout, help="rank 0 waits this long for other ranks")
     ap.add_argument("--merge-only", action="store_true", help="only merge finished parts and write the reports")
     return ap
 
 
-def _device(spec: str) -> torch.device:
+def _device(spec: str, local_rank: int) -> torch.device:
     if spec != "auto":
         return torch.device(spec)
     if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0))))
+        return torch.device("cuda", local_rank)
     return torch.device("cpu")
 
 
-def run(args: argparse.Namespace, rank_and_world: tuple[int, int] | None = None) -> dict | None:
-    """Encode this rank's parts; on rank 0 wait for all and finalize. Returns the report on rank 0."""
-    rank, world = rank_and_world or rank_world()
-    out = Path(args.out)
+def run(opts: PrecomputeOptions, rank_and_world: tuple[int, int] | None = None) -> dict | None:
+    """Encode this rank's parts; on rank 0 wait for all and finalize. Returns the report on rank 0.
+
+    `rank_and_world` defaults to the launcher's (contract.dist_env: RANK/WORLD_SIZE or SLURM_*).
+    """
+    if rank_and_world is None:
+        env = detect_env()
+        rank, world, local_rank = env.rank, env.world_size, env.local_rank
+    else:
+        (rank, world), local_rank = rank_and_world, 0
+    out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
-    parts = sources.list_parts(args.input, args.part_size)
-    dev = _device(args.device)
-    vae = vaelib.load_vae(args.vae, dev, torch.bfloat16 if dev.type == "cuda" else torch.float32)
-    h = args.image_size // vae.downsample
-    meta = {"latent_shape": [vae.latent_channels, h, h], "dtype": args.dtype, "image_size": args.image_size,
-            "vae": str(Path(args.vae).resolve()), "stored": "normalised posterior mean: (mean - shift) * scale",
-            "kind": args.kind}
-    if not args.merge_only:
+    parts = sources.list_parts(opts.inputs, opts.part_size)
+    dev = _device(opts.device, local_rank)
+    vae = vaelib.load_vae(opts.vae, dev, torch.bfloat16 if dev.type == "cuda" else torch.float32)
+    h = opts.image_size // vae.downsample
+    meta = {"latent_shape": [vae.latent_channels, h, h], "dtype": opts.dtype, "image_size": opts.image_size,
+            "vae": str(Path(opts.vae).resolve()), "stored": "normalised posterior mean: (mean - shift) * scale",
+            "kind": opts.kind}
+    if not opts.merge_only:
         mine = [k for k in range(len(parts)) if k % world == rank]
         todo = [k for k in mine if not (part_dir(out, k) / "report.json").is_file()]
         print(f"[precompute rank {rank}/{world}] {len(parts)} parts, {len(mine)} mine, {len(mine) - len(todo)} already done")
         # in Slurm logs (no TTY) the bar is redrawn every 30 s instead of continuously
         with tqdm(desc=f"rank {rank}", unit="img", mininterval=0.1 if sys.stderr.isatty() else 30.0) as bar:
             for k in todo:
-                process_part(parts[k], args.kind, vae, part_dir(out, k), args, bar)
+                process_part(parts[k], opts.kind, vae, part_dir(out, k), opts, bar)
     if rank != 0:
         return None
-    wait_for_parts(out, len(parts), args.wait_timeout)
+    wait_for_parts(out, len(parts), opts.wait_timeout)
     report = finalize(out, len(parts), meta)
     print(json.dumps(report))
     return report
 
 
 def main(argv: list[str] | None = None) -> None:
-    run(build_parser().parse_args(argv))
+    """CLI: encode the inputs (see --help)."""
+    run(PrecomputeOptions(**vars(build_parser().parse_args(argv))))
 
 
 if __name__ == "__main__":

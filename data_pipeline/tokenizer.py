@@ -1,7 +1,8 @@
 """Sentencepiece tokenizer with fixed special ids (BOS, EOS, BOI, EOI, PAD) recorded beside the model.
 
 Train one from text files, or wrap any existing sentencepiece `.model` (Llama 2's works): the
-special ids live in `<model>.json` next to it, which the model reads for `vocab_size`.
+special ids live in `<model>.json` next to it (format and reader: `contract.special_ids`), which
+the run config reads for `model.vocab_size`.
 Run `python -m data_pipeline.tokenizer --help`.
 """
 
@@ -10,47 +11,15 @@ from __future__ import annotations
 import argparse
 import io
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Iterable, Iterator
 
 import sentencepiece as spm
 
+from contract.special_ids import SpecialIds, load_special_ids, save_special_ids
+
 BOI_PIECE, EOI_PIECE, PAD_PIECE = "<boi>", "<eoi>", "<pad>"
-
-
-@dataclass(frozen=True)
-class SpecialIds:
-    """Vocabulary size and the ids of the special tokens the pipeline and the model use."""
-
-    vocab_size: int
-    bos_id: int
-    eos_id: int
-    boi_id: int
-    eoi_id: int
-    pad_id: int
-
-
-def meta_path(model_path: str | Path) -> Path:
-    """Where the special-id metadata of `model_path` lives: `<model>.json` beside it."""
-    p = Path(model_path)
-    return p.with_suffix(".json")
-
-
-def load_special_ids(path: str | Path) -> SpecialIds:
-    """Read the special ids of a tokenizer (path to the .model or to its .json metadata)."""
-    p = Path(path)
-    meta = p if p.suffix == ".json" else meta_path(p)
-    if not meta.is_file():
-        raise FileNotFoundError(
-            f"{meta}: tokenizer metadata missing; run `python -m data_pipeline.tokenizer wrap --model {p}` "
-            "to record the special ids next to the model"
-        )
-    d = json.loads(meta.read_text())
-    try:
-        return SpecialIds(**{k: int(d[k]) for k in SpecialIds.__dataclass_fields__})
-    except KeyError as e:
-        raise ValueError(f"{meta}: field {e} missing; re-run `python -m data_pipeline.tokenizer wrap`") from e
 
 
 def _special_ids_for(sp: spm.SentencePieceProcessor) -> SpecialIds:
@@ -76,7 +45,7 @@ def wrap(model_path: str | Path) -> SpecialIds:
     """Record the special ids of an existing sentencepiece model in `<model>.json`; returns them."""
     sp = spm.SentencePieceProcessor(model_file=str(model_path))
     ids = _special_ids_for(sp)
-    meta_path(model_path).write_text(json.dumps(asdict(ids), indent=2) + "\n")
+    save_special_ids(ids, model_path)
     return ids
 
 

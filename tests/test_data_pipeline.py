@@ -19,12 +19,12 @@ import pytest
 import torch
 from PIL import Image
 
+from contract.batch import IGNORE_INDEX
 from data_pipeline import sources, vae as vaelib
 from data_pipeline.config import StreamConfig
 from data_pipeline.loader import build_loader, mix_proportions
 from data_pipeline.pack import read_mds
 from data_pipeline.tokenizer import Tokenizer
-from pretrain.model.batch import IGNORE_INDEX
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -292,9 +292,9 @@ def test_precompute_two_ranks_equal_one_and_resume(demo_data, tmp_path):
 
 def _run_precompute(demo, inputs, out, kind="pairs"):
     from data_pipeline import precompute
-    args = precompute.build_parser().parse_args(["--input", *map(str, inputs), "--kind", kind, "--vae", str(demo.vae),
-                                                 "--out", str(out), "--image-size", "64", "--decode-threads", "1"])
-    return precompute.run(args, rank_and_world=(0, 1))
+    opts = precompute.PrecomputeOptions([str(p) for p in inputs], str(demo.vae), str(out), kind=kind, image_size=64,
+                                        decode_threads=1)
+    return precompute.run(opts, rank_and_world=(0, 1))
 
 
 def test_webdataset_tar_and_folder_inputs(demo_data, tmp_path):

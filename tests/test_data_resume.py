@@ -6,20 +6,14 @@ import dataclasses
 import json
 import multiprocessing as mp
 import os
-import socket
 
 import pytest
 import torch
 
+from contract.dist_env import free_port
 from data_pipeline.loader import build_loader
 
 K_BEFORE, N_AFTER, MBS = 30, 14, 2  # ~38 steps per epoch here: the continuation crosses into epoch 1
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _rank_main(rank: int, port: int, demo, phase: str, state: dict | None, q) -> None:
@@ -53,7 +47,7 @@ def _rank_main(rank: int, port: int, demo, phase: str, state: dict | None, q) ->
 def _run(demo, phase: str, state: dict | None) -> dict:
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
-    port = _free_port()
+    port = free_port()
     procs = [ctx.Process(target=_rank_main, args=(r, port, demo, phase, state, q)) for r in range(2)]
     for p in procs:
         p.start()
