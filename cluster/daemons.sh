@@ -72,3 +72,17 @@ stop_controller() {
   if pid=$(daemon_pid slurmctld "$STATE/run/slurmctld.pid"); then end_pid "$pid"; fi
   if pid=$(daemon_pid munged "$STATE/munge/munged.pid"); then end_pid "$pid"; fi
 }
+
+# the command line of both cluster scripts: start|stop|status|env (they define cmd_start/stop/status)
+cluster_cli() {
+  case ${1:-} in
+    start) cmd_start ;;
+    stop) cmd_stop ;;
+    status) cmd_status ;;
+    env) echo "export SLURM_CONF=$CONF" ;;
+    *)
+      echo "usage: $0 start|stop|status|env" >&2
+      exit 2
+      ;;
+  esac
+}

@@ -171,13 +171,4 @@ cmd_status() {
   return $rc
 }
 
-case ${1:-} in
-  start) cmd_start ;;
-  stop) cmd_stop ;;
-  status) cmd_status ;;
-  env) echo "export SLURM_CONF=$CONF" ;;
-  *)
-    echo "usage: $0 start|stop|status|env" >&2
-    exit 2
-    ;;
-esac
+cluster_cli "$@"
