@@ -196,3 +196,31 @@ def test_demo_vae_learns_what_the_judge_checks(tmp_path) -> None:
                            downsample=d.vae_downsample, width=d.vae_width, seed=0, sample_every=300, fg_weight=10.0)
     s = vae_ceiling(vaelib.load_vae(out), 162, 64, seed=0)["seen"]
     assert s["all_three"] >= 0.4 and s["place"] >= 0.9, s
+
+
+def test_trainer_hook_writes_report_and_scalars(demo_data, tmp_path) -> None:
+    """pretrain.train.maybe_evaluate on a (single-process) model: report and grid under RUN_DIR/eval/step_N,
+    eval/* scalars in TensorBoard (the 2-rank ZeRO-3 path is tests/test_train_e2e.py)."""
+    from types import SimpleNamespace
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from contract.dist_env import DistEnv
+    from pretrain.config import load_config
+    from pretrain.metrics import MetricsWriter
+    from pretrain.model import Transfusion
+    from pretrain.train import maybe_evaluate
+
+    cfg = load_config(["configs/tiny.yaml", str(demo_data.config_path)], [f"train.run_dir={tmp_path}",
+                                                                          "logging.sample_steps=2"])
+    torch.manual_seed(0)
+    writer = MetricsWriter(tmp_path, True, True, 1.0, None, 1, cfg.model.patches_per_image)
+    env = DistEnv(0, 0, 1, 1, "127.0.0.1", 0, "single")
+    run = SimpleNamespace(cfg=cfg, engine=SimpleNamespace(module=Transfusion(cfg.model)), writer=writer, env=env, step=20)
+    maybe_evaluate(run)
+    writer.close()
+    report = json.loads((tmp_path / "eval" / "step_0000020" / "report.json").read_text())
+    assert (tmp_path / "eval" / "step_0000020" / "grid.png").stat().st_size > 0
+    acc = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"scalars": 0}).Reload()
+    got = acc.Scalars("eval/captions/seen/color")[0]
+    assert got.step == 20 and got.value == pytest.approx(report["captions"]["seen"]["color"])
