@@ -2,7 +2,7 @@
 -> export -> evaluation (pixel-judged text->image samples, captions, text loss; a PNG grid and a
 report). `make demo` runs it.
 
-    python -m pretrain.demo --out demo_out [--steps 1500] [--launcher deepspeed|torchrun] [--fresh]
+    python -m pretrain.demo --out demo_out [--steps 3000] [--launcher deepspeed|torchrun] [--fresh]
 
 Every stage is the same command a user runs on real data; this script only chains them.
 """
@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     """Chain the stages; print where the outputs are."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="demo_out", type=Path)
-    ap.add_argument("--steps", type=int, default=1500)  # ~4 min on 2 CPU ranks; captions start to follow the image
+    ap.add_argument("--steps", type=int, default=3000)  # ~8 min on 2 idle CPU ranks (0.16 s/step); colour follows the caption from ~2000 (docs/quality.md)
     ap.add_argument("--nproc", type=int, default=2)
     ap.add_argument("--launcher", choices=["deepspeed", "torchrun"], default="deepspeed")
     ap.add_argument("--fresh", action="store_true", help="rebuild the data and restart training from scratch")
