@@ -44,6 +44,9 @@ class ModelConfig:
     latent_size: int = 32  # latent side (256 px image / 8x VAE)
     patch_size: int = 2
     patch_encoder: PatchEncoder = "linear"
+    # 2-D position of each patch, added by the linear encoder: "none" (the paper: RoPE's 1-D offsets only)
+    # or "sincos2d" (fixed sin-cos over the patch grid, as DiT); the U-Net gets it from its convolutions
+    patch_pos_embed: Literal["none", "sincos2d"] = "none"
     unet_channels: tuple[int, ...] = ()  # per resolution level, len log2(p)+1; () = paper-sized default
     unet_res_blocks: int = 2
     timestep_freq_dim: int = 256
@@ -53,6 +56,9 @@ class ModelConfig:
     # per-timestep weight of the eps-MSE: "eps" = 1 (the paper), "v_trunc" = min(1/alpha_bar_t, cap)
     # normalised to mean 1 over t (the v-prediction loss, truncated): see docs/quality.md
     diffusion_loss_weighting: LossWeighting = "eps"
+    # what the patch decoder outputs and the diffusion MSE compares: "eps" (the paper) or "v" =
+    # sqrt(ab) eps - sqrt(1-ab) x0 (Salimans & Ho 2022); samplers always get eps (docs/quality.md)
+    diffusion_prediction: Literal["eps", "v"] = "eps"
     diffusion_weight_cap: float = 20.0  # the cap of v_trunc
 
     def __post_init__(self) -> None:
@@ -65,6 +71,11 @@ class ModelConfig:
             raise ValueError(f"model.n_heads={self.n_heads} must be a multiple of model.n_kv_heads={n_kv_heads}")
         if self.diffusion_weight_cap < 1:
             raise ValueError(f"model.diffusion_weight_cap={self.diffusion_weight_cap} must be >= 1")
+        if self.patch_pos_embed != "none" and self.patch_encoder != "linear":
+            raise ValueError(f"model.patch_pos_embed={self.patch_pos_embed!r} needs model.patch_encoder=linear "
+                             "(the U-Net's convolutions already see where a patch is); set it to none")
+        if self.diffusion_prediction == "v" and self.diffusion_loss_weighting != "eps":
+            raise ValueError("model.diffusion_prediction=v is already the v-loss: set model.diffusion_loss_weighting=eps")
         if self.patch_size not in (1, 2, 4, 8):
             raise ValueError(f"model.patch_size must be 1, 2, 4 or 8, got {self.patch_size}")
         if self.latent_size % self.patch_size:

@@ -45,10 +45,38 @@ class LinearPatchEncoder(nn.Module):
         self.p = cfg.patch_size
         self.proj = Linear(cfg.patch_dim, cfg.dim, cfg.init_std, bias=True)
         self.t_embed = TimestepEmbedder(cfg.dim, cfg.timestep_freq_dim, cfg.init_std)
+        self.grid, self.dim, self.pos_embed = cfg.latent_size // cfg.patch_size, cfg.dim, cfg.patch_pos_embed
+        self._pos: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         h = self.proj(patchify(x_t, self.p))  # (N, P, D)
+        if self.pos_embed == "sincos2d":
+            h = h + self.position_embedding(h.device, h.dtype)  # (N, P, D)
         return h + self.t_embed(t)[:, None, :], []  # (N, P, D)
+
+    def position_embedding(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """(P, D) fixed 2-D sin-cos embedding x 0.1 (near the patch vectors' scale), cached per device.
+
+        Not a parameter or buffer: nothing for ZeRO-3 to partition or an export to carry.
+        """
+        key = (device, dtype)
+        if key not in self._pos:
+            self._pos[key] = (sincos_2d(self.grid, self.dim) * 0.1).to(device, dtype)
+        return self._pos[key]
+
+
+def sincos_2d(grid: int, dim: int) -> torch.Tensor:
+    """(grid*grid, dim) fixed 2-D sin-cos position embedding of a patch grid in raster order.
+
+    A quarter of the channels each: sin(y w), cos(y w), sin(x w), cos(x w) with w = 1/10000^(i/q),
+    i < q = dim // 4 (MAE/DiT's get_2d_sincos_pos_embed); the last dim % 4 channels are zero.
+    """
+    q = dim // 4
+    omega = 1.0 / 10000 ** (torch.arange(q, dtype=torch.float64) / q)  # (q,)
+    ys, xs = torch.meshgrid(torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64), indexing="ij")
+    ay, ax = ys.reshape(-1, 1) * omega, xs.reshape(-1, 1) * omega  # (P, q)
+    emb = torch.cat([ay.sin(), ay.cos(), ax.sin(), ax.cos()], dim=1)  # (P, 4q)
+    return torch.nn.functional.pad(emb, (0, dim - 4 * q)).float()
 
 
 class LinearPatchDecoder(nn.Module):

@@ -102,10 +102,11 @@ class Transfusion(nn.Module):
         """
         latents, noise, t, img_weight = self._images_or_dummy(batch)
         x_t = add_noise(latents, noise, t, self.alpha_bar(latents.device))  # (N, C, H, W)
-        h, eps_hat = self.hidden_and_eps(batch, x_t, t)  # (B*L, D), (N, C, H, W)
+        h, out = self._hidden_and_output(batch, x_t, t)  # (B*L, D), (N, C, H, W)
 
         lm_sum, n_text = self._lm_loss(h, batch.targets.view(-1))
-        per_image = (eps_hat.float() - noise.float()).pow(2).mean(dim=(1, 2, 3))  # (N,)
+        target = self._diffusion_target(latents, noise, t)  # (N, C, H, W)
+        per_image = (out.float() - target.float()).pow(2).mean(dim=(1, 2, 3))  # (N,)
         diff_sum = (per_image * img_weight * self.timestep_weights(latents.device)[t]).sum()
 
         n_img = batch.num_images
@@ -124,6 +125,31 @@ class Transfusion(nn.Module):
         generation the epsilon. When the batch holds no image, x_t/t is one dummy image, which
         bypasses the backbone (its epsilon is meaningless; ZeRO-3 still gathers every module).
         """
+        h, out = self._hidden_and_output(batch, x_t, t)  # (B*L, D), (N, C, H, W)
+        return h, self.eps_from_output(out, x_t, t)
+
+    def eps_from_output(self, out: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Predicted epsilon (N, C, H, W) from the patch decoder's output under model.diffusion_prediction.
+
+        "eps": the output is epsilon. "v": the output is v = sqrt(ab) eps - sqrt(1-ab) x0 (Salimans & Ho
+        2022, "Progressive distillation", sec. 4), so eps = sqrt(1-ab) x_t + sqrt(ab) v. Samplers always
+        receive epsilon; every path that runs the patch decoder (cached generation too) goes through here.
+        """
+        if self.cfg.diffusion_prediction == "eps":
+            return out
+        ab = self.alpha_bar(x_t.device)[t].view(-1, 1, 1, 1)  # (N, 1, 1, 1)
+        return ((1 - ab).sqrt() * x_t.float() + ab.sqrt() * out.float()).to(out.dtype)
+
+    def _diffusion_target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """What the patch decoder regresses (N, C, H, W): eps, or v = sqrt(ab) eps - sqrt(1-ab) x0."""
+        if self.cfg.diffusion_prediction == "eps":
+            return noise
+        ab = self.alpha_bar(x0.device)[t].view(-1, 1, 1, 1)  # (N, 1, 1, 1)
+        return ab.sqrt() * noise - (1 - ab).sqrt() * x0
+
+    def _hidden_and_output(self, batch: TransfusionBatch, x_t: torch.Tensor,
+                           t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Final hidden states (B*L, D) and the patch decoder's raw output (N, C, H, W): eps or v."""
         B, L = batch.tokens.shape
         D = self.cfg.dim
         patches, ctx = self.patch_encoder(x_t.to(self.tok_embeddings.weight.dtype), t)  # (N, P, D)
