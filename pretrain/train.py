@@ -26,7 +26,6 @@ from pretrain import checkpoint, configlib, distributed, generate
 from pretrain.config import Config, load_config, save_config
 from pretrain.engine import BatchPlan, build_engine, plan_batch
 from pretrain.metrics import MetricsWriter, StepStats, StepTimer, detect_peak_flops
-from pretrain.model import flops_per_position
 from pretrain.schedule import lr_at, set_lr
 
 log = logging.getLogger("pretrain")
@@ -346,8 +345,10 @@ def setup(argv: list[str] | None) -> Run:
 
 
 def make_writer(cfg: Config, env: DistEnv, plan: BatchPlan, engine: Any) -> MetricsWriter:
-    """Rank 0's metrics sinks; FLOPs per step from the model's formula for MFU."""
-    flops = flops_per_position(cfg.model, cfg.data.seq_len) * cfg.data.seq_len * plan.global_batch
+    """Rank 0's metrics sinks; FLOPs per step for MFU from pretrain.estimate (the shards' document mix)."""
+    from pretrain.estimate import flops_per_position, mix_for
+
+    flops = flops_per_position(cfg.model, cfg.data.seq_len, mix_for(cfg)) * cfg.data.seq_len * plan.global_batch
     return MetricsWriter(cfg.train.run_dir, env.is_main, cfg.logging.tensorboard, flops,
                          detect_peak_flops(cfg.logging.peak_flops), env.world_size, cfg.model.patches_per_image)
 

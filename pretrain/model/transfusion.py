@@ -156,15 +156,3 @@ class Transfusion(nn.Module):
         lm_sum = F.cross_entropy(logits.float(), targets[sel], reduction="sum")
         return lm_sum, int(sel.numel())
 
-
-def flops_per_position(cfg: ModelConfig, seq_len: int, num_params: int | None = None) -> float:
-    """Training FLOPs per position: 6*N for the weights + 12*layers*dim*seq_len for attention scores.
-
-    N counts every parameter except the input embedding table (a lookup, no matmul). Attention is
-    counted dense (PaLM's convention), an upper bound under the block-sparse mask.
-    """
-    if num_params is None:
-        with torch.device("meta"):
-            model = Transfusion(cfg)
-        num_params = sum(p.numel() for p in model.parameters()) - model.tok_embeddings.weight.numel()
-    return 6.0 * num_params + 12.0 * cfg.n_layers * cfg.dim * seq_len
