@@ -107,8 +107,9 @@ def default_mix(seq_len: int, patches_per_image: int, image_share: float = 0.5,
 
 
 def mix_from_pack(cfg: Config) -> DocMix | None:
-    """The mix of the config's train streams from their pack.json files (None if one is unreadable
-    or predates the `causal_pairs` field); streams are weighted as the loader weights them."""
+    """The mix of the config's train streams from their pack.json files (None if one is unreadable,
+    predates the `causal_pairs` field or was packed for another seq_len); streams are weighted as
+    the loader weights them."""
     from data_pipeline.loader import mix_proportions
 
     streams = cfg.data.streams
@@ -121,8 +122,8 @@ def mix_from_pack(cfg: Config) -> DocMix | None:
             return None
         st = json.loads(path.read_text())
         st = st.get("train", st)
-        if "causal_pairs" not in st or not st.get("rows"):
-            return None
+        if "causal_pairs" not in st or not st.get("rows") or st.get("seq_len") != cfg.data.seq_len:
+            return None  # an older pack.json, or packed for another seq_len (the dry run reports that)
         stats.append(st)
     try:
         props = mix_proportions(streams, cfg.data.image_position_share)

@@ -69,14 +69,18 @@ class Run:
     loader_state: dict = field(default_factory=dict)  # loader position after the last step's batches
 
 
-def parse_args(argv: list[str] | None) -> tuple[str, list[str]]:
-    """--config PATH plus key=value overrides; --local_rank (passed by the deepspeed launcher) is ignored."""
+def parse_args(argv: list[str] | None) -> tuple[str, list[str], dict[str, Any]]:
+    """--config PATH plus key=value overrides, and the cluster shape a dry run checks against;
+    --local_rank (passed by the deepspeed launcher) is ignored."""
     p = argparse.ArgumentParser(prog="python -m pretrain.train", description=__doc__.splitlines()[0])
     p.add_argument("--config", required=True, help="YAML run config, e.g. configs/tiny.yaml")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.steps=100")
+    p.add_argument("--nodes", type=int, default=None, help="dry run: nodes (default: the Slurm allocation, else 1)")
+    p.add_argument("--gpus-per-node", type=int, default=None, help="dry run: GPUs per node (default: Slurm, else 8)")
+    p.add_argument("--gpu", default=None, help="dry run: GPU kind, e.g. h100-80gb (python -m pretrain.estimate --list-gpus)")
     a = p.parse_args(argv)
-    return a.config, a.overrides
+    return a.config, a.overrides, {"nodes": a.nodes, "gpus_per_node": a.gpus_per_node, "gpu": a.gpu}
 
 
 def setup_logging(rank: int) -> None:
@@ -322,7 +326,7 @@ def maybe_evaluate(run: Run) -> None:
 
 def setup(argv: list[str] | None) -> Run:
     """Config, process group, engine, loaders, metrics, signal handlers, resume."""
-    path, overrides = parse_args(argv)
+    path, overrides, _ = parse_args(argv)
     cfg = load_config(path, overrides)  # model.vocab_size from data.tokenizer
     if cfg.logging.eval_every > 0 and not (cfg.data.vae and cfg.data.tokenizer):
         raise configlib.ConfigError("logging.eval_every > 0 needs data.vae (the VAE that decodes samples) "
@@ -392,6 +396,18 @@ def train(run: Run) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    path, overrides, shape = parse_args(argv)
+    try:
+        cfg = load_config(path, overrides)
+    except configlib.ConfigError as e:
+        if any(o.replace(" ", "") == "train.dry_run=true" for o in overrides):
+            print(f"dry run FAILED: 1 problem(s)\n  - {e}")
+            return 2
+        raise
+    if cfg.train.dry_run:
+        from pretrain.dry_run import cluster_shape, dry_run
+
+        return dry_run(cfg, cluster_shape(**shape))
     run = setup(argv)
     try:
         return train(run)
