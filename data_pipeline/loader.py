@@ -80,7 +80,7 @@ def collate(rows: list[dict]) -> TransfusionBatch:
         tokens=stack("tokens"), targets=stack("targets"), doc_ids=stack("doc_ids"),
         image_ids=torch.from_numpy(np.stack(image_ids)), positions=stack("positions"),
         latents=cat("latents"), noise=cat("noise"), timesteps=cat("timesteps"),
-    )
+    ).with_indices()  # on the host, so the model's step has no torch.nonzero on the GPU
 
 
 class _Loader(StreamingDataLoader):

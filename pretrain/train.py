@@ -168,7 +168,7 @@ def forward_backward(
 ) -> tuple[float, float]:
     """One optimizer step over the micro-batches; returns this rank's (LM CE sum, diffusion MSE sum)."""
     dev = distributed.device()
-    lm_sum = diff_sum = 0.0
+    lm_sum = diff_sum = torch.zeros((), device=dev)  # summed on the device: one host sync per step, not per micro-batch
     for b in batches:
         with timer.phase("forward"):
             out = engine(b.to(dev), text_denom=text_denom, image_denom=image_denom)
@@ -176,9 +176,9 @@ def forward_backward(
             engine.backward(out.loss)
         with timer.phase("optimizer"):
             engine.step()  # applies the update at the accumulation boundary (the last micro-batch)
-        lm_sum += float(out.lm_loss_sum)
-        diff_sum += float(out.diffusion_loss_sum)
-    return lm_sum, diff_sum
+        lm_sum = lm_sum + out.lm_loss_sum
+        diff_sum = diff_sum + out.diffusion_loss_sum
+    return float(lm_sum), float(diff_sum)
 
 
 def train_step(run: Run) -> StepStats:
