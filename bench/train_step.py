@@ -3,7 +3,7 @@
 Shape (issue 2): width 256, 2 layers, 4 heads of 64, vocab 1024, linear patching; batch of 8
 sequences, each 32 text tokens, BOI, one 32x32x8 latent in 2x2 patches (256 positions), EOI.
 Prints positions/s for forward + backward + AdamW step on both attention paths, and the achieved
-share of the measured matmul rate (6 * N * positions/s, attention counted, see flops_per_position).
+share of the measured matmul rate (6 * N * positions/s, attention counted, see pretrain.estimate).
 
     python bench/train_step.py [--threads 2] [--steps 20]
 """
@@ -16,7 +16,8 @@ import time
 import torch
 
 from contract.batch import IGNORE_INDEX, TransfusionBatch
-from pretrain.model import ModelConfig, Transfusion, flops_per_position
+from pretrain.estimate import flops_breakdown, mix_of_batch
+from pretrain.model import ModelConfig, Transfusion
 
 TEXT, P = 32, 256
 
@@ -98,7 +99,7 @@ def main() -> None:
         for compiled in (False, True):
             cfg = ModelConfig(**base, attention=attn)
             rate = step_rate(cfg, args.steps, args.warmup, compiled)
-            flops = flops_per_position(cfg, seq_len=TEXT + P + 2) * rate
+            flops = flops_breakdown(cfg, mix_of_batch(bench_batch(cfg))).total * rate
             name = attn + (" +compile" if compiled else "")
             print(f"{name:15s} {rate:12,.0f} {flops / 1e9:9.1f} {flops / peak:16.1%}")
 

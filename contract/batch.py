@@ -10,7 +10,7 @@ one saw.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 import torch
 
@@ -30,6 +30,10 @@ class TransfusionBatch:
     latents: torch.Tensor  # (N, C, H, W) float, clean unit-variance VAE latents
     noise: torch.Tensor  # (N, C, H, W) float, the epsilon added to each latent
     timesteps: torch.Tensor  # (N,) int64 in [0, T), diffusion timestep per image
+    # Optional, precomputed on the host by the loader so the model's step needs no host sync
+    # (torch.nonzero on a GPU tensor waits for the GPU). None: the model computes them.
+    patch_index: torch.Tensor | None = None  # (N*P,) int64, flat b*L+l positions of the patches, image order
+    text_index: torch.Tensor | None = None  # (Nt,) int64, flat positions that carry a next-token target
 
     @property
     def num_images(self) -> int:
@@ -43,9 +47,26 @@ class TransfusionBatch:
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> "TransfusionBatch":
         """Move every tensor to `device`."""
-        return TransfusionBatch(
-            **{f.name: getattr(self, f.name).to(device, non_blocking=non_blocking) for f in fields(self)}
-        )
+        return TransfusionBatch(**{
+            f.name: None if getattr(self, f.name) is None else getattr(self, f.name).to(device, non_blocking=non_blocking)
+            for f in fields(self)
+        })
+
+    def with_indices(self) -> "TransfusionBatch":
+        """This batch with patch_index and text_index filled in (call on the host, e.g. in collate)."""
+        return replace(self, patch_index=self.patch_positions(), text_index=self.text_positions())
+
+    def patch_positions(self) -> torch.Tensor:
+        """(N*P,) flat positions of the image patches: the precomputed index, else torch.nonzero (a host sync)."""
+        if self.patch_index is not None:
+            return self.patch_index
+        return torch.nonzero(self.image_ids.reshape(-1) >= 0).squeeze(1)
+
+    def text_positions(self) -> torch.Tensor:
+        """(Nt,) flat positions with a next-token target: precomputed, else torch.nonzero (a host sync)."""
+        if self.text_index is not None:
+            return self.text_index
+        return torch.nonzero(self.targets.reshape(-1) != IGNORE_INDEX).squeeze(1)
 
     def validate(self, patch_size: int) -> None:
         """Raise ValueError if the batch breaks the contract (shapes, image layout)."""
@@ -54,6 +75,11 @@ class TransfusionBatch:
             t = getattr(self, name)
             if t.shape != (B, L):
                 raise ValueError(f"batch.{name} has shape {tuple(t.shape)}, expected {(B, L)}")
+        for name, computed in (("patch_index", lambda: replace(self, patch_index=None).patch_positions()),
+                               ("text_index", lambda: replace(self, text_index=None).text_positions())):
+            given = getattr(self, name)
+            if given is not None and not torch.equal(given, computed()):
+                raise ValueError(f"batch.{name} does not list the positions its masks give; rebuild it with with_indices()")
         N = self.num_images
         if self.noise.shape != self.latents.shape:
             raise ValueError(f"batch.noise shape {tuple(self.noise.shape)} != latents {tuple(self.latents.shape)}")

@@ -80,7 +80,7 @@ def collate(rows: list[dict]) -> TransfusionBatch:
         tokens=stack("tokens"), targets=stack("targets"), doc_ids=stack("doc_ids"),
         image_ids=torch.from_numpy(np.stack(image_ids)), positions=stack("positions"),
         latents=cat("latents"), noise=cat("noise"), timesteps=cat("timesteps"),
-    )
+    ).with_indices()  # on the host, so the model's step has no torch.nonzero on the GPU
 
 
 class _Loader(StreamingDataLoader):
@@ -116,7 +116,7 @@ def mix_proportions(streams: list[StreamConfig], image_share: float | None) -> l
     return [float(x) for x in w]
 
 
-def _check_stream(sc: StreamConfig, cfg: DataConfig, spec: RowSpec) -> None:
+def check_stream(sc: StreamConfig, cfg: DataConfig, spec: RowSpec) -> None:
     """The stream was packed for this seq_len, patch size and latent shape (when its pack.json is readable)."""
     st = _pack_stats(sc)
     if not st:
@@ -137,7 +137,7 @@ def _streams(cfg: DataConfig, split: str, spec: RowSpec) -> list[Stream]:
     cache = job_cache_dir(cfg.cache_dir)
     out = []
     for i, (sc, p) in enumerate(zip(scs, props)):
-        _check_stream(sc, cfg, spec)
+        check_stream(sc, cfg, spec)
         local = str(cache / split / f"{i}-{sc.name}") if sc.remote else sc.local
         if not sc.remote and not (Path(local) / "index.json").is_file():
             raise FileNotFoundError(f"data.{'streams' if split == 'train' else 'val_streams'}[{i}].local={local}: no index.json")

@@ -176,7 +176,8 @@ def run(opts: PackOptions) -> dict:
         rows, n_img = write_rows(packer, _split(docs(), opts.val_every, split == "val"), out / split,
                                  meta["dtype"], opts.shard_size)
         report[split] = {"rows": rows, "images": n_img, "positions": rows * opts.seq_len, "real_positions": packer.real,
-                         "image_positions": n_img * P, "efficiency": round(packer.efficiency, 6)}
+                         "image_positions": n_img * P, "efficiency": round(packer.efficiency, 6),
+                         "causal_pairs": packer.causal_pairs}
         (out / split / "pack.json").write_text(json.dumps({**meta, **report[split]}, indent=2) + "\n")
     report["tokenizer"] = str(Path(opts.tokenizer).resolve())
     report["seconds"] = round(time.time() - t0, 2)

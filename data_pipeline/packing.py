@@ -59,9 +59,12 @@ class Row:
 
 def unit_len(u: Unit, P: int) -> int:
     """Positions a unit takes: text = its tokens; image = BOI + P + EOI; pair = caption + BOS/EOS + P + 2."""
-    if u.kind == TEXT:
-        return len(u.tokens)
-    return len(u.tokens) + P + (2 if u.kind == IMAGE else 4)
+    return positions_of(u.kind, len(u.tokens), P)
+
+
+def positions_of(kind: int, ntok: int, P: int) -> int:
+    """Positions of a unit of `kind` with `ntok` text tokens (see unit_len)."""
+    return ntok if kind == TEXT else ntok + P + (2 if kind == IMAGE else 4)
 
 
 def doc_len(doc: list[Unit], P: int) -> int:
@@ -121,6 +124,7 @@ class Packer:
         self.pending: deque[list[Unit]] = deque()
         self.rows = 0
         self.real = 0
+        self.causal_pairs = 0  # sum over documents (and padding) of n(n+1)/2: causal attention pairs
 
     @property
     def efficiency(self) -> float:
@@ -152,6 +156,7 @@ class Packer:
             progress = self._fill_whole(row) or self._fill_split(row)
         self.rows += 1
         self.real += row.used
+        self.causal_pairs += row_causal_pairs(row)
         return row
 
     def _fill_whole(self, row: Row) -> bool:
@@ -178,6 +183,18 @@ class Packer:
                     self.pending.append(rest)
                 return True
         return False
+
+
+def row_causal_pairs(row: Row) -> int:
+    """Query-key pairs a causal mask allows within each document of `row` (padding counted as one document).
+
+    The pretrain estimate adds the bidirectional pairs of each image to this (pretrain/estimate.py).
+    """
+    lens: dict[int, int] = {}
+    for doc, kind, ntok, _ in row.segs:
+        lens[doc] = lens.get(doc, 0) + positions_of(kind, ntok, row.P)
+    pad = row.seq_len - row.used
+    return sum(n * (n + 1) // 2 for n in [*lens.values(), pad])
 
 
 def row_arrays(row: Row) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:

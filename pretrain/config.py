@@ -46,6 +46,7 @@ class TrainConfig:
     activation_checkpointing: bool = False
     max_bad_steps: int = 5  # consecutive NaN/Inf steps before the run stops
     run_dir: str = "runs/default"
+    dry_run: bool = False  # check config, batch plan, data, model and memory plan, then exit (pretrain/dry_run.py)
 
 
 @dataclass

@@ -10,6 +10,7 @@ Every stage is the same command a user runs on real data; this script only chain
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shlex
 import subprocess
@@ -22,12 +23,36 @@ from contract.dist_env import free_port
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run(cmd: list[str], env: dict[str, str] | None = None) -> None:
-    """Run one stage, echoing the command; stop the demo if it fails."""
+STAGE_SECONDS: dict[str, float] = {}  # wall time of each stage, for the summary
+
+
+def run(cmd: list[str], env: dict[str, str] | None = None, stage: str = "") -> None:
+    """Run one stage, echoing the command and recording its wall time; stop the demo if it fails."""
     print(f"\n$ {shlex.join(cmd)}", flush=True)
     t = time.time()
     subprocess.run(cmd, check=True, cwd=ROOT, env=env)
+    STAGE_SECONDS[stage or cmd[2]] = time.time() - t
     print(f"  ({time.time() - t:.0f}s)", flush=True)
+
+
+def summary(out: Path, run_dir: Path, export_dir: Path) -> str:
+    """Where everything is, the evaluation figures (OUT/eval/report.json of pretrain.evaluate) and the
+    wall time of each stage."""
+    ev = out / "eval"
+    lines = ["", "demo done:",
+             f"  run directory   {run_dir}",
+             f"  TensorBoard     tensorboard --logdir {run_dir / 'tensorboard'}",
+             f"  export          {export_dir}"]
+    pngs = sorted(ev.glob("*.png"))
+    lines.append(f"  sample PNGs     {len(pngs)} in {ev}" + "".join(f"\n                  {p.name}" for p in pngs))
+    if (ev / "report.json").is_file():
+        from pretrain.evaluate import flat_scalars
+
+        figures = flat_scalars(json.loads((ev / "report.json").read_text()))
+        lines.append(f"  evaluation      {ev / 'report.json'}" + "".join(f"\n                  {k} {v:.4g}" for k, v in figures.items()))
+    lines.append("  wall time       " + ", ".join(f"{k} {v:.0f}s" for k, v in STAGE_SECONDS.items())
+                 + f"; total {sum(STAGE_SECONDS.values()):.0f}s")
+    return "\n".join(lines)
 
 
 def launcher_cmd(launcher: str, nproc: int) -> list[str]:
@@ -53,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
            "PATH": f"{Path(py).parent}:{os.environ.get('PATH', '')}"}
     if a.fresh or not (data / "data.yaml").is_file():
-        run([py, "-m", "data_pipeline.demo_data", "--out", str(data)])
+        run([py, "-m", "data_pipeline.demo_data", "--out", str(data)], stage="data")
     resume = "none" if a.fresh else "auto"
     module = ["--module" if a.launcher == "deepspeed" else "-m", "pretrain.train"]  # deepspeed has no -m
     run(launcher_cmd(a.launcher, a.nproc) + module + [
@@ -63,11 +88,10 @@ def main(argv: list[str] | None = None) -> int:
         f"logging.val_every={max(a.steps // 6, 1)}", "logging.sample_every=0",  # the demo's overheads: few pauses
         # what the 2-layer model needs to follow the caption (docs/quality.md); the paper configs keep eps/none
         "model.diffusion_prediction=v", "model.patch_pos_embed=sincos2d",
-    ], env)
-    run([py, "-m", "pretrain.export", "--run-dir", str(run_dir), "--out", str(export_dir)])
-    run([py, "-m", "pretrain.evaluate", "--model", str(export_dir), "--out", str(out / "eval")])
-    print(f"\ndemo done: TensorBoard logs in {run_dir / 'tensorboard'}, export in {export_dir}, "
-          f"evaluation (report.json, grid.png of prompts and samples) in {out / 'eval'}", flush=True)
+    ], env, stage="train")
+    run([py, "-m", "pretrain.export", "--run-dir", str(run_dir), "--out", str(export_dir)], stage="export")
+    run([py, "-m", "pretrain.evaluate", "--model", str(export_dir), "--out", str(out / "eval")], stage="evaluate")
+    print(summary(out, run_dir, export_dir), flush=True)
     return 0
 
 

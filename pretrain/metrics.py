@@ -19,23 +19,9 @@ from typing import Any, Iterator
 import psutil
 import torch
 
-log = logging.getLogger("pretrain")
+from pretrain.hardware import detect_gpu
 
-#: dense bf16 peak FLOP/s per GPU, by a substring of torch.cuda.get_device_name()
-PEAK_BF16_FLOPS = {
-    "H200": 989e12,
-    "H100": 989e12,
-    "H800": 989e12,
-    "GH200": 989e12,
-    "A100": 312e12,
-    "A800": 312e12,
-    "L40S": 362e12,
-    "A10G": 70e12,
-    "L4": 121e12,
-    "V100": 125e12,
-    "MI300X": 1307e12,
-    "B200": 2250e12,
-}
+log = logging.getLogger("pretrain")
 
 
 def detect_peak_flops(configured: float | None) -> float | None:
@@ -44,11 +30,8 @@ def detect_peak_flops(configured: float | None) -> float | None:
         return configured
     if not torch.cuda.is_available():
         return None
-    name = torch.cuda.get_device_name()
-    for key, flops in PEAK_BF16_FLOPS.items():
-        if key in name:
-            return flops
-    return None
+    gpu = detect_gpu(torch.cuda.get_device_name())
+    return gpu.bf16_flops if gpu else None
 
 
 class StepTimer:

@@ -26,7 +26,6 @@ from pretrain import checkpoint, configlib, distributed, generate
 from pretrain.config import Config, load_config, save_config
 from pretrain.engine import BatchPlan, build_engine, plan_batch
 from pretrain.metrics import MetricsWriter, StepStats, StepTimer, detect_peak_flops
-from pretrain.model import flops_per_position
 from pretrain.schedule import lr_at, set_lr
 
 log = logging.getLogger("pretrain")
@@ -70,14 +69,18 @@ class Run:
     loader_state: dict = field(default_factory=dict)  # loader position after the last step's batches
 
 
-def parse_args(argv: list[str] | None) -> tuple[str, list[str]]:
-    """--config PATH plus key=value overrides; --local_rank (passed by the deepspeed launcher) is ignored."""
+def parse_args(argv: list[str] | None) -> tuple[str, list[str], dict[str, Any]]:
+    """--config PATH plus key=value overrides, and the cluster shape a dry run checks against;
+    --local_rank (passed by the deepspeed launcher) is ignored."""
     p = argparse.ArgumentParser(prog="python -m pretrain.train", description=__doc__.splitlines()[0])
     p.add_argument("--config", required=True, help="YAML run config, e.g. configs/tiny.yaml")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.steps=100")
+    p.add_argument("--nodes", type=int, default=None, help="dry run: nodes (default: the Slurm allocation, else 1)")
+    p.add_argument("--gpus-per-node", type=int, default=None, help="dry run: GPUs per node (default: Slurm, else 8)")
+    p.add_argument("--gpu", default=None, help="dry run: GPU kind, e.g. h100-80gb (python -m pretrain.estimate --list-gpus)")
     a = p.parse_args(argv)
-    return a.config, a.overrides
+    return a.config, a.overrides, {"nodes": a.nodes, "gpus_per_node": a.gpus_per_node, "gpu": a.gpu}
 
 
 def setup_logging(rank: int) -> None:
@@ -165,7 +168,7 @@ def forward_backward(
 ) -> tuple[float, float]:
     """One optimizer step over the micro-batches; returns this rank's (LM CE sum, diffusion MSE sum)."""
     dev = distributed.device()
-    lm_sum = diff_sum = 0.0
+    lm_sum = diff_sum = torch.zeros((), device=dev)  # summed on the device: one host sync per step, not per micro-batch
     for b in batches:
         with timer.phase("forward"):
             out = engine(b.to(dev), text_denom=text_denom, image_denom=image_denom)
@@ -173,9 +176,9 @@ def forward_backward(
             engine.backward(out.loss)
         with timer.phase("optimizer"):
             engine.step()  # applies the update at the accumulation boundary (the last micro-batch)
-        lm_sum += float(out.lm_loss_sum)
-        diff_sum += float(out.diffusion_loss_sum)
-    return lm_sum, diff_sum
+        lm_sum = lm_sum + out.lm_loss_sum
+        diff_sum = diff_sum + out.diffusion_loss_sum
+    return float(lm_sum), float(diff_sum)
 
 
 def train_step(run: Run) -> StepStats:
@@ -323,7 +326,7 @@ def maybe_evaluate(run: Run) -> None:
 
 def setup(argv: list[str] | None) -> Run:
     """Config, process group, engine, loaders, metrics, signal handlers, resume."""
-    path, overrides = parse_args(argv)
+    path, overrides, _ = parse_args(argv)
     cfg = load_config(path, overrides)  # model.vocab_size from data.tokenizer
     if cfg.logging.eval_every > 0 and not (cfg.data.vae and cfg.data.tokenizer):
         raise configlib.ConfigError("logging.eval_every > 0 needs data.vae (the VAE that decodes samples) "
@@ -346,8 +349,10 @@ def setup(argv: list[str] | None) -> Run:
 
 
 def make_writer(cfg: Config, env: DistEnv, plan: BatchPlan, engine: Any) -> MetricsWriter:
-    """Rank 0's metrics sinks; FLOPs per step from the model's formula for MFU."""
-    flops = flops_per_position(cfg.model, cfg.data.seq_len) * cfg.data.seq_len * plan.global_batch
+    """Rank 0's metrics sinks; FLOPs per step for MFU from pretrain.estimate (the shards' document mix)."""
+    from pretrain.estimate import flops_per_position, mix_for
+
+    flops = flops_per_position(cfg.model, cfg.data.seq_len, mix_for(cfg)) * cfg.data.seq_len * plan.global_batch
     return MetricsWriter(cfg.train.run_dir, env.is_main, cfg.logging.tensorboard, flops,
                          detect_peak_flops(cfg.logging.peak_flops), env.world_size, cfg.model.patches_per_image)
 
@@ -391,6 +396,18 @@ def train(run: Run) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    path, overrides, shape = parse_args(argv)
+    try:
+        cfg = load_config(path, overrides)
+    except configlib.ConfigError as e:
+        if any(o.replace(" ", "") == "train.dry_run=true" for o in overrides):
+            print(f"dry run FAILED: 1 problem(s)\n  - {e}")
+            return 2
+        raise
+    if cfg.train.dry_run:
+        from pretrain.dry_run import cluster_shape, dry_run
+
+        return dry_run(cfg, cluster_shape(**shape))
     run = setup(argv)
     try:
         return train(run)

@@ -68,12 +68,12 @@ def test_paper_configs_load(name: str) -> None:
 
 
 def test_7b_matches_llama2_and_unet_adds_027b() -> None:
-    cfg = load_config(ROOT / "configs/transfusion_7b.yaml")
+    cfg = load_config(ROOT / "configs/transfusion_7b.yaml", ["model.patch_encoder=linear"])
     n = count_parameters(cfg.model)["total"]
     assert abs(n - 6.74e9) / 6.74e9 < 0.02, n
     assert cfg.model.hidden_dim == 11008
     for name in PAPER:
-        lin = load_config(ROOT / f"configs/transfusion_{name}.yaml")
+        lin = load_config(ROOT / f"configs/transfusion_{name}.yaml", ["model.patch_encoder=linear"])
         unet = load_config(ROOT / f"configs/transfusion_{name}.yaml", ["model.patch_encoder=unet"])
         added = count_parameters(unet.model)["total"] - count_parameters(lin.model)["total"]
         assert abs(added - 0.27e9) / 0.27e9 < 0.15, (name, added)

@@ -261,3 +261,32 @@ def test_rope_scores_depend_only_on_relative_position() -> None:
 
     assert score(5, 2) == pytest.approx(score(105, 102), rel=1e-4, abs=1e-5)
     assert score(5, 2) != pytest.approx(score(5, 3), rel=1e-3)
+
+
+@pytest.mark.parametrize("patch_encoder", ["linear", "unet"])
+def test_training_step_has_no_host_sync(patch_encoder: str) -> None:
+    """Forward + backward on the meta device: any data-dependent op (torch.nonzero, .item(), int(t))
+    raises there, so passing proves the model's step never waits for the GPU; the loader's
+    precomputed indices give exactly the old path's loss and gradients."""
+    cfg = ModelConfig(dim=64, n_layers=2, n_heads=4, vocab_size=128, latent_size=8,
+                      patch_size=2, attention="sdpa", patch_encoder=patch_encoder, unet_channels=(8, 16))
+    batch = random_batch(cfg, batch_size=2, seq_len=96, seed=0)
+    with torch.device("meta"):
+        meta_model = Transfusion(cfg)
+    out = meta_model(batch.with_indices().to("meta"))
+    out.loss.backward()
+    assert out.loss.device.type == "meta" and out.num_text_tokens == batch.num_text_targets
+    assert all(p.grad is not None for p in meta_model.parameters())
+    with pytest.raises((NotImplementedError, RuntimeError)):  # the old path: torch.nonzero needs the data
+        meta_model(batch.to("meta"))
+
+    torch.manual_seed(0)
+    model = Transfusion(cfg)
+    results = []
+    for b in (batch, batch.with_indices()):
+        model.zero_grad()
+        o = model(b)
+        o.loss.backward()
+        results.append((o.loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    assert torch.equal(results[0][0], results[1][0])
+    assert all(torch.equal(a, b) for a, b in zip(results[0][1], results[1][1]))

@@ -5,6 +5,6 @@ Imports only `contract` (the batch it reads) and its own config (`pretrain.model
 
 from contract.batch import IGNORE_INDEX, TransfusionBatch
 from pretrain.model.config import ModelConfig
-from pretrain.model.transfusion import Transfusion, TransfusionOutput, flops_per_position
+from pretrain.model.transfusion import Transfusion, TransfusionOutput
 
-__all__ = ["IGNORE_INDEX", "ModelConfig", "Transfusion", "TransfusionBatch", "TransfusionOutput", "flops_per_position"]
+__all__ = ["IGNORE_INDEX", "ModelConfig", "Transfusion", "TransfusionBatch", "TransfusionOutput"]

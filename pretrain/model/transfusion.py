@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from contract.batch import IGNORE_INDEX, TransfusionBatch
+from contract.batch import TransfusionBatch
 from pretrain.model import masks
 from pretrain.model.backbone import TransformerBlock, rope_tables
 from pretrain.model.config import ModelConfig
@@ -104,7 +104,7 @@ class Transfusion(nn.Module):
         x_t = add_noise(latents, noise, t, self.alpha_bar(latents.device))  # (N, C, H, W)
         h, out = self._hidden_and_output(batch, x_t, t)  # (B*L, D), (N, C, H, W)
 
-        lm_sum, n_text = self._lm_loss(h, batch.targets.view(-1))
+        lm_sum, n_text = self._lm_loss(h, batch)
         target = self._diffusion_target(latents, noise, t)  # (N, C, H, W)
         per_image = (out.float() - target.float()).pow(2).mean(dim=(1, 2, 3))  # (N,)
         diff_sum = (per_image * img_weight * self.timestep_weights(latents.device)[t]).sum()
@@ -154,7 +154,7 @@ class Transfusion(nn.Module):
         D = self.cfg.dim
         patches, ctx = self.patch_encoder(x_t.to(self.tok_embeddings.weight.dtype), t)  # (N, P, D)
         x = self.tok_embeddings(batch.tokens).view(B * L, D)  # (B*L, D)
-        patch_pos = torch.nonzero(batch.image_ids.view(-1) >= 0).squeeze(1)  # (N*P,)
+        patch_pos = batch.patch_positions()  # (N*P,), precomputed by the loader: no host sync
         if batch.num_images > 0:
             x = x.index_copy(0, patch_pos, patches.reshape(-1, D))
         h = self.backbone(x.view(B, L, D), batch).view(B * L, D)  # (B*L, D)
@@ -175,22 +175,10 @@ class Transfusion(nn.Module):
         zeros = torch.zeros(1, c, s, s, device=device)
         return zeros, zeros, torch.zeros(1, dtype=torch.long, device=device), torch.zeros(1, device=device)
 
-    def _lm_loss(self, h: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, int]:
+    def _lm_loss(self, h: torch.Tensor, batch: TransfusionBatch) -> tuple[torch.Tensor, int]:
         """Summed next-token CE over positions with a target; logits only where needed."""
-        sel = torch.nonzero(targets != IGNORE_INDEX).squeeze(1)  # (Nt,)
+        sel = batch.text_positions()  # (Nt,), precomputed by the loader: no host sync
         logits = self.output(h[sel])  # (Nt, V)
-        lm_sum = F.cross_entropy(logits.float(), targets[sel], reduction="sum")
-        return lm_sum, int(sel.numel())
+        lm_sum = F.cross_entropy(logits.float(), batch.targets.view(-1)[sel], reduction="sum")
+        return lm_sum, sel.numel()
 
-
-def flops_per_position(cfg: ModelConfig, seq_len: int, num_params: int | None = None) -> float:
-    """Training FLOPs per position: 6*N for the weights + 12*layers*dim*seq_len for attention scores.
-
-    N counts every parameter except the input embedding table (a lookup, no matmul). Attention is
-    counted dense (PaLM's convention), an upper bound under the block-sparse mask.
-    """
-    if num_params is None:
-        with torch.device("meta"):
-            model = Transfusion(cfg)
-        num_params = sum(p.numel() for p in model.parameters()) - model.tok_embeddings.weight.numel()
-    return 6.0 * num_params + 12.0 * cfg.n_layers * cfg.dim * seq_len
