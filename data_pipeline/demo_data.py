@@ -53,6 +53,9 @@ class DemoSizes:
     vae_steps: int = 600  # ~3 minutes on 2 idle CPU cores (width-8 VAE)
 
 
+# 256 byte-fallback pieces + 5 specials + the ~98 pieces the demo's 40-word texts support: asking for
+# more only yields a "fewer pieces than asked" warning (see tokenizer.train)
+DEMO_VOCAB = 359
 FAST = DemoSizes(pairs=240, texts=300, interleaved=40, vae_steps=0)
 
 
@@ -85,7 +88,7 @@ def _pack(kind: str, inputs: list[str], tok: Path, out: Path, seq_len: int, patc
 
 
 def make_demo_data(out: str | Path, seed: int = 0, fast: bool = True, seq_len: int = 256, patch_size: int = 2,
-                   latent_channels: int = 8, vocab_size: int = 1000, sizes: DemoSizes | None = None) -> DemoData:
+                   latent_channels: int = 8, vocab_size: int = DEMO_VOCAB, sizes: DemoSizes | None = None) -> DemoData:
     """Generate everything under `out` (wiped first) deterministically from `seed`."""
     root = Path(out).resolve()
     if root.exists():
@@ -130,7 +133,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--fast", action="store_true", help="random-init VAE and fewer samples (tests)")
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--patch-size", type=int, default=2)
-    ap.add_argument("--vocab-size", type=int, default=1000)
+    ap.add_argument("--vocab-size", type=int, default=DEMO_VOCAB)
     ap.add_argument("--vae-steps", type=int, default=DemoSizes.vae_steps,
                     help="VAE training steps without --fast (more steps: sharper colours in reconstructions)")
     a = ap.parse_args(argv)

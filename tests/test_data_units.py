@@ -21,28 +21,114 @@ def _texts(n: int = 500) -> list[str]:
     return [" ".join(rng.choice(WORDS, size=12)) for _ in range(n)]
 
 
+def _trained(tmp_path, vocab_size: int = 400) -> tokenizer.Tokenizer:
+    tokenizer.train(_texts(), tmp_path / "t.model", vocab_size=vocab_size)
+    return tokenizer.Tokenizer(tmp_path / "t.model")
+
+
 def test_tokenizer_roundtrip_and_special_ids(tmp_path):
-    ids = tokenizer.train(_texts(), tmp_path / "t.model", vocab_size=80)
+    with pytest.warns(UserWarning, match="300 pieces, fewer than --vocab-size 400"):  # 19 words support no more
+        tok = _trained(tmp_path)
+    ids = tok.ids
     assert ids == tokenizer.load_special_ids(tmp_path / "t.model") == tokenizer.load_special_ids(tmp_path / "t.json")
     specials = [ids.bos_id, ids.eos_id, ids.boi_id, ids.eoi_id, ids.pad_id]
     assert len(set(specials)) == 5 and max(specials) < ids.vocab_size
-    tok = tokenizer.Tokenizer(tmp_path / "t.model")
     text = "a red circle at the top left"
     enc = tok.encode(text)
-    assert not set(enc) & set(specials)
+    assert not set(enc) & set(specials) and len(enc) <= 8  # whole words, not bytes
     assert tok.decode([ids.bos_id, *enc, ids.eos_id]) == text
 
 
-def test_wrap_external_model_appends_missing_specials(tmp_path):
-    """A model without <boi>/<eoi>/<pad> pieces (like Llama 2's) gets them appended after its vocabulary."""
+# inputs of issue 10: code, whitespace runs, NFKC-sensitive characters, characters absent from training
+ROUND_TRIP = [
+    "def add(a, b):\n    return a + b",
+    "col1\tcol2\t\tcol3\n\n\nnext paragraph   three spaces ",
+    "  leading spaces and a trailing newline\n",
+    "\ufb01 ligature, \u2460 circled, \uff21\uff22 full-width, e\u0301 combining",
+    "caf\u00e9 5\u20ac \U0001f600 \u4e2d\u6587 \u0000 \u200b",
+    "<boi> html-like <eoi> markup <pad> in a document about <boi>",
+    "",
+]
+
+
+@pytest.mark.parametrize("text", ROUND_TRIP)
+def test_tokenizer_round_trip_is_lossless(tmp_path, text):
+    with pytest.warns(UserWarning):
+        tok = _trained(tmp_path)
+    enc = tok.encode(text)
+    assert tok.decode(enc) == text
+    ids = tok.ids
+    assert not set(enc) & {ids.bos_id, ids.eos_id, ids.boi_id, ids.eoi_id, ids.pad_id}  # specials unproducible
+    assert tok.sp.unk_id() not in enc  # byte fallback: nothing becomes <unk>
+
+
+def test_tokenizer_trains_on_long_documents_and_reports(tmp_path):
+    """Issue 10: 200 documents over 4 KB + 200 short captions; sentencepiece used to skip the long ones."""
+    rng = np.random.default_rng(1)
+    long_words = "photosynthesis chlorophyll mitochondria membrane protein enzyme".split()
+    docs = [" ".join(rng.choice(long_words, size=900)) for _ in range(200)]  # ~9 KB each
+    assert min(len(d.encode()) for d in docs) > 4096
+    caps = _texts(200)
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in docs + caps))
+    with pytest.warns(UserWarning, match="fewer than --vocab-size 400"):
+        tokenizer.main(["train", "--input", str(tmp_path / "in.jsonl"), "--out", str(tmp_path / "t.model"),
+                        "--vocab-size", "400"])
+    meta = json.loads((tmp_path / "t.json").read_text())
+    assert meta["training"]["documents"] == 400 and meta["training"]["long_documents_chunked"] == 200
+    assert meta["training"]["skipped_empty"] == 0 and meta["model"]["lossless"]
+    tok = tokenizer.Tokenizer(tmp_path / "t.model")
+    for w in long_words:  # each long-document word became one piece (was single characters or <unk>)
+        assert [tok.sp.id_to_piece(i) for i in tok.encode(w)] == ["\u2581" + w]
+    assert tok.decode(tok.encode(docs[0])) == docs[0]
+
+
+def test_chunk_text_cuts_at_whitespace_and_keeps_every_character():
+    text = ("word " * 3000) + "x" * 10000 + "\u00e9" * 5000
+    chunks = tokenizer.chunk_text(text, 4096)
+    assert "".join(chunks) == text and max(len(c.encode()) for c in chunks) <= 4096
+    assert chunks[0].endswith(" ")
+
+
+def test_vocab_too_small_for_bytes_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="256 byte pieces"):
+        tokenizer.train(_texts(), tmp_path / "t.model", vocab_size=80)
+
+
+def _external(tmp_path, **opts) -> bytes:
     buf = io.BytesIO()
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(_texts()), model_writer=buf, vocab_size=40,
-                                   bos_id=1, eos_id=2, unk_id=0, pad_id=-1, minloglevel=2)
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(_texts()), model_writer=buf, vocab_size=opts.pop("vocab_size", 40),
+                                   bos_id=1, eos_id=2, unk_id=0, pad_id=-1, minloglevel=2, **opts)
     (tmp_path / "ext.model").write_bytes(buf.getvalue())
-    ids = tokenizer.wrap(tmp_path / "ext.model")
+    return buf.getvalue()
+
+
+def test_wrap_external_model_appends_missing_specials(tmp_path):
+    """A model without <boi>/<eoi>/<pad> pieces and Llama 2's options gets them appended, no warning."""
+    import warnings
+    _external(tmp_path, vocab_size=300, byte_fallback=True, normalization_rule_name="identity",
+              remove_extra_whitespaces=False, split_digits=True, hard_vocab_limit=False)
+    n = spm.SentencePieceProcessor(model_file=str(tmp_path / "ext.model")).get_piece_size()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ids = tokenizer.wrap(tmp_path / "ext.model")
     assert (ids.bos_id, ids.eos_id) == (1, 2)
-    assert sorted([ids.boi_id, ids.eoi_id, ids.pad_id]) == [40, 41, 42] and ids.vocab_size == 43
-    assert json.loads((tmp_path / "ext.json").read_text())["vocab_size"] == 43
+    assert sorted([ids.boi_id, ids.eoi_id, ids.pad_id]) == [n, n + 1, n + 2] and ids.vocab_size == n + 3
+    meta = json.loads((tmp_path / "ext.json").read_text())
+    assert meta["vocab_size"] == n + 3 and meta["model"]["lossless"] and meta["model"]["add_dummy_prefix"]
+    tok = tokenizer.Tokenizer(tmp_path / "ext.model")
+    assert all(tok.decode(tok.encode(t)) == t for t in ROUND_TRIP)
+
+
+def test_wrap_user_defined_boi_stays_text_and_lossy_model_warns(tmp_path):
+    """An older model whose <boi> is a user-defined (producible) piece: BOI gets a new id; NFKC is warned about."""
+    _external(tmp_path, user_defined_symbols=["<boi>", "<eoi>"])
+    with pytest.warns(UserWarning, match="changes text"):
+        ids = tokenizer.wrap(tmp_path / "ext.model")
+    assert (ids.boi_id, ids.eoi_id, ids.pad_id) == (40, 41, 42)
+    tok = tokenizer.Tokenizer(tmp_path / "ext.model")
+    enc = tok.encode("a <boi> b <eoi>")
+    assert not set(enc) & {40, 41, 42} and tok.decode(enc) == "a <boi> b <eoi>"
+    assert not json.loads((tmp_path / "ext.json").read_text())["model"]["lossless"]
 
 
 def test_missing_metadata_error_names_command(tmp_path):
