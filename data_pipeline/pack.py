@@ -43,11 +43,12 @@ def read_mds(root: str | Path) -> Iterator[dict]:
                 raise ValueError(f"{root / name}: corrupt shard (sample {i}): {e}") from e
 
 
-def text_docs(inputs: list[str], tok: Tokenizer, batch: int = 256) -> Iterator[list[Unit]]:
-    """Each text document as one text unit: BOS + tokens + EOS."""
+def text_docs(inputs: list[str], tok: Tokenizer, batch: int = 256, skips: sources.SkipLog | None = None,
+              strict: bool = False) -> Iterator[list[Unit]]:
+    """Each text document as one text unit: BOS + tokens + EOS; bad input lines go to `skips` (see iter_texts)."""
     ids = tok.ids
     buf: list[str] = []
-    for text in sources.iter_texts(inputs):
+    for text in sources.iter_texts(inputs, skips, strict):
         buf.append(text)
         if len(buf) == batch:
             yield from ([Unit(TEXT, [ids.bos_id, *t, ids.eos_id])] for t in tok.encode_batch(buf))
@@ -130,6 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--val-every", type=int, default=0, help="every N-th document goes to OUT/val (0: no val)")
     ap.add_argument("--lookahead", type=int, default=64, help="documents considered when filling a row")
     ap.add_argument("--shard-size", type=int, default=1 << 26, help="bytes per MDS shard")
+    ap.add_argument("--strict", action="store_true",
+                    help="stop at the first bad text line (default: skip it, count and name it in pack.json)")
     return ap
 
 
@@ -156,9 +159,13 @@ def run(args: argparse.Namespace) -> dict:
         P = (h // args.patch_size) * (w // args.patch_size)
         meta.update(latent_shape=[C, h, w], dtype=im["dtype"])
 
+    skips = sources.SkipLog()
+
     def docs() -> Iterator[list[Unit]]:
+        nonlocal skips
         if args.kind == "text":
-            return text_docs(args.input, tok)
+            skips = sources.SkipLog()  # each split re-reads the input: count its bad lines once
+            return text_docs(args.input, tok, skips=skips, strict=args.strict)
         return (d for p in args.input for d in image_docs(p, tok))
 
     report = dict(meta)
@@ -169,6 +176,8 @@ def run(args: argparse.Namespace) -> dict:
         report[split] = {"rows": rows, "images": n_img, "positions": rows * args.seq_len, "real_positions": packer.real,
                          "image_positions": n_img * P, "efficiency": round(packer.efficiency, 6)}
         (out / split / "pack.json").write_text(json.dumps({**meta, **report[split]}, indent=2) + "\n")
+    report["skipped_documents"] = dict(sorted(skips.counts.items()))
+    report["named"], report["named_left_out"] = skips.named, skips.named_left_out
     report["tokenizer"] = str(Path(args.tokenizer).resolve())
     report["seconds"] = round(time.time() - t0, 2)
     (out / "pack.json").write_text(json.dumps(report, indent=2) + "\n")

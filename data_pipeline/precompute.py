@@ -36,24 +36,39 @@ COLUMNS = {"key": "str", "kind": "str", "doc": "json", "latents": "ndarray:float
 COLUMNS_BF16 = {"key": "str", "kind": "str", "doc": "json", "latents_bf16": "ndarray:uint16"}
 
 
+_COUNTS = ("records_read", "records_written", "images_read", "encoded")
+_COUNTERS = ("skipped", "repaired")
+
+
 @dataclass
 class Stats:
-    """Counters of one part (or of all parts, summed)."""
+    """Counters of one part (or of all parts, summed), and the skips by name.
+
+    `skipped`: images per reason; `records_skipped`: unparseable records per reason (see sources);
+    `repaired`: records repaired per kind of repair; `named`: the first sources.NAMED_MAX skipped
+    records and images as [{"record", "reason", "detail"?}].
+    """
 
     records_read: int = 0
     records_written: int = 0
     images_read: int = 0
     encoded: int = 0
     skipped: Counter = field(default_factory=Counter)
+    repaired: Counter = field(default_factory=Counter)
+    records: sources.SkipLog = field(default_factory=sources.SkipLog)
 
     def to_json(self) -> dict:
-        return {**{k: getattr(self, k) for k in ("records_read", "records_written", "images_read", "encoded")},
-                "skipped": dict(sorted(self.skipped.items()))}
+        return {**{k: getattr(self, k) for k in _COUNTS}, **{k: dict(sorted(getattr(self, k).items())) for k in _COUNTERS},
+                "records_skipped": dict(sorted(self.records.counts.items())), "named": self.records.named,
+                "named_left_out": self.records.named_left_out}
 
     def add(self, d: dict) -> None:
-        for k in ("records_read", "records_written", "images_read", "encoded"):
+        for k in _COUNTS:
             setattr(self, k, getattr(self, k) + d[k])
-        self.skipped.update(d["skipped"])
+        for k in _COUNTERS:
+            getattr(self, k).update(d.get(k, {}))
+        self.records.counts.update(d.get("records_skipped", {}))
+        self.records.merge(d.get("named", []), d.get("named_left_out", 0))
 
 
 @dataclass
@@ -81,7 +96,12 @@ def decode_record(rec: sources.Record, size: int) -> Decoded:
 
 
 def to_sample(d: Decoded, latents: list[np.ndarray], bf16: bool) -> dict | None:
-    """MDS sample of a decoded record: doc segments ({'text'} / {'image': i}) + stacked latents."""
+    """MDS sample of a decoded record: doc segments ({'text'} / {'image': i}) + stacked latents.
+
+    None for a skipped record and for a pair whose image is bad.
+    """
+    if d.rec.skipped:
+        return None
     doc, lats, j = [], [], 0
     good = iter(latents)
     for kind, val in d.rec.segments:
@@ -137,6 +157,22 @@ def encode_group(vae: vaelib.Vae, group: list[Decoded], batch_size: int) -> list
     return out
 
 
+def _count(stats: Stats, d: Decoded, strict: bool) -> None:
+    """Count one decoded record; name its skips; with `strict`, raise ValueError at the first one."""
+    stats.records_read += 1
+    rec = d.rec
+    bad = [(rec.skipped, rec.detail)] if rec.skipped else [(p, "image") for p in d.pixels if isinstance(p, str)]
+    if strict and bad:
+        raise ValueError(f"{rec.key}: {bad[0][0]} ({bad[0][1]}); --strict stops at the first skipped record or image")
+    if rec.repaired:
+        stats.repaired[rec.repaired] += 1
+    stats.images_read += len(d.pixels)
+    stats.encoded += sum(isinstance(p, np.ndarray) for p in d.pixels)
+    stats.skipped.update(p for p in d.pixels if isinstance(p, str))
+    for reason, detail in bad:  # a skipped record is counted per reason; bad images are counted in `skipped`
+        stats.records.add(rec.key, reason, detail if rec.skipped else "", count=bool(rec.skipped))
+
+
 def process_part(part: sources.Part, kind: sources.SourceKind, vae: vaelib.Vae, out_dir: Path,
                  args: argparse.Namespace, bar: tqdm) -> dict:
     """Encode one part into `out_dir` (fresh), then write its report.json as the done marker."""
@@ -144,20 +180,18 @@ def process_part(part: sources.Part, kind: sources.SourceKind, vae: vaelib.Vae, 
         shutil.rmtree(out_dir)  # a crashed, unfinished part
     stats = Stats()
     t0 = time.time()
+    records = sources.read_part(part, kind, args.caption_fallback_encoding)
     with ThreadPoolExecutor(args.decode_threads) as pool, MDSWriter(
         out=str(out_dir), columns=COLUMNS_BF16 if args.dtype == "bf16" else COLUMNS, size_limit=args.shard_size
     ) as w:
-        decoded = _prefetch(pool, lambda r: decode_record(r, args.image_size), sources.read_part(part, kind),
+        decoded = _prefetch(pool, lambda r: decode_record(r, args.image_size), records,
                             depth=2 * args.batch_size)
         for group in _chunks(decoded, args.batch_size):
             lats = encode_group(vae, group, args.batch_size)
             k = 0
             for d in group:
                 n_good = sum(isinstance(p, np.ndarray) for p in d.pixels)
-                stats.records_read += 1
-                stats.images_read += len(d.pixels)
-                stats.encoded += n_good
-                stats.skipped.update(p for p in d.pixels if isinstance(p, str))
+                _count(stats, d, args.strict)
                 sample = to_sample(d, lats[k : k + n_good], args.dtype == "bf16")
                 k += n_good
                 if sample is not None:
@@ -221,6 +255,11 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--shard-size", type=int, default=1 << 27, help="bytes per MDS shard")
     ap.add_argument("--wait-timeout", type=float, default=6 * 3600, help="rank 0 waits this long for other ranks")
     ap.add_argument("--merge-only", action="store_true", help="only merge finished parts and write the reports")
+    ap.add_argument("--strict", action="store_true",
+                    help="stop at the first skipped record or image (default: skip, count and name it in report.json)")
+    ap.add_argument("--caption-fallback-encoding", default=None, metavar="ENC",
+                    help="repair caption files that are not UTF-8 by decoding them as ENC (e.g. cp1252, latin-1) "
+                         "and count them under `repaired`; default: skip them as caption_not_utf8")
     return ap
 
 

@@ -290,10 +290,10 @@ def test_precompute_two_ranks_equal_one_and_resume(demo_data, tmp_path):
     assert all((one / f).read_bytes() == (two / f).read_bytes() for f in files)
 
 
-def _run_precompute(demo, inputs, out, kind="pairs"):
+def _run_precompute(demo, inputs, out, *extra, kind="pairs"):
     from data_pipeline import precompute
     args = precompute.build_parser().parse_args(["--input", *map(str, inputs), "--kind", kind, "--vae", str(demo.vae),
-                                                 "--out", str(out), "--image-size", "64", "--decode-threads", "1"])
+                                                 "--out", str(out), "--image-size", "64", "--decode-threads", "1", *extra])
     return precompute.run(args, rank_and_world=(0, 1))
 
 
@@ -338,11 +338,59 @@ def test_interleaved_bad_image_drops_only_the_image(demo_data, tmp_path):
     assert s["doc"] == [{"text": "one"}, {"image": 0}, {"text": "two"}] and s["latents"].shape == (1, 8, 8, 8)
 
 
-def test_bad_jsonl_line_error_names_file_and_line(tmp_path):
-    (tmp_path / "p.jsonl").write_text('{"image": "a.png", "caption": "x"}\n{"caption": "no image"}\n')
-    part = sources.list_parts([str(tmp_path / "p.jsonl")])[0]
-    with pytest.raises(ValueError, match=r"p.jsonl:2: field 'image'"):
-        list(sources.read_part(part, "pairs"))
+def test_bad_jsonl_records_skipped_counted_and_named(demo_data, tmp_path):
+    """Issue 10: one malformed line among 20 used to stop precompute; now every bad record is skipped and named."""
+    from data_pipeline.synthetic import draw_shape
+    draw_shape("red", "circle", "top").save(tmp_path / "ok.png")
+    good = [json.dumps({"image": "ok.png", "caption": f"a red circle number {i}"}) for i in range(15)]
+    bad = ['{"image": "ok.png", "caption": "cut off', json.dumps({"image": "ok.png", "caption": None}),
+           json.dumps({"image": "ok.png", "caption": "   "}), json.dumps({"caption": "no image field"}),
+           ]
+    lines = [ln.encode() for ln in good[:7] + bad + good[7:]] + [b'{"image": "ok.png", "caption": "caf\xe9"}']
+    assert len(lines) == 20
+    (tmp_path / "p.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    rep = _run_precompute(demo_data, [tmp_path / "p.jsonl"], tmp_path / "out")
+    assert (rep["records_read"], rep["records_written"], rep["encoded"]) == (20, 15, 15)
+    assert rep["records_skipped"] == {"bad_json": 1, "empty_caption": 1, "no_caption": 1, "no_image_field": 1, "not_utf8": 1}
+    named = {(n["record"].rsplit("/", 1)[1], n["reason"]) for n in rep["named"]}
+    assert named == {("p.jsonl:8", "bad_json"), ("p.jsonl:9", "no_caption"), ("p.jsonl:10", "empty_caption"),
+                     ("p.jsonl:11", "no_image_field"), ("p.jsonl:20", "not_utf8")}
+    assert [s["doc"][0]["text"] for s in read_mds(tmp_path / "out")] == [f"a red circle number {i}" for i in range(15)]
+    with pytest.raises(ValueError, match=r"p.jsonl:8: bad_json .*--strict"):
+        _run_precompute(demo_data, [tmp_path / "p.jsonl"], tmp_path / "strict", "--strict")
+
+
+def _tar(path: Path, members: dict[str, bytes]) -> None:
+    import io
+    import tarfile
+    with tarfile.open(path, "w") as tf:
+        for name, data in members.items():
+            ti = tarfile.TarInfo(name)
+            ti.size = len(data)
+            tf.addfile(ti, io.BytesIO(data))
+
+
+def test_webdataset_caption_faults_counted_and_latin1_repaired(demo_data, tmp_path):
+    """Issue 10: a null caption aborted the run, an image without caption vanished uncounted, Latin-1 got U+FFFD."""
+    from data_pipeline.synthetic import draw_shape, png_bytes
+    img = png_bytes(draw_shape("red", "circle", "top"))
+    _tar(tmp_path / "000.tar", {"a.png": img, "a.txt": b"a red circle",
+                                "b.png": img, "b.json": b'{"caption": null}',
+                                "c.png": img,  # no caption file at all
+                                "d.png": img, "d.txt": "un caf\u00e9 cr\u00e8me".encode("latin-1"),
+                                "e.txt": b"a caption without its image"})
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / "x.png").write_bytes(img)  # no side caption
+    rep = _run_precompute(demo_data, [tmp_path / "000.tar", folder], tmp_path / "out")
+    assert (rep["records_read"], rep["records_written"]) == (6, 1)
+    assert rep["records_skipped"] == {"caption_not_utf8": 1, "no_caption": 3, "no_image": 1}
+    named = sorted((Path(n["record"]).name, n["reason"]) for n in rep["named"])
+    assert named == [("000.tar:b", "no_caption"), ("000.tar:c", "no_caption"), ("000.tar:d", "caption_not_utf8"),
+                     ("000.tar:e", "no_image"), ("x.png", "no_caption")]
+    rep = _run_precompute(demo_data, [tmp_path / "000.tar"], tmp_path / "fixed", "--caption-fallback-encoding", "cp1252")
+    assert rep["repaired"] == {"caption_cp1252": 1} and rep["records_written"] == 2
+    assert [s["doc"][0]["text"] for s in read_mds(tmp_path / "fixed")] == ["a red circle", "un caf\u00e9 cr\u00e8me"]
 
 
 def test_mismatched_shapes_are_clear_errors(demo_data):
@@ -350,3 +398,36 @@ def test_mismatched_shapes_are_clear_errors(demo_data):
         _loader(demo_data, _cfg(demo_data, seq_len=512))
     with pytest.raises(ValueError, match="repack with matching --patch-size"):
         build_loader(_cfg(demo_data, ["pairs"]), "train", 1, 0, 4, demo_data.latent_shape, 1000)
+
+
+def test_pack_text_skips_and_names_bad_lines(demo_data, tmp_path):
+    """A malformed text line is skipped and named in pack.json; --strict stops at it."""
+    from data_pipeline import pack
+    lines = [json.dumps({"text": f"document {i}\n\twith  its layout"}).encode() for i in range(6)]
+    lines[2], lines[4] = b'{"text": "unterminated', json.dumps({"txt": "wrong field"}).encode()
+    (tmp_path / "t.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    argv = ["--kind", "text", "--input", str(tmp_path / "t.jsonl"), "--tokenizer", str(demo_data.tokenizer),
+            "--seq-len", "64", "--val-every", "2"]
+    rep = pack.run(pack.build_parser().parse_args([*argv, "--out", str(tmp_path / "out")]))
+    assert rep["skipped_documents"] == {"bad_json": 1, "no_text": 1}
+    assert [(Path(n["record"]).name, n["reason"]) for n in rep["named"]] == [("t.jsonl:3", "bad_json"), ("t.jsonl:5", "no_text")]
+    tok = Tokenizer(demo_data.tokenizer)
+    rows = [r["tokens"][: r["n_real"]].tolist() for split in ("train", "val") for r in read_mds(tmp_path / "out" / split)]
+    texts = sorted(tok.decode(t) for row in rows for t in _split_docs(row, tok.ids))
+    assert texts == [f"document {i}\n\twith  its layout" for i in (0, 1, 3, 5)]
+    with pytest.raises(ValueError, match=r"t.jsonl:3: not valid JSON"):
+        pack.run(pack.build_parser().parse_args([*argv, "--out", str(tmp_path / "strict"), "--strict"]))
+
+
+def _split_docs(row: list[int], ids) -> list[list[int]]:
+    """Token lists between BOS and EOS in a packed text row."""
+    out, cur = [], None
+    for t in row:
+        if t == ids.bos_id:
+            cur = []
+        elif t == ids.eos_id and cur is not None:
+            out.append(cur)
+            cur = None
+        elif cur is not None:
+            cur.append(t)
+    return out
