@@ -4,12 +4,19 @@ Text sources read raw .jsonl/.txt; pairs and interleaved sources read the output
 `data_pipeline.precompute` (documents with their latents). Writes `OUT/train` (and `OUT/val`
 with `--val-every N`: every N-th document goes to validation) plus `OUT/pack.json` with the
 packing efficiency. Run `python -m data_pipeline.pack --help`.
+
+`OUT/pack.json` is written last and records the pack's identity (input files' stamps or the
+precompute outputs' checksums, the tokenizer's checksum, the shaping options). A rerun with the same
+identity does nothing; with another identity it stops and asks for a new `--out`; a crashed run
+(split directories without pack.json) is redone.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import shutil
 import time
 from pathlib import Path
 from typing import Iterator
@@ -143,12 +150,48 @@ def _image_meta(inputs: list[str]) -> dict:
     return metas[0]
 
 
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def pack_identity(args: argparse.Namespace) -> dict:
+    """What a finished pack must match to be reused: inputs, tokenizer and every option that shapes the rows."""
+    if args.kind == "text":
+        inputs = [sources.file_stamp(f) for f in sources.text_files(args.input)]
+    else:
+        inputs = [[str(Path(p).resolve()), _sha256(Path(p) / "index.json"), _sha256(Path(p) / "latents.json")]
+                  for p in args.input]
+    return {"kind": args.kind, "inputs": inputs, "tokenizer_sha256": _sha256(Path(args.tokenizer)),
+            **{k: getattr(args, k) for k in ("seq_len", "patch_size", "val_every", "lookahead", "shard_size")}}
+
+
+def _previous(out: Path, identity: dict) -> dict | None:
+    """The report of a finished identical pack in `out`; clears a crashed one; ValueError for another pack."""
+    done = out / "pack.json"
+    if done.is_file():
+        rep = json.loads(done.read_text())
+        diff = sorted(k for k in identity if rep.get("identity", {}).get(k) != identity[k])
+        if not diff:
+            return rep
+        raise ValueError(f"{out}: holds a pack of other inputs or options (differs in {diff}); use a new --out, "
+                         f"or delete {out} to repack there")
+    for split in ("train", "val"):
+        if (out / split).exists():
+            print(f"[pack] {out / split}: left by an unfinished run (no pack.json); redoing it")
+            shutil.rmtree(out / split)
+    return None
+
+
 def run(args: argparse.Namespace) -> dict:
-    """Pack one source into OUT/train (+ OUT/val); returns the pack report."""
+    """Pack one source into OUT/train (+ OUT/val); returns the pack report (an identical finished pack is reused)."""
     t0 = time.time()
     tok = Tokenizer(args.tokenizer)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    identity = pack_identity(args)
+    if (rep := _previous(out, identity)) is not None:
+        print(f"[pack] {out}: already packed from the same inputs and options; nothing to do")
+        return rep
     meta = {"kind": args.kind, "seq_len": args.seq_len, "patch_size": args.patch_size, "latent_shape": None, "dtype": "fp16"}
     P = 0
     if args.kind != "text":
@@ -180,8 +223,11 @@ def run(args: argparse.Namespace) -> dict:
     report["named"], report["named_left_out"] = skips.named, skips.named_left_out
     report["tokenizer"] = str(Path(args.tokenizer).resolve())
     report["seconds"] = round(time.time() - t0, 2)
-    (out / "pack.json").write_text(json.dumps(report, indent=2) + "\n")
-    print(json.dumps(report))
+    report["identity"] = identity
+    tmp = out / "pack.json.tmp"
+    tmp.write_text(json.dumps(report, indent=2) + "\n")
+    tmp.replace(out / "pack.json")  # the done marker, written last
+    print(json.dumps({k: v for k, v in report.items() if k not in ("identity", "named")}))
     return report
 
 

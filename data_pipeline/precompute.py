@@ -1,8 +1,10 @@
 """Encode every image once with the VAE and write MDS shards of documents with their latents.
 
 The input is split into fixed parts (see `sources.list_parts`); part k goes to rank k % world.
-Each part is written to `OUT/part-K/` and marked done by `OUT/part-K/report.json`, so a rerun
-skips finished parts. Rank 0 waits for every part, then merges the index (streaming's
+Each part is written to `OUT/part-K/` and marked done by `OUT/part-K/report.json`, which records
+the part's identity (what it read: `sources.part_fingerprint`; the options that shape the output,
+the VAE's checksum). A rerun skips a finished part only when that identity is unchanged, and redoes
+it otherwise. Rank 0 waits for every part, then merges the index (streaming's
 `merge_index`) and writes `OUT/report.json` (read, encoded, skipped per reason) and
 `OUT/latents.json` (latent shape, dtype, normalisation). The result does not depend on the
 number of ranks. Run `python -m data_pipeline.precompute --help`.
@@ -11,6 +13,7 @@ number of ranks. Run `python -m data_pipeline.precompute --help`.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import shutil
@@ -174,8 +177,8 @@ def _count(stats: Stats, d: Decoded, strict: bool) -> None:
 
 
 def process_part(part: sources.Part, kind: sources.SourceKind, vae: vaelib.Vae, out_dir: Path,
-                 args: argparse.Namespace, bar: tqdm) -> dict:
-    """Encode one part into `out_dir` (fresh), then write its report.json as the done marker."""
+                 args: argparse.Namespace, bar: tqdm, identity: dict) -> dict:
+    """Encode one part into `out_dir` (fresh), then write its report.json (with `identity`) as the done marker."""
     if out_dir.exists():
         shutil.rmtree(out_dir)  # a crashed, unfinished part
     stats = Stats()
@@ -198,7 +201,7 @@ def process_part(part: sources.Part, kind: sources.SourceKind, vae: vaelib.Vae, 
                     w.write(sample)
                     stats.records_written += 1
             bar.update(sum(len(d.pixels) for d in group))
-    report = {"part": part.name, **stats.to_json(), "seconds": round(time.time() - t0, 3)}
+    report = {"part": part.name, **stats.to_json(), "seconds": round(time.time() - t0, 3), "identity": identity}
     tmp = out_dir / "report.json.tmp"
     tmp.write_text(json.dumps(report, indent=2) + "\n")
     os.replace(tmp, out_dir / "report.json")
@@ -207,6 +210,40 @@ def process_part(part: sources.Part, kind: sources.SourceKind, vae: vaelib.Vae, 
 
 def part_dir(out: Path, k: int) -> Path:
     return out / f"part-{k:05d}"
+
+
+def vae_fingerprint(vae_dir: str | Path) -> str:
+    """sha256 over the names and bytes of a VAE directory's files (its `samples/` previews excluded)."""
+    h = hashlib.sha256()
+    root = Path(vae_dir)
+    for p in sorted(q for q in root.rglob("*") if q.is_file() and "samples" not in q.relative_to(root).parts):
+        h.update(str(p.relative_to(root)).encode())
+        with open(p, "rb") as f:
+            while chunk := f.read(1 << 24):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def output_options(args: argparse.Namespace) -> dict:
+    """The options that shape a part's output (its records, latents and shard files)."""
+    return {"kind": args.kind, "image_size": args.image_size, "dtype": args.dtype, "batch_size": args.batch_size,
+            "shard_size": args.shard_size, "caption_fallback_encoding": args.caption_fallback_encoding,
+            "vae_sha256": vae_fingerprint(args.vae)}
+
+
+def part_identity(part: sources.Part, options: dict) -> dict:
+    """What a finished part must match to be reused: its input fingerprint and the shaping options."""
+    return {"part": part.name, "input_sha256": sources.part_fingerprint(part), **options}
+
+
+def identity_mismatch(out: Path, k: int, ident: dict) -> list[str] | None:
+    """None when part k is finished with identity `ident`; else the differing fields (["unfinished"] if not done)."""
+    rep = part_dir(out, k) / "report.json"
+    if not rep.is_file():
+        return ["unfinished"]
+    have = json.loads(rep.read_text()).get("identity", {})
+    diff = sorted(f for f in ident if have.get(f) != ident[f])
+    return diff or None
 
 
 def finalize(out: Path, n_parts: int, meta: dict) -> dict:
@@ -227,10 +264,10 @@ def finalize(out: Path, n_parts: int, meta: dict) -> dict:
     return report
 
 
-def wait_for_parts(out: Path, n_parts: int, timeout: float) -> None:
-    """Block until every part has its report.json (other ranks still encoding)."""
+def wait_for_parts(out: Path, idents: list[dict], timeout: float) -> None:
+    """Block until every part has its report.json with the expected identity (other ranks still encoding)."""
     t0 = time.time()
-    while missing := [k for k in range(n_parts) if not (part_dir(out, k) / "report.json").is_file()]:
+    while missing := [k for k, ident in enumerate(idents) if identity_mismatch(out, k, ident)]:
         if time.time() - t0 > timeout:
             raise TimeoutError(
                 f"{out}: parts {missing[:10]} unfinished after {timeout:.0f}s; rerun the same command "
@@ -283,17 +320,29 @@ def run(args: argparse.Namespace, rank_and_world: tuple[int, int] | None = None)
     meta = {"latent_shape": [vae.latent_channels, h, h], "dtype": args.dtype, "image_size": args.image_size,
             "vae": str(Path(args.vae).resolve()), "stored": "normalised posterior mean: (mean - shift) * scale",
             "kind": args.kind}
+    options = output_options(args)
+    idents = [part_identity(p, options) for p in parts]
     if not args.merge_only:
         mine = [k for k in range(len(parts)) if k % world == rank]
-        todo = [k for k in mine if not (part_dir(out, k) / "report.json").is_file()]
+        todo = []
+        for k in mine:
+            diff = identity_mismatch(out, k, idents[k])
+            if diff and diff != ["unfinished"]:
+                print(f"[precompute rank {rank}] {part_dir(out, k).name} was made from other inputs or options "
+                      f"(differs in {diff}); redoing it")
+            todo += [k] if diff else []
         print(f"[precompute rank {rank}/{world}] {len(parts)} parts, {len(mine)} mine, {len(mine) - len(todo)} already done")
         # in Slurm logs (no TTY) the bar is redrawn every 30 s instead of continuously
         with tqdm(desc=f"rank {rank}", unit="img", mininterval=0.1 if sys.stderr.isatty() else 30.0) as bar:
             for k in todo:
-                process_part(parts[k], args.kind, vae, part_dir(out, k), args, bar)
+                process_part(parts[k], args.kind, vae, part_dir(out, k), args, bar, idents[k])
     if rank != 0:
         return None
-    wait_for_parts(out, len(parts), args.wait_timeout)
+    wait_for_parts(out, idents, args.wait_timeout)
+    stale = sorted(p.name for p in out.glob("part-*") if int(p.name.split("-")[1]) >= len(parts))
+    if stale:
+        print(f"[precompute] {out}: {stale[:5]}... are left from a run with more parts and are not merged; "
+              "remove them or use a new --out")
     report = finalize(out, len(parts), meta)
     print(json.dumps(report))
     return report

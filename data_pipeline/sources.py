@@ -14,6 +14,7 @@ A caption that is not UTF-8 is repaired instead when `caption_fallback` names an
 from __future__ import annotations
 
 import glob
+import hashlib
 import json
 import os
 import tarfile
@@ -130,6 +131,35 @@ def list_parts(inputs: list[str], part_size: int = 1000) -> list[Part]:
         n = len(_folder_images(path)) if os.path.isdir(path) else _count_lines(path)
         parts += [Part(path, s, min(s + part_size, n)) for s in range(0, n, part_size)]
     return parts
+
+
+def file_stamp(path: str | Path) -> list:
+    """[resolved path, size in bytes, mtime in ns] of a file: cheap evidence that it is unchanged."""
+    st = os.stat(path)
+    return [str(Path(path).resolve()), st.st_size, st.st_mtime_ns]
+
+
+def part_fingerprint(part: Part) -> str:
+    """sha256 identifying what a part reads: its jsonl lines' bytes, its folder files' stamps, or its tar's stamp.
+
+    A jsonl part hashes its own lines, so lines appended to the file leave earlier parts valid.
+    """
+    h = hashlib.sha256(json.dumps([str(Path(part.path).resolve()), part.start, part.stop]).encode())
+    if part.path.endswith(".tar"):
+        h.update(json.dumps(file_stamp(part.path)).encode())
+    elif os.path.isdir(part.path):
+        for p in _folder_images(part.path)[part.start : part.stop]:
+            sides = [file_stamp(s) for s in (Path(p).with_suffix(".txt"), Path(p).with_suffix(".json")) if s.is_file()]
+            h.update(json.dumps([file_stamp(p), sides]).encode())
+    else:
+        with open(part.path, "rb") as f:
+            lines = (line for line in f if line.strip())
+            for i, line in enumerate(lines):
+                if i >= part.stop:
+                    break
+                if i >= part.start:
+                    h.update(line.rstrip(b"\r\n") + b"\n")
+    return h.hexdigest()
 
 
 def _read_bytes(path: Path) -> bytes | None:
@@ -298,21 +328,27 @@ def _text_items(fp: str) -> Iterator[tuple[str, object]]:
                 yield f"{fp}:{n}", lambda line=line, n=n: _text_of(line, f"{fp}:{n}")
 
 
+def text_files(inputs: list[str]) -> list[str]:
+    """The text files of `inputs` in reading order (globs expanded, folders searched for .txt/.jsonl)."""
+    out: list[str] = []
+    for path in expand(inputs):
+        out += sorted(str(p) for p in Path(path).rglob("*") if p.suffix in (".txt", ".jsonl")) if os.path.isdir(path) else [path]
+    return out
+
+
 def iter_texts(inputs: list[str], skips: SkipLog | None = None, strict: bool = False) -> Iterator[str]:
     """Text documents: the 'text' field of each .jsonl line, or one whole .txt file per document.
 
     A bad line (`bad_json`, `not_utf8`, `no_text`) or a .txt file that is not UTF-8 is skipped and
     recorded in `skips`; with `strict` (or no `skips`) it raises ValueError naming file and line.
     """
-    for path in expand(inputs):
-        files = sorted(str(p) for p in Path(path).rglob("*") if p.suffix in (".txt", ".jsonl")) if os.path.isdir(path) else [path]
-        for fp in files:
-            for where, get in _text_items(fp):
-                try:
-                    text = get()
-                except BadRecord as e:
-                    if strict or skips is None:
-                        raise ValueError(f"{e.detail} ({e.reason}); fix or remove it") from e
-                    skips.add(where, e.reason, e.detail)
-                    continue
-                yield text
+    for fp in text_files(inputs):
+        for where, get in _text_items(fp):
+            try:
+                text = get()
+            except BadRecord as e:
+                if strict or skips is None:
+                    raise ValueError(f"{e.detail} ({e.reason}); fix or remove it") from e
+                skips.add(where, e.reason, e.detail)
+                continue
+            yield text

@@ -431,3 +431,59 @@ def _split_docs(row: list[int], ids) -> list[list[int]]:
         elif cur is not None:
             cur.append(t)
     return out
+
+
+def test_precompute_resume_checks_part_identity(demo_data, tmp_path, capsys):
+    """Issue 10: adding a.jsonl before b.jsonl, or changing --part-size, made a rerun keep b's parts as 'done'."""
+    from data_pipeline.synthetic import draw_shape
+    inp = tmp_path / "inputs"
+    inp.mkdir()
+    draw_shape("red", "circle", "top").save(inp / "x.png")
+
+    def write(name, n):
+        (inp / name).write_text("".join(json.dumps({"image": "x.png", "caption": f"{name} {i}"}) + "\n" for i in range(n)))
+
+    def caps(out):
+        return [s["doc"][0]["text"] for s in read_mds(out)]
+
+    write("b.jsonl", 3)
+    out = tmp_path / "out"
+    _run_precompute(demo_data, [inp / "*.jsonl"], out, "--part-size", "2")
+    assert caps(out) == ["b.jsonl 0", "b.jsonl 1", "b.jsonl 2"]
+    capsys.readouterr()
+    _run_precompute(demo_data, [inp / "*.jsonl"], out, "--part-size", "2")  # same work: all reused
+    assert "2 already done" in capsys.readouterr().out
+    write("a.jsonl", 2)  # sorts first: part 0 is now a.jsonl:0-2
+    rep = _run_precompute(demo_data, [inp / "*.jsonl"], out, "--part-size", "2")
+    printed = capsys.readouterr().out
+    assert "0 already done" in printed and "differs in ['input_sha256', 'part']" in printed
+    assert caps(out) == ["a.jsonl 0", "a.jsonl 1", "b.jsonl 0", "b.jsonl 1", "b.jsonl 2"] and rep["records_written"] == 5
+    with (inp / "b.jsonl").open("a") as f:  # appended lines: b's first part keeps its identity
+        f.write(json.dumps({"image": "x.png", "caption": "b.jsonl 3"}) + "\n")
+    _run_precompute(demo_data, [inp / "*.jsonl"], out, "--part-size", "2")
+    assert "2 already done" in capsys.readouterr().out
+    rep = _run_precompute(demo_data, [inp / "*.jsonl"], out, "--part-size", "3")  # a.jsonl:0-2 unchanged, b's parts redone
+    assert "1 already done" in capsys.readouterr().out
+    assert caps(out) == ["a.jsonl 0", "a.jsonl 1", "b.jsonl 0", "b.jsonl 1", "b.jsonl 2", "b.jsonl 3"]
+    assert rep["parts"] == 3 and rep["records_written"] == 6
+
+
+def test_pack_rerun_checks_identity(demo_data, tmp_path, capsys):
+    """A finished pack is reused only for the same inputs and options; otherwise a clear stop; a crashed one is redone."""
+    from data_pipeline import pack
+    src = tmp_path / "t.jsonl"
+    src.write_text("".join(json.dumps({"text": f"document {i}"}) + "\n" for i in range(5)))
+    argv = ["--kind", "text", "--input", str(src), "--tokenizer", str(demo_data.tokenizer), "--out", str(tmp_path / "out")]
+    first = pack.run(pack.build_parser().parse_args([*argv, "--seq-len", "32"]))
+    assert pack.run(pack.build_parser().parse_args([*argv, "--seq-len", "32"])) == first
+    assert "already packed" in capsys.readouterr().out
+    with pytest.raises(ValueError, match=r"differs in \['seq_len'\]\); use a new --out"):
+        pack.run(pack.build_parser().parse_args([*argv, "--seq-len", "64"]))
+    with src.open("a") as f:
+        f.write(json.dumps({"text": "document 5"}) + "\n")
+    with pytest.raises(ValueError, match=r"differs in \['inputs'\]\); use a new --out"):
+        pack.run(pack.build_parser().parse_args([*argv, "--seq-len", "32"]))
+    (tmp_path / "out" / "pack.json").unlink()  # as if killed before the end
+    rep = pack.run(pack.build_parser().parse_args([*argv, "--seq-len", "32"]))
+    assert "unfinished run" in capsys.readouterr().out
+    assert rep["train"]["real_positions"] == first["train"]["real_positions"] + len(Tokenizer(demo_data.tokenizer).encode("document 5")) + 2
