@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 import sentencepiece as spm
-from PIL import Image
+from PIL import Image, ImageOps
 
 from data_pipeline import images, tokenizer
 from data_pipeline.packing import IMAGE, PAIR, TEXT, Packer, Unit, best_subset
@@ -142,13 +142,131 @@ def _png(img: Image.Image, fmt: str = "PNG") -> bytes:
     return b.getvalue()
 
 
-@pytest.mark.parametrize("mode", ["RGB", "RGBA", "P", "L", "CMYK", "LA", "I;16"])
-def test_modes_convert_to_rgb_and_crop(mode):
-    img = Image.new("RGB", (90, 60), (200, 10, 10)).convert(mode)
-    fmt = "JPEG" if mode == "CMYK" else ("TIFF" if mode == "I;16" else "PNG")
-    arr = images.load_image(_png(img, fmt), 32)
-    assert arr.shape == (3, 32, 32) and arr.dtype == np.float32
-    assert -1.0 <= arr.min() and arr.max() <= 1.0
+def _encode(img: Image.Image, fmt: str, **kw) -> bytes:
+    b = io.BytesIO()
+    img.save(b, format=fmt, **kw)
+    return b.getvalue()
+
+
+def _rgb(x: np.ndarray) -> np.ndarray:
+    """load_image output (3, H, W) in [-1, 1] -> (H, W, 3) 0..255 floats."""
+    return (x.transpose(1, 2, 0) + 1.0) * 127.5
+
+
+_GRAD = np.linspace(0.0, 1.0, 32 * 32).reshape(32, 32)  # (H, W) 0..1 ramp
+
+
+def _alpha_over_white(c: float, a: np.ndarray) -> np.ndarray:
+    w = a.astype(np.float64) / 255.0
+    return c * w + 255.0 * (1 - w)
+
+
+def _mode_case(mode: str) -> tuple[Image.Image, str, np.ndarray]:
+    """(image, format, expected (H, W, 3) 0..255 as a viewer shows it), computed without the pipeline's code."""
+    a = np.rint(_GRAD * 255).astype(np.uint8)  # (H, W)
+    grey3 = lambda g: np.repeat(np.asarray(g, np.float64)[..., None], 3, axis=2)  # noqa: E731
+    if mode == "I;16":
+        v = np.rint(_GRAD * 65535).astype(np.uint16)
+        return Image.fromarray(v), "PNG", grey3(v / 257.0)
+    if mode == "I":
+        v = np.rint(_GRAD * 65535).astype(np.int32)
+        return Image.fromarray(v), "TIFF", grey3(v / 257.0)
+    if mode == "F":
+        return Image.fromarray(_GRAD.astype(np.float32)), "TIFF", grey3(_GRAD.astype(np.float32) * 255.0)
+    if mode == "L":
+        return Image.fromarray(a, "L"), "PNG", grey3(a)
+    if mode == "1":
+        return Image.fromarray(a > 127).convert("1"), "PNG", grey3(np.where(a > 127, 255.0, 0.0))
+    if mode == "LA":
+        img = Image.merge("LA", [Image.new("L", (32, 32), 40), Image.fromarray(a)])
+        return img, "PNG", grey3(_alpha_over_white(40, a))
+    if mode == "RGBA":
+        img = Image.merge("RGBA", [Image.new("L", (32, 32), c) for c in (200, 10, 90)] + [Image.fromarray(a)])
+        return img, "PNG", np.stack([_alpha_over_white(c, a) for c in (200, 10, 90)], axis=2)
+    if mode in ("P", "P+transparency"):
+        img = Image.fromarray(np.where(a > 127, 1, 0).astype(np.uint8), "P")
+        img.putpalette([200, 10, 90, 0, 120, 255] + [0] * 762)
+        exp = np.where((a > 127)[..., None], [0.0, 120.0, 255.0], [200.0, 10.0, 90.0])
+        if mode == "P":
+            return img, "PNG", exp
+        img.info["transparency"] = 1  # colour 1 transparent: white shows through
+        return img, "PNG", np.where((a > 127)[..., None], 255.0, exp)
+    if mode == "CMYK":  # R = (255 - C)(255 - K) / 255, the profile-less conversion viewers use
+        cmyk = [np.full((32, 32), v, np.uint8) for v in (10, 200, 100, 30)]
+        exp = np.stack([np.full((32, 32), (255 - c) * (255 - 30) / 255, np.float64) for c in (10, 200, 100)], axis=2)
+        return Image.merge("CMYK", [Image.fromarray(x) for x in cmyk]), "TIFF", exp
+    raise AssertionError(mode)
+
+
+@pytest.mark.parametrize("mode", ["I;16", "I", "F", "L", "1", "LA", "RGBA", "P", "P+transparency", "CMYK"])
+def test_modes_map_by_their_real_value_range(mode):
+    """Each mode as a viewer shows it: 16-bit / 257, float 0..1 x 255, alpha over white; not stretched per image."""
+    img, fmt, expected = _mode_case(mode)
+    data = _encode(img, fmt)
+    got = _rgb(images.load_image(data, 32))  # 32 -> 32: no resampling, pixels compared directly
+    assert got.shape == (32, 32, 3)
+    assert np.abs(got - expected).max() <= 1.0, f"{mode}: max error {np.abs(got - expected).max()}"
+
+
+@pytest.mark.parametrize("mode,values,reason", [
+    ("F", np.full((32, 32), 3.5, np.float32), "unsupported_range"),  # HDR-like float: no defined 8-bit mapping
+    ("I", np.full((32, 32), 70000, np.int32), "unsupported_range"),
+])
+def test_modes_outside_a_known_range_are_skipped_with_reason(mode, values, reason):
+    with pytest.raises(images.BadImage) as e:
+        img = Image.fromarray(values)
+        assert img.mode == mode
+        images.load_image(_encode(img, "TIFF"), 32)
+    assert e.value.reason == reason
+
+
+def test_16_bit_dark_image_is_not_stretched():
+    """A dark 16-bit image stays dark (per-image min/max stretching made it full-range)."""
+    v = np.full((32, 32), 1000, np.uint16)
+    v[0, 0] = 2000
+    got = _rgb(images.load_image(_encode(Image.fromarray(v), "PNG"), 32))
+    assert abs(got[5, 5, 0] - 1000 / 257) <= 1.0 and abs(got[0, 0, 0] - 2000 / 257) <= 1.0
+
+
+def _upright() -> np.ndarray:
+    """A portrait (H=48, W=32) picture whose corners differ: red top-left, blue bottom-right."""
+    u = np.full((48, 32, 3), 128, np.uint8)
+    u[:12, :8] = (255, 0, 0)
+    u[-12:, -8:] = (0, 0, 255)
+    u[20:28, 10:14] = (0, 255, 0)
+    return u
+
+
+def _stored_for(u: np.ndarray, orientation: int) -> np.ndarray:
+    """The pixels a camera stores so that a viewer applying EXIF `orientation` shows `u` (EXIF 2.3, tag 0x0112)."""
+    t = np.transpose(u, (1, 0, 2))
+    return {1: u, 2: u[:, ::-1], 3: u[::-1, ::-1], 4: u[::-1], 5: t, 6: np.rot90(u, 1), 7: t[::-1, ::-1],
+            8: np.rot90(u, -1)}[orientation]
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_exif_orientation_applied_before_crop(orientation):
+    """Issue 10: an orientation-6 photo (stored landscape, shown portrait) was encoded rotated and cropped wrongly."""
+    u = _upright()
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    data = _encode(Image.fromarray(np.ascontiguousarray(_stored_for(u, orientation))), "PNG", exif=exif)
+    viewer = np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(data))))  # the viewer reference
+    assert np.array_equal(viewer, u)
+    want = images.load_image(_encode(Image.fromarray(u), "PNG"), 16)
+    assert np.array_equal(images.load_image(data, 16), want)
+
+
+def test_exif_rotated_jpeg_phone_photo():
+    """A JPEG stored landscape with orientation 6: encoded upright (portrait), like the viewer shows it."""
+    u = _upright()
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    data = _encode(Image.fromarray(np.ascontiguousarray(_stored_for(u, 6))), "JPEG", exif=exif, quality=95)
+    got = _rgb(images.load_image(data, 32))  # shorter side 32 = the portrait width: crop is vertical
+    want = _rgb(images.load_image(_encode(Image.fromarray(u), "JPEG", quality=95), 32))
+    assert np.abs(got - want).mean() < 3.0
+    assert got[:2, :4, 0].mean() > 200 and got[-2:, -4:, 2].mean() > 200  # red top-left, blue bottom-right
 
 
 @pytest.mark.parametrize("data,reason", [
