@@ -21,6 +21,8 @@ $(STAMP): pyproject.toml ci/requirements.txt
 	$(VPY) -m pip install -q -r ci/requirements.txt
 	$(VPY) -m pip install -q --no-build-isolation deepspeed==0.19.8
 	$(VPY) -m pip install -q --no-build-isolation --no-deps -e .
+	# build DeepSpeed's CPU ops once per machine, with the venv's ninja (ci/build_deepspeed_ops.py says why)
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VPY) ci/build_deepspeed_ops.py
 	touch $(STAMP)
 
 demo: $(STAMP)

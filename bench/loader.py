@@ -18,6 +18,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from contract.special_ids import SpecialIds, save_special_ids  # noqa: E402
 from data_pipeline.config import DataConfig, StreamConfig  # noqa: E402
 from data_pipeline.loader import build_loader  # noqa: E402
 from data_pipeline.pack import write_rows  # noqa: E402
@@ -48,14 +49,14 @@ def _docs(kind: str, n: int, rng: np.random.Generator):
 def build(root: Path, rows: int) -> tuple[DataConfig, dict]:
     """Pack text / pairs / interleaved streams under `root`; returns the DataConfig and efficiencies."""
     rng = np.random.default_rng(0)
-    ids = {"vocab_size": 32003, "bos_id": 1, "eos_id": 2, "boi_id": 32000, "eoi_id": 32001, "pad_id": 32002}
-    (root / "tok.json").write_text(json.dumps(ids))
+    save_special_ids(SpecialIds(vocab_size=32003, bos_id=1, eos_id=2, boi_id=32000, eoi_id=32001, pad_id=32002),
+                     root / "tok.model")
     per_doc = {"text": 1000, "pairs": 300, "interleaved": 1500}
     eff, streams = {}, []
     for kind, share in (("text", 0.4), ("pairs", 0.4), ("interleaved", 0.2)):
         n_docs = int(rows * share * SEQ / per_doc[kind]) + 64
         packer = Packer(SEQ, P)
-        n, n_img = write_rows(packer, _docs(kind, n_docs, rng), root / kind, False, 1 << 26)
+        n, n_img = write_rows(packer, _docs(kind, n_docs, rng), root / kind, "fp16", 1 << 26)
         eff[kind] = (n, packer.real, packer.efficiency)
         (root / kind / "pack.json").write_text(json.dumps(
             {"rows": n, "positions": n * SEQ, "image_positions": n_img * P, "efficiency": packer.efficiency}))

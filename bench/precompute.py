@@ -69,11 +69,10 @@ def main() -> None:
         x = torch.from_numpy(np.stack([load_image(p.read_bytes(), a.image_size) for p in paths])).to(dev)
         bare_encode(vae, x[: a.batch_size], a.batch_size)  # warm-up
         bare = bare_encode(vae, x, a.batch_size)
-        args = precompute.build_parser().parse_args([
-            "--input", str(jl), "--vae", str(root / "vae"), "--out", str(root / "out"), "--image-size", str(a.image_size),
-            "--batch-size", str(a.batch_size), "--device", str(dev), "--decode-threads", str(a.decode_threads)])
+        opts = precompute.PrecomputeOptions([str(jl)], str(root / "vae"), str(root / "out"), image_size=a.image_size,
+                                            batch_size=a.batch_size, device=str(dev), decode_threads=a.decode_threads)
         t0 = time.perf_counter()
-        precompute.run(args, rank_and_world=(0, 1))
+        precompute.run(opts, rank_and_world=(0, 1))
         full = time.perf_counter() - t0
     print(f"\n| device | images | size | bare encode img/s | full precompute img/s | overhead |\n|---|---|---|---|---|---|")
     print(f"| {dev} | {a.n} | {a.image_size} | {a.n / bare:,.1f} | {a.n / full:,.1f} | {full / bare - 1:+.1%} |")

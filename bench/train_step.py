@@ -15,8 +15,8 @@ import time
 
 import torch
 
-from pretrain.config import ModelConfig
-from pretrain.model import IGNORE_INDEX, Transfusion, TransfusionBatch, flops_per_position
+from contract.batch import IGNORE_INDEX, TransfusionBatch
+from pretrain.model import ModelConfig, Transfusion, flops_per_position
 
 TEXT, P = 32, 256
 
@@ -90,7 +90,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    base = dict(dim=256, n_layers=2, n_heads=4, vocab_size=1024, max_seq_len=512, latent_size=32, patch_size=2)
+    base = dict(dim=256, n_layers=2, n_heads=4, vocab_size=1024, latent_size=32, patch_size=2)
     peak = matmul_rate()
     print(f"threads: {args.threads}   fp32 matmul rate (1024^3): {peak / 1e9:.1f} GFLOP/s")
     print(f"{'path':15s} {'positions/s':>12s} {'GFLOP/s':>9s} {'share of matmul':>16s}")

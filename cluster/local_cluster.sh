@@ -38,16 +38,11 @@ pidfile() {
   esac
 }
 
-# pid of a daemon we started if it is still running (checked against its command name)
-running_pid() {
-  local f pid
-  f=$(pidfile "$1")
-  [[ -s $f ]] || return 1
-  pid=$(<"$f")
-  [[ $pid =~ ^[0-9]+$ ]] || return 1
-  [[ -r /proc/$pid/comm && $(<"/proc/$pid/comm") == "$1" ]] || return 1
-  echo "$pid"
-}
+# shellcheck source=cluster/daemons.sh
+source "$(dirname "${BASH_SOURCE[0]}")/daemons.sh"
+
+# pid of daemon NAME (munged, slurmctld, slurmd) if the one we started still runs
+running_pid() { daemon_pid "$1" "$(pidfile "$1")"; }
 
 install_packages() {
   if command -v slurmctld >/dev/null && command -v slurmd >/dev/null && command -v munged >/dev/null \
@@ -59,15 +54,6 @@ install_packages() {
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -q
   apt-get install -y -q slurm-wlm munge
-}
-
-write_munge_key() {
-  mkdir -p "$STATE/munge"
-  chmod 0700 "$STATE/munge"
-  if [[ ! -s $STATE/munge/munge.key ]]; then
-    (umask 077 && head -c 1024 /dev/urandom >"$STATE/munge/munge.key")
-  fi
-  chmod 0600 "$STATE/munge/munge.key"
 }
 
 write_slurm_conf() {
@@ -115,20 +101,9 @@ PartitionName=debug Nodes=$NODE Default=YES MaxTime=INFINITE State=UP
 EOF
 }
 
-start_munged() {
-  running_pid munged >/dev/null && return 0
-  write_munge_key
-  munged --force --key-file="$STATE/munge/munge.key" --socket="$MUNGE_SOCKET" \
-    --pid-file="$(pidfile munged)" --log-file="$STATE/log/munged.log" \
-    --seed-file="$STATE/munge/munged.seed"
-}
-
 start_slurm_daemons() {
   export SLURM_CONF=$CONF
-  if ! running_pid slurmctld >/dev/null; then
-    # -c: start from a clean state: no jobs of an earlier session come back to life
-    slurmctld -c -f "$CONF" || die "slurmctld did not start; see $STATE/log/slurmctld.log"
-  fi
+  start_slurmctld
   if ! running_pid slurmd >/dev/null; then
     slurmd -f "$CONF" -N "$NODE" || die "slurmd did not start; see $STATE/log/slurmd-$NODE.log"
   fi
@@ -175,38 +150,11 @@ cmd_start() {
   log "up: node $NODE idle; use it with: export SLURM_CONF=$CONF"
 }
 
-# end one daemon we started: TERM, then KILL after a grace period
-stop_daemon() {
-  local pid _
-  pid=$(running_pid "$1") || return 0
-  kill -TERM "$pid" 2>/dev/null || return 0
-  for _ in $(seq 1 100); do
-    [[ -d /proc/$pid ]] || return 0
-    sleep 0.1
-  done
-  log "$1 ($pid) did not stop on TERM: killing it"
-  kill -KILL "$pid" 2>/dev/null || true
-}
-
-cancel_jobs() {
-  running_pid slurmctld >/dev/null || return 0
-  local jobs _
-  jobs=$(SLURM_CONF=$CONF squeue -h -o %i 2>/dev/null || true)
-  [[ -n $jobs ]] || return 0
-  log "cancelling jobs: $(echo "$jobs" | tr '\n' ' ')"
-  # shellcheck disable=SC2086  # word splitting wanted: one argument per job id
-  SLURM_CONF=$CONF scancel $jobs 2>/dev/null || true
-  for _ in $(seq 1 40); do
-    [[ -z $(SLURM_CONF=$CONF squeue -h -o %i 2>/dev/null) ]] && return 0
-    sleep 0.5
-  done
-}
-
 cmd_stop() {
+  local pid
   cancel_jobs
-  stop_daemon slurmd
-  stop_daemon slurmctld
-  stop_daemon munged
+  if pid=$(running_pid slurmd); then end_pid "$pid"; fi
+  stop_controller
   log "stopped"
 }
 
@@ -223,13 +171,4 @@ cmd_status() {
   return $rc
 }
 
-case ${1:-} in
-  start) cmd_start ;;
-  stop) cmd_stop ;;
-  status) cmd_status ;;
-  env) echo "export SLURM_CONF=$CONF" ;;
-  *)
-    echo "usage: $0 start|stop|status|env" >&2
-    exit 2
-    ;;
-esac
+cluster_cli "$@"

@@ -36,14 +36,8 @@ START_TIMEOUT=${TF_SLURM_START_TIMEOUT:-90}
 log() { echo "netns_cluster: $*" >&2; }
 die() { log "error: $*"; exit 1; }
 
-# pid of a daemon this script started, if it still runs (pid file checked against the command)
-running_pid() {
-  local name=$1 file=$2 pid
-  [[ -s $file ]] || return 1
-  pid=$(<"$file")
-  [[ $pid =~ ^[0-9]+$ && -r /proc/$pid/comm && $(<"/proc/$pid/comm") == "$name" ]] || return 1
-  echo "$pid"
-}
+# shellcheck source=cluster/daemons.sh
+source "$(dirname "${BASH_SOURCE[0]}")/daemons.sh"
 
 node_names() {
   local k
@@ -78,11 +72,8 @@ teardown_network() {
 
 write_conf() {
   local k
-  mkdir -p "$STATE"/{ctld,spool,run,log,munge}
-  chmod 0700 "$STATE/munge"
-  if [[ ! -s $STATE/munge/munge.key ]]; then
-    (umask 077 && head -c 1024 /dev/urandom >"$STATE/munge/munge.key")
-  fi
+  mkdir -p "$STATE"/{ctld,spool,run,log}
+  write_munge_key
   {
     echo "# Written by cluster/netns_cluster.sh: $NODES nodes in network namespaces on one machine."
     cat <<EOF
@@ -126,17 +117,10 @@ EOF
 
 start_daemons() {
   local k
-  if ! running_pid munged "$STATE/munge/munged.pid" >/dev/null; then
-    munged --force --key-file="$STATE/munge/munge.key" --socket="$MUNGE_SOCKET" \
-      --pid-file="$STATE/munge/munged.pid" --log-file="$STATE/log/munged.log" \
-      --seed-file="$STATE/munge/munged.seed"
-  fi
-  if ! running_pid slurmctld "$STATE/run/slurmctld.pid" >/dev/null; then
-    # -c: start from a clean state: no jobs of an earlier session come back to life
-    slurmctld -c -f "$CONF" || die "slurmctld did not start; see $STATE/log/slurmctld.log"
-  fi
+  start_munged
+  start_slurmctld
   for ((k = 1; k <= NODES; k++)); do
-    if ! running_pid slurmd "$STATE/run/slurmd-n$k.pid" >/dev/null; then
+    if ! daemon_pid slurmd "$STATE/run/slurmd-n$k.pid" >/dev/null; then
       # its own /dev/shm too (a private mount namespace), as a real node has: streaming and
       # DeepSpeed name their shared memory per node, and two nodes sharing one /dev/shm collide
       # shellcheck disable=SC2016  # $@ is expanded by the inner shell
@@ -170,29 +154,13 @@ cmd_start() {
   log "up: $(node_names | tr '\n' ' ')idle; use it with: export SLURM_CONF=$CONF"
 }
 
-# TERM a pid (then KILL after 10 s) and wait for it to go
-end_pid() {
-  local pid=$1 _
-  kill -TERM "$pid" 2>/dev/null || return 0
-  for _ in $(seq 1 100); do
-    [[ -d /proc/$pid ]] || return 0
-    sleep 0.1
-  done
-  kill -KILL "$pid" 2>/dev/null || true
-}
-
 cmd_stop() {
-  local k pid jobs
-  if running_pid slurmctld "$STATE/run/slurmctld.pid" >/dev/null; then
-    jobs=$(SLURM_CONF=$CONF squeue -h -o %i 2>/dev/null || true)
-    # shellcheck disable=SC2086  # one argument per job id
-    [[ -z $jobs ]] || SLURM_CONF=$CONF scancel $jobs 2>/dev/null || true
-  fi
+  local k pid
+  cancel_jobs
   for ((k = 1; k <= NODES; k++)); do
-    if pid=$(running_pid slurmd "$STATE/run/slurmd-n$k.pid"); then end_pid "$pid"; fi
+    if pid=$(daemon_pid slurmd "$STATE/run/slurmd-n$k.pid"); then end_pid "$pid"; fi
   done
-  if pid=$(running_pid slurmctld "$STATE/run/slurmctld.pid"); then end_pid "$pid"; fi
-  if pid=$(running_pid munged "$STATE/munge/munged.pid"); then end_pid "$pid"; fi
+  stop_controller
   # whatever still runs inside our namespaces (job steps of cancelled jobs) was started by us
   for ((k = 1; k <= NODES; k++)); do
     if [[ -e /var/run/netns/tfn$k ]]; then
@@ -206,13 +174,13 @@ cmd_stop() {
 cmd_status() {
   local rc=0 k pid
   for f in "munged:$STATE/munge/munged.pid" "slurmctld:$STATE/run/slurmctld.pid"; do
-    if pid=$(running_pid "${f%%:*}" "${f#*:}"); then echo "${f%%:*}: running (pid $pid)"; else
+    if pid=$(daemon_pid "${f%%:*}" "${f#*:}"); then echo "${f%%:*}: running (pid $pid)"; else
       echo "${f%%:*}: not running"
       rc=1
     fi
   done
   for ((k = 1; k <= NODES; k++)); do
-    if pid=$(running_pid slurmd "$STATE/run/slurmd-n$k.pid"); then echo "slurmd n$k: running (pid $pid)"; else
+    if pid=$(daemon_pid slurmd "$STATE/run/slurmd-n$k.pid"); then echo "slurmd n$k: running (pid $pid)"; else
       echo "slurmd n$k: not running"
       rc=1
     fi
@@ -222,13 +190,4 @@ cmd_status() {
   return $rc
 }
 
-case ${1:-} in
-  start) cmd_start ;;
-  stop) cmd_stop ;;
-  status) cmd_status ;;
-  env) echo "export SLURM_CONF=$CONF" ;;
-  *)
-    echo "usage: $0 start|stop|status|env" >&2
-    exit 2
-    ;;
-esac
+cluster_cli "$@"

@@ -19,7 +19,8 @@ class StreamConfig:
 class DataConfig:
     """The data section of a run config."""
 
-    tokenizer: str = ""  # path to the sentencepiece .model (special ids sit next to it)
+    tokenizer: str = ""  # path to the sentencepiece .model (special ids sit next to it); sets model.vocab_size
+    vae: str = ""  # diffusers AutoencoderKL dir that encoded the latents: decodes samples, shipped by export
     seq_len: int = 4096  # positions per packed training sequence
     streams: list[StreamConfig] = field(default_factory=list)
     val_streams: list[StreamConfig] = field(default_factory=list)

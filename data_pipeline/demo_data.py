@@ -29,7 +29,7 @@ class DemoData:
     """Paths of a generated demo data set and its ready-to-use DataConfig."""
 
     root: Path
-    config_path: Path  # data.yaml: `data:` section + the `model:` latent keys
+    config_path: Path  # data.yaml: `data:` section (tokenizer, vae, shards) + the `model:` latent keys
     data_config: DataConfig
     tokenizer: Path
     vae: Path
@@ -71,20 +71,14 @@ def _vae(root: Path, raw: dict, sizes: DemoSizes, seed: int, latent_channels: in
     return vaelib.save_with_stats(model, data[:256], out, {"random_init": True})
 
 
-def _precompute(raw_file: Path, kind: str, vae_dir: Path, out: Path, size: int) -> None:
-    args = precompute.build_parser().parse_args([
-        "--input", str(raw_file), "--kind", kind, "--vae", str(vae_dir), "--out", str(out),
-        "--image-size", str(size), "--batch-size", "64", "--part-size", "500", "--decode-threads", "2",
-    ])
-    precompute.run(args, rank_and_world=(0, 1))
+def _precompute(raw_file: Path, kind: sources.SourceKind, vae_dir: Path, out: Path, size: int) -> None:
+    opts = precompute.PrecomputeOptions([str(raw_file)], str(vae_dir), str(out), kind=kind, image_size=size,
+                                        batch_size=64, part_size=500, decode_threads=2)
+    precompute.run(opts, rank_and_world=(0, 1))
 
 
 def _pack(kind: str, inputs: list[str], tok: Path, out: Path, seq_len: int, patch: int) -> dict:
-    args = pack.build_parser().parse_args([
-        "--kind", kind, "--input", *inputs, "--tokenizer", str(tok), "--out", str(out),
-        "--seq-len", str(seq_len), "--patch-size", str(patch), "--val-every", "10",
-    ])
-    return pack.run(args)
+    return pack.run(pack.PackOptions(kind, inputs, str(tok), str(out), seq_len=seq_len, patch_size=patch, val_every=10))
 
 
 def make_demo_data(out: str | Path, seed: int = 0, fast: bool = True, seq_len: int = 256, patch_size: int = 2,
@@ -108,19 +102,18 @@ def make_demo_data(out: str | Path, seed: int = 0, fast: bool = True, seq_len: i
     for kind in ("pairs", "interleaved"):
         _pack(kind, [str(root / "latents" / kind)], tok_path, shards / kind, seq_len, patch_size)
     h = sizes.image_size // 8
-    cfg = {
+    cfg = {  # model.vocab_size comes from the tokenizer; the one sequence length is data.seq_len
         "data": {
-            "tokenizer": str(tok_path), "seq_len": seq_len, "cache_dir": str(root / "cache"),
+            "tokenizer": str(tok_path), "vae": str(vae_dir), "seq_len": seq_len, "cache_dir": str(root / "cache"),
             "streams": [{"name": k, "local": str(shards / k / "train")} for k in ("text", "pairs", "interleaved")],
             "val_streams": [{"name": k, "local": str(shards / k / "val")} for k in ("text", "pairs", "interleaved")],
         },
-        "model": {"latent_channels": latent_channels, "latent_size": h, "patch_size": patch_size,
-                  "vocab_size": ids.vocab_size, "max_seq_len": seq_len},
+        "model": {"latent_channels": latent_channels, "latent_size": h, "patch_size": patch_size},
     }
     cfg_path = root / "data.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     d = cfg["data"]
-    dc = DataConfig(tokenizer=d["tokenizer"], seq_len=seq_len, cache_dir=d["cache_dir"],
+    dc = DataConfig(tokenizer=d["tokenizer"], vae=d["vae"], seq_len=seq_len, cache_dir=d["cache_dir"],
                     streams=[StreamConfig(**s) for s in d["streams"]], val_streams=[StreamConfig(**s) for s in d["val_streams"]])
     return DemoData(root, cfg_path, dc, tok_path, vae_dir, (latent_channels, h, h), patch_size, ids.vocab_size)
 

@@ -11,6 +11,7 @@ identity does nothing; with another identity it stops and asks for a new `--out`
 (split directories without pack.json) is redone.
 """
 
+
 from __future__ import annotations
 
 import argparse
@@ -18,15 +19,16 @@ import hashlib
 import json
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator, Literal
 
 import numpy as np
-import torch
 from streaming import MDSWriter
 from streaming.base.format import reader_from_json
 from tqdm import tqdm
 
+from contract import latents as latent_codec
 from data_pipeline import sources
 from data_pipeline.packing import IMAGE, PAIR, TEXT, Packer, Unit, row_arrays
 from data_pipeline.tokenizer import Tokenizer
@@ -64,18 +66,11 @@ def text_docs(inputs: list[str], tok: Tokenizer, batch: int = 256, skips: source
         yield from ([Unit(TEXT, [ids.bos_id, *t, ids.eos_id])] for t in tok.encode_batch(buf))
 
 
-def _latents_of(sample: dict) -> np.ndarray:
-    """Latents of a precompute sample as float32 (fp16, or bf16 bits in uint16)."""
-    if "latents" in sample:
-        return sample["latents"].astype(np.float32)
-    return (sample["latents_bf16"].astype(np.uint32) << 16).view(np.float32)
-
-
 def image_docs(root: str, tok: Tokenizer) -> Iterator[list[Unit]]:
     """Documents from a precompute output: pairs as one PAIR unit, interleaved as text/image units."""
     ids = tok.ids
     for s in read_mds(root):
-        lat = _latents_of(s)
+        lat = latent_codec.decode(s)  # (n, C, h, w) float32
         if s["kind"] == "pairs":
             cap = " ".join(seg["text"] for seg in s["doc"] if "text" in seg)
             yield [Unit(PAIR, tok.encode(cap), lat[0])]
@@ -96,22 +91,20 @@ def image_docs(root: str, tok: Tokenizer) -> Iterator[list[Unit]]:
         yield merged
 
 
-def write_rows(packer: Packer, docs, out: Path, bf16: bool, shard_size: int) -> tuple[int, int]:
-    """Pack `docs` and write every row to an MDS dataset at `out`; returns (rows, images)."""
-    cols = dict(PACKED_COLUMNS, **({"latents_bf16": "ndarray:uint16"} if bf16 else {"latents": "ndarray:float16"}))
+def write_rows(packer: Packer, docs: Iterable[list[Unit]], out: Path, dtype: latent_codec.LatentDtype,
+               shard_size: int) -> tuple[int, int]:
+    """Pack `docs` and write every row to an MDS dataset at `out`, latents stored as `dtype`; returns (rows, images)."""
+    key, encoding = latent_codec.COLUMNS[dtype]
+    cols = dict(PACKED_COLUMNS, **{key: encoding})
     n = n_img = 0
     with MDSWriter(out=str(out), columns=cols, size_limit=shard_size) as w:
         for row in tqdm(packer.pack(docs), desc=f"pack {out.name}", unit="seq", disable=None):
             toks, segs, lat = row_arrays(row)
-            if lat is None:  # MDS cannot store empty arrays: a 1-element placeholder (segs say 0 images)
-                lat = np.zeros((1, 1, 1, 1), np.uint16 if bf16 else np.float16)
-            elif bf16:
-                lat = torch.from_numpy(lat.astype(np.float32)).to(torch.bfloat16).view(torch.uint16).numpy()
-            else:
-                lat = lat.astype(np.float16)  # exact: the values came from fp16
+            # exact: the values came from this dtype; a row without images stores a placeholder (segs say 0 images)
+            lat = latent_codec.placeholder(dtype) if lat is None else latent_codec.encode(lat, dtype)
             if len(toks) == 0:
                 toks = np.zeros(1, np.int32)
-            w.write({"tokens": toks, "segs": segs, "n_real": row.used, ("latents_bf16" if bf16 else "latents"): lat})
+            w.write({"tokens": toks, "segs": segs, "n_real": row.used, key: lat})
             n += 1
             n_img += len(row.latents)
     return n, n_img
@@ -125,19 +118,37 @@ def _split(docs: Iterator[list[Unit]], val_every: int, want_val: bool) -> Iterat
             yield d
 
 
+@dataclass
+class PackOptions:
+    """What `run` packs and how (the CLI flags, typed); Python callers build it directly."""
+
+    kind: Literal["text", "pairs", "interleaved"]
+    inputs: list[str]  # text: .jsonl/.txt files or folders; pairs/interleaved: precompute output directories
+    tokenizer: str  # sentencepiece .model (special ids in <model>.json)
+    out: str  # output directory: OUT/train, OUT/val, OUT/pack.json
+    seq_len: int = 4096
+    patch_size: int = 2
+    val_every: int = 0  # every N-th document goes to OUT/val (0: no val)
+    lookahead: int = 64  # documents considered when filling a row
+    shard_size: int = 1 << 26  # bytes per MDS shard
+    strict: bool = False  # stop at the first bad text line
+
+
 def build_parser() -> argparse.ArgumentParser:
+    """The CLI; its defaults are PackOptions' (dest names are its field names)."""
+    d = PackOptions("text", [], "", "")
     ap = argparse.ArgumentParser(prog="python -m data_pipeline.pack", description=__doc__,
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--kind", choices=("text", "pairs", "interleaved"), required=True)
-    ap.add_argument("--input", nargs="+", required=True,
+    ap.add_argument("--input", dest="inputs", nargs="+", required=True,
                     help="text: .jsonl/.txt files or folders; pairs/interleaved: precompute output directories")
     ap.add_argument("--tokenizer", required=True, help="sentencepiece .model (special ids in <model>.json)")
     ap.add_argument("--out", required=True, help="output directory: OUT/train, OUT/val, OUT/pack.json")
-    ap.add_argument("--seq-len", type=int, default=4096)
-    ap.add_argument("--patch-size", type=int, default=2)
-    ap.add_argument("--val-every", type=int, default=0, help="every N-th document goes to OUT/val (0: no val)")
-    ap.add_argument("--lookahead", type=int, default=64, help="documents considered when filling a row")
-    ap.add_argument("--shard-size", type=int, default=1 << 26, help="bytes per MDS shard")
+    ap.add_argument("--seq-len", type=int, default=d.seq_len)
+    ap.add_argument("--patch-size", type=int, default=d.patch_size)
+    ap.add_argument("--val-every", type=int, default=d.val_every, help="every N-th document goes to OUT/val (0: no val)")
+    ap.add_argument("--lookahead", type=int, default=d.lookahead, help="documents considered when filling a row")
+    ap.add_argument("--shard-size", type=int, default=d.shard_size, help="bytes per MDS shard")
     ap.add_argument("--strict", action="store_true",
                     help="stop at the first bad text line (default: skip it, count and name it in pack.json)")
     return ap
@@ -154,15 +165,15 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def pack_identity(args: argparse.Namespace) -> dict:
+def pack_identity(opts: PackOptions) -> dict:
     """What a finished pack must match to be reused: inputs, tokenizer and every option that shapes the rows."""
-    if args.kind == "text":
-        inputs = [sources.file_stamp(f) for f in sources.text_files(args.input)]
+    if opts.kind == "text":
+        inputs = [sources.file_stamp(f) for f in sources.text_files(opts.inputs)]
     else:
         inputs = [[str(Path(p).resolve()), _sha256(Path(p) / "index.json"), _sha256(Path(p) / "latents.json")]
-                  for p in args.input]
-    return {"kind": args.kind, "inputs": inputs, "tokenizer_sha256": _sha256(Path(args.tokenizer)),
-            **{k: getattr(args, k) for k in ("seq_len", "patch_size", "val_every", "lookahead", "shard_size")}}
+                  for p in opts.inputs]
+    return {"kind": opts.kind, "inputs": inputs, "tokenizer_sha256": _sha256(Path(opts.tokenizer)),
+            **{k: getattr(opts, k) for k in ("seq_len", "patch_size", "val_every", "lookahead", "shard_size")}}
 
 
 def _previous(out: Path, identity: dict) -> dict | None:
@@ -182,46 +193,46 @@ def _previous(out: Path, identity: dict) -> dict | None:
     return None
 
 
-def run(args: argparse.Namespace) -> dict:
+def run(opts: PackOptions) -> dict:
     """Pack one source into OUT/train (+ OUT/val); returns the pack report (an identical finished pack is reused)."""
     t0 = time.time()
-    tok = Tokenizer(args.tokenizer)
-    out = Path(args.out)
+    tok = Tokenizer(opts.tokenizer)
+    out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
-    identity = pack_identity(args)
+    identity = pack_identity(opts)
     if (rep := _previous(out, identity)) is not None:
         print(f"[pack] {out}: already packed from the same inputs and options; nothing to do")
         return rep
-    meta = {"kind": args.kind, "seq_len": args.seq_len, "patch_size": args.patch_size, "latent_shape": None, "dtype": "fp16"}
+    meta = {"kind": opts.kind, "seq_len": opts.seq_len, "patch_size": opts.patch_size, "latent_shape": None, "dtype": "fp16"}
     P = 0
-    if args.kind != "text":
-        im = _image_meta(args.input)
+    if opts.kind != "text":
+        im = _image_meta(opts.inputs)
         C, h, w = im["latent_shape"]
-        if h % args.patch_size or w % args.patch_size:
-            raise ValueError(f"latent {h}x{w} is not divisible by --patch-size {args.patch_size}")
-        P = (h // args.patch_size) * (w // args.patch_size)
+        if h % opts.patch_size or w % opts.patch_size:
+            raise ValueError(f"latent {h}x{w} is not divisible by --patch-size {opts.patch_size}")
+        P = (h // opts.patch_size) * (w // opts.patch_size)
         meta.update(latent_shape=[C, h, w], dtype=im["dtype"])
 
     skips = sources.SkipLog()
 
     def docs() -> Iterator[list[Unit]]:
         nonlocal skips
-        if args.kind == "text":
+        if opts.kind == "text":
             skips = sources.SkipLog()  # each split re-reads the input: count its bad lines once
-            return text_docs(args.input, tok, skips=skips, strict=args.strict)
-        return (d for p in args.input for d in image_docs(p, tok))
+            return text_docs(opts.inputs, tok, skips=skips, strict=opts.strict)
+        return (d for p in opts.inputs for d in image_docs(p, tok))
 
     report = dict(meta)
-    for split in ("train", "val") if args.val_every > 0 else ("train",):
-        packer = Packer(args.seq_len, P, args.lookahead)
-        rows, n_img = write_rows(packer, _split(docs(), args.val_every, split == "val"), out / split,
-                                 meta["dtype"] == "bf16", args.shard_size)
-        report[split] = {"rows": rows, "images": n_img, "positions": rows * args.seq_len, "real_positions": packer.real,
+    for split in ("train", "val") if opts.val_every > 0 else ("train",):
+        packer = Packer(opts.seq_len, P, opts.lookahead)
+        rows, n_img = write_rows(packer, _split(docs(), opts.val_every, split == "val"), out / split,
+                                 meta["dtype"], opts.shard_size)
+        report[split] = {"rows": rows, "images": n_img, "positions": rows * opts.seq_len, "real_positions": packer.real,
                          "image_positions": n_img * P, "efficiency": round(packer.efficiency, 6)}
         (out / split / "pack.json").write_text(json.dumps({**meta, **report[split]}, indent=2) + "\n")
     report["skipped_documents"] = dict(sorted(skips.counts.items()))
     report["named"], report["named_left_out"] = skips.named, skips.named_left_out
-    report["tokenizer"] = str(Path(args.tokenizer).resolve())
+    report["tokenizer"] = str(Path(opts.tokenizer).resolve())
     report["seconds"] = round(time.time() - t0, 2)
     report["identity"] = identity
     tmp = out / "pack.json.tmp"
@@ -232,7 +243,8 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    run(build_parser().parse_args(argv))
+    """CLI: pack one source (see --help)."""
+    run(PackOptions(**vars(build_parser().parse_args(argv))))
 
 
 if __name__ == "__main__":

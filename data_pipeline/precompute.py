@@ -31,12 +31,13 @@ from streaming import MDSWriter
 from streaming.base.util import merge_index
 from tqdm import tqdm
 
+from contract import latents as latent_codec
+from contract.dist_env import detect_env
 from data_pipeline import images as imglib
 from data_pipeline import sources, vae as vaelib
-from data_pipeline.dist_env import rank_world
 
-COLUMNS = {"key": "str", "kind": "str", "doc": "json", "latents": "ndarray:float16"}
-COLUMNS_BF16 = {"key": "str", "kind": "str", "doc": "json", "latents_bf16": "ndarray:uint16"}
+#: MDS columns besides the latents (whose column depends on the storage dtype: contract.latents)
+COLUMNS = {"key": "str", "kind": "str", "doc": "json"}
 
 
 _COUNTS = ("records_read", "records_written", "images_read", "encoded")
@@ -98,7 +99,7 @@ def decode_record(rec: sources.Record, size: int) -> Decoded:
     return Decoded(rec, out)
 
 
-def to_sample(d: Decoded, latents: list[np.ndarray], bf16: bool) -> dict | None:
+def to_sample(d: Decoded, latents: list[np.ndarray], dtype: latent_codec.LatentDtype) -> dict | None:
     """MDS sample of a decoded record: doc segments ({'text'} / {'image': i}) + stacked latents.
 
     None for a skipped record and for a pair whose image is bad.
@@ -119,11 +120,8 @@ def to_sample(d: Decoded, latents: list[np.ndarray], bf16: bool) -> dict | None:
             continue
         doc.append({"image": len(lats)})
         lats.append(next(good))
-    arr = np.stack(lats) if lats else np.zeros((1, 1, 1, 1), np.float32)  # (n, C, h, w); MDS needs >= 1 element
-    t = torch.from_numpy(arr)
-    key = "latents_bf16" if bf16 else "latents"
-    val = t.to(torch.bfloat16).view(torch.uint16).numpy() if bf16 else arr.astype(np.float16)
-    return {"key": d.rec.key, "kind": d.rec.kind, "doc": doc, key: val}
+    val = latent_codec.encode(np.stack(lats), dtype) if lats else latent_codec.placeholder(dtype)  # (n, C, h, w)
+    return {"key": d.rec.key, "kind": d.rec.kind, "doc": doc, latent_codec.column(dtype): val}
 
 
 def _prefetch(pool: ThreadPoolExecutor, fn, it, depth: int) -> Iterator:
@@ -177,25 +175,26 @@ def _count(stats: Stats, d: Decoded, strict: bool) -> None:
 
 
 def process_part(part: sources.Part, kind: sources.SourceKind, vae: vaelib.Vae, out_dir: Path,
-                 args: argparse.Namespace, bar: tqdm, identity: dict) -> dict:
+                 opts: PrecomputeOptions, bar: tqdm, identity: dict) -> dict:
     """Encode one part into `out_dir` (fresh), then write its report.json (with `identity`) as the done marker."""
     if out_dir.exists():
         shutil.rmtree(out_dir)  # a crashed, unfinished part
     stats = Stats()
     t0 = time.time()
-    records = sources.read_part(part, kind, args.caption_fallback_encoding)
-    with ThreadPoolExecutor(args.decode_threads) as pool, MDSWriter(
-        out=str(out_dir), columns=COLUMNS_BF16 if args.dtype == "bf16" else COLUMNS, size_limit=args.shard_size
+    records = sources.read_part(part, kind, opts.caption_fallback_encoding)
+    with ThreadPoolExecutor(opts.decode_threads) as pool, MDSWriter(
+        out=str(out_dir), columns={**COLUMNS, latent_codec.column(opts.dtype): latent_codec.COLUMNS[opts.dtype][1]},
+        size_limit=opts.shard_size
     ) as w:
-        decoded = _prefetch(pool, lambda r: decode_record(r, args.image_size), records,
-                            depth=2 * args.batch_size)
-        for group in _chunks(decoded, args.batch_size):
-            lats = encode_group(vae, group, args.batch_size)
+        decoded = _prefetch(pool, lambda r: decode_record(r, opts.image_size), records,
+                            depth=2 * opts.batch_size)
+        for group in _chunks(decoded, opts.batch_size):
+            lats = encode_group(vae, group, opts.batch_size)
             k = 0
             for d in group:
                 n_good = sum(isinstance(p, np.ndarray) for p in d.pixels)
-                _count(stats, d, args.strict)
-                sample = to_sample(d, lats[k : k + n_good], args.dtype == "bf16")
+                _count(stats, d, opts.strict)
+                sample = to_sample(d, lats[k : k + n_good], opts.dtype)
                 k += n_good
                 if sample is not None:
                     w.write(sample)
@@ -224,11 +223,11 @@ def vae_fingerprint(vae_dir: str | Path) -> str:
     return h.hexdigest()
 
 
-def output_options(args: argparse.Namespace) -> dict:
+def output_options(opts: PrecomputeOptions) -> dict:
     """The options that shape a part's output (its records, latents and shard files)."""
-    return {"kind": args.kind, "image_size": args.image_size, "dtype": args.dtype, "batch_size": args.batch_size,
-            "shard_size": args.shard_size, "caption_fallback_encoding": args.caption_fallback_encoding,
-            "vae_sha256": vae_fingerprint(args.vae)}
+    return {"kind": opts.kind, "image_size": opts.image_size, "dtype": opts.dtype, "batch_size": opts.batch_size,
+            "shard_size": opts.shard_size, "caption_fallback_encoding": opts.caption_fallback_encoding,
+            "vae_sha256": vae_fingerprint(opts.vae)}
 
 
 def part_identity(part: sources.Part, options: dict) -> dict:
@@ -276,21 +275,45 @@ def wait_for_parts(out: Path, idents: list[dict], timeout: float) -> None:
         time.sleep(1.0)
 
 
+@dataclass
+class PrecomputeOptions:
+    """What `run` encodes and how (the CLI flags, typed); Python callers build it directly."""
+
+    inputs: list[str]  # pairs/interleaved .jsonl, image folders, webdataset .tar (globs ok)
+    vae: str  # local diffusers AutoencoderKL directory
+    out: str  # output directory (MDS dataset)
+    kind: sources.SourceKind = "pairs"  # layout of .jsonl inputs
+    image_size: int = 256
+    batch_size: int = 32  # images per VAE forward
+    part_size: int = 1000  # records per part (unit of work and resumption)
+    dtype: latent_codec.LatentDtype = "fp16"  # storage dtype of latents
+    device: str = "auto"  # auto = cuda:LOCAL_RANK if present, else cpu
+    decode_threads: int = 4
+    shard_size: int = 1 << 27  # bytes per MDS shard
+    wait_timeout: float = 6 * 3600  # rank 0 waits this long for other ranks
+    merge_only: bool = False  # only merge finished parts and write the reports
+    strict: bool = False  # stop at the first skipped record or image
+    caption_fallback_encoding: str | None = None  # repair non-UTF-8 caption files with this encoding
+
+
 def build_parser() -> argparse.ArgumentParser:
+    """The CLI; its defaults are PrecomputeOptions' (dest names are its field names)."""
+    d = PrecomputeOptions([], "", "")
     ap = argparse.ArgumentParser(prog="python -m data_pipeline.precompute", description=__doc__,
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ap.add_argument("--input", nargs="+", required=True, help="pairs/interleaved .jsonl, image folders, webdataset .tar (globs ok)")
-    ap.add_argument("--kind", choices=("pairs", "interleaved"), default="pairs", help="layout of .jsonl inputs")
+    ap.add_argument("--input", dest="inputs", nargs="+", required=True,
+                    help="pairs/interleaved .jsonl, image folders, webdataset .tar (globs ok)")
+    ap.add_argument("--kind", choices=("pairs", "interleaved"), default=d.kind, help="layout of .jsonl inputs")
     ap.add_argument("--vae", required=True, help="local diffusers AutoencoderKL directory")
     ap.add_argument("--out", required=True, help="output directory (MDS dataset)")
-    ap.add_argument("--image-size", type=int, default=256)
-    ap.add_argument("--batch-size", type=int, default=32, help="images per VAE forward")
-    ap.add_argument("--part-size", type=int, default=1000, help="records per part (unit of work and resumption)")
-    ap.add_argument("--dtype", choices=("fp16", "bf16"), default="fp16", help="storage dtype of latents")
-    ap.add_argument("--device", default="auto", help="auto = cuda:LOCAL_RANK if present, else cpu")
-    ap.add_argument("--decode-threads", type=int, default=4)
-    ap.add_argument("--shard-size", type=int, default=1 << 27, help="bytes per MDS shard")
-    ap.add_argument("--wait-timeout", type=float, default=6 * 3600, help="rank 0 waits this long for other ranks")
+    ap.add_argument("--image-size", type=int, default=d.image_size)
+    ap.add_argument("--batch-size", type=int, default=d.batch_size, help="images per VAE forward")
+    ap.add_argument("--part-size", type=int, default=d.part_size, help="records per part (unit of work and resumption)")
+    ap.add_argument("--dtype", choices=tuple(latent_codec.COLUMNS), default=d.dtype, help="storage dtype of latents")
+    ap.add_argument("--device", default=d.device, help="auto = cuda:LOCAL_RANK if present, else cpu")
+    ap.add_argument("--decode-threads", type=int, default=d.decode_threads)
+    ap.add_argument("--shard-size", type=int, default=d.shard_size, help="bytes per MDS shard")
+    ap.add_argument("--wait-timeout", type=float, default=d.wait_timeout, help="rank 0 waits this long for other ranks")
     ap.add_argument("--merge-only", action="store_true", help="only merge finished parts and write the reports")
     ap.add_argument("--strict", action="store_true",
                     help="stop at the first skipped record or image (default: skip, count and name it in report.json)")
@@ -300,29 +323,36 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def _device(spec: str) -> torch.device:
+def _device(spec: str, local_rank: int) -> torch.device:
     if spec != "auto":
         return torch.device(spec)
     if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0))))
+        return torch.device("cuda", local_rank)
     return torch.device("cpu")
 
 
-def run(args: argparse.Namespace, rank_and_world: tuple[int, int] | None = None) -> dict | None:
-    """Encode this rank's parts; on rank 0 wait for all and finalize. Returns the report on rank 0."""
-    rank, world = rank_and_world or rank_world()
-    out = Path(args.out)
+def run(opts: PrecomputeOptions, rank_and_world: tuple[int, int] | None = None) -> dict | None:
+    """Encode this rank's parts; on rank 0 wait for all and finalize. Returns the report on rank 0.
+
+    `rank_and_world` defaults to the launcher's (contract.dist_env: RANK/WORLD_SIZE or SLURM_*).
+    """
+    if rank_and_world is None:
+        env = detect_env()
+        rank, world, local_rank = env.rank, env.world_size, env.local_rank
+    else:
+        (rank, world), local_rank = rank_and_world, 0
+    out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
-    parts = sources.list_parts(args.input, args.part_size)
-    dev = _device(args.device)
-    vae = vaelib.load_vae(args.vae, dev, torch.bfloat16 if dev.type == "cuda" else torch.float32)
-    h = args.image_size // vae.downsample
-    meta = {"latent_shape": [vae.latent_channels, h, h], "dtype": args.dtype, "image_size": args.image_size,
-            "vae": str(Path(args.vae).resolve()), "stored": "normalised posterior mean: (mean - shift) * scale",
-            "kind": args.kind}
-    options = output_options(args)
+    parts = sources.list_parts(opts.inputs, opts.part_size)
+    dev = _device(opts.device, local_rank)
+    vae = vaelib.load_vae(opts.vae, dev, torch.bfloat16 if dev.type == "cuda" else torch.float32)
+    h = opts.image_size // vae.downsample
+    meta = {"latent_shape": [vae.latent_channels, h, h], "dtype": opts.dtype, "image_size": opts.image_size,
+            "vae": str(Path(opts.vae).resolve()), "stored": "normalised posterior mean: (mean - shift) * scale",
+            "kind": opts.kind}
+    options = output_options(opts)
     idents = [part_identity(p, options) for p in parts]
-    if not args.merge_only:
+    if not opts.merge_only:
         mine = [k for k in range(len(parts)) if k % world == rank]
         todo = []
         for k in mine:
@@ -335,10 +365,10 @@ def run(args: argparse.Namespace, rank_and_world: tuple[int, int] | None = None)
         # in Slurm logs (no TTY) the bar is redrawn every 30 s instead of continuously
         with tqdm(desc=f"rank {rank}", unit="img", mininterval=0.1 if sys.stderr.isatty() else 30.0) as bar:
             for k in todo:
-                process_part(parts[k], args.kind, vae, part_dir(out, k), args, bar, idents[k])
+                process_part(parts[k], opts.kind, vae, part_dir(out, k), opts, bar, idents[k])
     if rank != 0:
         return None
-    wait_for_parts(out, idents, args.wait_timeout)
+    wait_for_parts(out, idents, opts.wait_timeout)
     stale = sorted(p.name for p in out.glob("part-*") if int(p.name.split("-")[1]) >= len(parts))
     if stale:
         print(f"[precompute] {out}: {stale[:5]}... are left from a run with more parts and are not merged; "
@@ -349,7 +379,8 @@ def run(args: argparse.Namespace, rank_and_world: tuple[int, int] | None = None)
 
 
 def main(argv: list[str] | None = None) -> None:
-    run(build_parser().parse_args(argv))
+    """CLI: encode the inputs (see --help)."""
+    run(PrecomputeOptions(**vars(build_parser().parse_args(argv))))
 
 
 if __name__ == "__main__":

@@ -10,10 +10,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from contract import latents as latent_codec
+from contract.batch import IGNORE_INDEX
+from contract.special_ids import SpecialIds
 from data_pipeline.packing import IMAGE, PAIR, TEXT
-from data_pipeline.tokenizer import SpecialIds
-
-IGNORE_INDEX = -100
 
 
 @dataclass(frozen=True)
@@ -33,14 +33,6 @@ class RowSpec:
     def patches(self) -> int:
         C, H, W = self.latent_shape
         return (H // self.patch_size) * (W // self.patch_size)
-
-
-def latents_fp32(sample: dict) -> np.ndarray:
-    """(N, C, H, W) float32 latents of a packed sample (fp16 or bf16 bits stored as uint16)."""
-    if "latents" in sample:
-        return sample["latents"].astype(np.float32)
-    u = sample["latents_bf16"].astype(np.uint32) << 16
-    return u.view(np.float32)
 
 
 class _Layout:
@@ -111,7 +103,7 @@ def build_row(sample: dict, spec: RowSpec, seed: int, epoch: int, sample_id: int
     if lay.p > spec.seq_len:
         raise ValueError(f"packed row holds {lay.p} positions, more than seq_len={spec.seq_len}")
     out = _finish(lay)
-    lat = latents_fp32(sample)
+    lat = latent_codec.decode(sample)  # (N, C, H, W) float32
     n_img = len(t_max)
     if n_img == 0:
         lat = np.zeros((0, *spec.latent_shape), np.float32)

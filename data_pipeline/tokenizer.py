@@ -1,7 +1,8 @@
 """Sentencepiece tokenizer with fixed special ids (BOS, EOS, BOI, EOI, PAD) recorded beside the model.
 
 Train one from text files, or wrap any existing sentencepiece `.model` (Llama 2's works): the
-special ids live in `<model>.json` next to it, which the model reads for `vocab_size`.
+special ids live in `<model>.json` next to it (format and reader: `contract.special_ids`), which
+the run config reads for `model.vocab_size`.
 Run `python -m data_pipeline.tokenizer --help`.
 
 A trained tokenizer is lossless, as Llama 2's: `decode(encode(s)) == s` for any Unicode string
@@ -22,44 +23,12 @@ from typing import Iterable, Iterator
 
 import sentencepiece as spm
 
+from contract.special_ids import SpecialIds, load_special_ids, meta_path, save_special_ids
+
 BOI_PIECE, EOI_PIECE, PAD_PIECE = "<boi>", "<eoi>", "<pad>"
 # sentencepiece skips training sentences longer than max_sentence_length (bytes; default 4192) without a
 # word when its log is off: documents are cut into chunks of at most this many bytes instead.
 MAX_CHUNK_BYTES = 8192
-
-
-@dataclass(frozen=True)
-class SpecialIds:
-    """Vocabulary size and the ids of the special tokens the pipeline and the model use."""
-
-    vocab_size: int
-    bos_id: int
-    eos_id: int
-    boi_id: int
-    eoi_id: int
-    pad_id: int
-
-
-def meta_path(model_path: str | Path) -> Path:
-    """Where the special-id metadata of `model_path` lives: `<model>.json` beside it."""
-    p = Path(model_path)
-    return p.with_suffix(".json")
-
-
-def load_special_ids(path: str | Path) -> SpecialIds:
-    """Read the special ids of a tokenizer (path to the .model or to its .json metadata)."""
-    p = Path(path)
-    meta = p if p.suffix == ".json" else meta_path(p)
-    if not meta.is_file():
-        raise FileNotFoundError(
-            f"{meta}: tokenizer metadata missing; run `python -m data_pipeline.tokenizer wrap --model {p}` "
-            "to record the special ids next to the model"
-        )
-    d = json.loads(meta.read_text())
-    try:
-        return SpecialIds(**{k: int(d[k]) for k in SpecialIds.__dataclass_fields__})
-    except KeyError as e:
-        raise ValueError(f"{meta}: field {e} missing; re-run `python -m data_pipeline.tokenizer wrap`") from e
 
 
 def _special_ids_for(sp: spm.SentencePieceProcessor) -> SpecialIds:
@@ -83,6 +52,12 @@ def _special_ids_for(sp: spm.SentencePieceProcessor) -> SpecialIds:
     if sp.bos_id() < 0 or sp.eos_id() < 0:
         raise ValueError("the sentencepiece model has no BOS/EOS ids; train it with bos_id/eos_id set")
     return SpecialIds(vocab_size=extra, bos_id=sp.bos_id(), eos_id=sp.eos_id(), **ids)
+
+
+def _add_meta(model_path: str | Path, **extra: dict) -> None:
+    """Add descriptive keys (what the model does, how it was trained) to `<model>.json` beside the special ids."""
+    path = meta_path(model_path)
+    path.write_text(json.dumps({**json.loads(path.read_text()), **extra}, indent=2) + "\n")
 
 
 def describe(model_proto: bytes) -> dict:
@@ -114,7 +89,8 @@ def wrap(model_path: str | Path) -> SpecialIds:
                       "<unk> without byte_fallback, a normaliser rewrites characters, remove_extra_whitespaces folds "
                       "spaces and newlines; train one with `python -m data_pipeline.tokenizer train` for a lossless one",
                       stacklevel=2)
-    meta_path(model_path).write_text(json.dumps({**asdict(ids), "model": info}, indent=2) + "\n")
+    save_special_ids(ids, model_path)
+    _add_meta(model_path, model=info)
     return ids
 
 
@@ -191,8 +167,7 @@ def train(texts: Iterable[str], out_model: str | Path, vocab_size: int = 1000, s
                       f"text ({rep.documents} documents, {rep.chunks} chunks) has no more distinct sub-words worth a "
                       "piece; give more varied text or ask for a smaller vocabulary", stacklevel=2)
     ids = wrap(out_model)
-    meta = json.loads(meta_path(out_model).read_text())
-    meta_path(out_model).write_text(json.dumps({**meta, "training": asdict(rep)}, indent=2) + "\n")
+    _add_meta(out_model, training=asdict(rep))
     return ids
 
 

@@ -1,109 +1,24 @@
-"""The run config: one typed dataclass per section, loaded from YAML with CLI dot-overrides.
+"""The run config: the model's and the data's sections plus the trainer's, loaded from YAML with CLI dot-overrides.
 
 `load_config("configs/tiny.yaml", ["optim.lr=1e-4"])` gives a `Config`; unknown keys and wrong
-types are errors that name the field. `__post_init__` checks say what to change.
+types are errors that name the field. `__post_init__` checks say what to change. The sections
+live with their owners: `model` is `pretrain.model.config.ModelConfig`, `data` is
+`data_pipeline.config.DataConfig`; this module composes them and adds the trainer's own.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
+from contract.special_ids import load_special_ids
 from data_pipeline.config import DataConfig
 from pretrain import configlib
+from pretrain.model.config import ModelConfig
 
-PatchEncoder = Literal["linear", "unet"]
-AttentionImpl = Literal["flex", "sdpa"]
-
-
-@dataclass
-class ModelConfig:
-    """Transformer backbone, image patching and diffusion settings."""
-
-    dim: int = 768
-    n_layers: int = 16
-    n_heads: int = 12
-    n_kv_heads: int | None = None  # None = n_heads (no grouped-query attention)
-    ffn_dim: int | None = None  # None = Llama rule: 2/3 * 4 * dim rounded up to ffn_multiple_of
-    ffn_multiple_of: int = 256
-    vocab_size: int = 32000  # overwritten from the tokenizer metadata when data.tokenizer is set
-    norm_eps: float = 1e-5
-    rope_theta: float = 10000.0
-    max_seq_len: int = 4096
-    init_std: float = 0.02
-    attention: AttentionImpl = "flex"
-    # image path
-    latent_channels: int = 8
-    latent_size: int = 32  # latent side (256 px image / 8x VAE)
-    patch_size: int = 2
-    patch_encoder: PatchEncoder = "linear"
-    unet_channels: tuple[int, ...] = ()  # per resolution level, len log2(p)+1; () = paper-sized default
-    unet_res_blocks: int = 2
-    timestep_freq_dim: int = 256
-    # diffusion
-    diffusion_steps: int = 1000
-    diffusion_loss_weight: float = 5.0  # lambda in L = L_LM + lambda * L_DDPM
-
-    def __post_init__(self) -> None:
-        if self.dim % self.n_heads:
-            raise ValueError(f"model.dim={self.dim} must be divisible by model.n_heads={self.n_heads}")
-        if self.head_dim % 2:
-            raise ValueError(f"model.dim / model.n_heads = {self.head_dim} must be even for RoPE")
-        if self.kv_heads <= 0 or self.n_heads % self.kv_heads:
-            raise ValueError(f"model.n_heads={self.n_heads} must be a multiple of model.n_kv_heads={self.kv_heads}")
-        if self.patch_size not in (1, 2, 4, 8):
-            raise ValueError(f"model.patch_size must be 1, 2, 4 or 8, got {self.patch_size}")
-        if self.latent_size % self.patch_size:
-            raise ValueError(
-                f"model.latent_size={self.latent_size} must be divisible by model.patch_size={self.patch_size}"
-            )
-        if self.patch_encoder == "unet" and self.unet_channels and len(self.unet_channels) != self.unet_levels:
-            raise ValueError(
-                f"model.unet_channels needs log2(patch_size)+1 = {self.unet_levels} entries "
-                f"for patch_size={self.patch_size}, got {list(self.unet_channels)}"
-            )
-        if self.patches_per_image + 2 > self.max_seq_len:
-            raise ValueError(
-                f"an image takes {self.patches_per_image} positions + BOI/EOI, more than model.max_seq_len={self.max_seq_len}"
-            )
-
-    @property
-    def head_dim(self) -> int:
-        return self.dim // self.n_heads
-
-    @property
-    def kv_heads(self) -> int:
-        return self.n_kv_heads or self.n_heads
-
-    @property
-    def hidden_dim(self) -> int:
-        """SwiGLU hidden width (Llama: 4096 -> 11008)."""
-        if self.ffn_dim is not None:
-            return self.ffn_dim
-        h = int(2 * 4 * self.dim / 3)
-        return self.ffn_multiple_of * math.ceil(h / self.ffn_multiple_of)
-
-    @property
-    def patches_per_image(self) -> int:
-        return (self.latent_size // self.patch_size) ** 2
-
-    @property
-    def patch_dim(self) -> int:
-        return self.latent_channels * self.patch_size**2
-
-    @property
-    def unet_levels(self) -> int:
-        return int(math.log2(self.patch_size)) + 1
-
-    @property
-    def unet_channel_list(self) -> tuple[int, ...]:
-        """U-Net widths per level; the default adds about 0.27B parameters, as in the paper."""
-        if self.unet_channels:
-            return tuple(self.unet_channels)
-        return (512, 640, 896, 1344)[-self.unet_levels :]
-
+__all__ = ["CheckpointConfig", "Config", "DataConfig", "DistributedConfig", "LoggingConfig", "ModelConfig",
+           "OptimConfig", "TrainConfig", "load_config", "save_config"]
 
 @dataclass
 class OptimConfig:
@@ -146,6 +61,10 @@ class CheckpointConfig:
 class LoggingConfig:
     """Console and TensorBoard logging."""
 
+    moved: ClassVar[dict[str, tuple[str, str]]] = {
+        "sample_vae": ("data.vae", "the VAE defines the latent space of the data; export ships it with the model"),
+    }
+
     every: int = 10
     val_every: int = 1000
     val_batches: int = 4
@@ -156,7 +75,6 @@ class LoggingConfig:
     )
     sample_steps: int = 50  # DDIM steps for the logged samples (generation default: 250)
     sample_cfg_scale: float = 3.0
-    sample_vae: str = ""  # diffusers AutoencoderKL dir to decode samples; "" logs latent channels 0-2
     tensorboard: bool = True
     peak_flops: float | None = None  # per device; None = detect the GPU (unknown: MFU not shown)
 
@@ -185,16 +103,50 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
+    def __post_init__(self) -> None:
+        P = self.model.patches_per_image
+        if P + 4 > self.data.seq_len:  # a caption-image pair: BOS, BOI, P patches, EOI, EOS
+            raise ValueError(f"an image takes {P} patches + BOS/BOI/EOI/EOS = {P + 4} positions, more than "
+                             f"data.seq_len={self.data.seq_len}; raise data.seq_len or model.patch_size")
+
 
 def load_config(path: str | Path | list[str | Path] | None = None, overrides: list[str] | None = None) -> Config:
     """Defaults, then YAML at `path` (several: a list or comma-separated, later ones win), then
-    `section.key=value` overrides; raises ConfigError naming the file and field."""
+    `section.key=value` overrides, then `model.vocab_size` from the tokenizer (`set_vocab_size`).
+
+    Every entry point loads its config here, so all see the same vocabulary. Raises ConfigError
+    naming the file and field.
+    """
     try:
-        return configlib.load(Config, path, overrides)
+        data = configlib.merged_data(Config, path, overrides)
+        cfg = configlib.load_data(Config, data, path)
+        return set_vocab_size(cfg, explicit="vocab_size" in data.get("model", {}))
     except ValueError as e:  # __post_init__ checks
         if isinstance(e, configlib.ConfigError):
             raise
         raise configlib.ConfigError(f"{path}: {e}" if path else str(e)) from e
+
+
+def set_vocab_size(cfg: Config, explicit: bool) -> Config:
+    """`model.vocab_size` = the tokenizer's (pieces + BOI/EOI/PAD, from `<data.tokenizer>.json`) when data.tokenizer is set.
+
+    The tokenizer is the one source of the vocabulary; an explicitly configured model.vocab_size that
+    disagrees with it is an error (drop the key). Without a tokenizer the configured value stays.
+    Raises ConfigError when the tokenizer metadata cannot be read.
+    """
+    if not cfg.data.tokenizer:
+        return cfg
+    try:
+        n = load_special_ids(cfg.data.tokenizer).vocab_size
+    except (OSError, ValueError) as e:
+        raise configlib.ConfigError(f"data.tokenizer={cfg.data.tokenizer}: {e} (the model's vocab_size comes from it; "
+                                    "to count parameters without a tokenizer set data.tokenizer= model.vocab_size=N)") from e
+    if explicit and cfg.model.vocab_size != n:
+        raise configlib.ConfigError(f"model.vocab_size={cfg.model.vocab_size} disagrees with data.tokenizer "
+                                    f"({cfg.data.tokenizer}: {n} ids incl. BOI/EOI/PAD); drop model.vocab_size, "
+                                    "the tokenizer sets it")
+    cfg.model.vocab_size = n
+    return cfg
 
 
 def save_config(cfg: Config, path: str | Path) -> None:

@@ -7,6 +7,7 @@ Literal and the scalar types.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import types
@@ -107,10 +108,15 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
 
 
 def _unknown_key(cls: type, key: str, where: str) -> ConfigError:
+    """The error for `key` not in dataclass `cls`: where it moved (a `moved` ClassVar of `cls`), or the nearest keys."""
+    full = f"{where}.{key}" if where else key
+    moved = getattr(cls, "moved", {})
+    if key in moved:
+        new, why = moved[key]
+        return ConfigError(f"config key '{full}' is now '{new}' ({why}); rename it in your config")
     valid = [f.name for f in dataclasses.fields(cls)]
     near = difflib.get_close_matches(key, valid, n=3, cutoff=0.5)
     hint = f"; did you mean {', '.join(near)}?" if near else ""
-    full = f"{where}.{key}" if where else key
     return ConfigError(f"unknown config key '{full}'{hint} (valid keys: {', '.join(valid)})")
 
 
@@ -173,11 +179,14 @@ def apply_override(data: dict[str, Any], cls: type, path: list[str], value: Any)
         node_cls = sub_cls if dataclasses.is_dataclass(sub_cls) else None
 
 
-def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
-    """Deep-merge mapping `top` over `base` (lists and scalars are replaced whole)."""
-    out = dict(base)
+def deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    """`base` with mapping `top` merged in recursively (`top` wins; lists and scalars are replaced whole).
+
+    Neither input is modified; the result shares no mutable value with them.
+    """
+    out = copy.deepcopy(base)
     for k, v in top.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
     return out
 
 
@@ -201,20 +210,30 @@ def split_paths(path: str | Path | list[str | Path] | None) -> list[Path]:
     return [Path(p) for p in (str(i).strip() for i in items) if p]
 
 
-def load(cls: type[T], path: str | Path | list[str | Path] | None = None, overrides: list[str] | None = None) -> T:
-    """Defaults of `cls`, then the YAML file(s) at `path` (merged in order), then `key.sub=value` overrides."""
+def merged_data(cls: type, path: str | Path | list[str | Path] | None = None,
+                overrides: list[str] | None = None) -> dict[str, Any]:
+    """The plain mapping of what the YAML file(s) at `path` (merged in order) and the overrides set, keys checked."""
     data: dict[str, Any] = {}
-    paths = split_paths(path)
-    for p in paths:
-        data = _merge(data, _read_yaml(p))
+    for p in split_paths(path):
+        data = deep_merge(data, _read_yaml(p))
     for text in overrides or []:
         keys, value = parse_override(text)
         apply_override(data, cls, keys, value)
+    return data
+
+
+def load_data(cls: type[T], data: dict[str, Any], path: str | Path | list[str | Path] | None = None) -> T:
+    """Defaults of `cls` with `data` on top; errors name the file(s) at `path` the data came from."""
     try:
         return from_dict(cls, data)
     except ConfigError as e:
-        where = ", ".join(str(p) for p in paths)
+        where = ", ".join(str(p) for p in split_paths(path))
         raise ConfigError(f"{where}: {e}" if where else str(e)) from e
+
+
+def load(cls: type[T], path: str | Path | list[str | Path] | None = None, overrides: list[str] | None = None) -> T:
+    """Defaults of `cls`, then the YAML file(s) at `path` (merged in order), then `key.sub=value` overrides."""
+    return load_data(cls, merged_data(cls, path, overrides), path)
 
 
 def dump(obj: Any, path: str | Path) -> None:

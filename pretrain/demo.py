@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import random
 import shlex
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from contract.dist_env import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["a red circle at the top left", "a blue square at the bottom right",
@@ -32,7 +33,7 @@ def run(cmd: list[str], env: dict[str, str] | None = None) -> None:
 
 def launcher_cmd(launcher: str, nproc: int) -> list[str]:
     """The multi-process launch prefix for `-m pretrain.train`."""
-    port = str(random.randint(20000, 40000))
+    port = str(free_port())
     if launcher == "deepspeed":
         return ["deepspeed", "--num_gpus", str(nproc), "--master_port", port]
     return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", port]
@@ -58,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     module = ["--module" if a.launcher == "deepspeed" else "-m", "pretrain.train"]  # deepspeed has no -m
     run(launcher_cmd(a.launcher, a.nproc) + module + [
         "--config", f"configs/tiny.yaml,{data / 'data.yaml'}",
-        f"train.run_dir={run_dir}", f"train.steps={a.steps}", f"logging.sample_vae={data / 'vae'}",
+        f"train.run_dir={run_dir}", f"train.steps={a.steps}",
         f"checkpoint.resume={resume}",
     ], env)
     run([py, "-m", "pretrain.export", "--run-dir", str(run_dir), "--out", str(export_dir)])

@@ -7,7 +7,6 @@ built inside `deepspeed.zero.Init`, so under ZeRO-3 no rank ever holds the whole
 
 from __future__ import annotations
 
-import copy
 import functools
 import logging
 from dataclasses import dataclass
@@ -17,6 +16,8 @@ import torch
 import torch.utils.checkpoint
 
 from pretrain.config import Config
+from pretrain.configlib import deep_merge
+from pretrain.model import Transfusion
 
 log = logging.getLogger(__name__)
 
@@ -57,17 +58,6 @@ def use_bf16(cfg: Config, on_gpu: bool) -> bool:
     return cfg.train.precision == "bf16"
 
 
-def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    """`base` with `extra` merged in recursively (extra wins); neither input is modified."""
-    out = copy.deepcopy(base)
-    for k, v in extra.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = deep_merge(out[k], v)
-        else:
-            out[k] = copy.deepcopy(v)
-    return out
-
-
 def derive_ds_config(cfg: Config, plan: BatchPlan, on_gpu: bool) -> dict[str, Any]:
     """The DeepSpeed JSON for this run: ZeRO stage, precision, batch plan, clipping, offload, user extras."""
     d = cfg.distributed
@@ -106,8 +96,6 @@ def derive_ds_config(cfg: Config, plan: BatchPlan, on_gpu: bool) -> dict[str, An
 def build_model(cfg: Config, ds_config: dict[str, Any]) -> torch.nn.Module:
     """Build the Transfusion model from the seed, partitioned at construction by `zero.Init` under ZeRO-3."""
     import deepspeed
-
-    from pretrain.model import Transfusion
 
     torch.manual_seed(cfg.train.seed)
     if ds_config["zero_optimization"]["stage"] == 3:

@@ -10,9 +10,9 @@ import sys
 
 import torch
 
-from pretrain.config import ModelConfig, load_config
+from pretrain.config import load_config
 from pretrain.configlib import ConfigError
-from pretrain.model import Transfusion
+from pretrain.model import ModelConfig, Transfusion
 
 
 def count_parameters(cfg: ModelConfig) -> dict[str, int]:

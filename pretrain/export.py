@@ -109,11 +109,11 @@ def export(run_dir: Path, out: Path, step: int | None, dtype: str, max_shard_gb:
         raise FileNotFoundError(f"data.tokenizer={tok} (from {run_dir / 'config.yaml'}) does not exist")
     shutil.copyfile(tok, out / "tokenizer.model")
     shutil.copyfile(tok.with_suffix(".json"), out / "tokenizer.json")
-    vae_dir = vae or cfg.logging.sample_vae
+    vae_dir = vae or cfg.data.vae
     if vae_dir:
         shutil.copytree(vae_dir, out / "vae", dirs_exist_ok=True)
     cfg.data.tokenizer = str(out / "tokenizer.model")
-    cfg.logging.sample_vae = str(out / "vae") if vae_dir else ""
+    cfg.data.vae = str(out / "vae") if vae_dir else ""
     save_config(cfg, out / "config.yaml")
     (out / "export.json").write_text(json.dumps({"checkpoint": str(ckpt), "dtype": dtype}, indent=1))
     return out
@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest complete)")
     ap.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     ap.add_argument("--max-shard-gb", type=float, default=5.0, help="largest safetensors file")
-    ap.add_argument("--vae", default=None, help="VAE directory to ship (default: logging.sample_vae of the run)")
+    ap.add_argument("--vae", default=None, help="VAE directory to ship (default: data.vae of the run)")
     a = ap.parse_args(argv)
     try:
         out = export(a.run_dir, a.out, a.step, a.dtype, a.max_shard_gb, a.vae)

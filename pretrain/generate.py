@@ -14,30 +14,26 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
+from safetensors.torch import load_file
 
-from pretrain.model import IGNORE_INDEX, Transfusion, TransfusionBatch
+from contract.batch import IGNORE_INDEX, TransfusionBatch
+from contract.special_ids import SpecialIds, load_special_ids
+from data_pipeline.images import load_image, to_uint8
+from data_pipeline.tokenizer import Tokenizer
+from data_pipeline.vae import Vae, decode, encode, load_vae
+from pretrain.config import Config, load_config
+from pretrain.model import Transfusion
 from pretrain.model.diffusion import ddim_sample
 
-
-@dataclass(frozen=True)
-class Specials:
-    """The special token ids generation needs."""
-
-    bos_id: int
-    eos_id: int
-    boi_id: int
-    eoi_id: int
-    pad_id: int
+TokenSeq = list[int | None]  # one sequence being generated: token ids, None at the patch positions of its image
 
 
-Row = list[int | None]  # token ids; None marks a patch position of the row's image
-
-
-def _batch(model: Transfusion, rows: list[Row], latents: torch.Tensor, t: torch.Tensor, pad: int) -> TransfusionBatch:
+def _batch(model: Transfusion, rows: list[TokenSeq], latents: torch.Tensor, t: torch.Tensor, pad: int) -> TransfusionBatch:
     """Right-padded batch of rows (each one document, at most one image) in the model's contract."""
     L = max(len(r) for r in rows)
     B, device = len(rows), latents.device
@@ -67,7 +63,7 @@ def _batch(model: Transfusion, rows: list[Row], latents: torch.Tensor, t: torch.
 def generate_images(
     model: Transfusion,
     prompts: list[list[int]],
-    sp: Specials,
+    ids: SpecialIds,
     steps: int = 250,
     cfg_scale: float = 3.0,
     seed: int = 0,
@@ -77,16 +73,16 @@ def generate_images(
     P, C, S = cfg.patches_per_image, cfg.latent_channels, cfg.latent_size
     device = next(model.parameters()).device
     n = len(prompts)
-    rows: list[Row] = [[sp.bos_id, *p, sp.boi_id] + [None] * P for p in prompts]
+    rows: list[TokenSeq] = [[ids.bos_id, *p, ids.boi_id] + [None] * P for p in prompts]
     if cfg_scale != 1.0:
-        rows += [[sp.bos_id, sp.boi_id] + [None] * P for _ in prompts]
+        rows += [[ids.bos_id, ids.boi_id] + [None] * P for _ in prompts]
     g = torch.Generator().manual_seed(seed)
     noise = torch.randn(n, C, S, S, generator=g).to(device)
 
     def eps_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         k = len(rows) // n
         xs, ts = x.repeat(k, 1, 1, 1), t.repeat(k)  # (k*N, C, H, W)
-        _, eps = model.denoise(_batch(model, rows, xs, ts, sp.pad_id), xs, ts)  # (k*N, C, H, W)
+        _, eps = model.hidden_and_eps(_batch(model, rows, xs, ts, ids.pad_id), xs, ts)  # (k*N, C, H, W)
         if k == 1:
             return eps
         cond, uncond = eps.chunk(2)
@@ -99,7 +95,7 @@ def generate_images(
 def generate_text(
     model: Transfusion,
     prompts: list[list[int]],
-    sp: Specials,
+    ids: SpecialIds,
     max_new_tokens: int = 32,
     images: torch.Tensor | None = None,
 ) -> list[list[int]]:
@@ -112,48 +108,45 @@ def generate_text(
     P = model.cfg.patches_per_image
     device = next(model.parameters()).device
     if images is None:
-        rows: list[Row] = [[sp.bos_id, *p] for p in prompts]
+        rows: list[TokenSeq] = [[ids.bos_id, *p] for p in prompts]
         latents = torch.zeros(0, model.cfg.latent_channels, model.cfg.latent_size, model.cfg.latent_size, device=device)
     else:
-        rows = [[sp.bos_id, sp.boi_id] + [None] * P + [sp.eoi_id, *p] for p in prompts]
+        rows = [[ids.bos_id, ids.boi_id] + [None] * P + [ids.eoi_id, *p] for p in prompts]
         latents = images.to(device)
     t = torch.zeros(latents.shape[0], dtype=torch.long, device=device)  # clean images: t = 0
     new: list[list[int]] = [[] for _ in rows]
     done = [False] * len(rows)
     for _ in range(max_new_tokens):
-        batch = _batch(model, rows, latents, t, sp.pad_id)
+        batch = _batch(model, rows, latents, t, ids.pad_id)
         x_t = latents if latents.shape[0] else torch.zeros(1, *latents.shape[1:], device=device)
-        h, _ = model.denoise(batch, x_t, t if latents.shape[0] else t.new_zeros(1))
+        h, _ = model.hidden_and_eps(batch, x_t, t if latents.shape[0] else t.new_zeros(1))
         last = torch.tensor([len(r) - 1 for r in rows], device=device) + torch.arange(len(rows), device=device) * batch.tokens.shape[1]
         next_ids = model.lm_logits(h[last]).argmax(dim=-1).tolist()  # (B,)
         for b, tok in enumerate(next_ids):
             rows[b].append(tok)
             if not done[b]:
                 new[b].append(tok)
-                done[b] = tok == sp.eos_id
-    return [seq[:-1] if seq and seq[-1] == sp.eos_id else seq for seq in new]
+                done[b] = tok == ids.eos_id
+    return [seq[:-1] if seq and seq[-1] == ids.eos_id else seq for seq in new]
 
 
-def tensorboard_samples(model: Transfusion, cfg: "Config", writer: object, step: int) -> None:
+def tensorboard_samples(model: Transfusion, cfg: Config, writer: object, step: int) -> None:
     """Generate images for cfg.logging.sample_prompts, caption them back, log a PNG grid and the text.
 
     Every rank must call this (ZeRO-3 forwards are collective); only the writer of rank 0 writes.
     """
     from torchvision.utils import make_grid, save_image
 
-    from data_pipeline.tokenizer import Tokenizer, load_special_ids
-
     lg = cfg.logging
-    ids = load_special_ids(cfg.data.tokenizer)
-    sp = Specials(ids.bos_id, ids.eos_id, ids.boi_id, ids.eoi_id, ids.pad_id)
     tok = Tokenizer(cfg.data.tokenizer)
+    ids = tok.ids
     was_training = model.training
     model.eval()
-    latents = generate_images(model, [tok.encode(p) for p in lg.sample_prompts], sp, lg.sample_steps,
+    latents = generate_images(model, [tok.encode(p) for p in lg.sample_prompts], ids, lg.sample_steps,
                               lg.sample_cfg_scale, seed=step)
-    captions = generate_text(model, [[] for _ in lg.sample_prompts], sp, 24, images=latents)
+    captions = generate_text(model, [[] for _ in lg.sample_prompts], ids, 24, images=latents)
     model.train(was_training)
-    pixels = _to_pixels(latents, lg.sample_vae)  # (N, 3, H, W) in [0, 1]
+    pixels = _to_pixels(latents, cfg.data.vae)  # (N, 3, H, W) in [0, 1]
     grid = make_grid(pixels, nrow=min(4, len(pixels)), padding=2)  # (3, H', W')
     if getattr(writer, "enabled", False):
         out = Path(cfg.train.run_dir) / "samples" / f"step_{step:07d}.png"
@@ -167,20 +160,18 @@ def tensorboard_samples(model: Transfusion, cfg: "Config", writer: object, step:
 def _to_pixels(latents: torch.Tensor, vae_dir: str) -> torch.Tensor:
     """Decode with the VAE when one is configured, else show latent channels 0-2 rescaled; (N, 3, H, W) in [0, 1]."""
     if vae_dir:
-        from data_pipeline.vae import decode, load_vae
-
         return (decode(load_vae(vae_dir, device=latents.device), latents.float()) + 1) / 2
     x = latents[:, :3].float()
     x = x - x.amin(dim=(1, 2, 3), keepdim=True)
     return x / x.amax(dim=(1, 2, 3), keepdim=True).clamp_min(1e-6)
 
 
-def load_exported(path: str | Path, device: str = "cpu") -> tuple[Transfusion, Specials, Path]:
-    """Model, special ids and the export directory from `python -m pretrain.export` output."""
-    from safetensors.torch import load_file
+def load_exported(path: str | Path, device: str = "cpu") -> tuple[Transfusion, SpecialIds, Path]:
+    """Model, special ids and the export directory from `python -m pretrain.export` output.
 
-    from pretrain.config import load_config
-
+    The tokenizer is the export's own (`tokenizer.model`), wherever the directory has moved to.
+    Raises FileNotFoundError naming a missing file.
+    """
     root = Path(path)
     for name in ("config.yaml", "tokenizer.json"):
         if not (root / name).is_file():
@@ -192,21 +183,16 @@ def load_exported(path: str | Path, device: str = "cpu") -> tuple[Transfusion, S
         if not (root / f).is_file():
             raise FileNotFoundError(f"{root / f} missing: re-run pretrain.export")
         state.update(load_file(root / f, device=device))
-    cfg = load_config(root / "config.yaml")
+    cfg = load_config(root / "config.yaml", [f"data.tokenizer={root / 'tokenizer.model'}"])
     with torch.device("meta"):
         model = Transfusion(cfg.model)
     dtype = next(iter(state.values())).dtype
     model.load_state_dict({k: v.float() for k, v in state.items()} if dtype != torch.float32 else state, assign=True)
-    meta = json.loads((root / "tokenizer.json").read_text())
-    sp = Specials(**{k: int(meta[k]) for k in ("bos_id", "eos_id", "boi_id", "eoi_id", "pad_id")})
-    return model.eval(), sp, root
+    return model.eval(), load_special_ids(root / "tokenizer.json"), root
 
 
 def main(argv: list[str] | None = None) -> None:
     """CLI: images from prompts (PNG), captions of PNG images, or text continuations."""
-    from data_pipeline.tokenizer import Tokenizer
-    from data_pipeline.vae import decode, load_vae
-
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True, help="export directory (pretrain.export)")
     ap.add_argument("--prompt", action="append", default=[], help="caption to draw (repeatable)")
@@ -218,24 +204,20 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--max-new-tokens", type=int, default=48)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
-    model, sp, root = load_exported(args.model)
+    model, ids, root = load_exported(args.model)
     tok = Tokenizer(root / "tokenizer.model")
     vae = load_vae(root / "vae")
     if args.prompt:
-        _draw(model, sp, tok, vae, decode, args)
+        _draw(model, ids, tok, vae, args)
     if args.caption:
-        _caption(model, sp, tok, vae, args)
+        _caption(model, ids, tok, vae, args)
     if args.text:
-        for prompt, ids in zip(args.text, generate_text(model, [tok.encode(p) for p in args.text], sp, args.max_new_tokens)):
-            print(f"{prompt!r} -> {tok.decode(ids)!r}")
+        for prompt, new in zip(args.text, generate_text(model, [tok.encode(p) for p in args.text], ids, args.max_new_tokens)):
+            print(f"{prompt!r} -> {tok.decode(new)!r}")
 
 
 def save_pngs(pixels: torch.Tensor, out: str | Path, prefix: str = "") -> list[Path]:
     """Write (N, 3, H, W) images in [-1, 1] as PNG files; returns their paths."""
-    from PIL import Image
-
-    from data_pipeline.images import to_uint8
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -246,23 +228,18 @@ def save_pngs(pixels: torch.Tensor, out: str | Path, prefix: str = "") -> list[P
     return paths
 
 
-def _draw(model: Transfusion, sp: Specials, tok: object, vae: object, decode: object, args: argparse.Namespace) -> None:
-    lat = generate_images(model, [tok.encode(p) for p in args.prompt], sp, args.steps, args.cfg_scale, args.seed)
+def _draw(model: Transfusion, ids: SpecialIds, tok: Tokenizer, vae: Vae, args: argparse.Namespace) -> None:
+    lat = generate_images(model, [tok.encode(p) for p in args.prompt], ids, args.steps, args.cfg_scale, args.seed)
     for prompt, path in zip(args.prompt, save_pngs(decode(vae, lat), args.out)):
         print(f"{prompt!r} -> {path}")
 
 
-def _caption(model: Transfusion, sp: Specials, tok: object, vae: object, args: argparse.Namespace) -> None:
-    import numpy as np
-
-    from data_pipeline.images import load_image
-    from data_pipeline.vae import encode
-
+def _caption(model: Transfusion, ids: SpecialIds, tok: Tokenizer, vae: Vae, args: argparse.Namespace) -> None:
     size = model.cfg.latent_size * vae.downsample
     pixels = torch.from_numpy(np.stack([load_image(Path(p).read_bytes(), size) for p in args.caption]))
     lat = encode(vae, pixels)  # (N, C, h, w)
-    for path, ids in zip(args.caption, generate_text(model, [[] for _ in args.caption], sp, args.max_new_tokens, lat)):
-        print(f"{path} -> {tok.decode(ids)!r}")
+    for path, new in zip(args.caption, generate_text(model, [[] for _ in args.caption], ids, args.max_new_tokens, lat)):
+        print(f"{path} -> {tok.decode(new)!r}")
 
 
 if __name__ == "__main__":

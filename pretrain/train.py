@@ -19,11 +19,14 @@ from typing import Any, Iterator
 
 import torch
 
-from pretrain import checkpoint, configlib, distributed
+from contract.batch import TransfusionBatch
+from contract.dist_env import DistEnv
+from data_pipeline.loader import build_loader
+from pretrain import checkpoint, configlib, distributed, generate
 from pretrain.config import Config, load_config, save_config
 from pretrain.engine import BatchPlan, build_engine, plan_batch
 from pretrain.metrics import MetricsWriter, StepStats, StepTimer, detect_peak_flops
-from pretrain.model.batch import TransfusionBatch
+from pretrain.model import flops_per_position
 from pretrain.schedule import lr_at, set_lr
 
 log = logging.getLogger("pretrain")
@@ -52,7 +55,7 @@ class Run:
     """Everything the loop carries from step to step."""
 
     cfg: Config
-    env: distributed.DistEnv
+    env: DistEnv
     plan: BatchPlan
     engine: Any
     loader: Any
@@ -87,19 +90,8 @@ def setup_logging(rank: int) -> None:
     )
 
 
-def prepare_config(cfg: Config) -> Config:
-    """Take vocab_size from the tokenizer metadata (the single source of the vocabulary)."""
-    if cfg.data.tokenizer:
-        from data_pipeline.tokenizer import load_special_ids
-
-        cfg.model.vocab_size = load_special_ids(cfg.data.tokenizer).vocab_size
-    return cfg
-
-
 def build_loaders(cfg: Config, plan: BatchPlan) -> tuple[Any, dict[str, Any]]:
     """Train loader, and one validation loader per data.val_streams entry (per-modality val loss)."""
-    from data_pipeline.loader import build_loader
-
     m = cfg.model
     kw = dict(
         micro_batch_size=plan.micro_batch, seed=cfg.train.seed, patch_size=m.patch_size,
@@ -304,19 +296,14 @@ def resume(run: Run) -> None:
 
 
 def maybe_sample(run: Run) -> None:
-    """Every logging.sample_every steps: generated images and captions to TensorBoard (needs pretrain.generate)."""
-    try:
-        from pretrain import generate
-    except ImportError:
-        return
-    if hasattr(generate, "tensorboard_samples"):
-        generate.tensorboard_samples(run.engine.module, run.cfg, run.writer, run.step)
+    """Every logging.sample_every steps: generated images and captions to TensorBoard (every rank calls it)."""
+    generate.tensorboard_samples(run.engine.module, run.cfg, run.writer, run.step)
 
 
 def setup(argv: list[str] | None) -> Run:
     """Config, process group, engine, loaders, metrics, signal handlers, resume."""
     path, overrides = parse_args(argv)
-    cfg = prepare_config(load_config(path, overrides))
+    cfg = load_config(path, overrides)  # model.vocab_size from data.tokenizer
     env = distributed.init_distributed(cfg.distributed.backend, cfg.distributed.timeout_minutes)
     setup_logging(env.rank)
     plan = plan_batch(cfg, env.world_size)
@@ -334,10 +321,8 @@ def setup(argv: list[str] | None) -> Run:
     return run
 
 
-def make_writer(cfg: Config, env: distributed.DistEnv, plan: BatchPlan, engine: Any) -> MetricsWriter:
+def make_writer(cfg: Config, env: DistEnv, plan: BatchPlan, engine: Any) -> MetricsWriter:
     """Rank 0's metrics sinks; FLOPs per step from the model's formula for MFU."""
-    from pretrain.model import flops_per_position
-
     flops = flops_per_position(cfg.model, cfg.data.seq_len) * cfg.data.seq_len * plan.global_batch
     return MetricsWriter(cfg.train.run_dir, env.is_main, cfg.logging.tensorboard, flops,
                          detect_peak_flops(cfg.logging.peak_flops), env.world_size, cfg.model.patches_per_image)

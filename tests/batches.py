@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from pretrain.config import ModelConfig
-from pretrain.model.batch import IGNORE_INDEX, TransfusionBatch
+from contract.batch import IGNORE_INDEX, TransfusionBatch
+from pretrain.model import ModelConfig
 
 BOI, EOI, PAD = 3, 4, 0
 

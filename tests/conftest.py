@@ -2,9 +2,21 @@
 
 from __future__ import annotations
 
+import os
+import sys
+from pathlib import Path
+
 import pytest
 
 from data_pipeline.demo_data import DemoData, make_demo_data
+
+# Every process the tests start (torchrun, deepspeed, accelerate, sbatch jobs) finds this venv's tools
+# first, above all its `ninja`: torch JIT-builds DeepSpeed's cpu_adam with the first ninja on PATH, and
+# a machine with a second ninja (apt's 1.11 beside pip's 1.13) rebuilt the op at every launch that found
+# the other one, since each version discards the other's build log (ci/build_deepspeed_ops.py).
+_VENV_BIN = str(Path(sys.executable).parent)
+if os.environ.get("PATH", "").split(os.pathsep)[0] != _VENV_BIN:
+    os.environ["PATH"] = os.pathsep.join([_VENV_BIN, os.environ.get("PATH", "")])
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pretrain.config import Config, load_config, save_config
+from pretrain.config import Config, ModelConfig, load_config, save_config
 from pretrain.configlib import ConfigError
 from pretrain.estimate import count_parameters
 
@@ -129,3 +129,36 @@ def test_readme_documents_every_config_key() -> None:
         if f"`{section.name}.{f.name}`" not in readme
     ]
     assert not missing, f"README.md config reference lacks: {missing}"
+
+
+def test_moved_keys_name_their_new_place(tmp_path: Path) -> None:
+    """logging.sample_vae is now data.vae; model.max_seq_len is now data.seq_len (one sequence length)."""
+    with pytest.raises(ConfigError, match=r"'logging.sample_vae' is now 'data.vae'"):
+        load_config(None, ["logging.sample_vae=/vae"])
+    old = tmp_path / "old.yaml"
+    old.write_text("model:\n  max_seq_len: 256\n")
+    with pytest.raises(ConfigError, match=r"old.yaml.*'model.max_seq_len' is now 'data.seq_len'"):
+        load_config(old)
+    assert load_config(None, ["data.vae=/vae"]).data.vae == "/vae"
+
+
+def test_image_must_fit_the_sequence_length() -> None:
+    with pytest.raises(ConfigError, match=r"260 positions, more than data.seq_len=128"):
+        load_config(None, ["data.seq_len=128"])  # 32x32 latent, patch 2: 256 patches + BOS/BOI/EOI/EOS
+
+
+def test_vocab_size_comes_from_the_tokenizer_in_every_entry_point(demo_data) -> None:
+    """One source: the tokenizer's metadata when data.tokenizer is set (also for pretrain.estimate)."""
+    cfg = load_config([ROOT / "configs/tiny.yaml", demo_data.config_path])
+    assert cfg.model.vocab_size == demo_data.vocab_size != ModelConfig().vocab_size
+    assert load_config([ROOT / "configs/tiny.yaml", demo_data.config_path], [f"model.vocab_size={demo_data.vocab_size}"])
+    with pytest.raises(ConfigError, match=r"model.vocab_size=5000 disagrees with data.tokenizer.*drop model.vocab_size"):
+        load_config([ROOT / "configs/tiny.yaml", demo_data.config_path], ["model.vocab_size=5000"])
+    with pytest.raises(ConfigError, match=r"data.tokenizer=/nope.model.*tokenizer metadata missing"):
+        load_config(None, ["data.tokenizer=/nope.model"])
+    out = subprocess.run(
+        [sys.executable, "-m", "pretrain.estimate", "--config", f"{ROOT / 'configs/tiny.yaml'},{demo_data.config_path}"],
+        capture_output=True, text=True, check=True, cwd=ROOT,
+    ).stdout
+    assert int(next(l for l in out.splitlines() if l.startswith("parameters: ")).split()[1]) == \
+        count_parameters(cfg.model)["total"]

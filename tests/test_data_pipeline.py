@@ -19,12 +19,12 @@ import pytest
 import torch
 from PIL import Image
 
+from contract.batch import IGNORE_INDEX
 from data_pipeline import sources, vae as vaelib
 from data_pipeline.config import StreamConfig
 from data_pipeline.loader import build_loader, mix_proportions
 from data_pipeline.pack import read_mds
 from data_pipeline.tokenizer import Tokenizer
-from pretrain.model.batch import IGNORE_INDEX
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -292,9 +292,9 @@ def test_precompute_two_ranks_equal_one_and_resume(demo_data, tmp_path):
 
 def _run_precompute(demo, inputs, out, *extra, kind="pairs"):
     from data_pipeline import precompute
-    args = precompute.build_parser().parse_args(["--input", *map(str, inputs), "--kind", kind, "--vae", str(demo.vae),
-                                                 "--out", str(out), "--image-size", "64", "--decode-threads", "1", *extra])
-    return precompute.run(args, rank_and_world=(0, 1))
+    argv = ["--input", *map(str, inputs), "--kind", kind, "--vae", str(demo.vae), "--out", str(out), "--image-size", "64",
+            "--decode-threads", "1", *extra]
+    return precompute.run(precompute.PrecomputeOptions(**vars(precompute.build_parser().parse_args(argv))), rank_and_world=(0, 1))
 
 
 def test_webdataset_tar_and_folder_inputs(demo_data, tmp_path):
@@ -400,15 +400,19 @@ def test_mismatched_shapes_are_clear_errors(demo_data):
         build_loader(_cfg(demo_data, ["pairs"]), "train", 1, 0, 4, demo_data.latent_shape, 1000)
 
 
+def _run_pack(argv: list[str]) -> dict:
+    from data_pipeline import pack
+    return pack.run(pack.PackOptions(**vars(pack.build_parser().parse_args(argv))))
+
+
 def test_pack_text_skips_and_names_bad_lines(demo_data, tmp_path):
     """A malformed text line is skipped and named in pack.json; --strict stops at it."""
-    from data_pipeline import pack
     lines = [json.dumps({"text": f"document {i}\n\twith  its layout"}).encode() for i in range(6)]
     lines[2], lines[4] = b'{"text": "unterminated', json.dumps({"txt": "wrong field"}).encode()
     (tmp_path / "t.jsonl").write_bytes(b"\n".join(lines) + b"\n")
     argv = ["--kind", "text", "--input", str(tmp_path / "t.jsonl"), "--tokenizer", str(demo_data.tokenizer),
             "--seq-len", "64", "--val-every", "2"]
-    rep = pack.run(pack.build_parser().parse_args([*argv, "--out", str(tmp_path / "out")]))
+    rep = _run_pack([*argv, "--out", str(tmp_path / "out")])
     assert rep["skipped_documents"] == {"bad_json": 1, "no_text": 1}
     assert [(Path(n["record"]).name, n["reason"]) for n in rep["named"]] == [("t.jsonl:3", "bad_json"), ("t.jsonl:5", "no_text")]
     tok = Tokenizer(demo_data.tokenizer)
@@ -416,7 +420,7 @@ def test_pack_text_skips_and_names_bad_lines(demo_data, tmp_path):
     texts = sorted(tok.decode(t) for row in rows for t in _split_docs(row, tok.ids))
     assert texts == [f"document {i}\n\twith  its layout" for i in (0, 1, 3, 5)]
     with pytest.raises(ValueError, match=r"t.jsonl:3: not valid JSON"):
-        pack.run(pack.build_parser().parse_args([*argv, "--out", str(tmp_path / "strict"), "--strict"]))
+        _run_pack([*argv, "--out", str(tmp_path / "strict"), "--strict"])
 
 
 def _split_docs(row: list[int], ids) -> list[list[int]]:
@@ -470,20 +474,19 @@ def test_precompute_resume_checks_part_identity(demo_data, tmp_path, capsys):
 
 def test_pack_rerun_checks_identity(demo_data, tmp_path, capsys):
     """A finished pack is reused only for the same inputs and options; otherwise a clear stop; a crashed one is redone."""
-    from data_pipeline import pack
     src = tmp_path / "t.jsonl"
     src.write_text("".join(json.dumps({"text": f"document {i}"}) + "\n" for i in range(5)))
     argv = ["--kind", "text", "--input", str(src), "--tokenizer", str(demo_data.tokenizer), "--out", str(tmp_path / "out")]
-    first = pack.run(pack.build_parser().parse_args([*argv, "--seq-len", "32"]))
-    assert pack.run(pack.build_parser().parse_args([*argv, "--seq-len", "32"])) == first
+    first = _run_pack([*argv, "--seq-len", "32"])
+    assert _run_pack([*argv, "--seq-len", "32"]) == first
     assert "already packed" in capsys.readouterr().out
     with pytest.raises(ValueError, match=r"differs in \['seq_len'\]\); use a new --out"):
-        pack.run(pack.build_parser().parse_args([*argv, "--seq-len", "64"]))
+        _run_pack([*argv, "--seq-len", "64"])
     with src.open("a") as f:
         f.write(json.dumps({"text": "document 5"}) + "\n")
     with pytest.raises(ValueError, match=r"differs in \['inputs'\]\); use a new --out"):
-        pack.run(pack.build_parser().parse_args([*argv, "--seq-len", "32"]))
+        _run_pack([*argv, "--seq-len", "32"])
     (tmp_path / "out" / "pack.json").unlink()  # as if killed before the end
-    rep = pack.run(pack.build_parser().parse_args([*argv, "--seq-len", "32"]))
+    rep = _run_pack([*argv, "--seq-len", "32"])
     assert "unfinished run" in capsys.readouterr().out
     assert rep["train"]["real_positions"] == first["train"]["real_positions"] + len(Tokenizer(demo_data.tokenizer).encode("document 5")) + 2

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -361,3 +362,25 @@ def test_weighted_l1_emphasises_pixels_off_the_dominant_colour():
     assert torch.isclose(plain, torch.tensor(2 * 3 / (3 * 64)))
     heavy = weighted_l1(rec, x, 10.0)  # weights: 4 object pixels x 10 + 60 x 1 = 100
     assert torch.isclose(heavy, torch.tensor(10 * 2 * 3 / (3 * 100)))
+
+
+def test_clean_stale_shm_keeps_live_segments_and_honours_switch(monkeypatch):
+    """Only streaming segments no live process maps are removed; TF_CLEAN_SHM=0 removes nothing."""
+    from multiprocessing import resource_tracker, shared_memory
+    from data_pipeline import loader
+    live = shared_memory.SharedMemory("999990_locals", create=True, size=64)  # mapped by this process
+    dead = shared_memory.SharedMemory("999991_locals", create=True, size=64)
+    dead.close()  # no process maps it: what a crashed job leaves
+    resource_tracker.unregister(dead._name, "shared_memory")
+    try:
+        monkeypatch.setattr(loader, "_CLEANED", False)
+        monkeypatch.setenv("TF_CLEAN_SHM", "0")
+        loader._clean_once()
+        assert Path("/dev/shm/999991_locals").exists()
+        removed = loader.clean_stale_shm()
+        assert "999991_locals" in removed and "999990_locals" not in removed
+        assert not Path("/dev/shm/999991_locals").exists() and Path("/dev/shm/999990_locals").exists()
+    finally:
+        live.close()
+        live.unlink()
+        Path("/dev/shm/999991_locals").unlink(missing_ok=True)

@@ -14,15 +14,9 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from contract.dist_env import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -30,10 +24,10 @@ def trained_run(demo_data, tmp_path_factory) -> Path:
     """4 steps of the tiny config on 2 gloo ranks under torchrun, checkpoints at steps 2 and 4."""
     run_dir = tmp_path_factory.mktemp("export_run")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
            "-m", "pretrain.train", "--config", f"configs/tiny.yaml,{demo_data.config_path}",
            f"train.run_dir={run_dir}", "train.steps=4", "checkpoint.every=2", "logging.sample_every=0",
-           f"logging.sample_vae={demo_data.vae}", "logging.val_every=0"]
+           "logging.val_every=0"]  # data.vae (the demo data's VAE) is shipped by export
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     try:

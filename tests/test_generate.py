@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import torch
 
-from pretrain.generate import Specials, _batch, generate_images, generate_text
+from contract.special_ids import SpecialIds
+from pretrain.generate import _batch, generate_images, generate_text
 from pretrain.model.diffusion import add_noise, cosine_alpha_bar, ddim_sample
 from test_model import build, tiny_cfg
 
-SP = Specials(bos_id=1, eos_id=2, boi_id=3, eoi_id=4, pad_id=0)
+SP = SpecialIds(vocab_size=97, bos_id=1, eos_id=2, boi_id=3, eoi_id=4, pad_id=0)
 
 
 def test_ddim_with_oracle_epsilon_recovers_x0() -> None:
@@ -41,7 +42,7 @@ def test_greedy_text_matches_teacher_forcing() -> None:
         seq = [SP.bos_id, *prompt, *gen]
         batch = _batch(model, [seq], torch.zeros(0, 8, 8, 8), torch.zeros(0, dtype=torch.long), SP.pad_id)
         with torch.no_grad():
-            h, _ = model.denoise(batch, torch.zeros(1, 8, 8, 8), torch.zeros(1, dtype=torch.long))
+            h, _ = model.hidden_and_eps(batch, torch.zeros(1, 8, 8, 8), torch.zeros(1, dtype=torch.long))
         pred = model.lm_logits(h).argmax(-1)  # (L,)
         start = 1 + len(prompt)
         assert gen == pred[start - 1 : start - 1 + len(gen)].tolist()
@@ -71,7 +72,7 @@ def test_tensorboard_samples_writes_png_grid_image_and_captions(demo_data, tmp_p
     from pretrain.metrics import MetricsWriter
 
     cfg = load_config(["configs/tiny.yaml", str(demo_data.config_path)],
-                      [f"train.run_dir={tmp_path}", "logging.sample_steps=3", f"logging.sample_vae={demo_data.vae}"])
+                      [f"train.run_dir={tmp_path}", "logging.sample_steps=3", f"data.vae={demo_data.vae}"])
     torch.manual_seed(0)
     from pretrain.model import Transfusion
 

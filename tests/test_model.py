@@ -8,15 +8,15 @@ import pytest
 import torch
 
 from batches import random_batch
-from pretrain.config import ModelConfig
-from pretrain.model import IGNORE_INDEX, Transfusion, TransfusionBatch
+from contract.batch import IGNORE_INDEX, TransfusionBatch
+from pretrain.model import ModelConfig, Transfusion
 from pretrain.model.masks import dense_mask
 
 L = 128
 
 
 def tiny_cfg(**kw: object) -> ModelConfig:
-    base = dict(dim=64, n_layers=2, n_heads=4, vocab_size=97, max_seq_len=L, latent_size=8, patch_size=2,
+    base = dict(dim=64, n_layers=2, n_heads=4, vocab_size=97, latent_size=8, patch_size=2,
                 unet_channels=(16, 32), timestep_freq_dim=32, attention="sdpa")
     base.update(kw)
     return ModelConfig(**base)

@@ -73,13 +73,6 @@ def tail(path: Path, n: int = 60) -> str:
     return "\n".join(lines[-n:])
 
 
-def merge(a: dict, b: dict) -> dict:
-    """Deep-merge mapping `b` into `a`."""
-    for k, v in b.items():
-        a[k] = merge(a[k], v) if isinstance(v, dict) and isinstance(a.get(k), dict) else v
-    return a
-
-
 def losses(run_dir: Path) -> dict[int, dict[str, Any]]:
     """Per step: the last training row of metrics.jsonl (a resumed run appends)."""
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
@@ -110,10 +103,12 @@ def slurm() -> Slurm:
 @pytest.fixture(scope="module")
 def train_config(demo_data, tmp_path_factory) -> Path:
     """configs/tiny.yaml + the demo data, STEPS steps, a checkpoint every 8, a metrics row every step."""
+    from pretrain.configlib import deep_merge
+
     cfg = yaml.safe_load((REPO / "configs/tiny.yaml").read_text())
-    merge(cfg, yaml.safe_load(demo_data.config_path.read_text()))
-    merge(cfg, {"train": {"steps": STEPS}, "checkpoint": {"every": 8},
-                "logging": {"every": 1, "val_every": 0, "sample_every": 0}})
+    cfg = deep_merge(cfg, yaml.safe_load(demo_data.config_path.read_text()))
+    cfg = deep_merge(cfg, {"train": {"steps": STEPS}, "checkpoint": {"every": 8},
+                           "logging": {"every": 1, "val_every": 0, "sample_every": 0}})
     path = tmp_path_factory.mktemp("slurm_cfg") / "tiny_demo.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return path

@@ -33,10 +33,11 @@ def test_shellcheck_clean() -> None:
 
 
 def _task_env(**slurm: str) -> dict[str, str]:
-    """What srun_task.sh exports when run as the task described by `slurm`."""
+    """What srun_task.sh exports when run as the task described by `slurm` (from the repository root, with
+    this venv's `python` first on PATH, as a Slurm task of the templates runs)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "RANK", "LOCAL_", "WORLD_"))}
-    env.update(MASTER_ADDR="10.0.0.1", MASTER_PORT="20042", **slurm)
-    r = subprocess.run(["bash", str(CLUSTER / "srun_task.sh"), "env"], env=env, capture_output=True, text=True)
+    env.update(MASTER_ADDR="10.0.0.1", MASTER_PORT="20042", PATH=f"{Path(sys.executable).parent}:{env['PATH']}", **slurm)
+    r = subprocess.run(["bash", str(CLUSTER / "srun_task.sh"), "env"], env=env, capture_output=True, text=True, cwd=REPO)
     assert r.returncode == 0, r.stderr
     return dict(line.split("=", 1) for line in r.stdout.splitlines() if "=" in line)
 

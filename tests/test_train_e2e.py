@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -20,17 +19,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from contract.dist_env import free_port
+
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
 TIMEOUT = 420  # a hang (e.g. ranks gathering different parameters) fails the test instead of blocking CI
 
 pytestmark = pytest.mark.slow
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def run_env(**extra: str) -> dict[str, str]:

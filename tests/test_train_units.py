@@ -8,7 +8,7 @@ import pytest
 
 from pretrain import checkpoint
 from pretrain.config import load_config
-from pretrain.distributed import detect_env, expand_nodelist
+from contract.dist_env import detect_env, expand_nodelist, tasks_per_node
 from pretrain.engine import BatchSizeError, derive_ds_config, plan_batch
 from pretrain.schedule import lr_at
 
@@ -32,6 +32,39 @@ def test_plain_srun_env_is_derived_from_slurm_variables():
     d = detect_env(env)
     assert (d.rank, d.local_rank, d.world_size, d.local_world_size) == (3, 1, 4, 2)
     assert d.master_addr == "gpu07" and d.master_port == 20000 + 12345 % 20000 and d.launcher == "srun"
+
+
+@pytest.mark.parametrize(
+    "spec, counts",
+    [("4(x2),3", [4, 4, 3]), ("2,1", [2, 1]), ("8(x16)", [8] * 16), ("2", [2]), ("1(x2),3(x3)", [1, 1, 3, 3, 3])],
+)
+def test_tasks_per_node_expands_slurms_compressed_counts(spec, counts):
+    assert tasks_per_node(spec) == counts
+    with pytest.raises(ValueError, match="SLURM_TASKS_PER_NODE='4x2'"):
+        tasks_per_node("4x2")
+
+
+@pytest.mark.parametrize(
+    "per_node, node, procid, local_world",
+    [("4(x2),3", "2", "9", 3), ("4(x2),3", "1", "5", 4), ("2,1", "1", "2", 1), ("2,1", "0", "1", 2)],
+)
+def test_plain_srun_local_world_size_is_this_nodes_count(per_node, node, procid, local_world):
+    """Regression: only the first entry of SLURM_TASKS_PER_NODE was read, so with 4(x2),3 the third node's ranks
+    believed they had 4 local ranks (and with 2,1 the second node's rank believed it had 2)."""
+    world = str(sum(tasks_per_node(per_node)))
+    env = {"SLURM_PROCID": procid, "SLURM_LOCALID": "0", "SLURM_NTASKS": world, "SLURM_TASKS_PER_NODE": per_node,
+           "SLURM_NODEID": node, "SLURM_JOB_NODELIST": "n[1-3]", "SLURM_JOB_ID": "7"}
+    assert detect_env(env).local_world_size == local_world
+    del env["SLURM_NODEID"]  # without it: the node whose block of ranks holds this rank (Slurm's block distribution)
+    assert detect_env(env).local_world_size == local_world
+    # the step's own layout wins over the job's (a step may use fewer tasks)
+    step = dict(env, SLURM_STEP_NUM_TASKS="2", SLURM_STEP_TASKS_PER_NODE="1(x2)", SLURM_PROCID="1", SLURM_NODEID="1")
+    assert (detect_env(step).world_size, detect_env(step).local_world_size) == (2, 1)
+
+
+def test_inconsistent_launcher_variables_are_errors():
+    with pytest.raises(ValueError, match=r"rank 4 is outside \[0, world size 4\)"):
+        detect_env({"RANK": "4", "WORLD_SIZE": "4"})
 
 
 def test_torch_variables_win_over_slurm_ones():

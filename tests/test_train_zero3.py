@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 import subprocess
 import sys
 from dataclasses import asdict, fields
@@ -25,6 +24,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from contract.dist_env import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 3  # normal steps; then one step with a NaN latent
@@ -52,7 +53,7 @@ def worker(config: str, batches_path: str, out_path: str, *extra: str) -> None:
     from pretrain.config import load_config
     from pretrain.engine import build_engine, plan_batch
     from pretrain.metrics import StepTimer
-    from pretrain.model.batch import TransfusionBatch
+    from contract.batch import TransfusionBatch
     from pretrain.schedule import lr_at, set_lr
     from pretrain.train import forward_backward, global_denominators
 
@@ -98,15 +99,9 @@ def partition_report(params: list, world: int) -> dict:
 # ----------------------------------------------------------------------------------------------- parent
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _run_worker(world: int, config: str, batches: Path, out: Path, *extra: str) -> dict:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world), "--master_port",
-           str(_free_port()), __file__, "worker", config, str(batches), str(out), *extra]
+           str(free_port()), __file__, "worker", config, str(batches), str(out), *extra]
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=420)
     assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
@@ -172,11 +167,10 @@ def _reference(cfg, steps: list[list]) -> tuple[dict, list[float], list[float], 
 @pytest.fixture(scope="module")
 def zero3_results(demo_data, tmp_path_factory):
     from pretrain.config import load_config
-    from pretrain.train import prepare_config
 
     tmp = tmp_path_factory.mktemp("zero3")
     config = f"{REPO / 'configs/tiny.yaml'},{demo_data.config_path}"
-    cfg = prepare_config(load_config(config, _overrides(2)))
+    cfg = load_config(config, _overrides(2))  # model.vocab_size from the tokenizer, as the trainer loads it
     steps = _cut_batches(demo_data, cfg)
     torch.save(steps, tmp / "batches.pt")
     two = _run_worker(2, config, tmp / "batches.pt", tmp / "two.pt")

@@ -1,6 +1,10 @@
-"""The Transfusion model, single-device code (no DeepSpeed import): distribution lives in the trainer."""
+"""The Transfusion model, single-device code (no DeepSpeed import): distribution lives in the trainer.
 
-from pretrain.model.batch import IGNORE_INDEX, TransfusionBatch
+Imports only `contract` (the batch it reads) and its own config (`pretrain.model.config`).
+"""
+
+from contract.batch import IGNORE_INDEX, TransfusionBatch
+from pretrain.model.config import ModelConfig
 from pretrain.model.transfusion import Transfusion, TransfusionOutput, flops_per_position
 
-__all__ = ["IGNORE_INDEX", "Transfusion", "TransfusionBatch", "TransfusionOutput", "flops_per_position"]
+__all__ = ["IGNORE_INDEX", "ModelConfig", "Transfusion", "TransfusionBatch", "TransfusionOutput", "flops_per_position"]

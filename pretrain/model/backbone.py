@@ -1,6 +1,6 @@
 """The Llama backbone: pre-RMSNorm blocks of RoPE attention and SwiGLU, no biases.
 
-Attention takes either a dense boolean mask (SDPA) or a FlexAttention BlockMask; both express
+Attention takes either an additive float mask (SDPA) or a FlexAttention BlockMask; both express
 the same Transfusion mask (see masks.py).
 """
 
@@ -13,8 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pretrain.config import ModelConfig
+from pretrain.model.config import ModelConfig
 from pretrain.model.layers import Linear, RMSNorm
+from pretrain.model.masks import AttentionMask
 
 try:
     from torch.nn.attention.flex_attention import BlockMask, create_mask, flex_attention
@@ -89,19 +90,21 @@ class Attention(nn.Module):
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.n_heads, self.n_kv, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim
+        self.n_heads, self.head_dim = cfg.n_heads, cfg.head_dim
+        self.n_kv_heads = cfg.n_kv_heads or cfg.n_heads  # None: one key/value head per query head
         out_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)  # depth-scaled residual projections
-        self.wqkv = Linear(cfg.dim, (self.n_heads + 2 * self.n_kv) * self.head_dim, cfg.init_std)
+        self.wqkv = Linear(cfg.dim, (self.n_heads + 2 * self.n_kv_heads) * self.head_dim, cfg.init_std)
         self.wo = Linear(self.n_heads * self.head_dim, cfg.dim, out_std)
 
-    def forward(self, x: torch.Tensor, rope: torch.Tensor, mask: object) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, mask: AttentionMask) -> torch.Tensor:
+        """(B, L, D) -> (B, L, D); rope (B, L, 1, head_dim/2) complex rotations, mask from `masks`."""
         B, L, _ = x.shape
-        H, Hkv, hd = self.n_heads, self.n_kv, self.head_dim
+        H, Hkv, hd = self.n_heads, self.n_kv_heads, self.head_dim
         # split (not slicing): its backward is one cat, where slices each zero-fill a full-size gradient
         qk, v = self.wqkv(x).view(B, L, H + 2 * Hkv, hd).split([H + Hkv, Hkv], dim=2)  # (B, L, ., hd)
         q, k = apply_rope(qk, rope).transpose(1, 2).split([H, Hkv], dim=1)  # (B, H, L, hd), (B, Hkv, L, hd)
         v = v.transpose(1, 2)  # (B, Hkv, L, hd)
-        gqa = self.n_kv != self.n_heads
+        gqa = self.n_kv_heads != self.n_heads
         if isinstance(mask, torch.Tensor):
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)  # (B, H, L, hd)
         else:
@@ -133,6 +136,6 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.feed_forward = FeedForward(cfg)
 
-    def forward(self, x: torch.Tensor, rope: torch.Tensor, mask: object) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, mask: AttentionMask) -> torch.Tensor:
         x = x + self.attention(self.attention_norm(x), rope, mask)  # (B, L, D)
         return x + self.feed_forward(self.ffn_norm(x))  # (B, L, D)

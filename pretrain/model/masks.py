@@ -7,7 +7,7 @@ BlockMask (built by a compiled `create_block_mask`, which skips fully masked blo
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Union
 
 import torch
 
@@ -18,6 +18,9 @@ except ImportError:  # pragma: no cover - torch < 2.5
     create_block_mask = None  # type: ignore[assignment]
 
 _compiled_create_block_mask: Callable | None = None
+
+#: what attention layers take: an additive float mask (B, 1, L, L) for SDPA, or a FlexAttention BlockMask
+AttentionMask = Union[torch.Tensor, "BlockMask"]
 
 
 def dense_mask(doc_ids: torch.Tensor, image_ids: torch.Tensor) -> torch.Tensor:

@@ -2,7 +2,14 @@
 
 Patches are p x p latent cells in raster order. The linear encoder adds the timestep embedding to
 every patch vector; the U-Net conditions on the timestep inside each residual block, and its
-decoder takes skip connections from the encoder (passed as `ctx`).
+decoder takes skip connections from the encoder.
+
+Encoder/decoder protocol: `encoder(x_t, t) -> (patches (N, P, D), ctx)` and
+`decoder(h (N, P, D), t, ctx) -> eps (N, C, H, W)`, where `ctx` is what the decoder needs from the
+encoder of the same images: `[]` for the linear pair; for the U-Net, the output of every encoder
+residual block in the order they ran (level 0 first, each (N, c_level, H/2^level, W/2^level)),
+followed by the timestep embedding (N, temb). The decoder pops the skips from the end, so its
+first block takes the encoder's last one (the usual U-Net mirror), and reuses the embedding.
 """
 
 from __future__ import annotations
@@ -11,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pretrain.config import ModelConfig
+from pretrain.model.config import ModelConfig
 from pretrain.model.diffusion import TimestepEmbedder
 from pretrain.model.layers import Conv2d, Linear
 
@@ -83,7 +90,10 @@ class ResBlock(nn.Module):
 
 
 class UNetPatchEncoder(nn.Module):
-    """U-Net down blocks: latent (N, C, H, W) -> (N, P, D), one 2x downsample per level past the first."""
+    """U-Net down blocks: latent (N, C, H, W) -> (N, P, D), one 2x downsample per level past the first.
+
+    Returns ctx = [every residual block's output, in order] + [timestep embedding] (module docstring).
+    """
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -120,7 +130,11 @@ class UNetPatchEncoder(nn.Module):
 
 
 class UNetPatchDecoder(nn.Module):
-    """U-Net up blocks with skips from the encoder: (N, P, D) -> epsilon (N, C, H, W)."""
+    """U-Net up blocks with skips from the encoder: (N, P, D) -> epsilon (N, C, H, W).
+
+    `ctx` is the encoder's: its residual outputs are concatenated to this decoder's blocks in
+    reverse order (one per block: unet_res_blocks per level), its last entry is the timestep embedding.
+    """
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()

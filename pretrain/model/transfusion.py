@@ -15,10 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pretrain.config import ModelConfig
+from contract.batch import IGNORE_INDEX, TransfusionBatch
 from pretrain.model import masks
 from pretrain.model.backbone import TransformerBlock, rope_tables
-from pretrain.model.batch import IGNORE_INDEX, TransfusionBatch
+from pretrain.model.config import ModelConfig
 from pretrain.model.diffusion import add_noise, cosine_alpha_bar
 from pretrain.model.layers import Embedding, Linear, RMSNorm
 from pretrain.model.patching import build_patching
@@ -56,8 +56,12 @@ class Transfusion(nn.Module):
             self._alpha_bar[device] = cosine_alpha_bar(self.cfg.diffusion_steps, device=device)
         return self._alpha_bar[device]
 
-    def attention_mask(self, batch: TransfusionBatch) -> object:
-        """Dense bool mask (sdpa) or BlockMask (flex) for the batch's documents and images."""
+    def attention_mask(self, batch: TransfusionBatch) -> masks.AttentionMask:
+        """The batch's Transfusion mask, shared by all layers and heads.
+
+        sdpa: an additive float mask (B, 1, L, L), 0 where attention is allowed and -inf elsewhere, in
+        the model's dtype; flex: a FlexAttention BlockMask. Both from the same rule (masks.py).
+        """
         if self.cfg.attention == "sdpa":
             allowed = masks.dense_mask(batch.doc_ids, batch.image_ids)  # (B, 1, L, L) bool
             # additive form, built once for all layers (SDPA would convert a bool mask in every call)
@@ -80,9 +84,16 @@ class Transfusion(nn.Module):
         text_denom: float | None = None,
         image_denom: float | None = None,
     ) -> TransfusionOutput:
+        """Noise the batch's latents at its timesteps, run the model, and return the losses.
+
+        loss = sum of text-target CE / text_denom + diffusion_loss_weight * sum of per-image eps MSE /
+        image_denom. text_denom / image_denom default to this batch's counts (a mean); the trainer passes
+        the step's global counts divided by (accumulation steps x ranks), so that DeepSpeed's averaging
+        gives d(sum / global count) however the global batch is split (pretrain.train.global_denominators).
+        """
         latents, noise, t, img_weight = self._images_or_dummy(batch)
         x_t = add_noise(latents, noise, t, self.alpha_bar(latents.device))  # (N, C, H, W)
-        h, eps_hat = self.denoise(batch, x_t, t)  # (B*L, D), (N, C, H, W)
+        h, eps_hat = self.hidden_and_eps(batch, x_t, t)  # (B*L, D), (N, C, H, W)
 
         lm_sum, n_text = self._lm_loss(h, batch.targets.view(-1))
         per_image = (eps_hat.float() - noise.float()).pow(2).mean(dim=(1, 2, 3))  # (N,)
@@ -94,10 +105,15 @@ class Transfusion(nn.Module):
         loss = lm_sum / text_denom + self.cfg.diffusion_loss_weight * diff_sum / image_denom
         return TransfusionOutput(loss, lm_sum.detach(), diff_sum.detach(), n_text, n_img)
 
-    def denoise(self, batch: TransfusionBatch, x_t: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Hidden states (B*L, D) and predicted epsilon (N, C, H, W) for noised latents x_t at timesteps t.
+    def hidden_and_eps(self, batch: TransfusionBatch, x_t: torch.Tensor,
+                       t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The whole model over a batch: final hidden states (B*L, D) and predicted epsilon (N, C, H, W).
 
-        When the batch holds no image, x_t/t is the dummy image, which bypasses the backbone.
+        x_t (N, C, H, W) are the batch's latents noised at timesteps t (N,); the patch encoder puts them
+        at the batch's patch positions, the backbone runs over all positions, the patch decoder reads
+        the patch positions back. Text generation takes `lm_logits` of the hidden states, image
+        generation the epsilon. When the batch holds no image, x_t/t is one dummy image, which
+        bypasses the backbone (its epsilon is meaningless; ZeRO-3 still gathers every module).
         """
         B, L = batch.tokens.shape
         D = self.cfg.dim

@@ -1,4 +1,4 @@
-"""The batch contract between the data pipeline and the model.
+"""The batch contract between the data pipeline and the model (`data_pipeline.loader` builds it, `pretrain.model` reads it).
 
 A batch is B packed sequences of exactly L positions. Every position carries a token id, the
 document it belongs to, the image it belongs to (or -1) and its RoPE position. Images are
@@ -14,6 +14,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
+#: target id of positions without an LM loss (torch.nn.functional.cross_entropy's default ignore_index)
 IGNORE_INDEX = -100
 
 

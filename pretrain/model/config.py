@@ -1,0 +1,102 @@
+"""The model's own config: backbone, image patching and diffusion settings (the `model:` section).
+
+It lives beside the model (as torchtitan keeps its model args), imports nothing of the trainer or
+the data pipeline; `pretrain.config` composes it into the run config.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+PatchEncoder = Literal["linear", "unet"]
+AttentionImpl = Literal["flex", "sdpa"]
+
+
+@dataclass
+class ModelConfig:
+    """Transformer backbone, image patching and diffusion settings (README "Config reference" lists each key).
+
+    The model takes sequences of any length (RoPE positions, no table): the one sequence length of a
+    run is `data.seq_len`. Raises ValueError from `__post_init__` naming the key to change.
+    """
+
+    #: keys that moved: old name -> (new key, why); configlib reports them instead of "unknown key"
+    moved: ClassVar[dict[str, tuple[str, str]]] = {
+        "max_seq_len": ("data.seq_len", "a run has one sequence length, that of its packed shards"),
+    }
+
+    dim: int = 768
+    n_layers: int = 16
+    n_heads: int = 12
+    n_kv_heads: int | None = None  # None = n_heads (no grouped-query attention)
+    ffn_dim: int | None = None  # None = Llama rule: 2/3 * 4 * dim rounded up to ffn_multiple_of
+    ffn_multiple_of: int = 256
+    vocab_size: int = 32000  # Llama 2's; pretrain.config.load_config takes it from data.tokenizer when set
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    init_std: float = 0.02
+    attention: AttentionImpl = "flex"
+    # image path
+    latent_channels: int = 8
+    latent_size: int = 32  # latent side (256 px image / 8x VAE)
+    patch_size: int = 2
+    patch_encoder: PatchEncoder = "linear"
+    unet_channels: tuple[int, ...] = ()  # per resolution level, len log2(p)+1; () = paper-sized default
+    unet_res_blocks: int = 2
+    timestep_freq_dim: int = 256
+    # diffusion
+    diffusion_steps: int = 1000
+    diffusion_loss_weight: float = 5.0  # lambda in L = L_LM + lambda * L_DDPM
+
+    def __post_init__(self) -> None:
+        if self.dim % self.n_heads:
+            raise ValueError(f"model.dim={self.dim} must be divisible by model.n_heads={self.n_heads}")
+        if self.head_dim % 2:
+            raise ValueError(f"model.dim / model.n_heads = {self.head_dim} must be even for RoPE")
+        n_kv_heads = self.n_kv_heads or self.n_heads
+        if n_kv_heads <= 0 or self.n_heads % n_kv_heads:
+            raise ValueError(f"model.n_heads={self.n_heads} must be a multiple of model.n_kv_heads={n_kv_heads}")
+        if self.patch_size not in (1, 2, 4, 8):
+            raise ValueError(f"model.patch_size must be 1, 2, 4 or 8, got {self.patch_size}")
+        if self.latent_size % self.patch_size:
+            raise ValueError(
+                f"model.latent_size={self.latent_size} must be divisible by model.patch_size={self.patch_size}"
+            )
+        if self.patch_encoder == "unet" and self.unet_channels and len(self.unet_channels) != self.unet_levels:
+            raise ValueError(
+                f"model.unet_channels needs log2(patch_size)+1 = {self.unet_levels} entries "
+                f"for patch_size={self.patch_size}, got {list(self.unet_channels)}"
+            )
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def hidden_dim(self) -> int:
+        """SwiGLU hidden width (Llama: 4096 -> 11008)."""
+        if self.ffn_dim is not None:
+            return self.ffn_dim
+        h = int(2 * 4 * self.dim / 3)
+        return self.ffn_multiple_of * math.ceil(h / self.ffn_multiple_of)
+
+    @property
+    def patches_per_image(self) -> int:
+        return (self.latent_size // self.patch_size) ** 2
+
+    @property
+    def patch_dim(self) -> int:
+        return self.latent_channels * self.patch_size**2
+
+    @property
+    def unet_levels(self) -> int:
+        return int(math.log2(self.patch_size)) + 1
+
+    @property
+    def unet_channel_list(self) -> tuple[int, ...]:
+        """U-Net widths per level; the default adds about 0.27B parameters, as in the paper."""
+        if self.unet_channels:
+            return tuple(self.unet_channels)
+        return (512, 640, 896, 1344)[-self.unet_levels :]
