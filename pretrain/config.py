@@ -75,6 +75,7 @@ class LoggingConfig:
     )
     sample_steps: int = 50  # DDIM steps for the logged samples (generation default: 250)
     sample_cfg_scale: float = 3.0
+    eval_every: int = 0  # synthetic-task evaluation (pretrain.evaluate) every N steps; 0 = never; needs data.vae
     tensorboard: bool = True
     peak_flops: float | None = None  # per device; None = detect the GPU (unknown: MFU not shown)
 

@@ -300,10 +300,34 @@ def maybe_sample(run: Run) -> None:
     generate.tensorboard_samples(run.engine.module, run.cfg, run.writer, run.step)
 
 
+def maybe_evaluate(run: Run) -> None:
+    """Every logging.eval_every steps: the synthetic-task evaluation (pretrain.evaluate) to TensorBoard.
+
+    Every rank runs it (ZeRO-3 forwards are collective); rank 0 writes the scalars, the report
+    (RUN_DIR/eval/step_N/report.json) and the sample grid.
+    """
+    from contract.special_ids import load_special_ids
+    from data_pipeline.tokenizer import Tokenizer
+    from data_pipeline.vae import load_vae
+    from pretrain import evaluate
+
+    cfg, lg = run.cfg, run.cfg.logging
+    st = evaluate.EvalSettings(steps=lg.sample_steps, cfg_scale=lg.sample_cfg_scale, seed=cfg.train.seed)
+    report, pixels, prompts = evaluate.evaluate(run.engine.module, load_special_ids(cfg.data.tokenizer),
+                                                Tokenizer(cfg.data.tokenizer), load_vae(cfg.data.vae), st)
+    run.writer.scalars(evaluate.flat_scalars(report), run.step)
+    if run.env.is_main:
+        out = evaluate.write_report(report, pixels, prompts, Path(cfg.train.run_dir) / "eval" / f"step_{run.step:07d}")
+        log.info("evaluation at step %d (%s):\n%s", run.step, out, evaluate.table(report))
+
+
 def setup(argv: list[str] | None) -> Run:
     """Config, process group, engine, loaders, metrics, signal handlers, resume."""
     path, overrides = parse_args(argv)
     cfg = load_config(path, overrides)  # model.vocab_size from data.tokenizer
+    if cfg.logging.eval_every > 0 and not (cfg.data.vae and cfg.data.tokenizer):
+        raise configlib.ConfigError("logging.eval_every > 0 needs data.vae (the VAE that decodes samples) "
+                                    "and data.tokenizer; set them or logging.eval_every=0")
     env = distributed.init_distributed(cfg.distributed.backend, cfg.distributed.timeout_minutes)
     setup_logging(env.rank)
     plan = plan_batch(cfg, env.world_size)
@@ -338,6 +362,8 @@ def after_step(run: Run, s: StepStats) -> None:
         run.writer.scalars(validate(run), run.step)
     if lg.sample_every > 0 and run.step % lg.sample_every == 0:
         maybe_sample(run)
+    if lg.eval_every > 0 and run.step % lg.eval_every == 0:
+        maybe_evaluate(run)
     if ck.every > 0 and run.step % ck.every == 0 and run.step < run.cfg.train.steps:
         save(run)
     checkpoint.fault_point("kill_after_step", run.step)

@@ -82,9 +82,9 @@ def log_tail(run_dir: Path, launcher: str) -> str:
 
 @pytest.fixture(scope="module")
 def straight(demo_data, tmp_path_factory):
-    """10 steps without interruption under the deepspeed launcher: the reference run."""
+    """10 steps without interruption under the deepspeed launcher: the reference run (evaluated at step 10)."""
     run_dir = tmp_path_factory.mktemp("straight")
-    p = launch("deepspeed", demo_data, run_dir)
+    p = launch("deepspeed", demo_data, run_dir, "logging.eval_every=10")  # data.vae: the demo data's VAE
     assert p.returncode == 0, log_tail(run_dir, "deepspeed")
     return run_dir
 
@@ -112,6 +112,14 @@ def test_two_ranks_train_loss_falls_and_tensorboard_has_everything(straight):
     img = ea.Images("samples/images")[-1]
     assert img.step == 10 and img.width > 0 and img.encoded_image_string[:4] == b"\x89PNG"
     assert (straight / "samples" / "step_0000010.png").is_file()
+    # the synthetic-task evaluation (pretrain.evaluate) ran on both ranks at step 10; rank 0 logged it
+    evals = {"eval/text_to_image/seen/color", "eval/text_to_image/held_out/all_three", "eval/captions/seen/place",
+             "eval/vae/seen/all_three", "eval/text/perplexity"}
+    assert evals <= set(tags["scalars"]), evals - set(tags["scalars"])
+    report = json.loads((straight / "eval" / "step_0000010" / "report.json").read_text())
+    assert [e.step for e in ea.Scalars("eval/captions/seen/color")] == [10]
+    assert ea.Scalars("eval/text/perplexity")[0].value == pytest.approx(report["text"]["perplexity"], rel=1e-5)
+    assert report["text_to_image"]["seen"]["n"] == 154 and report["text_to_image"]["held_out"]["n"] == 8
 
 
 def test_exact_resume_after_kill_9_and_requeue_signal(straight, demo_data, tmp_path):

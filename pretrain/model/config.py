@@ -12,6 +12,7 @@ from typing import ClassVar, Literal
 
 PatchEncoder = Literal["linear", "unet"]
 AttentionImpl = Literal["flex", "sdpa"]
+LossWeighting = Literal["eps", "v_trunc"]
 
 
 @dataclass
@@ -49,6 +50,10 @@ class ModelConfig:
     # diffusion
     diffusion_steps: int = 1000
     diffusion_loss_weight: float = 5.0  # lambda in L = L_LM + lambda * L_DDPM
+    # per-timestep weight of the eps-MSE: "eps" = 1 (the paper), "v_trunc" = min(1/alpha_bar_t, cap)
+    # normalised to mean 1 over t (the v-prediction loss, truncated): see docs/quality.md
+    diffusion_loss_weighting: LossWeighting = "eps"
+    diffusion_weight_cap: float = 20.0  # the cap of v_trunc
 
     def __post_init__(self) -> None:
         if self.dim % self.n_heads:
@@ -58,6 +63,8 @@ class ModelConfig:
         n_kv_heads = self.n_kv_heads or self.n_heads
         if n_kv_heads <= 0 or self.n_heads % n_kv_heads:
             raise ValueError(f"model.n_heads={self.n_heads} must be a multiple of model.n_kv_heads={n_kv_heads}")
+        if self.diffusion_weight_cap < 1:
+            raise ValueError(f"model.diffusion_weight_cap={self.diffusion_weight_cap} must be >= 1")
         if self.patch_size not in (1, 2, 4, 8):
             raise ValueError(f"model.patch_size must be 1, 2, 4 or 8, got {self.patch_size}")
         if self.latent_size % self.patch_size:

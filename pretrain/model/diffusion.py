@@ -22,6 +22,24 @@ def cosine_alpha_bar(steps: int, s: float = 0.008, device: torch.device | str = 
     return torch.cumprod(1 - betas, dim=0).to(torch.float32)  # (steps,)
 
 
+def timestep_loss_weights(alpha_bar: torch.Tensor, weighting: str, cap: float) -> torch.Tensor:
+    """Per-timestep weights (T,) of the eps-MSE, mean 1 over t (so the loss weight lambda keeps its meaning).
+
+    "eps": all 1 (the paper's plain eps-prediction loss). "v_trunc": min(1/alpha_bar_t, cap), then
+    divided by its mean. ||v_hat - v||^2 = ||eps_hat - eps||^2 / alpha_bar_t for v = sqrt(ab) eps -
+    sqrt(1-ab) x0 (Salimans & Ho 2022, "SNR+1" weighting: 1 + 1/SNR = 1/alpha_bar), so this is the
+    v-prediction loss of an eps-prediction model, truncated at `cap`: it weights the high-noise steps
+    where only the caption can tell what the image is (under uniform eps-loss their error in x0
+    costs alpha_bar/(1-alpha_bar) times less, so a small model learns to ignore the caption).
+    """
+    if weighting == "eps":
+        return torch.ones_like(alpha_bar)
+    if weighting == "v_trunc":
+        w = (1.0 / alpha_bar).clamp(max=cap)  # (T,)
+        return w / w.mean()
+    raise ValueError(f"unknown diffusion loss weighting {weighting!r}: use 'eps' or 'v_trunc'")
+
+
 def add_noise(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
     """x_t = sqrt(ab_t) x0 + sqrt(1 - ab_t) eps for (N, C, H, W) latents and (N,) timesteps."""
     ab = alpha_bar[t].view(-1, *([1] * (x0.dim() - 1))).to(x0.dtype)  # (N, 1, 1, 1)

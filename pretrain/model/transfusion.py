@@ -19,7 +19,7 @@ from contract.batch import IGNORE_INDEX, TransfusionBatch
 from pretrain.model import masks
 from pretrain.model.backbone import TransformerBlock, rope_tables
 from pretrain.model.config import ModelConfig
-from pretrain.model.diffusion import add_noise, cosine_alpha_bar
+from pretrain.model.diffusion import add_noise, cosine_alpha_bar, timestep_loss_weights
 from pretrain.model.layers import Embedding, Linear, RMSNorm
 from pretrain.model.patching import build_patching
 
@@ -49,12 +49,21 @@ class Transfusion(nn.Module):
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.output = Linear(cfg.dim, cfg.vocab_size, cfg.init_std)
         self._alpha_bar: dict[torch.device, torch.Tensor] = {}
+        self._t_weight: dict[torch.device, torch.Tensor] = {}
 
     def alpha_bar(self, device: torch.device) -> torch.Tensor:
         """The cosine schedule (T,) on `device`, cached (not a parameter, so ZeRO-3 never shards it)."""
         if device not in self._alpha_bar:
             self._alpha_bar[device] = cosine_alpha_bar(self.cfg.diffusion_steps, device=device)
         return self._alpha_bar[device]
+
+    def timestep_weights(self, device: torch.device) -> torch.Tensor:
+        """Per-timestep eps-MSE weights (T,) of model.diffusion_loss_weighting, cached like alpha_bar."""
+        if device not in self._t_weight:
+            cfg = self.cfg
+            self._t_weight[device] = timestep_loss_weights(
+                self.alpha_bar(device), cfg.diffusion_loss_weighting, cfg.diffusion_weight_cap)
+        return self._t_weight[device]
 
     def attention_mask(self, batch: TransfusionBatch) -> masks.AttentionMask:
         """The batch's Transfusion mask, shared by all layers and heads.
@@ -97,7 +106,7 @@ class Transfusion(nn.Module):
 
         lm_sum, n_text = self._lm_loss(h, batch.targets.view(-1))
         per_image = (eps_hat.float() - noise.float()).pow(2).mean(dim=(1, 2, 3))  # (N,)
-        diff_sum = (per_image * img_weight).sum()
+        diff_sum = (per_image * img_weight * self.timestep_weights(latents.device)[t]).sum()
 
         n_img = batch.num_images
         text_denom = float(max(n_text, 1)) if text_denom is None else text_denom
