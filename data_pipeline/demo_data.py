@@ -60,6 +60,9 @@ class DemoSizes:
     patch_size: int = 4
 
 
+# 256 byte-fallback pieces + 5 specials + the ~98 pieces the demo's 40-word texts support: asking for
+# more only yields a "fewer pieces than asked" warning (see tokenizer.train)
+DEMO_VOCAB = 359
 #: tests: a random-init 8x VAE (8x8x8 latents, 2x2 patches: 16 per image), small sets
 FAST = DemoSizes(pairs=240, texts=300, interleaved=40, vae_steps=0, vae_downsample=8, vae_width=8, latent_channels=8,
                  patch_size=2)
@@ -89,7 +92,7 @@ def _pack(kind: str, inputs: list[str], tok: Path, out: Path, seq_len: int, patc
 
 
 def make_demo_data(out: str | Path, seed: int = 0, fast: bool = True, seq_len: int = 256,
-                   vocab_size: int = 1000, sizes: DemoSizes | None = None) -> DemoData:
+                   vocab_size: int = DEMO_VOCAB, sizes: DemoSizes | None = None) -> DemoData:
     """Generate everything under `out` (wiped first) deterministically from `seed`."""
     root = Path(out).resolve()
     if root.exists():
@@ -134,7 +137,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--fast", action="store_true", help="random-init VAE and fewer samples (tests)")
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--patch-size", type=int, default=None, help="default: 4 (2 with --fast)")
-    ap.add_argument("--vocab-size", type=int, default=1000)
+    ap.add_argument("--vocab-size", type=int, default=DEMO_VOCAB)
     ap.add_argument("--vae-steps", type=int, default=DemoSizes.vae_steps,
                     help="VAE training steps without --fast (more steps: sharper colours in reconstructions)")
     a = ap.parse_args(argv)

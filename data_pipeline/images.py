@@ -1,7 +1,10 @@
 """Decode any image PIL reads, reject bad ones with a reason, convert to RGB, resize and centre-crop.
 
-Bad images (zero bytes, truncated, not an image, tiny, absurd aspect ratio, decompression bomb)
-raise `BadImage` with a short reason that precompute counts in its report.
+Pixels are what a viewer shows: the EXIF orientation is applied first (PIL's `ImageOps.exif_transpose`,
+the reference a viewer follows), then each PIL mode is mapped to 8-bit RGB by its real value range
+(never stretched per image nor clamped). Bad images (zero bytes, truncated, not an image, tiny,
+absurd aspect ratio, decompression bomb, unreadable EXIF, a mode or value range with no defined
+mapping) raise `BadImage` with a short reason that precompute counts in its report.
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ import io
 import warnings
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 MIN_SIDE = 8  # pixels; smaller images (1x1 trackers, icons) are skipped
 MAX_ASPECT = 4.0  # longer/shorter side; panoramas and banners are skipped
@@ -48,21 +51,53 @@ def _open(data: bytes) -> Image.Image:
     return img
 
 
+_16BIT = ("I;16", "I;16L", "I;16B", "I;16N")
+_ALPHA = ("RGBA", "LA", "PA", "RGBa")
+_PLAIN = ("RGB", "L", "1", "CMYK", "YCbCr", "HSV", "RGBX")
+
+
+def _grey(arr: np.ndarray) -> Image.Image:
+    """(H, W) values already on the 0..255 scale -> RGB (rounded, not clamped: callers checked the range)."""
+    return Image.fromarray(np.rint(arr).astype(np.uint8), "L").convert("RGB")
+
+
 def to_rgb(img: Image.Image) -> Image.Image:
-    """Convert CMYK, palette, greyscale and alpha images to RGB (alpha composited on white)."""
-    if img.mode == "RGB":
-        return img
-    if img.mode == "P":
-        img = img.convert("RGBA")
-    if img.mode in ("RGBA", "LA", "PA"):
-        img = img.convert("RGBA")
+    """Any PIL mode -> RGB as a viewer shows it; raises BadImage(`unsupported_mode` / `unsupported_range`).
+
+    8-bit modes, 1-bit, CMYK, YCbCr, HSV: PIL's conversion. Palette (with or without transparency),
+    RGBA, LA, PA: alpha composited on white. 16-bit grey (`I;16*`): value / 257 (65535 -> 255).
+    32-bit int `I`: a 16-bit range is assumed (PNG/TIFF 16-bit grey), values outside 0..65535 are
+    `unsupported_range`. Float `F`: the 0..1 range (x 255), values outside it are `unsupported_range`.
+    LAB and other modes: `unsupported_mode` (their conversion needs a colour profile).
+    """
+    m = img.mode
+    if m in _16BIT or m == "I":
+        arr = np.asarray(img, dtype=np.float64)  # (H, W)
+        if arr.size and (arr.min() < 0 or arr.max() > 65535):
+            raise BadImage("unsupported_range", f"mode {m} values {arr.min():.0f}..{arr.max():.0f} outside 0..65535")
+        return _grey(arr / 257.0)
+    if m == "F":
+        arr = np.asarray(img, dtype=np.float64)  # (H, W)
+        if not np.isfinite(arr).all() or (arr.size and (arr.min() < 0 or arr.max() > 1)):
+            raise BadImage("unsupported_range", f"float image values {np.nanmin(arr):g}..{np.nanmax(arr):g} outside 0..1")
+        return _grey(arr * 255.0)
+    if m == "P" or m in _ALPHA:
+        rgba = img.convert("RGBA")
+        if m == "P" and "transparency" not in img.info:
+            return rgba.convert("RGB")
         bg = Image.new("RGBA", img.size, (255, 255, 255, 255))
-        return Image.alpha_composite(bg, img).convert("RGB")
-    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-        arr = np.asarray(img, dtype=np.float64)
-        arr = (arr - arr.min()) / max(arr.max() - arr.min(), 1.0) * 255.0
-        img = Image.fromarray(arr.astype(np.uint8))
-    return img.convert("RGB")
+        return Image.alpha_composite(bg, rgba).convert("RGB")
+    if m in _PLAIN:
+        return img.convert("RGB")
+    raise BadImage("unsupported_mode", f"mode {m} has no defined conversion to RGB")
+
+
+def upright(img: Image.Image) -> Image.Image:
+    """The image turned as its EXIF orientation says (as a viewer shows it); BadImage `bad_exif` if unreadable."""
+    try:
+        return ImageOps.exif_transpose(img)
+    except Exception as e:  # noqa: BLE001 - malformed EXIF blocks of every kind
+        raise BadImage("bad_exif", f"{type(e).__name__}: {e}") from e
 
 
 def resize_center_crop(img: Image.Image, size: int) -> Image.Image:
@@ -76,8 +111,8 @@ def resize_center_crop(img: Image.Image, size: int) -> Image.Image:
 
 
 def load_image(data: bytes, size: int) -> np.ndarray:
-    """Bytes of any image -> (3, size, size) float32 in [-1, 1]; raises BadImage."""
-    img = _open(data)
+    """Bytes of any image -> (3, size, size) float32 in [-1, 1], upright as a viewer shows it; raises BadImage."""
+    img = upright(_open(data))
     w, h = img.size
     if min(w, h) < MIN_SIDE:
         raise BadImage("too_small", f"{w}x{h}")

@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
+from tempfile import gettempdir
 from typing import Any, Iterator
 
 import numpy as np
 import torch
 from streaming import Stream, StreamingDataLoader, StreamingDataset
-from streaming.base.util import clean_stale_shared_memory
+from streaming.base.constant import BARRIER_FILELOCK, CACHE_FILELOCK, SHM_TO_CLEAN
 
 from contract.batch import TransfusionBatch
 from contract.special_ids import load_special_ids
@@ -24,14 +26,55 @@ from data_pipeline.config import DataConfig, StreamConfig
 from data_pipeline.sequence import RowSpec, build_row
 
 _CLEANED = False
+_SHM_NAME = re.compile(r"(\d{6})_(%s)" % "|".join(SHM_TO_CLEAN))  # streaming's names: f"{prefix:06}_{name}"
+
+
+def _mapped_shm() -> set[str]:
+    """Names of /dev/shm files some live process maps (every /proc/PID/maps this user can read)."""
+    names: set[str] = set()
+    for maps in Path("/proc").glob("[0-9]*/maps"):
+        try:
+            text = maps.read_text()
+        except OSError:  # process gone, or another user's (whose segments we cannot unlink anyway)
+            continue
+        names.update(m.group(1) for m in re.finditer(r"/dev/shm/(\S+)", text))
+    return names
+
+
+def clean_stale_shm(shm_dir: Path = Path("/dev/shm")) -> list[str]:
+    """Unlink streaming's shared memory of *dead* jobs only; returns the names removed.
+
+    A streaming prefix (all segments `NNNNNN_*` of one dataset) is stale when no live process maps
+    any of its segments: a live loader (and each of its workers) keeps them mapped, so another job's
+    segments on the same node are never touched. streaming's own `clean_stale_shared_memory()`
+    unlinks every prefix, live or not (it suits a prologue on an exclusive node only). The prefix's
+    file locks in the temp dir go with it. Does nothing where /dev/shm does not exist.
+    """
+    if not shm_dir.is_dir():
+        return []
+    found = [(m.group(1), p) for p in shm_dir.iterdir() if (m := _SHM_NAME.fullmatch(p.name))]
+    mapped = _mapped_shm()
+    live = {prefix for prefix, p in found if p.name in mapped}
+    removed = []
+    for prefix, p in found:
+        if prefix not in live:
+            p.unlink(missing_ok=True)
+            removed.append(p.name)
+    for prefix in {prefix for prefix, _ in found} - live:
+        for lock in (BARRIER_FILELOCK, CACHE_FILELOCK):
+            (Path(gettempdir()) / f"{prefix}_{lock}").unlink(missing_ok=True)
+    return removed
 
 
 def _clean_once() -> None:
-    """Remove shared memory left by crashed runs, once per process (later calls would hit live loaders)."""
+    """Remove shared memory left by crashed runs (only provably stale segments), once per process.
+
+    `TF_CLEAN_SHM=0` (docs/cluster.md) switches it off.
+    """
     global _CLEANED
-    if not _CLEANED:
-        clean_stale_shared_memory()
-        _CLEANED = True
+    if not _CLEANED and os.environ.get("TF_CLEAN_SHM", "1") != "0":
+        clean_stale_shm()
+    _CLEANED = True
 
 
 def job_cache_dir(root: str) -> Path:

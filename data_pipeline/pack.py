@@ -4,12 +4,20 @@ Text sources read raw .jsonl/.txt; pairs and interleaved sources read the output
 `data_pipeline.precompute` (documents with their latents). Writes `OUT/train` (and `OUT/val`
 with `--val-every N`: every N-th document goes to validation) plus `OUT/pack.json` with the
 packing efficiency. Run `python -m data_pipeline.pack --help`.
+
+`OUT/pack.json` is written last and records the pack's identity (input files' stamps or the
+precompute outputs' checksums, the tokenizer's checksum, the shaping options). A rerun with the same
+identity does nothing; with another identity it stops and asks for a new `--out`; a crashed run
+(split directories without pack.json) is redone.
 """
+
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,11 +52,12 @@ def read_mds(root: str | Path) -> Iterator[dict]:
                 raise ValueError(f"{root / name}: corrupt shard (sample {i}): {e}") from e
 
 
-def text_docs(inputs: list[str], tok: Tokenizer, batch: int = 256) -> Iterator[list[Unit]]:
-    """Each text document as one text unit: BOS + tokens + EOS."""
+def text_docs(inputs: list[str], tok: Tokenizer, batch: int = 256, skips: sources.SkipLog | None = None,
+              strict: bool = False) -> Iterator[list[Unit]]:
+    """Each text document as one text unit: BOS + tokens + EOS; bad input lines go to `skips` (see iter_texts)."""
     ids = tok.ids
     buf: list[str] = []
-    for text in sources.iter_texts(inputs):
+    for text in sources.iter_texts(inputs, skips, strict):
         buf.append(text)
         if len(buf) == batch:
             yield from ([Unit(TEXT, [ids.bos_id, *t, ids.eos_id])] for t in tok.encode_batch(buf))
@@ -122,6 +131,7 @@ class PackOptions:
     val_every: int = 0  # every N-th document goes to OUT/val (0: no val)
     lookahead: int = 64  # documents considered when filling a row
     shard_size: int = 1 << 26  # bytes per MDS shard
+    strict: bool = False  # stop at the first bad text line
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -139,6 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--val-every", type=int, default=d.val_every, help="every N-th document goes to OUT/val (0: no val)")
     ap.add_argument("--lookahead", type=int, default=d.lookahead, help="documents considered when filling a row")
     ap.add_argument("--shard-size", type=int, default=d.shard_size, help="bytes per MDS shard")
+    ap.add_argument("--strict", action="store_true",
+                    help="stop at the first bad text line (default: skip it, count and name it in pack.json)")
     return ap
 
 
@@ -149,12 +161,48 @@ def _image_meta(inputs: list[str]) -> dict:
     return metas[0]
 
 
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def pack_identity(opts: PackOptions) -> dict:
+    """What a finished pack must match to be reused: inputs, tokenizer and every option that shapes the rows."""
+    if opts.kind == "text":
+        inputs = [sources.file_stamp(f) for f in sources.text_files(opts.inputs)]
+    else:
+        inputs = [[str(Path(p).resolve()), _sha256(Path(p) / "index.json"), _sha256(Path(p) / "latents.json")]
+                  for p in opts.inputs]
+    return {"kind": opts.kind, "inputs": inputs, "tokenizer_sha256": _sha256(Path(opts.tokenizer)),
+            **{k: getattr(opts, k) for k in ("seq_len", "patch_size", "val_every", "lookahead", "shard_size")}}
+
+
+def _previous(out: Path, identity: dict) -> dict | None:
+    """The report of a finished identical pack in `out`; clears a crashed one; ValueError for another pack."""
+    done = out / "pack.json"
+    if done.is_file():
+        rep = json.loads(done.read_text())
+        diff = sorted(k for k in identity if rep.get("identity", {}).get(k) != identity[k])
+        if not diff:
+            return rep
+        raise ValueError(f"{out}: holds a pack of other inputs or options (differs in {diff}); use a new --out, "
+                         f"or delete {out} to repack there")
+    for split in ("train", "val"):
+        if (out / split).exists():
+            print(f"[pack] {out / split}: left by an unfinished run (no pack.json); redoing it")
+            shutil.rmtree(out / split)
+    return None
+
+
 def run(opts: PackOptions) -> dict:
-    """Pack one source into OUT/train (+ OUT/val); returns the pack report."""
+    """Pack one source into OUT/train (+ OUT/val); returns the pack report (an identical finished pack is reused)."""
     t0 = time.time()
     tok = Tokenizer(opts.tokenizer)
     out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
+    identity = pack_identity(opts)
+    if (rep := _previous(out, identity)) is not None:
+        print(f"[pack] {out}: already packed from the same inputs and options; nothing to do")
+        return rep
     meta = {"kind": opts.kind, "seq_len": opts.seq_len, "patch_size": opts.patch_size, "latent_shape": None, "dtype": "fp16"}
     P = 0
     if opts.kind != "text":
@@ -165,9 +213,13 @@ def run(opts: PackOptions) -> dict:
         P = (h // opts.patch_size) * (w // opts.patch_size)
         meta.update(latent_shape=[C, h, w], dtype=im["dtype"])
 
+    skips = sources.SkipLog()
+
     def docs() -> Iterator[list[Unit]]:
+        nonlocal skips
         if opts.kind == "text":
-            return text_docs(opts.inputs, tok)
+            skips = sources.SkipLog()  # each split re-reads the input: count its bad lines once
+            return text_docs(opts.inputs, tok, skips=skips, strict=opts.strict)
         return (d for p in opts.inputs for d in image_docs(p, tok))
 
     report = dict(meta)
@@ -179,10 +231,15 @@ def run(opts: PackOptions) -> dict:
                          "image_positions": n_img * P, "efficiency": round(packer.efficiency, 6),
                          "causal_pairs": packer.causal_pairs}
         (out / split / "pack.json").write_text(json.dumps({**meta, **report[split]}, indent=2) + "\n")
+    report["skipped_documents"] = dict(sorted(skips.counts.items()))
+    report["named"], report["named_left_out"] = skips.named, skips.named_left_out
     report["tokenizer"] = str(Path(opts.tokenizer).resolve())
     report["seconds"] = round(time.time() - t0, 2)
-    (out / "pack.json").write_text(json.dumps(report, indent=2) + "\n")
-    print(json.dumps(report))
+    report["identity"] = identity
+    tmp = out / "pack.json.tmp"
+    tmp.write_text(json.dumps(report, indent=2) + "\n")
+    tmp.replace(out / "pack.json")  # the done marker, written last
+    print(json.dumps({k: v for k, v in report.items() if k not in ("identity", "named")}))
     return report
 
 

@@ -1,8 +1,10 @@
 """Encode every image once with the VAE and write MDS shards of documents with their latents.
 
 The input is split into fixed parts (see `sources.list_parts`); part k goes to rank k % world.
-Each part is written to `OUT/part-K/` and marked done by `OUT/part-K/report.json`, so a rerun
-skips finished parts. Rank 0 waits for every part, then merges the index (streaming's
+Each part is written to `OUT/part-K/` and marked done by `OUT/part-K/report.json`, which records
+the part's identity (what it read: `sources.part_fingerprint`; the options that shape the output,
+the VAE's checksum). A rerun skips a finished part only when that identity is unchanged, and redoes
+it otherwise. Rank 0 waits for every part, then merges the index (streaming's
 `merge_index`) and writes `OUT/report.json` (read, encoded, skipped per reason) and
 `OUT/latents.json` (latent shape, dtype, normalisation). The result does not depend on the
 number of ranks. Run `python -m data_pipeline.precompute --help`.
@@ -11,6 +13,7 @@ number of ranks. Run `python -m data_pipeline.precompute --help`.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import shutil
@@ -37,24 +40,39 @@ from data_pipeline import sources, vae as vaelib
 COLUMNS = {"key": "str", "kind": "str", "doc": "json"}
 
 
+_COUNTS = ("records_read", "records_written", "images_read", "encoded")
+_COUNTERS = ("skipped", "repaired")
+
+
 @dataclass
 class Stats:
-    """Counters of one part (or of all parts, summed)."""
+    """Counters of one part (or of all parts, summed), and the skips by name.
+
+    `skipped`: images per reason; `records_skipped`: unparseable records per reason (see sources);
+    `repaired`: records repaired per kind of repair; `named`: the first sources.NAMED_MAX skipped
+    records and images as [{"record", "reason", "detail"?}].
+    """
 
     records_read: int = 0
     records_written: int = 0
     images_read: int = 0
     encoded: int = 0
     skipped: Counter = field(default_factory=Counter)
+    repaired: Counter = field(default_factory=Counter)
+    records: sources.SkipLog = field(default_factory=sources.SkipLog)
 
     def to_json(self) -> dict:
-        return {**{k: getattr(self, k) for k in ("records_read", "records_written", "images_read", "encoded")},
-                "skipped": dict(sorted(self.skipped.items()))}
+        return {**{k: getattr(self, k) for k in _COUNTS}, **{k: dict(sorted(getattr(self, k).items())) for k in _COUNTERS},
+                "records_skipped": dict(sorted(self.records.counts.items())), "named": self.records.named,
+                "named_left_out": self.records.named_left_out}
 
     def add(self, d: dict) -> None:
-        for k in ("records_read", "records_written", "images_read", "encoded"):
+        for k in _COUNTS:
             setattr(self, k, getattr(self, k) + d[k])
-        self.skipped.update(d["skipped"])
+        for k in _COUNTERS:
+            getattr(self, k).update(d.get(k, {}))
+        self.records.counts.update(d.get("records_skipped", {}))
+        self.records.merge(d.get("named", []), d.get("named_left_out", 0))
 
 
 @dataclass
@@ -82,7 +100,12 @@ def decode_record(rec: sources.Record, size: int) -> Decoded:
 
 
 def to_sample(d: Decoded, latents: list[np.ndarray], dtype: latent_codec.LatentDtype) -> dict | None:
-    """MDS sample of a decoded record: doc segments ({'text'} / {'image': i}) + stacked latents."""
+    """MDS sample of a decoded record: doc segments ({'text'} / {'image': i}) + stacked latents.
+
+    None for a skipped record and for a pair whose image is bad.
+    """
+    if d.rec.skipped:
+        return None
     doc, lats, j = [], [], 0
     good = iter(latents)
     for kind, val in d.rec.segments:
@@ -135,35 +158,49 @@ def encode_group(vae: vaelib.Vae, group: list[Decoded], batch_size: int) -> list
     return out
 
 
+def _count(stats: Stats, d: Decoded, strict: bool) -> None:
+    """Count one decoded record; name its skips; with `strict`, raise ValueError at the first one."""
+    stats.records_read += 1
+    rec = d.rec
+    bad = [(rec.skipped, rec.detail)] if rec.skipped else [(p, "image") for p in d.pixels if isinstance(p, str)]
+    if strict and bad:
+        raise ValueError(f"{rec.key}: {bad[0][0]} ({bad[0][1]}); --strict stops at the first skipped record or image")
+    if rec.repaired:
+        stats.repaired[rec.repaired] += 1
+    stats.images_read += len(d.pixels)
+    stats.encoded += sum(isinstance(p, np.ndarray) for p in d.pixels)
+    stats.skipped.update(p for p in d.pixels if isinstance(p, str))
+    for reason, detail in bad:  # a skipped record is counted per reason; bad images are counted in `skipped`
+        stats.records.add(rec.key, reason, detail if rec.skipped else "", count=bool(rec.skipped))
+
+
 def process_part(part: sources.Part, kind: sources.SourceKind, vae: vaelib.Vae, out_dir: Path,
-                 opts: PrecomputeOptions, bar: tqdm) -> dict:
-    """Encode one part into `out_dir` (fresh), then write its report.json as the done marker."""
+                 opts: PrecomputeOptions, bar: tqdm, identity: dict) -> dict:
+    """Encode one part into `out_dir` (fresh), then write its report.json (with `identity`) as the done marker."""
     if out_dir.exists():
         shutil.rmtree(out_dir)  # a crashed, unfinished part
     stats = Stats()
     t0 = time.time()
+    records = sources.read_part(part, kind, opts.caption_fallback_encoding)
     with ThreadPoolExecutor(opts.decode_threads) as pool, MDSWriter(
         out=str(out_dir), columns={**COLUMNS, latent_codec.column(opts.dtype): latent_codec.COLUMNS[opts.dtype][1]},
         size_limit=opts.shard_size
     ) as w:
-        decoded = _prefetch(pool, lambda r: decode_record(r, opts.image_size), sources.read_part(part, kind),
+        decoded = _prefetch(pool, lambda r: decode_record(r, opts.image_size), records,
                             depth=2 * opts.batch_size)
         for group in _chunks(decoded, opts.batch_size):
             lats = encode_group(vae, group, opts.batch_size)
             k = 0
             for d in group:
                 n_good = sum(isinstance(p, np.ndarray) for p in d.pixels)
-                stats.records_read += 1
-                stats.images_read += len(d.pixels)
-                stats.encoded += n_good
-                stats.skipped.update(p for p in d.pixels if isinstance(p, str))
+                _count(stats, d, opts.strict)
                 sample = to_sample(d, lats[k : k + n_good], opts.dtype)
                 k += n_good
                 if sample is not None:
                     w.write(sample)
                     stats.records_written += 1
             bar.update(sum(len(d.pixels) for d in group))
-    report = {"part": part.name, **stats.to_json(), "seconds": round(time.time() - t0, 3)}
+    report = {"part": part.name, **stats.to_json(), "seconds": round(time.time() - t0, 3), "identity": identity}
     tmp = out_dir / "report.json.tmp"
     tmp.write_text(json.dumps(report, indent=2) + "\n")
     os.replace(tmp, out_dir / "report.json")
@@ -172,6 +209,40 @@ def process_part(part: sources.Part, kind: sources.SourceKind, vae: vaelib.Vae, 
 
 def part_dir(out: Path, k: int) -> Path:
     return out / f"part-{k:05d}"
+
+
+def vae_fingerprint(vae_dir: str | Path) -> str:
+    """sha256 over the names and bytes of a VAE directory's files (its `samples/` previews excluded)."""
+    h = hashlib.sha256()
+    root = Path(vae_dir)
+    for p in sorted(q for q in root.rglob("*") if q.is_file() and "samples" not in q.relative_to(root).parts):
+        h.update(str(p.relative_to(root)).encode())
+        with open(p, "rb") as f:
+            while chunk := f.read(1 << 24):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def output_options(opts: PrecomputeOptions) -> dict:
+    """The options that shape a part's output (its records, latents and shard files)."""
+    return {"kind": opts.kind, "image_size": opts.image_size, "dtype": opts.dtype, "batch_size": opts.batch_size,
+            "shard_size": opts.shard_size, "caption_fallback_encoding": opts.caption_fallback_encoding,
+            "vae_sha256": vae_fingerprint(opts.vae)}
+
+
+def part_identity(part: sources.Part, options: dict) -> dict:
+    """What a finished part must match to be reused: its input fingerprint and the shaping options."""
+    return {"part": part.name, "input_sha256": sources.part_fingerprint(part), **options}
+
+
+def identity_mismatch(out: Path, k: int, ident: dict) -> list[str] | None:
+    """None when part k is finished with identity `ident`; else the differing fields (["unfinished"] if not done)."""
+    rep = part_dir(out, k) / "report.json"
+    if not rep.is_file():
+        return ["unfinished"]
+    have = json.loads(rep.read_text()).get("identity", {})
+    diff = sorted(f for f in ident if have.get(f) != ident[f])
+    return diff or None
 
 
 def finalize(out: Path, n_parts: int, meta: dict) -> dict:
@@ -192,10 +263,10 @@ def finalize(out: Path, n_parts: int, meta: dict) -> dict:
     return report
 
 
-def wait_for_parts(out: Path, n_parts: int, timeout: float) -> None:
-    """Block until every part has its report.json (other ranks still encoding)."""
+def wait_for_parts(out: Path, idents: list[dict], timeout: float) -> None:
+    """Block until every part has its report.json with the expected identity (other ranks still encoding)."""
     t0 = time.time()
-    while missing := [k for k in range(n_parts) if not (part_dir(out, k) / "report.json").is_file()]:
+    while missing := [k for k, ident in enumerate(idents) if identity_mismatch(out, k, ident)]:
         if time.time() - t0 > timeout:
             raise TimeoutError(
                 f"{out}: parts {missing[:10]} unfinished after {timeout:.0f}s; rerun the same command "
@@ -221,6 +292,8 @@ class PrecomputeOptions:
     shard_size: int = 1 << 27  # bytes per MDS shard
     wait_timeout: float = 6 * 3600  # rank 0 waits this long for other ranks
     merge_only: bool = False  # only merge finished parts and write the reports
+    strict: bool = False  # stop at the first skipped record or image
+    caption_fallback_encoding: str | None = None  # repair non-UTF-8 caption files with this encoding
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -242,6 +315,11 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--shard-size", type=int, default=d.shard_size, help="bytes per MDS shard")
     ap.add_argument("--wait-timeout", type=float, default=d.wait_timeout, help="rank 0 waits this long for other ranks")
     ap.add_argument("--merge-only", action="store_true", help="only merge finished parts and write the reports")
+    ap.add_argument("--strict", action="store_true",
+                    help="stop at the first skipped record or image (default: skip, count and name it in report.json)")
+    ap.add_argument("--caption-fallback-encoding", default=None, metavar="ENC",
+                    help="repair caption files that are not UTF-8 by decoding them as ENC (e.g. cp1252, latin-1) "
+                         "and count them under `repaired`; default: skip them as caption_not_utf8")
     return ap
 
 
@@ -272,17 +350,29 @@ def run(opts: PrecomputeOptions, rank_and_world: tuple[int, int] | None = None) 
     meta = {"latent_shape": [vae.latent_channels, h, h], "dtype": opts.dtype, "image_size": opts.image_size,
             "vae": str(Path(opts.vae).resolve()), "stored": "normalised posterior mean: (mean - shift) * scale",
             "kind": opts.kind}
+    options = output_options(opts)
+    idents = [part_identity(p, options) for p in parts]
     if not opts.merge_only:
         mine = [k for k in range(len(parts)) if k % world == rank]
-        todo = [k for k in mine if not (part_dir(out, k) / "report.json").is_file()]
+        todo = []
+        for k in mine:
+            diff = identity_mismatch(out, k, idents[k])
+            if diff and diff != ["unfinished"]:
+                print(f"[precompute rank {rank}] {part_dir(out, k).name} was made from other inputs or options "
+                      f"(differs in {diff}); redoing it")
+            todo += [k] if diff else []
         print(f"[precompute rank {rank}/{world}] {len(parts)} parts, {len(mine)} mine, {len(mine) - len(todo)} already done")
         # in Slurm logs (no TTY) the bar is redrawn every 30 s instead of continuously
         with tqdm(desc=f"rank {rank}", unit="img", mininterval=0.1 if sys.stderr.isatty() else 30.0) as bar:
             for k in todo:
-                process_part(parts[k], opts.kind, vae, part_dir(out, k), opts, bar)
+                process_part(parts[k], opts.kind, vae, part_dir(out, k), opts, bar, idents[k])
     if rank != 0:
         return None
-    wait_for_parts(out, len(parts), opts.wait_timeout)
+    wait_for_parts(out, idents, opts.wait_timeout)
+    stale = sorted(p.name for p in out.glob("part-*") if int(p.name.split("-")[1]) >= len(parts))
+    if stale:
+        print(f"[precompute] {out}: {stale[:5]}... are left from a run with more parts and are not merged; "
+              "remove them or use a new --out")
     report = finalize(out, len(parts), meta)
     print(json.dumps(report))
     return report

@@ -290,11 +290,11 @@ def test_precompute_two_ranks_equal_one_and_resume(demo_data, tmp_path):
     assert all((one / f).read_bytes() == (two / f).read_bytes() for f in files)
 
 
-def _run_precompute(demo, inputs, out, kind="pairs"):
+def _run_precompute(demo, inputs, out, *extra, kind="pairs"):
     from data_pipeline import precompute
-    opts = precompute.PrecomputeOptions([str(p) for p in inputs], str(demo.vae), str(out), kind=kind, image_size=64,
-                                        decode_threads=1)
-    return precompute.run(opts, rank_and_world=(0, 1))
+    argv = ["--input", *map(str, inputs), "--kind", kind, "--vae", str(demo.vae), "--out", str(out), "--image-size", "64",
+            "--decode-threads", "1", *extra]
+    return precompute.run(precompute.PrecomputeOptions(**vars(precompute.build_parser().parse_args(argv))), rank_and_world=(0, 1))
 
 
 def test_webdataset_tar_and_folder_inputs(demo_data, tmp_path):
@@ -338,11 +338,59 @@ def test_interleaved_bad_image_drops_only_the_image(demo_data, tmp_path):
     assert s["doc"] == [{"text": "one"}, {"image": 0}, {"text": "two"}] and s["latents"].shape == (1, 8, 8, 8)
 
 
-def test_bad_jsonl_line_error_names_file_and_line(tmp_path):
-    (tmp_path / "p.jsonl").write_text('{"image": "a.png", "caption": "x"}\n{"caption": "no image"}\n')
-    part = sources.list_parts([str(tmp_path / "p.jsonl")])[0]
-    with pytest.raises(ValueError, match=r"p.jsonl:2: field 'image'"):
-        list(sources.read_part(part, "pairs"))
+def test_bad_jsonl_records_skipped_counted_and_named(demo_data, tmp_path):
+    """Issue 10: one malformed line among 20 used to stop precompute; now every bad record is skipped and named."""
+    from data_pipeline.synthetic import draw_shape
+    draw_shape("red", "circle", "top").save(tmp_path / "ok.png")
+    good = [json.dumps({"image": "ok.png", "caption": f"a red circle number {i}"}) for i in range(15)]
+    bad = ['{"image": "ok.png", "caption": "cut off', json.dumps({"image": "ok.png", "caption": None}),
+           json.dumps({"image": "ok.png", "caption": "   "}), json.dumps({"caption": "no image field"}),
+           ]
+    lines = [ln.encode() for ln in good[:7] + bad + good[7:]] + [b'{"image": "ok.png", "caption": "caf\xe9"}']
+    assert len(lines) == 20
+    (tmp_path / "p.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    rep = _run_precompute(demo_data, [tmp_path / "p.jsonl"], tmp_path / "out")
+    assert (rep["records_read"], rep["records_written"], rep["encoded"]) == (20, 15, 15)
+    assert rep["records_skipped"] == {"bad_json": 1, "empty_caption": 1, "no_caption": 1, "no_image_field": 1, "not_utf8": 1}
+    named = {(n["record"].rsplit("/", 1)[1], n["reason"]) for n in rep["named"]}
+    assert named == {("p.jsonl:8", "bad_json"), ("p.jsonl:9", "no_caption"), ("p.jsonl:10", "empty_caption"),
+                     ("p.jsonl:11", "no_image_field"), ("p.jsonl:20", "not_utf8")}
+    assert [s["doc"][0]["text"] for s in read_mds(tmp_path / "out")] == [f"a red circle number {i}" for i in range(15)]
+    with pytest.raises(ValueError, match=r"p.jsonl:8: bad_json .*--strict"):
+        _run_precompute(demo_data, [tmp_path / "p.jsonl"], tmp_path / "strict", "--strict")
+
+
+def _tar(path: Path, members: dict[str, bytes]) -> None:
+    import io
+    import tarfile
+    with tarfile.open(path, "w") as tf:
+        for name, data in members.items():
+            ti = tarfile.TarInfo(name)
+            ti.size = len(data)
+            tf.addfile(ti, io.BytesIO(data))
+
+
+def test_webdataset_caption_faults_counted_and_latin1_repaired(demo_data, tmp_path):
+    """Issue 10: a null caption aborted the run, an image without caption vanished uncounted, Latin-1 got U+FFFD."""
+    from data_pipeline.synthetic import draw_shape, png_bytes
+    img = png_bytes(draw_shape("red", "circle", "top"))
+    _tar(tmp_path / "000.tar", {"a.png": img, "a.txt": b"a red circle",
+                                "b.png": img, "b.json": b'{"caption": null}',
+                                "c.png": img,  # no caption file at all
+                                "d.png": img, "d.txt": "un caf\u00e9 cr\u00e8me".encode("latin-1"),
+                                "e.txt": b"a caption without its image"})
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / "x.png").write_bytes(img)  # no side caption
+    rep = _run_precompute(demo_data, [tmp_path / "000.tar", folder], tmp_path / "out")
+    assert (rep["records_read"], rep["records_written"]) == (6, 1)
+    assert rep["records_skipped"] == {"caption_not_utf8": 1, "no_caption": 3, "no_image": 1}
+    named = sorted((Path(n["record"]).name, n["reason"]) for n in rep["named"])
+    assert named == [("000.tar:b", "no_caption"), ("000.tar:c", "no_caption"), ("000.tar:d", "caption_not_utf8"),
+                     ("000.tar:e", "no_image"), ("x.png", "no_caption")]
+    rep = _run_precompute(demo_data, [tmp_path / "000.tar"], tmp_path / "fixed", "--caption-fallback-encoding", "cp1252")
+    assert rep["repaired"] == {"caption_cp1252": 1} and rep["records_written"] == 2
+    assert [s["doc"][0]["text"] for s in read_mds(tmp_path / "fixed")] == ["a red circle", "un caf\u00e9 cr\u00e8me"]
 
 
 def test_mismatched_shapes_are_clear_errors(demo_data):
@@ -350,3 +398,95 @@ def test_mismatched_shapes_are_clear_errors(demo_data):
         _loader(demo_data, _cfg(demo_data, seq_len=512))
     with pytest.raises(ValueError, match="repack with matching --patch-size"):
         build_loader(_cfg(demo_data, ["pairs"]), "train", 1, 0, 4, demo_data.latent_shape, 1000)
+
+
+def _run_pack(argv: list[str]) -> dict:
+    from data_pipeline import pack
+    return pack.run(pack.PackOptions(**vars(pack.build_parser().parse_args(argv))))
+
+
+def test_pack_text_skips_and_names_bad_lines(demo_data, tmp_path):
+    """A malformed text line is skipped and named in pack.json; --strict stops at it."""
+    lines = [json.dumps({"text": f"document {i}\n\twith  its layout"}).encode() for i in range(6)]
+    lines[2], lines[4] = b'{"text": "unterminated', json.dumps({"txt": "wrong field"}).encode()
+    (tmp_path / "t.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    argv = ["--kind", "text", "--input", str(tmp_path / "t.jsonl"), "--tokenizer", str(demo_data.tokenizer),
+            "--seq-len", "64", "--val-every", "2"]
+    rep = _run_pack([*argv, "--out", str(tmp_path / "out")])
+    assert rep["skipped_documents"] == {"bad_json": 1, "no_text": 1}
+    assert [(Path(n["record"]).name, n["reason"]) for n in rep["named"]] == [("t.jsonl:3", "bad_json"), ("t.jsonl:5", "no_text")]
+    tok = Tokenizer(demo_data.tokenizer)
+    rows = [r["tokens"][: r["n_real"]].tolist() for split in ("train", "val") for r in read_mds(tmp_path / "out" / split)]
+    texts = sorted(tok.decode(t) for row in rows for t in _split_docs(row, tok.ids))
+    assert texts == [f"document {i}\n\twith  its layout" for i in (0, 1, 3, 5)]
+    with pytest.raises(ValueError, match=r"t.jsonl:3: not valid JSON"):
+        _run_pack([*argv, "--out", str(tmp_path / "strict"), "--strict"])
+
+
+def _split_docs(row: list[int], ids) -> list[list[int]]:
+    """Token lists between BOS and EOS in a packed text row."""
+    out, cur = [], None
+    for t in row:
+        if t == ids.bos_id:
+            cur = []
+        elif t == ids.eos_id and cur is not None:
+            out.append(cur)
+            cur = None
+        elif cur is not None:
+            cur.append(t)
+    return out
+
+
+def test_precompute_resume_checks_part_identity(demo_data, tmp_path, capsys):
+    """Issue 10: adding a.jsonl before b.jsonl, or changing --part-size, made a rerun keep b's parts as 'done'."""
+    from data_pipeline.synthetic import draw_shape
+    inp = tmp_path / "inputs"
+    inp.mkdir()
+    draw_shape("red", "circle", "top").save(inp / "x.png")
+
+    def write(name, n):
+        (inp / name).write_text("".join(json.dumps({"image": "x.png", "caption": f"{name} {i}"}) + "\n" for i in range(n)))
+
+    def caps(out):
+        return [s["doc"][0]["text"] for s in read_mds(out)]
+
+    write("b.jsonl", 3)
+    out = tmp_path / "out"
+    _run_precompute(demo_data, [inp / "*.jsonl"], out, "--part-size", "2")
+    assert caps(out) == ["b.jsonl 0", "b.jsonl 1", "b.jsonl 2"]
+    capsys.readouterr()
+    _run_precompute(demo_data, [inp / "*.jsonl"], out, "--part-size", "2")  # same work: all reused
+    assert "2 already done" in capsys.readouterr().out
+    write("a.jsonl", 2)  # sorts first: part 0 is now a.jsonl:0-2
+    rep = _run_precompute(demo_data, [inp / "*.jsonl"], out, "--part-size", "2")
+    printed = capsys.readouterr().out
+    assert "0 already done" in printed and "differs in ['input_sha256', 'part']" in printed
+    assert caps(out) == ["a.jsonl 0", "a.jsonl 1", "b.jsonl 0", "b.jsonl 1", "b.jsonl 2"] and rep["records_written"] == 5
+    with (inp / "b.jsonl").open("a") as f:  # appended lines: b's first part keeps its identity
+        f.write(json.dumps({"image": "x.png", "caption": "b.jsonl 3"}) + "\n")
+    _run_precompute(demo_data, [inp / "*.jsonl"], out, "--part-size", "2")
+    assert "2 already done" in capsys.readouterr().out
+    rep = _run_precompute(demo_data, [inp / "*.jsonl"], out, "--part-size", "3")  # a.jsonl:0-2 unchanged, b's parts redone
+    assert "1 already done" in capsys.readouterr().out
+    assert caps(out) == ["a.jsonl 0", "a.jsonl 1", "b.jsonl 0", "b.jsonl 1", "b.jsonl 2", "b.jsonl 3"]
+    assert rep["parts"] == 3 and rep["records_written"] == 6
+
+
+def test_pack_rerun_checks_identity(demo_data, tmp_path, capsys):
+    """A finished pack is reused only for the same inputs and options; otherwise a clear stop; a crashed one is redone."""
+    src = tmp_path / "t.jsonl"
+    src.write_text("".join(json.dumps({"text": f"document {i}"}) + "\n" for i in range(5)))
+    argv = ["--kind", "text", "--input", str(src), "--tokenizer", str(demo_data.tokenizer), "--out", str(tmp_path / "out")]
+    first = _run_pack([*argv, "--seq-len", "32"])
+    assert _run_pack([*argv, "--seq-len", "32"]) == first
+    assert "already packed" in capsys.readouterr().out
+    with pytest.raises(ValueError, match=r"differs in \['seq_len'\]\); use a new --out"):
+        _run_pack([*argv, "--seq-len", "64"])
+    with src.open("a") as f:
+        f.write(json.dumps({"text": "document 5"}) + "\n")
+    with pytest.raises(ValueError, match=r"differs in \['inputs'\]\); use a new --out"):
+        _run_pack([*argv, "--seq-len", "32"])
+    (tmp_path / "out" / "pack.json").unlink()  # as if killed before the end
+    rep = _run_pack([*argv, "--seq-len", "32"])
+    assert "unfinished run" in capsys.readouterr().out
+    assert rep["train"]["real_positions"] == first["train"]["real_positions"] + len(Tokenizer(demo_data.tokenizer).encode("document 5")) + 2

@@ -76,3 +76,61 @@ def test_resume_two_ranks_two_workers_is_exact(demo_data):
                 assert (w[k] == g[k]).all() and w[k].shape == g[k].shape, f"rank {rank} step {i}: {k} differs after resume"
     # the two ranks see different sequences
     assert not (full[0][1][0]["tokens"] == full[1][1][0]["tokens"]).all()
+
+
+K_SHARED = 84  # the issue's case: job A resumes at sample 84 of the epoch
+
+
+def _wait_for(path, timeout: float = 240.0) -> None:
+    import time
+    t0 = time.time()
+    while not path.exists():
+        if time.time() - t0 > timeout:
+            raise TimeoutError(f"{path} never appeared")
+        time.sleep(0.05)
+
+
+def _job(name: str, demo, state: dict | None, sync, q) -> None:
+    """One single-rank job on this node: A resumes mid-epoch and waits for B to set up before reading; B sets up."""
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(free_port()), TF_CLEAN_SHM="1")
+    cfg = dataclasses.replace(demo.data_config, num_workers=0, streams=[demo.data_config.streams[0]])
+    if name == "B":
+        _wait_for(sync / "A_ready")  # A's resume state sits in shared memory now
+    ld = build_loader(cfg, "train", micro_batch_size=1, seed=7, patch_size=demo.patch_size,
+                      latent_shape=demo.latent_shape, diffusion_steps=1000)  # cleans stale shared memory
+    if name == "A":
+        ld.load_state_dict(state)
+        (sync / "A_ready").touch()
+        _wait_for(sync / "B_ready")
+        q.put(("A", next(iter(ld)).tokens.numpy().copy()))
+        (sync / "A_done").touch()
+    else:
+        next(iter(ld))
+        (sync / "B_ready").touch()
+        q.put(("B", None))
+        _wait_for(sync / "A_done")  # B stays alive (its segments live) while A reads
+
+
+@pytest.mark.slow
+def test_two_jobs_on_one_node_keep_their_loader_state(demo_data, tmp_path):
+    """Issue 10: job B starting beside a resuming job A wiped A's shared memory; A restarted at sample 0."""
+    cfg = dataclasses.replace(demo_data.data_config, num_workers=0, streams=[demo_data.data_config.streams[0]])
+    ref = build_loader(cfg, "train", micro_batch_size=1, seed=7, patch_size=demo_data.patch_size,
+                       latent_shape=demo_data.latent_shape, diffusion_steps=1000)
+    assert ref.dataset.epoch_size > K_SHARED + 1
+    it = iter(ref)
+    for _ in range(K_SHARED):
+        next(it)
+    state = ref.state_dict()
+    expected = next(it).tokens.numpy()
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    procs = [ctx.Process(target=_job, args=(n, demo_data, state if n == "A" else None, tmp_path, q)) for n in ("A", "B")]
+    for p in procs:
+        p.start()
+    got = dict(q.get(timeout=300) for _ in procs)
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    assert (got["A"] == expected).all(), "job A did not continue at the sample where its checkpoint stopped"
