@@ -170,3 +170,26 @@ def test_atomic_write_replaces_exports_whole_and_refuses_other_dirs(tmp_path: Pa
     assert (mine / "notes.txt").read_text() == "keep me"
     write_atomically(mine, True, shards(1))
     assert not (mine / "notes.txt").exists()
+
+
+def test_from_pretrained_reads_a_sharded_export_exactly(tmp_path: Path) -> None:
+    """Transfusion.from_pretrained on shards + index + config.yaml gives the saved tensors and the same losses."""
+    from pretrain.config import load_config, save_config
+    from pretrain.export import write_shards
+    from pretrain.model import Transfusion
+    from batches import random_batch
+
+    cfg = load_config(ROOT / "configs/tiny.yaml")
+    torch.manual_seed(0)
+    model = Transfusion(cfg.model).eval()
+    write_shards(iter(model.state_dict().items()), tmp_path, torch.float32, 100_000)  # several shards
+    assert (tmp_path / "model.safetensors.index.json").is_file()
+    save_config(cfg, tmp_path / "config.yaml")
+    loaded = Transfusion.from_pretrained(tmp_path)
+    assert not loaded.training
+    ref = model.state_dict()
+    assert loaded.state_dict().keys() == ref.keys() and all(torch.equal(v, ref[k]) for k, v in loaded.state_dict().items())
+    batch = random_batch(cfg.model, batch_size=2, seq_len=64, seed=0)
+    with torch.no_grad():
+        a, b = model(batch), loaded(batch)
+    assert torch.equal(a.lm_loss_sum, b.lm_loss_sum) and torch.equal(a.diffusion_loss_sum, b.diffusion_loss_sum)
