@@ -1,7 +1,8 @@
 """DeepSpeed-native checkpoints that survive a crash mid-save, and `resume: auto`.
 
 Layout: RUN_DIR/checkpoints/step_00001000/ holds DeepSpeed's per-rank shards plus our client
-state (step, loader state, RNG states, merged config). Every rank joins every save (ZeRO-3
+state (step, loader state, RNG states, merged config) and `config.yaml`, the config this
+checkpoint was trained with (export ships that one; resume compares against it). Every rank joins every save (ZeRO-3
 saving is collective). After all ranks have written, rank 0 writes the `COMPLETE` marker
 (atomically, last) and only then updates `latest`. Resume picks the newest directory that has
 the marker, so a process killed while saving leaves the previous checkpoint in charge.
@@ -9,6 +10,7 @@ the marker, so a process killed while saving leaves the previous checkpoint in c
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
@@ -20,9 +22,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from pretrain.config import Config, load_config, save_config
 from pretrain.distributed import barrier
 
 MARKER = "COMPLETE"
+CONFIG = "config.yaml"  # inside each checkpoint directory
+META = "checkpoint.json"  # {"step", "world_size"}: what export checks the rank files against
 _TAG = re.compile(r"^step_(\d{8,})$")
 
 
@@ -109,17 +114,21 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def save(engine, run_dir: str | Path, step: int, client_state: dict[str, Any], keep_last: int) -> Path:
-    """Collective save of step `step` on every rank, then marker, `latest`, pruning (rank 0)."""
-    root = checkpoint_root(run_dir)
+def save(engine, cfg: Config, step: int, client_state: dict[str, Any]) -> Path:
+    """Collective save of step `step` on every rank (shards + `config.yaml`), then marker, `latest`, pruning (rank 0)."""
+    root = checkpoint_root(cfg.train.run_dir)
     tag = tag_for(step)
     engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
+    if engine.global_rank == 0:
+        save_config(cfg, root / tag / CONFIG)
+        world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+        _write_atomic(root / tag / META, json.dumps({"step": step, "world_size": world}))
     barrier()  # every rank's shards are on disk before the marker says so
     fault_point("kill_in_save", step)
     if engine.global_rank == 0:
         _write_atomic(root / tag / MARKER, f"{step}\n")
         _write_atomic(root / "latest", tag)
-        prune(root, keep_last)
+        prune(root, cfg.checkpoint.keep_last)
     barrier()
     return root / tag
 
@@ -135,6 +144,14 @@ def prune(root: Path, keep_last: int) -> None:
     for step, path in ckpts:
         if step not in keep and step <= newest:
             shutil.rmtree(path, ignore_errors=True)
+
+
+def trained_config(ckpt: Path) -> Config:
+    """The config checkpoint `ckpt` was trained with; checkpoints older than that file: the run's config.yaml."""
+    for path in (ckpt / CONFIG, ckpt.parent.parent / CONFIG):
+        if path.is_file():
+            return load_config(path)
+    raise FileNotFoundError(f"{ckpt}: no {CONFIG} in the checkpoint nor in its run directory {ckpt.parent.parent}")
 
 
 def load(engine, path: Path) -> dict[str, Any]:

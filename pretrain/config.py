@@ -47,6 +47,9 @@ class TrainConfig:
     max_bad_steps: int = 5  # consecutive NaN/Inf steps before the run stops
     run_dir: str = "runs/default"
     dry_run: bool = False  # check config, batch plan, data, model and memory plan, then exit (pretrain/dry_run.py)
+    # start from weights (fresh optimizer and schedule): an export dir, or a Hugging Face Llama dir for
+    # the text backbone; ignored when the run resumes from its own checkpoint
+    init_from: str = ""
 
 
 @dataclass
@@ -152,5 +155,42 @@ def set_vocab_size(cfg: Config, explicit: bool) -> Config:
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
-    """Write the merged config as YAML."""
-    configlib.dump(cfg, path)
+    """Write the merged config as YAML (via a temp file and a rename: never a half-written file)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    configlib.dump(cfg, tmp)
+    tmp.replace(path)
+
+
+#: Keys a resumed run may not change: the model's shape and what decides which sequences come next
+#: (the loader's saved position is only meaningful for the same streams, order, sequence length,
+#: global batch and seed). `model.attention` picks a kernel for the same weights, so it may change.
+RESUME_FIXED = ("model.", "data.seq_len", "data.streams", "data.shuffle", "data.num_canonical_nodes",
+                "data.image_position_share", "train.global_batch_size", "train.seed")
+RESUME_FREE = ("model.attention",)
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(d, dict):
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(_flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+        return out
+    return {prefix.rstrip("."): d}
+
+
+def config_changes(saved: Config, new: Config) -> tuple[dict[str, tuple[Any, Any]], dict[str, tuple[Any, Any]]]:
+    """Keys that differ between a checkpoint's config and this launch's: (fixed, free), each key -> (saved, new).
+
+    A non-empty `fixed` means the run cannot resume (see RESUME_FIXED); `free` keys (schedule,
+    logging, workers...) may change and should be logged.
+    """
+    a, b = _flatten(configlib.to_dict(saved)), _flatten(configlib.to_dict(new))
+    fixed, free = {}, {}
+    for key in sorted(set(a) | set(b)):
+        if a.get(key) == b.get(key):
+            continue
+        is_fixed = any(key == f or (f.endswith(".") and key.startswith(f)) or key.startswith(f + ".")
+                       for f in RESUME_FIXED) and key not in RESUME_FREE
+        (fixed if is_fixed else free)[key] = (a.get(key), b.get(key))
+    return fixed, free

@@ -41,13 +41,17 @@ def init_distributed(backend: str = "auto", timeout_minutes: int = 30) -> DistEn
         # in a subprocess on every ZeRO-3 gradient reduction. That fork raced the data workers forked by
         # the prefetch thread (a worker inherited the exec pipe and the step hung forever).
         os.environ.setdefault("LOCAL_SIZE", str(d.local_world_size))
-    deepspeed.init_distributed(
-        dist_backend=resolve_backend(backend),
-        auto_mpi_discovery=False,
-        timeout=timedelta(minutes=timeout_minutes),
-        rank=d.rank,
-        world_size=d.world_size,
-    )
+    try:
+        deepspeed.init_distributed(
+            dist_backend=resolve_backend(backend),
+            auto_mpi_discovery=False,
+            timeout=timedelta(minutes=timeout_minutes),
+            rank=d.rank,
+            world_size=d.world_size,
+        )
+    except BaseException:
+        remove_shm_buffer(d)  # the CPU backend creates it while joining; a failed join must not leave it
+        raise
     return d
 
 

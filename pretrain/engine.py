@@ -10,7 +10,8 @@ from __future__ import annotations
 import functools
 import logging
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, Iterator
 
 import torch
 import torch.utils.checkpoint
@@ -157,13 +158,66 @@ def build_optimizer(model: torch.nn.Module, cfg: Config, on_gpu: bool) -> torch.
         return torch.optim.AdamW(groups, **kw)
 
 
-def build_engine(cfg: Config, plan: BatchPlan):
-    """Model + optimizer wrapped by `deepspeed.initialize`; returns (engine, ds_config)."""
+def initial_tensors(path: Path, cfg: Config) -> Iterator[tuple[str, torch.Tensor]]:
+    """(our parameter name, tensor) pairs from `train.init_from`: an export of ours or a HF Llama dir.
+
+    An export must have the same model.* keys (model.attention aside) as this run; a HF Llama dir
+    must match the backbone shape (pretrain.hf_llama.check_hf_config). Errors name the differing keys.
+    """
+    from pretrain.config import config_changes, load_config
+    from pretrain.export import export_tensors, is_export
+    from pretrain.hf_llama import check_hf_config, from_hf, read_hf_dir
+
+    if is_export(path) and (path / "config.yaml").is_file():
+        fixed, _ = config_changes(load_config(path / "config.yaml", [f"data.tokenizer={path / 'tokenizer.model'}"]), cfg)
+        wrong = {k: v for k, v in fixed.items() if k.startswith("model.")}
+        if wrong:
+            raise ValueError(f"train.init_from={path}: the export's model differs from this run's: "
+                             + "; ".join(f"{k} export {a!r}, run {b!r}" for k, (a, b) in wrong.items()))
+        yield from export_tensors(path)
+    elif (path / "config.json").is_file():
+        hf, read = read_hf_dir(path)
+        check_hf_config(hf, cfg.model, f"train.init_from={path}")
+        yield from from_hf(read, hf, cfg.model)
+    else:
+        raise FileNotFoundError(f"train.init_from={path}: neither an export (export.json + config.yaml) nor a Hugging "
+                                "Face Llama directory (config.json)")
+
+
+def load_initial_weights(model: torch.nn.Module, cfg: Config) -> int:
+    """Overwrite parameters with `train.init_from`'s tensors, one parameter at a time; returns how many.
+
+    Under ZeRO-3 each parameter is gathered alone (`GatheredParameters(modifier_rank=0)`), written on
+    rank 0 and re-partitioned on exit, so no rank holds more than one full tensor beyond its partition.
+    Every rank reads the same tensors in the same order (the gathers are collective).
+    """
+    import deepspeed
+
+    from pretrain.hf_llama import copy_into
+
+    params = dict(model.named_parameters())
+    n = 0
+    for name, t in initial_tensors(Path(cfg.train.init_from), cfg):
+        if name not in params:
+            raise ValueError(f"train.init_from={cfg.train.init_from}: tensor {name} is not a parameter of this model")
+        with deepspeed.zero.GatheredParameters([params[name]], modifier_rank=0):
+            copy_into(params[name], t, name)
+        n += 1
+    return n
+
+
+def build_engine(cfg: Config, plan: BatchPlan, init_weights: bool = True):
+    """Model (+ `train.init_from` weights unless `init_weights` is False, e.g. when a checkpoint follows)
+    + optimizer wrapped by `deepspeed.initialize`; returns (engine, ds_config)."""
     import deepspeed
 
     on_gpu = torch.cuda.is_available()
     ds_config = derive_ds_config(cfg, plan, on_gpu)
     model = build_model(cfg, ds_config)
+    if init_weights and cfg.train.init_from:
+        n = load_initial_weights(model, cfg)
+        log.info("initialised %d parameter tensors from train.init_from=%s (fresh optimizer and schedule)",
+                 n, cfg.train.init_from)
     optimizer = build_optimizer(model, cfg, on_gpu)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
     return engine, ds_config

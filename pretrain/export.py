@@ -7,17 +7,26 @@ memory is about one shard (`--max-shard-gb`), never the whole model several time
     python -m pretrain.export --run-dir runs/tiny --out exports/tiny [--step N] [--dtype bf16] [--vae DIR]
 
 Output: `model.safetensors` (or `model-0000i-of-0000n.safetensors` + `model.safetensors.index.json`),
-`config.yaml` (the run's merged config), `tokenizer.model` + `tokenizer.json` (special ids), `vae/`.
+`config.yaml` (the config the checkpoint was trained with), `tokenizer.model` + `tokenizer.json`
+(special ids), `vae/`, `export.json`. With `--hf-llama` the output is instead the text tower as a
+Hugging Face `LlamaForCausalLM` directory (see pretrain/hf_llama.py).
+
+Safe: everything is written into a temporary directory beside `--out` and renamed into place at
+the end, so a failure half-way leaves no directory that looks like an export, and re-exporting
+replaces the whole previous export (no stale shards). A non-empty `--out` that is not an export is
+refused unless `--force`. Errors (exit 2) name the file that is missing or damaged.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
+import zipfile
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
@@ -41,11 +50,43 @@ def pick_checkpoint(run_dir: Path, step: int | None) -> Path:
     return found
 
 
+class ExportError(ValueError):
+    """The checkpoint or the output directory is not usable; the message says which file and what to do."""
+
+
+def check_rank_files(ckpt: Path) -> None:
+    """Every rank's model and optimizer shard is there and is a whole zip archive (torch.save format).
+
+    Raises ExportError naming the first missing or truncated file.
+    """
+    meta = ckpt / checkpoint.META
+    ranks = json.loads(meta.read_text())["world_size"] if meta.is_file() else None
+    models = sorted(ckpt.glob("zero_pp_rank_*_mp_rank_00_model_states.pt"))
+    optims = sorted(ckpt.glob("*zero_pp_rank_*_mp_rank_00_optim_states.pt"))
+    if ranks is None:  # checkpoints written before checkpoint.json: ranks 0..n-1 from the files present
+        ranks = max(len(models), len(optims))
+    if ranks == 0:
+        raise ExportError(f"{ckpt}: no ZeRO shard files (zero_pp_rank_*_model_states.pt); is this a ZeRO-3 checkpoint?")
+    prefix = optims[0].name.split("zero_pp_rank_")[0] if optims else ""
+    for r in range(ranks):
+        for name in (f"zero_pp_rank_{r}_mp_rank_00_model_states.pt", f"{prefix}zero_pp_rank_{r}_mp_rank_00_optim_states.pt"):
+            f = ckpt / name
+            if not f.is_file():
+                raise ExportError(f"{f} is missing (the checkpoint was written by {ranks} ranks); copy it back "
+                                  "from where the run wrote it, or export another step with --step")
+            if not zipfile.is_zipfile(f):
+                raise ExportError(f"{f} is truncated or damaged ({f.stat().st_size} bytes, not a whole torch.save "
+                                  "archive); export another step with --step")
+
+
 def lazy_tensors(ckpt: Path) -> Iterator[tuple[str, "object"]]:
     """(name, lazy tensor) pairs of the consolidated fp32 model, in checkpoint order."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name, lazy_mode=True)
+    try:
+        state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name, lazy_mode=True)
+    except Exception as e:  # DeepSpeed's own checks (partition counts, shapes) and unreadable files
+        raise ExportError(f"{ckpt}: DeepSpeed could not consolidate the shards ({type(e).__name__}: {e})") from e
     yield from state.items()
 
 
@@ -98,40 +139,121 @@ def _name_shards(paths: list[Path], out: Path) -> list[Path]:
     return final_paths
 
 
-def export(run_dir: Path, out: Path, step: int | None, dtype: str, max_shard_gb: float, vae: str | None) -> Path:
-    """Export the run's checkpoint to `out`; returns `out`."""
-    ckpt = pick_checkpoint(run_dir, step)
-    cfg = load_config(run_dir / "config.yaml")
-    out.mkdir(parents=True, exist_ok=True)
-    write_shards(lazy_tensors(ckpt), out, DTYPES[dtype], int(max_shard_gb * 2**30))
-    tok = Path(cfg.data.tokenizer)
-    if not tok.is_file():
-        raise FileNotFoundError(f"data.tokenizer={tok} (from {run_dir / 'config.yaml'}) does not exist")
-    shutil.copyfile(tok, out / "tokenizer.model")
-    shutil.copyfile(tok.with_suffix(".json"), out / "tokenizer.json")
-    vae_dir = vae or cfg.data.vae
-    if vae_dir:
-        shutil.copytree(vae_dir, out / "vae", dirs_exist_ok=True)
-    cfg.data.tokenizer = str(out / "tokenizer.model")
-    cfg.data.vae = str(out / "vae") if vae_dir else ""
-    save_config(cfg, out / "config.yaml")
-    (out / "export.json").write_text(json.dumps({"checkpoint": str(ckpt), "dtype": dtype}, indent=1))
+def is_export(path: Path) -> bool:
+    """A directory written by this module (either format): it holds export.json."""
+    return (path / "export.json").is_file()
+
+
+def write_atomically(out: Path, force: bool, fill: Callable[[Path], None]) -> Path:
+    """Run `fill(tmp)` on a fresh temp dir beside `out`, then swap it in for `out`; returns `out`.
+
+    Raises ExportError if `out` is a non-empty directory that is not an export (unless `force`),
+    or a file. On any failure the temp dir is removed and `out` is untouched.
+    """
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"--out {out} is a file; pass a directory")
+    if out.is_dir() and any(out.iterdir()) and not is_export(out) and not force:
+        raise ExportError(f"--out {out} is a non-empty directory that is not an export (no export.json); "
+                          "pick another --out, or pass --force to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    old = out.parent / f".{out.name}.old-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        fill(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out.exists():
+        out.rename(old)
+    tmp.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
     return out
+
+
+def export(run_dir: Path, out: Path, step: int | None, dtype: str, max_shard_gb: float, vae: str | None,
+           force: bool = False) -> Path:
+    """Export the run's checkpoint to `out` (atomically); returns `out`. Raises ExportError / FileNotFoundError."""
+    ckpt = pick_checkpoint(run_dir, step)
+    cfg = checkpoint.trained_config(ckpt)
+    check_rank_files(ckpt)
+    tok = Path(cfg.data.tokenizer)
+    if not tok.is_file() or not tok.with_suffix(".json").is_file():
+        raise FileNotFoundError(f"data.tokenizer={tok} (from {ckpt / checkpoint.CONFIG}) or its .json does not exist")
+    vae_dir = vae or cfg.data.vae
+
+    def fill(tmp: Path) -> None:
+        write_shards(lazy_tensors(ckpt), tmp, DTYPES[dtype], int(max_shard_gb * 2**30))
+        shutil.copyfile(tok, tmp / "tokenizer.model")
+        shutil.copyfile(tok.with_suffix(".json"), tmp / "tokenizer.json")
+        if vae_dir:
+            shutil.copytree(vae_dir, tmp / "vae")
+        cfg.data.tokenizer = str(out / "tokenizer.model")
+        cfg.data.vae = str(out / "vae") if vae_dir else ""
+        save_config(cfg, tmp / "config.yaml")
+        (tmp / "export.json").write_text(json.dumps({"format": "transfusion", "checkpoint": str(ckpt), "dtype": dtype}, indent=1))
+
+    return write_atomically(out, force, fill)
+
+
+def export_tensors(src: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) pairs of an export directory, one safetensors shard open at a time."""
+    from safetensors import safe_open
+
+    from pretrain.model.transfusion import weight_files
+
+    for f in weight_files(src):
+        with safe_open(str(f), "pt") as fh:
+            for k in fh.keys():
+                yield k, fh.get_tensor(k)
+
+
+def export_hf_llama(src: Path, out: Path, step: int | None, dtype: str, max_shard_gb: float, force: bool = False) -> Path:
+    """The text tower of a run's checkpoint, or of an export dir, as a Hugging Face LlamaForCausalLM dir."""
+    from pretrain.hf_llama import hf_config_dict, hf_tensors
+
+    if is_export(src):
+        cfg = load_config(src / "config.yaml", [f"data.tokenizer={src / 'tokenizer.model'}"])
+        tensors, origin = export_tensors(src), str(src)
+    else:
+        ckpt = pick_checkpoint(src, step)
+        cfg, origin = checkpoint.trained_config(ckpt), str(ckpt)
+        check_rank_files(ckpt)
+        tensors = lazy_tensors(ckpt)
+    tok = Path(cfg.data.tokenizer)
+
+    def fill(tmp: Path) -> None:
+        write_shards(hf_tensors(tensors, cfg.model), tmp, DTYPES[dtype], int(max_shard_gb * 2**30))
+        hf = hf_config_dict(cfg.model, cfg.data.seq_len)
+        hf["torch_dtype"] = str(DTYPES[dtype]).removeprefix("torch.")
+        (tmp / "config.json").write_text(json.dumps(hf, indent=1))
+        if tok.is_file():
+            shutil.copyfile(tok, tmp / "tokenizer.model")
+        (tmp / "export.json").write_text(json.dumps({"format": "hf-llama", "source": origin, "dtype": dtype}, indent=1))
+
+    return write_atomically(out, force, fill)
 
 
 def main(argv: list[str] | None = None) -> int:
     """CLI."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--run-dir", required=True, type=Path, help="train.run_dir of the run to export")
+    ap.add_argument("--run-dir", required=True, type=Path,
+                    help="train.run_dir of the run to export (with --hf-llama: or an export directory)")
     ap.add_argument("--out", required=True, type=Path, help="output directory")
     ap.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest complete)")
     ap.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     ap.add_argument("--max-shard-gb", type=float, default=5.0, help="largest safetensors file")
     ap.add_argument("--vae", default=None, help="VAE directory to ship (default: data.vae of the run)")
+    ap.add_argument("--force", action="store_true", help="replace --out even if it is not an earlier export")
+    ap.add_argument("--hf-llama", action="store_true", help="write the text tower as a Hugging Face LlamaForCausalLM dir")
     a = ap.parse_args(argv)
     try:
-        out = export(a.run_dir, a.out, a.step, a.dtype, a.max_shard_gb, a.vae)
-    except (FileNotFoundError, ValueError) as e:
+        if a.hf_llama:
+            out = export_hf_llama(a.run_dir, a.out, a.step, a.dtype, a.max_shard_gb, a.force)
+        else:
+            out = export(a.run_dir, a.out, a.step, a.dtype, a.max_shard_gb, a.vae, a.force)
+    except (FileNotFoundError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"exported to {out}")

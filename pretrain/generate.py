@@ -167,28 +167,15 @@ def _to_pixels(latents: torch.Tensor, vae_dir: str) -> torch.Tensor:
 
 
 def load_exported(path: str | Path, device: str = "cpu") -> tuple[Transfusion, SpecialIds, Path]:
-    """Model, special ids and the export directory from `python -m pretrain.export` output.
+    """Model (`Transfusion.from_pretrained`), special ids and the export directory of `pretrain.export` output.
 
-    The tokenizer is the export's own (`tokenizer.model`), wherever the directory has moved to.
     Raises FileNotFoundError naming a missing file.
     """
     root = Path(path)
-    for name in ("config.yaml", "tokenizer.json"):
-        if not (root / name).is_file():
-            raise FileNotFoundError(f"{root / name} missing: point --model at a directory written by pretrain.export")
-    index = root / "model.safetensors.index.json"
-    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else ["model.safetensors"]
-    state: dict[str, torch.Tensor] = {}
-    for f in files:
-        if not (root / f).is_file():
-            raise FileNotFoundError(f"{root / f} missing: re-run pretrain.export")
-        state.update(load_file(root / f, device=device))
-    cfg = load_config(root / "config.yaml", [f"data.tokenizer={root / 'tokenizer.model'}"])
-    with torch.device("meta"):
-        model = Transfusion(cfg.model)
-    dtype = next(iter(state.values())).dtype
-    model.load_state_dict({k: v.float() for k, v in state.items()} if dtype != torch.float32 else state, assign=True)
-    return model.eval(), load_special_ids(root / "tokenizer.json"), root
+    if not (root / "tokenizer.json").is_file():
+        raise FileNotFoundError(f"{root / 'tokenizer.json'} missing: point --model at a directory written by pretrain.export")
+    model = Transfusion.from_pretrained(root, device=device)
+    return model, load_special_ids(root / "tokenizer.json"), root
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -23,7 +23,7 @@ from contract.batch import TransfusionBatch
 from contract.dist_env import DistEnv
 from data_pipeline.loader import build_loader
 from pretrain import checkpoint, configlib, distributed, generate
-from pretrain.config import Config, load_config, save_config
+from pretrain.config import Config, config_changes, load_config, save_config
 from pretrain.engine import BatchPlan, build_engine, plan_batch
 from pretrain.metrics import MetricsWriter, StepStats, StepTimer, detect_peak_flops
 from pretrain.schedule import lr_at, set_lr
@@ -59,7 +59,7 @@ class Run:
     engine: Any
     loader: Any
     val_loaders: dict[str, Any]
-    writer: MetricsWriter
+    writer: MetricsWriter | None
     stop: StopRequest
     step: int = 0  # optimizer steps done
     bad_in_row: int = 0
@@ -272,23 +272,46 @@ def client_state(run: Run) -> dict[str, Any]:
 
 
 def save(run: Run) -> None:
-    path = checkpoint.save(run.engine, run.cfg.train.run_dir, run.step, client_state(run), run.cfg.checkpoint.keep_last)
+    path = checkpoint.save(run.engine, run.cfg, run.step, client_state(run))
     log.info("saved checkpoint %s", path)
 
 
-def resume(run: Run) -> None:
-    """Load the checkpoint chosen by checkpoint.resume (auto: newest complete one), if any."""
-    path = checkpoint.find_resume(run.cfg.checkpoint.resume, run.cfg.train.run_dir)
+class ResumeError(RuntimeError):
+    """The chosen checkpoint cannot be resumed by this launch (config or world size differ)."""
+
+
+def check_resume(cfg: Config, env: DistEnv) -> Path | None:
+    """The checkpoint to resume (checkpoint.resume), checked against this launch before anything is built.
+
+    Raises ResumeError naming every model or data-shape key that differs from the checkpoint's
+    config (pretrain.config.RESUME_FIXED); other changed keys (train.steps, logging...) are logged.
+    """
+    path = checkpoint.find_resume(cfg.checkpoint.resume, cfg.train.run_dir)
     if path is None:
-        log.info("starting from scratch (no complete checkpoint in %s)", checkpoint.checkpoint_root(run.cfg.train.run_dir))
-        return
+        log.info("starting from scratch (no complete checkpoint in %s)", checkpoint.checkpoint_root(cfg.train.run_dir))
+        return None
+    fixed, free = config_changes(checkpoint.trained_config(path), cfg)
+    if fixed:
+        lines = "\n".join(f"  {k}: checkpoint {a!r}, this launch {b!r}" for k, (a, b) in fixed.items())
+        raise ResumeError(
+            f"{path} was trained with a different model or data shape:\n{lines}\nResume with the checkpoint's "
+            f"values (see {path / checkpoint.CONFIG}), or start a new train.run_dir (or checkpoint.resume=none); "
+            "to start a new run from these weights use train.init_from with an export."
+        )
+    for k, (a, b) in free.items():
+        log.info("config change on resume: %s %r -> %r", k, a, b)
     saved = len(list(path.glob("zero_pp_rank_*_model_states.pt")))  # one per rank under ZeRO-3
-    if saved and saved != run.env.world_size:
-        raise RuntimeError(
-            f"{path} was saved by {saved} ranks, this job has {run.env.world_size}. ZeRO-3 shards are tied to "
+    if saved and saved != env.world_size:
+        raise ResumeError(
+            f"{path} was saved by {saved} ranks, this job has {env.world_size}. ZeRO-3 shards are tied to "
             "the world size: relaunch with the same number of ranks, or start a new train.run_dir "
             "(checkpoint.resume=none)."
         )
+    return path
+
+
+def resume(run: Run, path: Path) -> None:
+    """Load model, optimizer, step, loader position and RNG states from checkpoint `path` (every rank)."""
     client = checkpoint.load(run.engine, path)
     run.step = int(client["step"])
     run.bad_total = int(client.get("bad_total", 0))
@@ -325,7 +348,10 @@ def maybe_evaluate(run: Run) -> None:
 
 
 def setup(argv: list[str] | None) -> Run:
-    """Config, process group, engine, loaders, metrics, signal handlers, resume."""
+    """Config, process group, checks, engine, loaders, resume, metrics; then (only then) RUN_DIR/config.yaml.
+
+    A launch that fails here leaves the run directory and /dev/shm as it found them.
+    """
     path, overrides, _ = parse_args(argv)
     cfg = load_config(path, overrides)  # model.vocab_size from data.tokenizer
     if cfg.logging.eval_every > 0 and not (cfg.data.vae and cfg.data.tokenizer):
@@ -333,17 +359,27 @@ def setup(argv: list[str] | None) -> Run:
                                     "and data.tokenizer; set them or logging.eval_every=0")
     env = distributed.init_distributed(cfg.distributed.backend, cfg.distributed.timeout_minutes)
     setup_logging(env.rank)
+    try:
+        return _build_run(cfg, env)
+    except BaseException:
+        distributed.remove_shm_buffer(env)
+        raise
+
+
+def _build_run(cfg: Config, env: DistEnv) -> Run:
     plan = plan_batch(cfg, env.world_size)
     log.info("launcher %s, %d ranks; global batch %d = micro %d x accumulation %d x ranks %d",
              env.launcher, env.world_size, plan.global_batch, plan.micro_batch, plan.grad_accum, plan.world_size)
-    if env.is_main:
-        Path(cfg.train.run_dir).mkdir(parents=True, exist_ok=True)
-        save_config(cfg, Path(cfg.train.run_dir) / "config.yaml")
-    engine, _ = build_engine(cfg, plan)
+    ckpt = check_resume(cfg, env)
+    engine, _ = build_engine(cfg, plan, init_weights=ckpt is None)  # a checkpoint overrides train.init_from
     loader, val_loaders = build_loaders(cfg, plan)
-    writer = make_writer(cfg, env, plan, engine)
-    run = Run(cfg, env, plan, engine, loader, val_loaders, writer, StopRequest())
-    resume(run)
+    run = Run(cfg, env, plan, engine, loader, val_loaders, None, StopRequest())
+    if ckpt is not None:
+        resume(run, ckpt)
+    distributed.barrier()  # every rank loaded: only now does this launch own the run directory
+    run.writer = make_writer(cfg, env, plan, engine)
+    if env.is_main:
+        save_config(cfg, Path(cfg.train.run_dir) / "config.yaml")
     run.prefetch = StepPrefetcher(loader, plan.grad_accum)  # starts after resume has positioned the loader
     return run
 

@@ -107,3 +107,89 @@ def test_generate_cli_writes_pngs_and_captions(trained_run: Path, demo_data, tmp
 def test_export_errors_name_what_is_missing(tmp_path: Path) -> None:
     res = _export(tmp_path / "nope", tmp_path / "out")
     assert res.returncode == 2 and "no complete checkpoint" in res.stderr and "nope" in res.stderr
+
+
+def test_rank_file_checks_name_the_missing_or_truncated_file(tmp_path: Path) -> None:
+    """check_rank_files on a checkpoint layout whose checkpoint.json says 2 ranks wrote it."""
+    import io
+    import zipfile
+
+    from pretrain import checkpoint
+    from pretrain.export import ExportError, check_rank_files
+
+    ckpt = tmp_path / "step_00000004"
+    ckpt.mkdir()
+    (ckpt / checkpoint.META).write_text(json.dumps({"step": 4, "world_size": 2}))
+    buf = io.BytesIO()
+    torch.save({"x": torch.zeros(3)}, buf)  # a real torch.save zip archive
+    names = [f"zero_pp_rank_{r}_mp_rank_00_{kind}_states.pt" for r in (0, 1) for kind in ("model", "optim")]
+    for n in names:
+        (ckpt / n).write_bytes(buf.getvalue())
+    check_rank_files(ckpt)
+    (ckpt / names[3]).unlink()  # rank 1's optimizer shard
+    with pytest.raises(ExportError, match=r"zero_pp_rank_1_mp_rank_00_optim_states.pt is missing .*2 ranks"):
+        check_rank_files(ckpt)
+    (ckpt / names[3]).write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    assert not zipfile.is_zipfile(ckpt / names[3])
+    with pytest.raises(ExportError, match=r"zero_pp_rank_1_mp_rank_00_optim_states.pt is truncated"):
+        check_rank_files(ckpt)
+
+
+def test_atomic_write_replaces_exports_whole_and_refuses_other_dirs(tmp_path: Path) -> None:
+    from pretrain.export import ExportError, write_atomically
+
+    out = tmp_path / "out"
+
+    def shards(n: int):
+        def fill(tmp: Path) -> None:
+            for i in range(n):
+                (tmp / f"model-{i:05d}.safetensors").write_text("x")
+            (tmp / "export.json").write_text("{}")
+        return fill
+
+    write_atomically(out, False, shards(3))
+    write_atomically(out, False, shards(1))  # re-export into an export: replaced whole
+    assert sorted(p.name for p in out.iterdir()) == ["export.json", "model-00000.safetensors"]
+
+    def boom(tmp: Path) -> None:
+        (tmp / "model-00000.safetensors").write_text("half")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match="No space"):
+        write_atomically(out, False, boom)
+    assert sorted(p.name for p in out.iterdir()) == ["export.json", "model-00000.safetensors"]  # old one intact
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temp dir left behind
+    with pytest.raises(OSError):
+        write_atomically(tmp_path / "new", False, boom)
+    assert not (tmp_path / "new").exists()
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    with pytest.raises(ExportError, match="not an export .*--force"):
+        write_atomically(mine, False, shards(1))
+    assert (mine / "notes.txt").read_text() == "keep me"
+    write_atomically(mine, True, shards(1))
+    assert not (mine / "notes.txt").exists()
+
+
+def test_from_pretrained_reads_a_sharded_export_exactly(tmp_path: Path) -> None:
+    """Transfusion.from_pretrained on shards + index + config.yaml gives the saved tensors and the same losses."""
+    from pretrain.config import load_config, save_config
+    from pretrain.export import write_shards
+    from pretrain.model import Transfusion
+    from batches import random_batch
+
+    cfg = load_config(ROOT / "configs/tiny.yaml")
+    torch.manual_seed(0)
+    model = Transfusion(cfg.model).eval()
+    write_shards(iter(model.state_dict().items()), tmp_path, torch.float32, 100_000)  # several shards
+    assert (tmp_path / "model.safetensors.index.json").is_file()
+    save_config(cfg, tmp_path / "config.yaml")
+    loaded = Transfusion.from_pretrained(tmp_path)
+    assert not loaded.training
+    ref = model.state_dict()
+    assert loaded.state_dict().keys() == ref.keys() and all(torch.equal(v, ref[k]) for k, v in loaded.state_dict().items())
+    batch = random_batch(cfg.model, batch_size=2, seq_len=64, seed=0)
+    with torch.no_grad():
+        a, b = model(batch), loaded(batch)
+    assert torch.equal(a.lm_loss_sum, b.lm_loss_sum) and torch.equal(a.diffusion_loss_sum, b.diffusion_loss_sum)

@@ -144,3 +144,51 @@ def test_bad_steps_are_counted_and_too_many_in_a_row_stop_with_advice():
     with pytest.raises(TrainingDiverged, match=r"2 NaN/Inf steps in a row.*optim.lr.*train.precision=fp32"):
         check_bad_step(run, bad)
     assert run.bad_total == 3
+
+
+def _checkpoint_with_config(run_dir, step, cfg):
+    from pretrain.config import save_config
+
+    path = checkpoint.checkpoint_root(run_dir) / checkpoint.tag_for(step)
+    path.mkdir(parents=True)
+    save_config(cfg, path / checkpoint.CONFIG)
+    (path / checkpoint.MARKER).write_text(str(step))
+    return path
+
+
+def test_resume_refuses_changed_model_or_data_keys_and_logs_schedule_changes(tmp_path, caplog):
+    """The checkpoint's own config.yaml decides; the error lists every fixed key with both values."""
+    from pretrain.distributed import DistEnv
+    from pretrain.train import ResumeError, check_resume
+
+    saved = load_config("configs/tiny.yaml", [f"train.run_dir={tmp_path}"])
+    ckpt = _checkpoint_with_config(tmp_path, 4, saved)
+    env = DistEnv(0, 0, 1, 1, "127.0.0.1", 1, "single")
+    changed = load_config("configs/tiny.yaml", [f"train.run_dir={tmp_path}", "model.dim=64", "data.seq_len=128",
+                                                "train.global_batch_size=16", "train.steps=99"])
+    with pytest.raises(ResumeError) as e:
+        check_resume(changed, env)
+    msg = str(e.value)
+    assert str(ckpt) in msg
+    for line in ("model.dim: checkpoint 128, this launch 64", "data.seq_len: checkpoint 4096, this launch 128",
+                 "train.global_batch_size: checkpoint 8, this launch 16"):
+        assert line in msg
+    assert "train.steps" not in msg  # schedule keys may change
+    ok = load_config("configs/tiny.yaml", [f"train.run_dir={tmp_path}", "train.steps=99", "model.attention=flex",
+                                           "logging.every=1"])
+    with caplog.at_level("INFO", logger="pretrain"):
+        assert check_resume(ok, env) == ckpt
+    assert "config change on resume: train.steps 50 -> 99" in caplog.text
+    assert "model.attention 'sdpa' -> 'flex'" in caplog.text
+
+
+def test_config_changes_splits_fixed_and_free_keys():
+    from pretrain.config import config_changes
+
+    a = load_config("configs/tiny.yaml")
+    b = load_config("configs/tiny.yaml", ["model.n_kv_heads=2", "data.shuffle=false", "train.seed=1",
+                                          "optim.lr=1e-4", "data.num_workers=0"])
+    fixed, free = config_changes(a, b)
+    assert fixed == {"model.n_kv_heads": (None, 2), "data.shuffle": (True, False), "train.seed": (0, 1)}
+    assert free == {"optim.lr": (1e-3, 1e-4), "data.num_workers": (2, 0)}
+    assert config_changes(a, a) == ({}, {})

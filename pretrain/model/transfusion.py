@@ -9,6 +9,8 @@ decoder, so ZeRO-3 ranks always gather the same parameters.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import NamedTuple
 
 import torch
@@ -50,6 +52,31 @@ class Transfusion(nn.Module):
         self.output = Linear(cfg.dim, cfg.vocab_size, cfg.init_std)
         self._alpha_bar: dict[torch.device, torch.Tensor] = {}
         self._t_weight: dict[torch.device, torch.Tensor] = {}
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> "Transfusion":
+        """The model of an export directory (`python -m pretrain.export`), in eval mode.
+
+        Reads `config.yaml` (its `model` section) and the safetensors weights (one file or sharded
+        with an index). `dtype` None keeps fp32 (bf16 exports are upcast). Raises FileNotFoundError
+        naming the missing file.
+        """
+        import yaml
+        from safetensors.torch import load_file
+
+        root = Path(path)
+        if not (root / "config.yaml").is_file():
+            raise FileNotFoundError(f"{root / 'config.yaml'} missing: point at a directory written by pretrain.export")
+        section = yaml.safe_load((root / "config.yaml").read_text())["model"]  # the dumped run config's model keys
+        cfg = ModelConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in section.items()})
+        state: dict[str, torch.Tensor] = {}
+        for f in weight_files(root):
+            state.update(load_file(f, device=str(device)))
+        with torch.device("meta"):
+            model = cls(cfg)
+        want = dtype or torch.float32
+        model.load_state_dict({k: v.to(want) for k, v in state.items()}, assign=True, strict=True)
+        return model.eval()
 
     def alpha_bar(self, device: torch.device) -> torch.Tensor:
         """The cosine schedule (T,) on `device`, cached (not a parameter, so ZeRO-3 never shards it)."""
@@ -182,3 +209,12 @@ class Transfusion(nn.Module):
         lm_sum = F.cross_entropy(logits.float(), batch.targets.view(-1)[sel], reduction="sum")
         return lm_sum, sel.numel()
 
+
+def weight_files(root: Path) -> list[Path]:
+    """The safetensors files of an export or Hugging Face directory: the index's shards, or model.safetensors."""
+    index = root / "model.safetensors.index.json"
+    names = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else ["model.safetensors"]
+    for n in names:
+        if not (root / n).is_file():
+            raise FileNotFoundError(f"{root / n} missing: the export is incomplete; export again")
+    return [root / n for n in names]

@@ -1,0 +1,181 @@
+"""Hugging Face Llama <-> our text tower: start the backbone from a `LlamaForCausalLM` directory, or
+export ours as one (so the text side can be evaluated with the standard tools).
+
+Mapping (ours -> HF, layer i):
+    tok_embeddings.weight                 model.embed_tokens.weight
+    layers.i.attention.wqkv.weight        rows [q | k | v] -> self_attn.{q,k,v}_proj.weight (q, k permuted)
+    layers.i.attention.wo.weight          self_attn.o_proj.weight
+    layers.i.feed_forward.w13.weight      rows [w1 | w3] -> mlp.gate_proj.weight, mlp.up_proj.weight
+    layers.i.feed_forward.w2.weight       mlp.down_proj.weight
+    layers.i.attention_norm.weight        input_layernorm.weight
+    layers.i.ffn_norm.weight              post_attention_layernorm.weight
+    norm.weight                           model.norm.weight
+    output.weight                         lm_head.weight
+
+RoPE: ours rotates adjacent pairs (x[2j], x[2j+1]) of each head as complex numbers (Meta's Llama
+layout); Hugging Face rotates the halves (x[j], x[j + hd/2]). The same function is obtained by
+permuting the rows of each head of wq and wk, exactly as transformers'
+`convert_llama_weights_to_hf.py` does (`permute`); `unpermute` is its inverse. Wv and the rest are
+layout-independent.
+
+Vocabulary: our vocabulary is the Llama tokenizer's plus our special tokens appended (BOI, EOI...);
+importing copies the first `vocab_size(HF)` rows of the embedding and LM head and leaves the rest
+as a fresh run initialises them. The image-side modules are never touched.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+
+from pretrain.model.config import ModelConfig
+
+Reader = Callable[[str], torch.Tensor]
+
+
+class HFConversionError(ValueError):
+    """A Hugging Face checkpoint that does not map onto our model (the message names the fields)."""
+
+
+def _kv_heads(cfg: ModelConfig) -> int:
+    return cfg.n_kv_heads or cfg.n_heads  # None: one key/value head per query head (as the model does)
+
+
+def permute(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Interleaved-pair rows (ours, Meta) -> half-rotation rows (HF), per head. (H*hd, D) -> (H*hd, D)."""
+    rows, cols = w.shape
+    return w.view(n_heads, rows // n_heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+def unpermute(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Inverse of `permute`: HF half-rotation rows -> our interleaved pairs. (H*hd, D) -> (H*hd, D)."""
+    rows, cols = w.shape
+    return w.view(n_heads, 2, rows // n_heads // 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+def hf_config_dict(cfg: ModelConfig, max_positions: int = 4096) -> dict:
+    """The `LlamaConfig` fields equivalent to our model config (text tower only); `max_positions` = data.seq_len."""
+    return {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": cfg.dim,
+        "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads, "num_key_value_heads": _kv_heads(cfg),
+        "head_dim": cfg.head_dim, "intermediate_size": cfg.hidden_dim, "rms_norm_eps": cfg.norm_eps,
+        "rope_theta": cfg.rope_theta, "max_position_embeddings": max_positions,
+        "vocab_size": cfg.vocab_size, "hidden_act": "silu", "tie_word_embeddings": False,
+        "attention_bias": False, "mlp_bias": False, "rope_scaling": None, "torch_dtype": "float32",
+    }
+
+
+def check_hf_config(hf: dict, cfg: ModelConfig, where: str) -> int:
+    """Raise HFConversionError naming every HF field that does not match `cfg`; returns HF's vocab size."""
+    want = hf_config_dict(cfg)
+    wrong = []
+    for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                "intermediate_size", "rms_norm_eps", "rope_theta", "hidden_act"):
+        got = hf.get(key, hf.get("num_attention_heads") if key == "num_key_value_heads" else None)
+        if got != want[key] and not (isinstance(got, float) and abs(got - want[key]) < 1e-12):
+            wrong.append(f"{key}={got!r} (ours {want[key]!r})")
+    if hf.get("head_dim") not in (None, cfg.head_dim):
+        wrong.append(f"head_dim={hf['head_dim']} (ours {cfg.head_dim})")
+    for key in ("rope_scaling", "attention_bias", "mlp_bias"):
+        if hf.get(key):
+            wrong.append(f"{key}={hf[key]!r} (we support none)")
+    if wrong:
+        raise HFConversionError(f"{where}: does not match model.* of this run: " + "; ".join(wrong)
+                                + ". Set the model keys to the checkpoint's (model.dim, n_layers, n_heads, "
+                                "n_kv_heads, ffn_dim, norm_eps, rope_theta).")
+    if hf["vocab_size"] > cfg.vocab_size:
+        raise HFConversionError(f"{where}: vocab_size={hf['vocab_size']} exceeds ours ({cfg.vocab_size}); train with "
+                                "the checkpoint's tokenizer (data.tokenizer wrapping its tokenizer.model)")
+    return int(hf["vocab_size"])
+
+
+def read_hf_dir(path: Path) -> tuple[dict, Reader]:
+    """config.json and a lazy tensor reader over the directory's safetensors (single file or index)."""
+    from safetensors import safe_open
+
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise HFConversionError(f"{cfg_file} missing: point at a Hugging Face Llama directory (config.json + safetensors)")
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        where = {k: path / f for k, f in json.loads(index.read_text())["weight_map"].items()}
+    elif (path / "model.safetensors").is_file():
+        with safe_open(str(path / "model.safetensors"), "pt") as f:
+            where = {k: path / "model.safetensors" for k in f.keys()}
+    else:
+        raise HFConversionError(f"{path}: no model.safetensors nor model.safetensors.index.json (pytorch_model.bin "
+                                "is pickle and not read; convert it with transformers' save_pretrained)")
+
+    def read(name: str) -> torch.Tensor:
+        if name not in where:
+            raise HFConversionError(f"{path}: tensor {name} missing from the safetensors")
+        with safe_open(str(where[name]), "pt") as f:
+            return f.get_tensor(name)
+
+    return json.loads(cfg_file.read_text()), read
+
+
+def _layer_from_hf(read: Reader, cfg: ModelConfig, i: int) -> Iterator[tuple[str, torch.Tensor]]:
+    p = f"model.layers.{i}."
+    q = unpermute(read(p + "self_attn.q_proj.weight"), cfg.n_heads)  # (H*hd, D)
+    k = unpermute(read(p + "self_attn.k_proj.weight"), _kv_heads(cfg))  # (Hkv*hd, D)
+    v = read(p + "self_attn.v_proj.weight")  # (Hkv*hd, D)
+    yield f"layers.{i}.attention.wqkv.weight", torch.cat([q, k, v])
+    yield f"layers.{i}.attention.wo.weight", read(p + "self_attn.o_proj.weight")
+    yield f"layers.{i}.feed_forward.w13.weight", torch.cat([read(p + "mlp.gate_proj.weight"), read(p + "mlp.up_proj.weight")])
+    yield f"layers.{i}.feed_forward.w2.weight", read(p + "mlp.down_proj.weight")
+    yield f"layers.{i}.attention_norm.weight", read(p + "input_layernorm.weight")
+    yield f"layers.{i}.ffn_norm.weight", read(p + "post_attention_layernorm.weight")
+
+
+def from_hf(read: Reader, hf: dict, cfg: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
+    """Our text-tower tensors from HF ones, one at a time. The embedding and LM head come as
+    (hf_vocab, D): copy them into the first rows only (see `copy_into`)."""
+    yield "tok_embeddings.weight", read("model.embed_tokens.weight")
+    for i in range(cfg.n_layers):
+        yield from _layer_from_hf(read, cfg, i)
+    yield "norm.weight", read("model.norm.weight")
+    yield "output.weight", read("model.embed_tokens.weight" if hf.get("tie_word_embeddings") else "lm_head.weight")
+
+
+def copy_into(param: torch.Tensor, src: torch.Tensor, name: str) -> None:
+    """param[:len(src)] = src (all of it when shapes agree); error naming `name` on any other mismatch."""
+    if src.shape[1:] != param.shape[1:] or src.shape[0] > param.shape[0]:
+        raise HFConversionError(f"{name}: checkpoint shape {tuple(src.shape)} does not fit ours {tuple(param.shape)}")
+    param.data[: src.shape[0]].copy_(src.to(param.dtype))
+
+
+def to_hf(name: str, t: torch.Tensor, cfg: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
+    """HF tensors for one of our tensors (none for the image-side modules)."""
+    if name == "tok_embeddings.weight":
+        yield "model.embed_tokens.weight", t
+    elif name == "norm.weight":
+        yield "model.norm.weight", t
+    elif name == "output.weight":
+        yield "lm_head.weight", t
+    elif name.startswith("layers."):
+        _, i, rest = name.split(".", 2)
+        p = f"model.layers.{i}."
+        if rest == "attention.wqkv.weight":
+            q, k, v = t.split([cfg.n_heads * cfg.head_dim, _kv_heads(cfg) * cfg.head_dim, _kv_heads(cfg) * cfg.head_dim])
+            yield p + "self_attn.q_proj.weight", permute(q, cfg.n_heads).contiguous()
+            yield p + "self_attn.k_proj.weight", permute(k, _kv_heads(cfg)).contiguous()
+            yield p + "self_attn.v_proj.weight", v.contiguous()
+        elif rest == "feed_forward.w13.weight":
+            gate, up = t.chunk(2)
+            yield p + "mlp.gate_proj.weight", gate.contiguous()
+            yield p + "mlp.up_proj.weight", up.contiguous()
+        else:
+            yield p + {"attention.wo.weight": "self_attn.o_proj.weight", "feed_forward.w2.weight": "mlp.down_proj.weight",
+                       "attention_norm.weight": "input_layernorm.weight",
+                       "ffn_norm.weight": "post_attention_layernorm.weight"}[rest], t
+
+
+def hf_tensors(tensors: Iterator[tuple[str, object]], cfg: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
+    """Map a stream of our (name, tensor or lazy tensor) pairs to HF ones, materialising one at a time."""
+    for name, lazy in tensors:
+        t = lazy if isinstance(lazy, torch.Tensor) else lazy.contiguous()
+        yield from to_hf(name, t, cfg)
