@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-from pretrain.model import IGNORE_INDEX, Transfusion, TransfusionBatch
-from pretrain.model.diffusion import ddim_sample
+from pretrain.model import IGNORE_INDEX, KVCache, Transfusion, TransfusionBatch
+from pretrain.model.diffusion import Sampler, diffusion_sample
 
 
 @dataclass(frozen=True)
@@ -63,6 +63,125 @@ def _batch(model: Transfusion, rows: list[Row], latents: torch.Tensor, t: torch.
     )
 
 
+Segment = list[int] | torch.Tensor  # text token ids, or one clean latent image (C, H, W)
+
+
+@dataclass(frozen=True)
+class TextSampling:
+    """Next-token choice: greedy at temperature 0, else sampled after top-k, then top-p (nucleus) filtering."""
+
+    temperature: float = 0.0
+    top_k: int = 0  # 0 = no top-k filter
+    top_p: float = 1.0  # 1 = no nucleus filter
+
+
+@dataclass(frozen=True)
+class ImageSampling:
+    """How an image is denoised: DDPM ancestral (the paper: 250 steps) or DDIM, with classifier-free guidance.
+
+    CFG (Ho & Salimans 2022): eps = eps(x | dropped context) + scale * (eps(x | context) - eps(x | dropped
+    context)); the dropped context is `BOS BOI`, as caption dropout shows it in training. scale 1 = off.
+    """
+
+    steps: int = 250
+    cfg_scale: float = 3.0
+    sampler: Sampler = "ddpm"
+
+
+def cfg_combine(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tensor:
+    """Classifier-free guidance: uncond + scale * (cond - uncond), any matching shapes."""
+    return uncond + scale * (cond - uncond)
+
+
+def sample_tokens(logits: torch.Tensor, s: TextSampling, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Next ids (B,) from logits (B, V): argmax at temperature 0, else a draw from the filtered softmax.
+
+    top-p keeps the smallest set of most likely tokens whose probability reaches top_p (Holtzman et al.
+    2020), always at least one. Draws use `generator` (CPU), so a seed fixes them.
+    """
+    if s.temperature <= 0:
+        return logits.argmax(dim=-1)
+    x = logits.float() / s.temperature  # (B, V)
+    if s.top_k > 0:
+        kth = x.topk(min(s.top_k, x.shape[-1]), dim=-1).values[:, -1:]  # (B, 1)
+        x = x.masked_fill(x < kth, float("-inf"))
+    if s.top_p < 1.0:
+        sorted_x, order = x.sort(dim=-1, descending=True)  # (B, V)
+        probs = sorted_x.softmax(dim=-1)
+        drop = probs.cumsum(dim=-1) - probs >= s.top_p  # mass before this token already reaches top_p
+        x = torch.full_like(x, float("-inf")).scatter(-1, order, sorted_x.masked_fill(drop, float("-inf")))
+    ids = torch.multinomial(x.softmax(dim=-1).cpu(), 1, generator=generator)  # (B, 1)
+    return ids.squeeze(1).to(logits.device)
+
+
+def _flatten(prompt: list[Segment], sp: Specials, P: int) -> tuple[Row, list[torch.Tensor]]:
+    """BOS + segments as one row (an image becomes BOI, P patch slots, EOI) and the row's images."""
+    row: Row = [sp.bos_id]
+    images = []
+    for seg in prompt:
+        if isinstance(seg, torch.Tensor):
+            row += [sp.boi_id, *([None] * P), sp.eoi_id]
+            images.append(seg)
+        else:
+            row += list(seg)
+    return row, images
+
+
+def _prefill(model: Transfusion, cache: KVCache, rows: list[Row], images: list[torch.Tensor], pad: int) -> None:
+    """Append left-padded rows (None = patch slot; images (C, H, W) in row-major order) to the cache."""
+    L = max(len(r) for r in rows)
+    if L == 0:
+        return
+    device = cache.k.device
+    B, P = len(rows), model.cfg.patches_per_image
+    tokens = torch.full((B, L), pad, dtype=torch.long)
+    image_ids = torch.full((B, L), -1, dtype=torch.long)
+    valid = torch.zeros(B, L, dtype=torch.bool)
+    n = 0
+    for b, row in enumerate(rows):
+        off, k = L - len(row), 0
+        valid[b, off:] = True
+        for i, tok in enumerate(row):
+            if tok is None:
+                image_ids[b, off + i] = n + k // P
+                k += 1
+            else:
+                tokens[b, off + i] = tok
+        n += k // P
+    x0 = torch.stack(images).to(device) if images else None
+    t = torch.zeros(n, dtype=torch.long, device=device)  # clean images in context: t = 0
+    model.step(cache, tokens.to(device), image_ids.to(device), valid.to(device), x0, t if n else None)
+
+
+def _new_cache(model: Transfusion, batch_size: int) -> KVCache:
+    p = next(model.parameters())
+    return KVCache(model.cfg, batch_size, p.device, p.dtype)
+
+
+def _denoise(model: Transfusion, cache: KVCache, rows: list[int], im: ImageSampling, sp: Specials,
+             g: torch.Generator) -> torch.Tensor:
+    """Latents (m, C, H, W) for the cache rows that end in BOI: the prefix is cached, each step runs P patches."""
+    cfg = model.cfg
+    m, P, device = len(rows), cfg.patches_per_image, cache.k.device
+    noise = torch.randn(m, cfg.latent_channels, cfg.latent_size, cfg.latent_size, generator=g).to(device)
+    ctx = cache.select(rows)
+    if im.cfg_scale != 1.0:
+        uncond = _new_cache(model, m)
+        _prefill(model, uncond, [[sp.bos_id, sp.boi_id]] * m, [], sp.pad_id)
+        ctx = KVCache.concat([ctx, uncond])
+    k = ctx.batch_size // m  # 1, or 2 with guidance (cond rows, then uncond rows)
+    tokens = torch.full((k * m, P), sp.pad_id, dtype=torch.long, device=device)
+    image_ids = torch.arange(k * m, device=device)[:, None].expand(k * m, P)  # (k*m, P)
+    valid = torch.ones(k * m, P, dtype=torch.bool, device=device)
+
+    def eps_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        xs, ts = x.repeat(k, 1, 1, 1), t.repeat(k)  # (k*m, C, H, W)
+        _, eps = model.step(ctx, tokens, image_ids, valid, xs, ts, commit=False)  # (k*m, C, H, W)
+        return eps if k == 1 else cfg_combine(*eps.chunk(2), im.cfg_scale)
+
+    return diffusion_sample(eps_fn, noise, model.alpha_bar(device), im.steps, im.sampler, generator=g)
+
+
 @torch.no_grad()
 def generate_images(
     model: Transfusion,
@@ -71,28 +190,89 @@ def generate_images(
     steps: int = 250,
     cfg_scale: float = 3.0,
     seed: int = 0,
+    sampler: Sampler = "ddim",
 ) -> torch.Tensor:
-    """Latents (N, C, H, W) for N tokenised captions (without BOS): DDIM from noise, CFG against a dropped caption."""
-    cfg = model.cfg
-    P, C, S = cfg.patches_per_image, cfg.latent_channels, cfg.latent_size
-    device = next(model.parameters()).device
-    n = len(prompts)
-    rows: list[Row] = [[sp.bos_id, *p, sp.boi_id] + [None] * P for p in prompts]
-    if cfg_scale != 1.0:
-        rows += [[sp.bos_id, sp.boi_id] + [None] * P for _ in prompts]
+    """Latents (N, C, H, W) for N tokenised captions (without BOS), CFG against the dropped caption.
+
+    The prefix `BOS caption BOI` is computed once (KV cache); each denoising step runs the patches only.
+    """
+    cache = _new_cache(model, len(prompts))
+    _prefill(model, cache, [[sp.bos_id, *p, sp.boi_id] for p in prompts], [], sp.pad_id)
     g = torch.Generator().manual_seed(seed)
-    noise = torch.randn(n, C, S, S, generator=g).to(device)
+    return _denoise(model, cache, list(range(len(prompts))), ImageSampling(steps, cfg_scale, sampler), sp, g)
 
-    def eps_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        k = len(rows) // n
-        xs, ts = x.repeat(k, 1, 1, 1), t.repeat(k)  # (k*N, C, H, W)
-        _, eps = model.denoise(_batch(model, rows, xs, ts, sp.pad_id), xs, ts)  # (k*N, C, H, W)
-        if k == 1:
-            return eps
-        cond, uncond = eps.chunk(2)
-        return uncond + cfg_scale * (cond - uncond)
 
-    return ddim_sample(eps_fn, noise, model.alpha_bar(device), steps)
+@torch.no_grad()
+def generate(
+    model: Transfusion,
+    prompts: list[list[Segment]],
+    sp: Specials,
+    max_new_tokens: int = 64,
+    max_images: int = 1,
+    text: TextSampling = TextSampling(),
+    image: ImageSampling = ImageSampling(),
+    seed: int = 0,
+) -> list[list[Segment]]:
+    """Mixed-modal generation (the paper's inference): interleaved text ids and latents (C, H, W) per prompt.
+
+    Each prompt is a list of segments (token ids without BOS; clean latents) and may end in BOI to
+    force an image. Text is decoded token by token with a KV cache; when a row's next token is BOI,
+    noise patches are appended and denoised against the cached prefix, the clean image (t = 0) and
+    EOI join the context, and decoding goes on. A row stops at EOS (not returned) or after
+    max_new_tokens text tokens. After max_images images a row's BOI logit is masked; max_images=0
+    means text only, BOI then being an ordinary token. Prompts of any lengths are batched (left-padded).
+    The output omits the prompt. Same inputs and seed give the same output.
+    """
+    P = model.cfg.patches_per_image
+    flat = [_flatten(p, sp, P) for p in prompts]
+    B = len(flat)
+    device = next(model.parameters()).device
+    cache = _new_cache(model, B)
+    _prefill(model, cache, [r[:-1] for r, _ in flat], [x for _, imgs in flat for x in imgs], sp.pad_id)
+    pending = [r[-1] for r, _ in flat]  # next token to feed, per row
+    out: list[list[Segment]] = [[] for _ in range(B)]
+    n_new, n_img, active = [0] * B, [0] * B, [True] * B
+    g = torch.Generator().manual_seed(seed)
+    while any(active):
+        feed = torch.tensor([[tok if a else sp.pad_id] for tok, a in zip(pending, active)], device=device)  # (B, 1)
+        valid = torch.tensor([[a] for a in active], device=device)  # (B, 1)
+        h, _ = model.step(cache, feed, torch.full_like(feed, -1), valid)  # (B, 1, D)
+        logits = model.lm_logits(h[:, -1]).float()  # (B, V)
+        draw = [b for b in range(B) if active[b]]
+        makes = [b for b in draw if pending[b] == sp.boi_id and max_images > 0]
+        if makes:
+            lat = _denoise(model, cache, makes, image, sp, g)  # (m, C, H, W)
+            _commit_images(model, cache, makes, lat, sp.pad_id)
+            for b, x in zip(makes, lat):
+                out[b].append(x)
+                n_img[b] += 1
+                pending[b] = sp.eoi_id
+        if max_images > 0:
+            logits[[b for b in range(B) if n_img[b] >= max_images], sp.boi_id] = float("-inf")
+        ids = sample_tokens(logits, text, g).tolist()
+        for b in (b for b in draw if b not in makes):
+            n_new[b] += 1
+            active[b] = ids[b] != sp.eos_id and n_new[b] < max_new_tokens
+            if ids[b] == sp.eos_id:
+                continue
+            if ids[b] != sp.boi_id or max_images == 0:
+                if not out[b] or isinstance(out[b][-1], torch.Tensor):
+                    out[b].append([])
+                out[b][-1].append(ids[b])
+            pending[b] = ids[b]
+    return out
+
+
+def _commit_images(model: Transfusion, cache: KVCache, rows: list[int], latents: torch.Tensor, pad: int) -> None:
+    """Append clean latents (m, C, H, W) at t = 0 as P patch slots of `rows`; other rows get invalid slots."""
+    B, P, device = cache.batch_size, model.cfg.patches_per_image, cache.k.device
+    image_ids = torch.full((B, P), -1, dtype=torch.long, device=device)
+    valid = torch.zeros(B, P, dtype=torch.bool, device=device)
+    for i, b in enumerate(rows):
+        image_ids[b], valid[b] = i, True
+    tokens = torch.full((B, P), pad, dtype=torch.long, device=device)
+    t = torch.zeros(len(rows), dtype=torch.long, device=device)
+    model.step(cache, tokens, image_ids, valid, latents, t)
 
 
 @torch.no_grad()
@@ -102,36 +282,16 @@ def generate_text(
     sp: Specials,
     max_new_tokens: int = 32,
     images: torch.Tensor | None = None,
+    text: TextSampling = TextSampling(),
+    seed: int = 0,
 ) -> list[list[int]]:
-    """Greedy continuation of each prompt; with `images` (N, C, H, W) each prompt follows `BOS BOI image EOI`.
-
-    Runs exactly max_new_tokens forward passes (no early exit) so every ZeRO-3 rank does the same work.
-    """
+    """Continuations (greedy by default) of each prompt; with `images` (N, C, H, W) each prompt follows
+    `BOS BOI image EOI`. Stops at EOS (not returned) or max_new_tokens; no images are generated."""
     if not prompts:
         return []
-    P = model.cfg.patches_per_image
-    device = next(model.parameters()).device
-    if images is None:
-        rows: list[Row] = [[sp.bos_id, *p] for p in prompts]
-        latents = torch.zeros(0, model.cfg.latent_channels, model.cfg.latent_size, model.cfg.latent_size, device=device)
-    else:
-        rows = [[sp.bos_id, sp.boi_id] + [None] * P + [sp.eoi_id, *p] for p in prompts]
-        latents = images.to(device)
-    t = torch.zeros(latents.shape[0], dtype=torch.long, device=device)  # clean images: t = 0
-    new: list[list[int]] = [[] for _ in rows]
-    done = [False] * len(rows)
-    for _ in range(max_new_tokens):
-        batch = _batch(model, rows, latents, t, sp.pad_id)
-        x_t = latents if latents.shape[0] else torch.zeros(1, *latents.shape[1:], device=device)
-        h, _ = model.denoise(batch, x_t, t if latents.shape[0] else t.new_zeros(1))
-        last = torch.tensor([len(r) - 1 for r in rows], device=device) + torch.arange(len(rows), device=device) * batch.tokens.shape[1]
-        next_ids = model.lm_logits(h[last]).argmax(dim=-1).tolist()  # (B,)
-        for b, tok in enumerate(next_ids):
-            rows[b].append(tok)
-            if not done[b]:
-                new[b].append(tok)
-                done[b] = tok == sp.eos_id
-    return [seq[:-1] if seq and seq[-1] == sp.eos_id else seq for seq in new]
+    segs = [[p] if images is None else [images[i], p] for i, p in enumerate(prompts)]
+    outs = generate(model, segs, sp, max_new_tokens, max_images=0, text=text, seed=seed)
+    return [[tok for seg in o for tok in seg] for o in outs]
 
 
 def tensorboard_samples(model: Transfusion, cfg: "Config", writer: object, step: int) -> None:
