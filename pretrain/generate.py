@@ -1,13 +1,17 @@
-"""Generation: greedy text, captions of images, and images from text (DDIM with classifier-free guidance).
+"""Generation with a KV cache: mixed-modal output, images from captions, captions of images, text.
 
+`generate` is the paper's inference: decode text; on BOI append noise patches, denoise them (DDPM or
+DDIM, classifier-free guidance against the dropped context) against the cached prefix, close with EOI
+and go on with the clean image in context. `generate_images` and `generate_text` are its two halves.
 Single-device functions over a `Transfusion` model: under ZeRO-3 every rank calls them with the same
-prompts, so control flow (and so parameter gathering) is identical everywhere. Layouts follow the
+prompts and seed, so control flow (and so parameter gathering) is identical everywhere. Layouts follow the
 training data: caption-first `BOS caption BOI patches EOI EOS`, dropped caption `BOS BOI patches EOI`,
 image-first `BOS BOI patches EOI caption EOS`.
 
     python -m pretrain.generate --model EXPORT_DIR --prompt "a red circle at the top left" --out samples/
     python -m pretrain.generate --model EXPORT_DIR --caption image.png
     python -m pretrain.generate --model EXPORT_DIR --text "Once upon a time"
+    python -m pretrain.generate --model EXPORT_DIR --mixed "A picture of a red circle:" --force-image
 """
 
 from __future__ import annotations
@@ -219,7 +223,7 @@ def generate(
     force an image. Text is decoded token by token with a KV cache; when a row's next token is BOI,
     noise patches are appended and denoised against the cached prefix, the clean image (t = 0) and
     EOI join the context, and decoding goes on. A row stops at EOS (not returned) or after
-    max_new_tokens text tokens. After max_images images a row's BOI logit is masked; max_images=0
+    max_new_tokens new tokens (BOI included). After max_images images a row's BOI logit is masked; max_images=0
     means text only, BOI then being an ordinary token. Prompts of any lengths are batched (left-padded).
     The output omits the prompt. Same inputs and seed give the same output.
     """
@@ -231,35 +235,35 @@ def generate(
     _prefill(model, cache, [r[:-1] for r, _ in flat], [x for _, imgs in flat for x in imgs], sp.pad_id)
     pending = [r[-1] for r, _ in flat]  # next token to feed, per row
     out: list[list[Segment]] = [[] for _ in range(B)]
-    n_new, n_img, active = [0] * B, [0] * B, [True] * B
+    opens = [tok == sp.boi_id and max_images > 0 for tok in pending]  # the row's next step makes an image
+    n_new, n_img = [0] * B, [0] * B
+    active = [max_new_tokens > 0 or o for o in opens]
     g = torch.Generator().manual_seed(seed)
     while any(active):
         feed = torch.tensor([[tok if a else sp.pad_id] for tok, a in zip(pending, active)], device=device)  # (B, 1)
         valid = torch.tensor([[a] for a in active], device=device)  # (B, 1)
         h, _ = model.step(cache, feed, torch.full_like(feed, -1), valid)  # (B, 1, D)
         logits = model.lm_logits(h[:, -1]).float()  # (B, V)
-        draw = [b for b in range(B) if active[b]]
-        makes = [b for b in draw if pending[b] == sp.boi_id and max_images > 0]
+        makes = [b for b in range(B) if active[b] and opens[b]]
+        draw = [b for b in range(B) if active[b] and not opens[b]]
         if makes:
             lat = _denoise(model, cache, makes, image, sp, g)  # (m, C, H, W)
             _commit_images(model, cache, makes, lat, sp.pad_id)
             for b, x in zip(makes, lat):
                 out[b].append(x)
                 n_img[b] += 1
-                pending[b] = sp.eoi_id
+                pending[b], opens[b], active[b] = sp.eoi_id, False, n_new[b] < max_new_tokens
         if max_images > 0:
             logits[[b for b in range(B) if n_img[b] >= max_images], sp.boi_id] = float("-inf")
         ids = sample_tokens(logits, text, g).tolist()
-        for b in (b for b in draw if b not in makes):
+        for b in draw:
             n_new[b] += 1
-            active[b] = ids[b] != sp.eos_id and n_new[b] < max_new_tokens
-            if ids[b] == sp.eos_id:
-                continue
-            if ids[b] != sp.boi_id or max_images == 0:
+            pending[b], opens[b] = ids[b], ids[b] == sp.boi_id and max_images > 0
+            active[b] = ids[b] != sp.eos_id and (n_new[b] < max_new_tokens or opens[b])
+            if ids[b] != sp.eos_id and not opens[b]:
                 if not out[b] or isinstance(out[b][-1], torch.Tensor):
                     out[b].append([])
                 out[b][-1].append(ids[b])
-            pending[b] = ids[b]
     return out
 
 
@@ -363,31 +367,104 @@ def load_exported(path: str | Path, device: str = "cpu") -> tuple[Transfusion, S
 
 
 def main(argv: list[str] | None = None) -> None:
-    """CLI: images from prompts (PNG), captions of PNG images, or text continuations."""
-    from data_pipeline.tokenizer import Tokenizer
-    from data_pipeline.vae import decode, load_vae
+    """CLI: images from prompts (PNG), captions of images, text continuations, mixed-modal generation.
 
+    Bad input (missing export files, an unreadable or too small image) exits with a message, no traceback.
+    """
+    args = _parser().parse_args(argv)
+    try:
+        _run(args)
+    except (FileNotFoundError, BadInput) as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+class BadInput(ValueError):
+    """A user-supplied file that generation cannot use; the message names the file and what to do."""
+
+
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True, help="export directory (pretrain.export)")
     ap.add_argument("--prompt", action="append", default=[], help="caption to draw (repeatable)")
     ap.add_argument("--caption", action="append", default=[], help="PNG/JPEG image to caption (repeatable)")
     ap.add_argument("--text", action="append", default=[], help="text prompt to continue (repeatable)")
+    ap.add_argument("--mixed", action="append", default=[],
+                    help="prompt for mixed-modal generation: text, and an image wherever the model emits BOI (repeatable)")
+    ap.add_argument("--force-image", action="store_true", help="--mixed: end each prompt with BOI (an image comes first)")
+    ap.add_argument("--max-images", type=int, default=1, help="--mixed: images per prompt at most")
     ap.add_argument("--out", default="samples", help="directory for generated PNGs")
-    ap.add_argument("--steps", type=int, default=250, help="DDIM steps (paper: 250)")
-    ap.add_argument("--cfg-scale", type=float, default=3.0, help="classifier-free guidance scale (paper: 3-5)")
+    ap.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm", help="ancestral DDPM (paper) or DDIM")
+    ap.add_argument("--steps", type=int, default=250, help="denoising steps (paper: 250)")
+    ap.add_argument("--cfg-scale", type=float, default=3.0, help="classifier-free guidance scale (paper: 3-5; 1 = off)")
     ap.add_argument("--max-new-tokens", type=int, default=48)
+    ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (paper)")
+    ap.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0 = all)")
+    ap.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
     ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args(argv)
+    return ap
+
+
+def _run(args: argparse.Namespace) -> None:
+    from data_pipeline.tokenizer import Tokenizer
+    from data_pipeline.vae import decode, load_vae
+
     model, sp, root = load_exported(args.model)
     tok = Tokenizer(root / "tokenizer.model")
     vae = load_vae(root / "vae")
+    text = TextSampling(args.temperature, args.top_k, args.top_p)
+    image = ImageSampling(args.steps, args.cfg_scale, args.sampler)
+    pixels = None
+    if args.caption:  # read every input before the slow work starts
+        pixels = _read_images(args.caption, model.cfg.latent_size * vae.downsample)
     if args.prompt:
-        _draw(model, sp, tok, vae, decode, args)
-    if args.caption:
-        _caption(model, sp, tok, vae, args)
+        lat = generate_images(model, [tok.encode(p) for p in args.prompt], sp, args.steps, args.cfg_scale, args.seed,
+                              args.sampler)
+        for prompt, path in zip(args.prompt, save_pngs(decode(vae, lat), args.out)):
+            print(f"{prompt!r} -> {path}")
+    if pixels is not None:
+        from data_pipeline.vae import encode
+
+        ids = generate_text(model, [[] for _ in args.caption], sp, args.max_new_tokens, encode(vae, pixels), text, args.seed)
+        for path, c in zip(args.caption, ids):
+            print(f"{path} -> {tok.decode(c)!r}")
     if args.text:
-        for prompt, ids in zip(args.text, generate_text(model, [tok.encode(p) for p in args.text], sp, args.max_new_tokens)):
-            print(f"{prompt!r} -> {tok.decode(ids)!r}")
+        ids = generate_text(model, [tok.encode(p) for p in args.text], sp, args.max_new_tokens, None, text, args.seed)
+        for prompt, c in zip(args.text, ids):
+            print(f"{prompt!r} -> {tok.decode(c)!r}")
+    if args.mixed:
+        prompts = [[tok.encode(p) + ([sp.boi_id] if args.force_image else [])] for p in args.mixed]
+        outs = generate(model, prompts, sp, args.max_new_tokens, args.max_images, text, image, args.seed)
+        for i, (prompt, out) in enumerate(zip(args.mixed, outs)):
+            print(f"{prompt!r} -> {_describe(out, tok, vae, decode, Path(args.out), f'mixed{i:02d}_')}")
+
+
+def _describe(out: list[Segment], tok: object, vae: object, decode: object, dir: Path, prefix: str) -> list[str]:
+    """Text segments decoded, images written as PNGs (named by their path) for one mixed-modal output."""
+    parts = []
+    for j, seg in enumerate(out):
+        if isinstance(seg, torch.Tensor):
+            parts.append(str(save_pngs(decode(vae, seg[None]), dir, f"{prefix}{j:02d}_")[0]))
+        else:
+            parts.append(tok.decode(seg))
+    return parts
+
+
+def _read_images(paths: list[str], size: int) -> torch.Tensor:
+    """(N, 3, size, size) in [-1, 1] from image files; BadInput names the file and the problem."""
+    import numpy as np
+
+    from data_pipeline.images import MIN_SIDE, BadImage, load_image
+
+    out = []
+    for p in paths:
+        try:
+            out.append(load_image(Path(p).read_bytes(), size))
+        except OSError as e:
+            raise BadInput(f"--caption {p}: cannot read the file ({e.strerror or e})") from None
+        except BadImage as e:
+            raise BadInput(f"--caption {p}: not a usable image ({e}); pass a PNG or JPEG of at least "
+                           f"{MIN_SIDE}x{MIN_SIDE} px") from None
+    return torch.from_numpy(np.stack(out))
 
 
 def save_pngs(pixels: torch.Tensor, out: str | Path, prefix: str = "") -> list[Path]:
@@ -404,25 +481,6 @@ def save_pngs(pixels: torch.Tensor, out: str | Path, prefix: str = "") -> list[P
         Image.fromarray(to_uint8(img.cpu().numpy())).save(path)
         paths.append(path)
     return paths
-
-
-def _draw(model: Transfusion, sp: Specials, tok: object, vae: object, decode: object, args: argparse.Namespace) -> None:
-    lat = generate_images(model, [tok.encode(p) for p in args.prompt], sp, args.steps, args.cfg_scale, args.seed)
-    for prompt, path in zip(args.prompt, save_pngs(decode(vae, lat), args.out)):
-        print(f"{prompt!r} -> {path}")
-
-
-def _caption(model: Transfusion, sp: Specials, tok: object, vae: object, args: argparse.Namespace) -> None:
-    import numpy as np
-
-    from data_pipeline.images import load_image
-    from data_pipeline.vae import encode
-
-    size = model.cfg.latent_size * vae.downsample
-    pixels = torch.from_numpy(np.stack([load_image(Path(p).read_bytes(), size) for p in args.caption]))
-    lat = encode(vae, pixels)  # (N, C, h, w)
-    for path, ids in zip(args.caption, generate_text(model, [[] for _ in args.caption], sp, args.max_new_tokens, lat)):
-        print(f"{path} -> {tok.decode(ids)!r}")
 
 
 if __name__ == "__main__":

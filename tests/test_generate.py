@@ -6,8 +6,10 @@ import torch
 
 import pytest
 
-from pretrain.generate import Specials, TextSampling, _batch, cfg_combine, generate_images, generate_text, sample_tokens
+from pretrain.generate import (ImageSampling, Specials, TextSampling, _batch, cfg_combine, generate, generate_images,
+                               generate_text, sample_tokens)
 from pretrain.model.diffusion import add_noise, cosine_alpha_bar, ddim_sample, diffusion_sample, make_scheduler
+from pretrain.model import Transfusion
 from test_model import build, tiny_cfg
 
 SP = Specials(bos_id=1, eos_id=2, boi_id=3, eoi_id=4, pad_id=0)
@@ -173,3 +175,97 @@ def test_text_sampling_filters() -> None:
     # temperature 0.5 squares the probabilities: 0.25, 0.09, 0.0225, 0.0025 over their sum
     p = torch.tensor([0.25, 0.09, 0.0225, 0.0025])
     torch.testing.assert_close(freq(TextSampling(temperature=0.5)), p / p.sum(), atol=0.015, rtol=0)
+
+
+def test_mixed_modal_text_image_text(tmp_path) -> None:
+    """Prompt text -> a generated BOI -> an image -> text with the image in context; batched prompts."""
+    model = build(tiny_cfg())
+    bias = torch.zeros(model.cfg.vocab_size)
+    bias[SP.boi_id] = 1e3  # the model always wants BOI: the first new token opens an image
+    model.lm_logits = lambda h: Transfusion.lm_logits(model, h) + bias
+    out = generate(model, [[[5, 6, 7]], [[8]]], SP, max_new_tokens=4, max_images=1,
+                   image=ImageSampling(steps=3, cfg_scale=2.0, sampler="ddpm"))
+    for row in out:
+        assert isinstance(row[0], torch.Tensor) and row[0].shape == (8, 8, 8) and torch.isfinite(row[0]).all()
+        assert isinstance(row[1], list) and 0 < len(row[1]) <= 3 and SP.boi_id not in row[1]  # budget 4 = BOI + 3 text
+    # the text after the image is the greedy continuation of BOS prompt BOI image EOI (image at t = 0)
+    assert out[0][1] == _after_image(model, out[0][0])
+
+
+def _after_image(model, latent: torch.Tensor) -> list[int]:
+    """Greedy 3 tokens after `BOS 5 6 7 BOI image EOI`, one uncached forward per token, BOI masked."""
+    P = model.cfg.patches_per_image
+    row, new = [SP.bos_id, 5, 6, 7, SP.boi_id, *[None] * P, SP.eoi_id], []
+    for _ in range(3):
+        batch = _batch(model, [row + new], latent[None], torch.zeros(1, dtype=torch.long), SP.pad_id)
+        with torch.no_grad():
+            h, _ = model.denoise(batch, latent[None], torch.zeros(1, dtype=torch.long))
+        logits = model.lm_logits(h[len(row) + len(new) - 1])
+        logits[SP.boi_id] = float("-inf")
+        tok = int(logits.argmax())
+        if tok == SP.eos_id:
+            break
+        new.append(tok)
+    return new
+
+
+@pytest.fixture
+def random_export(demo_data, tmp_path):
+    """An export directory (pretrain.export's layout) of a randomly initialised tiny model."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from pretrain.config import load_config, save_config
+
+    cfg = load_config(["configs/tiny.yaml", str(demo_data.config_path)])
+    torch.manual_seed(0)
+    out = tmp_path / "export"
+    out.mkdir()
+    save_file(Transfusion(cfg.model).state_dict(), out / "model.safetensors")
+    shutil.copyfile(demo_data.tokenizer, out / "tokenizer.model")
+    shutil.copyfile(demo_data.tokenizer.with_suffix(".json"), out / "tokenizer.json")
+    shutil.copytree(demo_data.vae, out / "vae")
+    save_config(cfg, out / "config.yaml")
+    return out
+
+
+def test_cli_mixed_modal_writes_pngs(random_export, tmp_path, capsys) -> None:
+    from PIL import Image
+
+    from pretrain.generate import main
+
+    main(["--model", str(random_export), "--out", str(tmp_path / "png"), "--mixed", "a red circle", "--mixed", "a",
+          "--force-image", "--steps", "2", "--max-new-tokens", "3", "--temperature", "0.8", "--top-p", "0.9"])
+    pngs = sorted((tmp_path / "png").glob("mixed*.png"))
+    assert [p.name for p in pngs] == ["mixed00_00_000.png", "mixed01_00_000.png"]
+    for p in pngs:
+        with Image.open(p) as im:
+            assert im.format == "PNG" and im.size == (64, 64)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("'a red circle' -> [") and str(pngs[0]) in lines[0]
+
+
+def test_cli_bad_input_gets_a_message(random_export, tmp_path) -> None:
+    from PIL import Image
+
+    from pretrain.generate import main
+
+    tiny, junk = tmp_path / "tiny.png", tmp_path / "junk.png"
+    Image.new("RGB", (4, 4)).save(tiny)
+    junk.write_bytes(b"not an image")
+    cases = [
+        (["--model", str(tmp_path / "nope"), "--text", "a"], ["nope", "config.yaml missing", "pretrain.export"]),
+        (["--model", str(random_export), "--caption", str(tiny)], [str(tiny), "too_small", "at least 8x8"]),
+        (["--model", str(random_export), "--caption", str(junk)], [str(junk), "not a usable image"]),
+        (["--model", str(random_export), "--caption", str(tmp_path / "gone.png")], ["gone.png", "cannot read"]),
+    ]
+    for argv, words in cases:
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        msg = str(e.value.code)
+        assert msg.startswith("error: ") and all(w in msg for w in words), msg
+    (random_export / "model.safetensors").unlink()
+    with pytest.raises(SystemExit) as e:
+        main(["--model", str(random_export), "--text", "a"])
+    assert "model.safetensors missing" in str(e.value.code)
