@@ -62,7 +62,8 @@ def main(argv: list[str] | None = None) -> int:
         f"checkpoint.resume={resume}",
     ], env)
     run([py, "-m", "pretrain.export", "--run-dir", str(run_dir), "--out", str(export_dir)])
-    gen = [py, "-m", "pretrain.generate", "--model", str(export_dir), "--out", str(out / "samples"), "--steps", "50"]
+    gen = [py, "-m", "pretrain.generate", "--model", str(export_dir), "--out", str(out / "samples"), "--sampler", "ddim",
+           "--steps", "50"]
     for p in PROMPTS:
         gen += ["--prompt", p]
     held_out = sorted((data / "raw").glob("**/*.png"))[:3]
