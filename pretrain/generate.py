@@ -1,34 +1,38 @@
-"""Generation: greedy text, captions of images, and images from text (DDIM with classifier-free guidance).
+"""Generation with a KV cache: mixed-modal output, images from captions, captions of images, text.
 
+`generate` is the paper's inference: decode text; on BOI append noise patches, denoise them (DDPM or
+DDIM, classifier-free guidance against the dropped context) against the cached prefix, close with EOI
+and go on with the clean image in context. `generate_images` and `generate_text` are its two halves.
 Single-device functions over a `Transfusion` model: under ZeRO-3 every rank calls them with the same
-prompts, so control flow (and so parameter gathering) is identical everywhere. Layouts follow the
+prompts and seed, so control flow (and so parameter gathering) is identical everywhere. Layouts follow the
 training data: caption-first `BOS caption BOI patches EOI EOS`, dropped caption `BOS BOI patches EOI`,
 image-first `BOS BOI patches EOI caption EOS`.
 
     python -m pretrain.generate --model EXPORT_DIR --prompt "a red circle at the top left" --out samples/
     python -m pretrain.generate --model EXPORT_DIR --caption image.png
     python -m pretrain.generate --model EXPORT_DIR --text "Once upon a time"
+    python -m pretrain.generate --model EXPORT_DIR --mixed "A picture of a red circle:" --force-image
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
-from safetensors.torch import load_file
 
 from contract.batch import IGNORE_INDEX, TransfusionBatch
 from contract.special_ids import SpecialIds, load_special_ids
-from data_pipeline.images import load_image, to_uint8
+from data_pipeline.images import MIN_SIDE, BadImage, load_image, to_uint8
 from data_pipeline.tokenizer import Tokenizer
-from data_pipeline.vae import Vae, decode, encode, load_vae
-from pretrain.config import Config, load_config
-from pretrain.model import Transfusion
-from pretrain.model.diffusion import ddim_sample
+from data_pipeline.vae import decode, encode, load_vae
+from pretrain.config import Config
+from pretrain.model import KVCache, Transfusion
+from pretrain.model.diffusion import Sampler, diffusion_sample
+
 
 TokenSeq = list[int | None]  # one sequence being generated: token ids, None at the patch positions of its image
 
@@ -59,75 +63,235 @@ def _batch(model: Transfusion, rows: list[TokenSeq], latents: torch.Tensor, t: t
     )
 
 
+Segment = list[int] | torch.Tensor  # text token ids, or one clean latent image (C, H, W)
+
+
+@dataclass(frozen=True)
+class TextSampling:
+    """Next-token choice: greedy at temperature 0, else sampled after top-k, then top-p (nucleus) filtering."""
+
+    temperature: float = 0.0
+    top_k: int = 0  # 0 = no top-k filter
+    top_p: float = 1.0  # 1 = no nucleus filter
+
+
+@dataclass(frozen=True)
+class ImageSampling:
+    """How an image is denoised: DDPM ancestral (the paper: 250 steps) or DDIM, with classifier-free guidance.
+
+    CFG (Ho & Salimans 2022): eps = eps(x | dropped context) + scale * (eps(x | context) - eps(x | dropped
+    context)); the dropped context is `BOS BOI`, as caption dropout shows it in training. scale 1 = off.
+    """
+
+    steps: int = 250
+    cfg_scale: float = 3.0
+    sampler: Sampler = "ddpm"
+
+
+def cfg_combine(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tensor:
+    """Classifier-free guidance: uncond + scale * (cond - uncond), any matching shapes."""
+    return uncond + scale * (cond - uncond)
+
+
+def sample_tokens(logits: torch.Tensor, s: TextSampling, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Next ids (B,) from logits (B, V): argmax at temperature 0, else a draw from the filtered softmax.
+
+    top-p keeps the smallest set of most likely tokens whose probability reaches top_p (Holtzman et al.
+    2020), always at least one. Draws use `generator` (CPU), so a seed fixes them.
+    """
+    if s.temperature <= 0:
+        return logits.argmax(dim=-1)
+    x = logits.float() / s.temperature  # (B, V)
+    if s.top_k > 0:
+        kth = x.topk(min(s.top_k, x.shape[-1]), dim=-1).values[:, -1:]  # (B, 1)
+        x = x.masked_fill(x < kth, float("-inf"))
+    if s.top_p < 1.0:
+        sorted_x, order = x.sort(dim=-1, descending=True)  # (B, V)
+        probs = sorted_x.softmax(dim=-1)
+        drop = probs.cumsum(dim=-1) - probs >= s.top_p  # mass before this token already reaches top_p
+        x = torch.full_like(x, float("-inf")).scatter(-1, order, sorted_x.masked_fill(drop, float("-inf")))
+    ids = torch.multinomial(x.softmax(dim=-1).cpu(), 1, generator=generator)  # (B, 1)
+    return ids.squeeze(1).to(logits.device)
+
+
+def _flatten(prompt: list[Segment], sp: SpecialIds, P: int) -> tuple[TokenSeq, list[torch.Tensor]]:
+    """BOS + segments as one row (an image becomes BOI, P patch slots, EOI) and the row's images."""
+    row: TokenSeq = [sp.bos_id]
+    images = []
+    for seg in prompt:
+        if isinstance(seg, torch.Tensor):
+            row += [sp.boi_id, *([None] * P), sp.eoi_id]
+            images.append(seg)
+        else:
+            row += list(seg)
+    return row, images
+
+
+def _prefill(model: Transfusion, cache: KVCache, rows: list[TokenSeq], images: list[torch.Tensor], pad: int) -> None:
+    """Append left-padded rows (None = patch slot; images (C, H, W) in row-major order) to the cache."""
+    L = max(len(r) for r in rows)
+    if L == 0:
+        return
+    device = cache.k.device
+    B, P = len(rows), model.cfg.patches_per_image
+    tokens = torch.full((B, L), pad, dtype=torch.long)
+    image_ids = torch.full((B, L), -1, dtype=torch.long)
+    valid = torch.zeros(B, L, dtype=torch.bool)
+    n = 0
+    for b, row in enumerate(rows):
+        off, k = L - len(row), 0
+        valid[b, off:] = True
+        for i, tok in enumerate(row):
+            if tok is None:
+                image_ids[b, off + i] = n + k // P
+                k += 1
+            else:
+                tokens[b, off + i] = tok
+        n += k // P
+    x0 = torch.stack(images).to(device) if images else None
+    t = torch.zeros(n, dtype=torch.long, device=device)  # clean images in context: t = 0
+    model.step(cache, tokens.to(device), image_ids.to(device), valid.to(device), x0, t if n else None)
+
+
+def _new_cache(model: Transfusion, batch_size: int) -> KVCache:
+    p = next(model.parameters())
+    return KVCache(model.cfg, batch_size, p.device, p.dtype)
+
+
+def _denoise(model: Transfusion, cache: KVCache, rows: list[int], im: ImageSampling, sp: SpecialIds,
+             g: torch.Generator) -> torch.Tensor:
+    """Latents (m, C, H, W) for the cache rows that end in BOI: the prefix is cached, each step runs P patches."""
+    cfg = model.cfg
+    m, P, device = len(rows), cfg.patches_per_image, cache.k.device
+    noise = torch.randn(m, cfg.latent_channels, cfg.latent_size, cfg.latent_size, generator=g).to(device)
+    ctx = cache.select(rows)
+    if im.cfg_scale != 1.0:
+        uncond = _new_cache(model, m)
+        _prefill(model, uncond, [[sp.bos_id, sp.boi_id]] * m, [], sp.pad_id)
+        ctx = KVCache.concat([ctx, uncond])
+    k = ctx.batch_size // m  # 1, or 2 with guidance (cond rows, then uncond rows)
+    tokens = torch.full((k * m, P), sp.pad_id, dtype=torch.long, device=device)
+    image_ids = torch.arange(k * m, device=device)[:, None].expand(k * m, P)  # (k*m, P)
+    valid = torch.ones(k * m, P, dtype=torch.bool, device=device)
+
+    def eps_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        xs, ts = x.repeat(k, 1, 1, 1), t.repeat(k)  # (k*m, C, H, W)
+        _, eps = model.step(ctx, tokens, image_ids, valid, xs, ts, commit=False)  # (k*m, C, H, W)
+        return eps if k == 1 else cfg_combine(*eps.chunk(2), im.cfg_scale)
+
+    return diffusion_sample(eps_fn, noise, model.alpha_bar(device), im.steps, im.sampler, generator=g)
+
+
 @torch.no_grad()
 def generate_images(
     model: Transfusion,
     prompts: list[list[int]],
-    ids: SpecialIds,
+    sp: SpecialIds,
     steps: int = 250,
     cfg_scale: float = 3.0,
     seed: int = 0,
+    sampler: Sampler = "ddim",
 ) -> torch.Tensor:
-    """Latents (N, C, H, W) for N tokenised captions (without BOS): DDIM from noise, CFG against a dropped caption."""
-    cfg = model.cfg
-    P, C, S = cfg.patches_per_image, cfg.latent_channels, cfg.latent_size
-    device = next(model.parameters()).device
-    n = len(prompts)
-    rows: list[TokenSeq] = [[ids.bos_id, *p, ids.boi_id] + [None] * P for p in prompts]
-    if cfg_scale != 1.0:
-        rows += [[ids.bos_id, ids.boi_id] + [None] * P for _ in prompts]
+    """Latents (N, C, H, W) for N tokenised captions (without BOS), CFG against the dropped caption.
+
+    The prefix `BOS caption BOI` is computed once (KV cache); each denoising step runs the patches only.
+    """
+    cache = _new_cache(model, len(prompts))
+    _prefill(model, cache, [[sp.bos_id, *p, sp.boi_id] for p in prompts], [], sp.pad_id)
     g = torch.Generator().manual_seed(seed)
-    noise = torch.randn(n, C, S, S, generator=g).to(device)
+    return _denoise(model, cache, list(range(len(prompts))), ImageSampling(steps, cfg_scale, sampler), sp, g)
 
-    def eps_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        k = len(rows) // n
-        xs, ts = x.repeat(k, 1, 1, 1), t.repeat(k)  # (k*N, C, H, W)
-        _, eps = model.hidden_and_eps(_batch(model, rows, xs, ts, ids.pad_id), xs, ts)  # (k*N, C, H, W)
-        if k == 1:
-            return eps
-        cond, uncond = eps.chunk(2)
-        return uncond + cfg_scale * (cond - uncond)
 
-    return ddim_sample(eps_fn, noise, model.alpha_bar(device), steps)
+@torch.no_grad()
+def generate(
+    model: Transfusion,
+    prompts: list[list[Segment]],
+    sp: SpecialIds,
+    max_new_tokens: int = 64,
+    max_images: int = 1,
+    text: TextSampling = TextSampling(),
+    image: ImageSampling = ImageSampling(),
+    seed: int = 0,
+) -> list[list[Segment]]:
+    """Mixed-modal generation (the paper's inference): interleaved text ids and latents (C, H, W) per prompt.
+
+    Each prompt is a list of segments (token ids without BOS; clean latents) and may end in BOI to
+    force an image. Text is decoded token by token with a KV cache; when a row's next token is BOI,
+    noise patches are appended and denoised against the cached prefix, the clean image (t = 0) and
+    EOI join the context, and decoding goes on. A row stops at EOS (not returned) or after
+    max_new_tokens new tokens (BOI included). After max_images images a row's BOI logit is masked; max_images=0
+    means text only, BOI then being an ordinary token. Prompts of any lengths are batched (left-padded).
+    The output omits the prompt. Same inputs and seed give the same output.
+    """
+    P = model.cfg.patches_per_image
+    flat = [_flatten(p, sp, P) for p in prompts]
+    B = len(flat)
+    device = next(model.parameters()).device
+    cache = _new_cache(model, B)
+    _prefill(model, cache, [r[:-1] for r, _ in flat], [x for _, imgs in flat for x in imgs], sp.pad_id)
+    pending = [r[-1] for r, _ in flat]  # next token to feed, per row
+    out: list[list[Segment]] = [[] for _ in range(B)]
+    opens = [tok == sp.boi_id and max_images > 0 for tok in pending]  # the row's next step makes an image
+    n_new, n_img = [0] * B, [0] * B
+    active = [max_new_tokens > 0 or o for o in opens]
+    g = torch.Generator().manual_seed(seed)
+    while any(active):
+        feed = torch.tensor([[tok if a else sp.pad_id] for tok, a in zip(pending, active)], device=device)  # (B, 1)
+        valid = torch.tensor([[a] for a in active], device=device)  # (B, 1)
+        h, _ = model.step(cache, feed, torch.full_like(feed, -1), valid)  # (B, 1, D)
+        logits = model.lm_logits(h[:, -1]).float()  # (B, V)
+        makes = [b for b in range(B) if active[b] and opens[b]]
+        draw = [b for b in range(B) if active[b] and not opens[b]]
+        if makes:
+            lat = _denoise(model, cache, makes, image, sp, g)  # (m, C, H, W)
+            _commit_images(model, cache, makes, lat, sp.pad_id)
+            for b, x in zip(makes, lat):
+                out[b].append(x)
+                n_img[b] += 1
+                pending[b], opens[b], active[b] = sp.eoi_id, False, n_new[b] < max_new_tokens
+        if max_images > 0:
+            logits[[b for b in range(B) if n_img[b] >= max_images], sp.boi_id] = float("-inf")
+        ids = sample_tokens(logits, text, g).tolist()
+        for b in draw:
+            n_new[b] += 1
+            pending[b], opens[b] = ids[b], ids[b] == sp.boi_id and max_images > 0
+            active[b] = ids[b] != sp.eos_id and (n_new[b] < max_new_tokens or opens[b])
+            if ids[b] != sp.eos_id and not opens[b]:
+                if not out[b] or isinstance(out[b][-1], torch.Tensor):
+                    out[b].append([])
+                out[b][-1].append(ids[b])
+    return out
+
+
+def _commit_images(model: Transfusion, cache: KVCache, rows: list[int], latents: torch.Tensor, pad: int) -> None:
+    """Append clean latents (m, C, H, W) at t = 0 as P patch slots of `rows`; other rows get invalid slots."""
+    B, P, device = cache.batch_size, model.cfg.patches_per_image, cache.k.device
+    image_ids = torch.full((B, P), -1, dtype=torch.long, device=device)
+    valid = torch.zeros(B, P, dtype=torch.bool, device=device)
+    for i, b in enumerate(rows):
+        image_ids[b], valid[b] = i, True
+    tokens = torch.full((B, P), pad, dtype=torch.long, device=device)
+    t = torch.zeros(len(rows), dtype=torch.long, device=device)
+    model.step(cache, tokens, image_ids, valid, latents, t)
 
 
 @torch.no_grad()
 def generate_text(
     model: Transfusion,
     prompts: list[list[int]],
-    ids: SpecialIds,
+    sp: SpecialIds,
     max_new_tokens: int = 32,
     images: torch.Tensor | None = None,
+    text: TextSampling = TextSampling(),
+    seed: int = 0,
 ) -> list[list[int]]:
-    """Greedy continuation of each prompt; with `images` (N, C, H, W) each prompt follows `BOS BOI image EOI`.
-
-    Runs exactly max_new_tokens forward passes (no early exit) so every ZeRO-3 rank does the same work.
-    """
+    """Continuations (greedy by default) of each prompt; with `images` (N, C, H, W) each prompt follows
+    `BOS BOI image EOI`. Stops at EOS (not returned) or max_new_tokens; no images are generated."""
     if not prompts:
         return []
-    P = model.cfg.patches_per_image
-    device = next(model.parameters()).device
-    if images is None:
-        rows: list[TokenSeq] = [[ids.bos_id, *p] for p in prompts]
-        latents = torch.zeros(0, model.cfg.latent_channels, model.cfg.latent_size, model.cfg.latent_size, device=device)
-    else:
-        rows = [[ids.bos_id, ids.boi_id] + [None] * P + [ids.eoi_id, *p] for p in prompts]
-        latents = images.to(device)
-    t = torch.zeros(latents.shape[0], dtype=torch.long, device=device)  # clean images: t = 0
-    new: list[list[int]] = [[] for _ in rows]
-    done = [False] * len(rows)
-    for _ in range(max_new_tokens):
-        batch = _batch(model, rows, latents, t, ids.pad_id)
-        x_t = latents if latents.shape[0] else torch.zeros(1, *latents.shape[1:], device=device)
-        h, _ = model.hidden_and_eps(batch, x_t, t if latents.shape[0] else t.new_zeros(1))
-        last = torch.tensor([len(r) - 1 for r in rows], device=device) + torch.arange(len(rows), device=device) * batch.tokens.shape[1]
-        next_ids = model.lm_logits(h[last]).argmax(dim=-1).tolist()  # (B,)
-        for b, tok in enumerate(next_ids):
-            rows[b].append(tok)
-            if not done[b]:
-                new[b].append(tok)
-                done[b] = tok == ids.eos_id
-    return [seq[:-1] if seq and seq[-1] == ids.eos_id else seq for seq in new]
+    segs = [[p] if images is None else [images[i], p] for i, p in enumerate(prompts)]
+    outs = generate(model, segs, sp, max_new_tokens, max_images=0, text=text, seed=seed)
+    return [[tok for seg in o for tok in seg] for o in outs]
 
 
 def tensorboard_samples(model: Transfusion, cfg: Config, writer: object, step: int) -> None:
@@ -172,35 +336,103 @@ def load_exported(path: str | Path, device: str = "cpu") -> tuple[Transfusion, S
     Raises FileNotFoundError naming a missing file.
     """
     root = Path(path)
-    if not (root / "tokenizer.json").is_file():
-        raise FileNotFoundError(f"{root / 'tokenizer.json'} missing: point --model at a directory written by pretrain.export")
+    for name in ("config.yaml", "tokenizer.json"):
+        if not (root / name).is_file():
+            raise FileNotFoundError(f"{root / name} missing: point --model at a directory written by pretrain.export")
     model = Transfusion.from_pretrained(root, device=device)
     return model, load_special_ids(root / "tokenizer.json"), root
 
 
 def main(argv: list[str] | None = None) -> None:
-    """CLI: images from prompts (PNG), captions of PNG images, or text continuations."""
+    """CLI: images from prompts (PNG), captions of images, text continuations, mixed-modal generation.
+
+    Bad input (missing export files, an unreadable or too small image) exits with a message, no traceback.
+    """
+    args = _parser().parse_args(argv)
+    try:
+        _run(args)
+    except (FileNotFoundError, BadInput) as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+class BadInput(ValueError):
+    """A user-supplied file that generation cannot use; the message names the file and what to do."""
+
+
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True, help="export directory (pretrain.export)")
     ap.add_argument("--prompt", action="append", default=[], help="caption to draw (repeatable)")
     ap.add_argument("--caption", action="append", default=[], help="PNG/JPEG image to caption (repeatable)")
     ap.add_argument("--text", action="append", default=[], help="text prompt to continue (repeatable)")
+    ap.add_argument("--mixed", action="append", default=[],
+                    help="prompt for mixed-modal generation: text, and an image wherever the model emits BOI (repeatable)")
+    ap.add_argument("--force-image", action="store_true", help="--mixed: end each prompt with BOI (an image comes first)")
+    ap.add_argument("--max-images", type=int, default=1, help="--mixed: images per prompt at most")
     ap.add_argument("--out", default="samples", help="directory for generated PNGs")
-    ap.add_argument("--steps", type=int, default=250, help="DDIM steps (paper: 250)")
-    ap.add_argument("--cfg-scale", type=float, default=3.0, help="classifier-free guidance scale (paper: 3-5)")
+    ap.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm", help="ancestral DDPM (paper) or DDIM")
+    ap.add_argument("--steps", type=int, default=250, help="denoising steps (paper: 250)")
+    ap.add_argument("--cfg-scale", type=float, default=3.0, help="classifier-free guidance scale (paper: 3-5; 1 = off)")
     ap.add_argument("--max-new-tokens", type=int, default=48)
+    ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (paper)")
+    ap.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0 = all)")
+    ap.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
     ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args(argv)
-    model, ids, root = load_exported(args.model)
+    return ap
+
+
+def _run(args: argparse.Namespace) -> None:
+    model, sp, root = load_exported(args.model)
     tok = Tokenizer(root / "tokenizer.model")
     vae = load_vae(root / "vae")
+    text = TextSampling(args.temperature, args.top_k, args.top_p)
+    image = ImageSampling(args.steps, args.cfg_scale, args.sampler)
+    pixels = None
+    if args.caption:  # read every input before the slow work starts
+        pixels = _read_images(args.caption, model.cfg.latent_size * vae.downsample)
     if args.prompt:
-        _draw(model, ids, tok, vae, args)
-    if args.caption:
-        _caption(model, ids, tok, vae, args)
+        lat = generate_images(model, [tok.encode(p) for p in args.prompt], sp, args.steps, args.cfg_scale, args.seed,
+                              args.sampler)
+        for prompt, path in zip(args.prompt, save_pngs(decode(vae, lat), args.out)):
+            print(f"{prompt!r} -> {path}")
+    if pixels is not None:
+        ids = generate_text(model, [[] for _ in args.caption], sp, args.max_new_tokens, encode(vae, pixels), text, args.seed)
+        for path, c in zip(args.caption, ids):
+            print(f"{path} -> {tok.decode(c)!r}")
     if args.text:
-        for prompt, new in zip(args.text, generate_text(model, [tok.encode(p) for p in args.text], ids, args.max_new_tokens)):
-            print(f"{prompt!r} -> {tok.decode(new)!r}")
+        ids = generate_text(model, [tok.encode(p) for p in args.text], sp, args.max_new_tokens, None, text, args.seed)
+        for prompt, c in zip(args.text, ids):
+            print(f"{prompt!r} -> {tok.decode(c)!r}")
+    if args.mixed:
+        prompts = [[tok.encode(p) + ([sp.boi_id] if args.force_image else [])] for p in args.mixed]
+        outs = generate(model, prompts, sp, args.max_new_tokens, args.max_images, text, image, args.seed)
+        for i, (prompt, out) in enumerate(zip(args.mixed, outs)):
+            print(f"{prompt!r} -> {_describe(out, tok, vae, decode, Path(args.out), f'mixed{i:02d}_')}")
+
+
+def _describe(out: list[Segment], tok: object, vae: object, decode: object, dir: Path, prefix: str) -> list[str]:
+    """Text segments decoded, images written as PNGs (named by their path) for one mixed-modal output."""
+    parts = []
+    for j, seg in enumerate(out):
+        if isinstance(seg, torch.Tensor):
+            parts.append(str(save_pngs(decode(vae, seg[None]), dir, f"{prefix}{j:02d}_")[0]))
+        else:
+            parts.append(tok.decode(seg))
+    return parts
+
+
+def _read_images(paths: list[str], size: int) -> torch.Tensor:
+    """(N, 3, size, size) in [-1, 1] from image files; BadInput names the file and the problem."""
+    out = []
+    for p in paths:
+        try:
+            out.append(load_image(Path(p).read_bytes(), size))
+        except OSError as e:
+            raise BadInput(f"--caption {p}: cannot read the file ({e.strerror or e})") from None
+        except BadImage as e:
+            raise BadInput(f"--caption {p}: not a usable image ({e}); pass a PNG or JPEG of at least "
+                           f"{MIN_SIDE}x{MIN_SIDE} px") from None
+    return torch.from_numpy(np.stack(out))
 
 
 def save_pngs(pixels: torch.Tensor, out: str | Path, prefix: str = "") -> list[Path]:
@@ -213,20 +445,6 @@ def save_pngs(pixels: torch.Tensor, out: str | Path, prefix: str = "") -> list[P
         Image.fromarray(to_uint8(img.cpu().numpy())).save(path)
         paths.append(path)
     return paths
-
-
-def _draw(model: Transfusion, ids: SpecialIds, tok: Tokenizer, vae: Vae, args: argparse.Namespace) -> None:
-    lat = generate_images(model, [tok.encode(p) for p in args.prompt], ids, args.steps, args.cfg_scale, args.seed)
-    for prompt, path in zip(args.prompt, save_pngs(decode(vae, lat), args.out)):
-        print(f"{prompt!r} -> {path}")
-
-
-def _caption(model: Transfusion, ids: SpecialIds, tok: Tokenizer, vae: Vae, args: argparse.Namespace) -> None:
-    size = model.cfg.latent_size * vae.downsample
-    pixels = torch.from_numpy(np.stack([load_image(Path(p).read_bytes(), size) for p in args.caption]))
-    lat = encode(vae, pixels)  # (N, C, h, w)
-    for path, new in zip(args.caption, generate_text(model, [[] for _ in args.caption], ids, args.max_new_tokens, lat)):
-        print(f"{path} -> {tok.decode(new)!r}")
 
 
 if __name__ == "__main__":

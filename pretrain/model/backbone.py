@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pretrain.model.config import ModelConfig
+from pretrain.model.kv_cache import KVCache
 from pretrain.model.layers import Linear, RMSNorm
 from pretrain.model.masks import AttentionMask
 
@@ -96,8 +97,11 @@ class Attention(nn.Module):
         self.wqkv = Linear(cfg.dim, (self.n_heads + 2 * self.n_kv_heads) * self.head_dim, cfg.init_std)
         self.wo = Linear(self.n_heads * self.head_dim, cfg.dim, out_std)
 
-    def forward(self, x: torch.Tensor, rope: torch.Tensor, mask: AttentionMask) -> torch.Tensor:
-        """(B, L, D) -> (B, L, D); rope (B, L, 1, head_dim/2) complex rotations, mask from `masks`."""
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, mask: AttentionMask, cache: KVCache | None = None,
+                layer: int = 0) -> torch.Tensor:
+        """(B, L, D) -> (B, L, D); rope (B, L, 1, head_dim/2) complex rotations, mask from `masks`. With a
+        cache, x is a chunk after the cached positions and `mask` its additive (B, 1, L, Lc + L) mask from
+        KVCache.begin; keys/values come from cache + chunk (SDPA)."""
         B, L, _ = x.shape
         H, Hkv, hd = self.n_heads, self.n_kv_heads, self.head_dim
         # split (not slicing): its backward is one cat, where slices each zero-fill a full-size gradient
@@ -105,6 +109,8 @@ class Attention(nn.Module):
         q, k = apply_rope(qk, rope).transpose(1, 2).split([H, Hkv], dim=1)  # (B, H, L, hd), (B, Hkv, L, hd)
         v = v.transpose(1, 2)  # (B, Hkv, L, hd)
         gqa = self.n_kv_heads != self.n_heads
+        if cache is not None:
+            k, v = cache.update(layer, k, v)  # (B, Hkv, Lc + L, hd)
         if isinstance(mask, torch.Tensor):
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)  # (B, H, L, hd)
         else:
@@ -136,6 +142,7 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.feed_forward = FeedForward(cfg)
 
-    def forward(self, x: torch.Tensor, rope: torch.Tensor, mask: AttentionMask) -> torch.Tensor:
-        x = x + self.attention(self.attention_norm(x), rope, mask)  # (B, L, D)
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, mask: AttentionMask, cache: KVCache | None = None,
+                layer: int = 0) -> torch.Tensor:
+        x = x + self.attention(self.attention_norm(x), rope, mask, cache, layer)  # (B, L, D)
         return x + self.feed_forward(self.ffn_norm(x))  # (B, L, D)

@@ -1,9 +1,9 @@
-"""DDPM pieces: the cosine schedule (Nichol & Dhariwal), noising, timestep embedding, a DDIM sampler."""
+"""DDPM pieces: the cosine schedule (Nichol & Dhariwal), noising, timestep embedding, DDPM/DDIM samplers."""
 
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Callable, Literal
 
 import torch
 from torch import nn
@@ -66,6 +66,58 @@ class TimestepEmbedder(nn.Module):
 EpsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+Sampler = Literal["ddpm", "ddim"]
+
+
+def make_scheduler(alpha_bar: torch.Tensor, sampler: Sampler, num_steps: int, clip_x0: float | None = 5.0) -> object:
+    """A diffusers DDPMScheduler (ancestral) or DDIMScheduler (eta=0) on our schedule, set to `num_steps`.
+
+    The betas are handed over from `alpha_bar` (T,), so sampling uses exactly the training schedule
+    (diffusers' own "squaredcos_cap_v2" agrees to fp32 rounding, see tests). Timesteps are spaced
+    "trailing": the first step is t = T-1 (pure noise), as in our training. DDPM uses the posterior
+    variance ("fixed_small", Ho et al. eq. 7) between the strided timesteps. The x0 estimate is
+    clamped to +-clip_x0 (latents are unit-variance): at t = T-1 the cosine schedule has
+    alpha_bar ~ 2e-9, so x0 = (x - sqrt(1-ab) eps) / sqrt(ab) multiplies any error in eps by ~2e4.
+    """
+    from diffusers import DDIMScheduler, DDPMScheduler
+
+    ab = alpha_bar.double().cpu()
+    betas = 1 - ab / torch.cat([ab.new_ones(1), ab[:-1]])  # (T,)
+    common = dict(num_train_timesteps=ab.shape[0], trained_betas=betas.numpy(), prediction_type="epsilon",
+                  timestep_spacing="trailing", clip_sample=clip_x0 is not None, clip_sample_range=clip_x0 or 1.0)
+    if sampler == "ddpm":
+        sched = DDPMScheduler(variance_type="fixed_small", **common)
+    elif sampler == "ddim":
+        sched = DDIMScheduler(set_alpha_to_one=True, **common)
+    else:
+        raise ValueError(f"sampler must be 'ddpm' or 'ddim', got {sampler!r}")
+    sched.set_timesteps(num_steps)
+    return sched
+
+
+def diffusion_sample(
+    eps_fn: EpsFn,
+    noise: torch.Tensor,
+    alpha_bar: torch.Tensor,
+    num_steps: int,
+    sampler: Sampler = "ddim",
+    clip_x0: float | None = 5.0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """From pure noise (N, C, H, W) to x0 in `num_steps` steps of DDPM (ancestral) or DDIM (eta=0).
+
+    eps_fn(x_t, t) predicts epsilon for timesteps t (N,); classifier-free guidance belongs in eps_fn.
+    `generator` (CPU) draws DDPM's per-step noise, so a seed fixes the sample. See make_scheduler.
+    """
+    sched = make_scheduler(alpha_bar, sampler, num_steps, clip_x0)
+    x = noise
+    for t in sched.timesteps.tolist():
+        tt = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)  # (N,)
+        eps = eps_fn(x, tt)  # (N, C, H, W)
+        x = sched.step(eps, t, x, generator=generator).prev_sample
+    return x
+
+
 def ddim_sample(
     eps_fn: EpsFn,
     noise: torch.Tensor,
@@ -73,23 +125,5 @@ def ddim_sample(
     num_steps: int,
     clip_x0: float | None = 5.0,
 ) -> torch.Tensor:
-    """Deterministic DDIM (eta=0) from pure noise (N, C, H, W) to x0, in `num_steps` steps.
-
-    eps_fn(x_t, t) predicts epsilon for timesteps t (N,). Classifier-free guidance belongs in eps_fn.
-    The x0 estimate is clamped to +-clip_x0 (latents are unit-variance): at t = T-1 the cosine
-    schedule has alpha_bar ~ 2e-9, so x0 = (x - sqrt(1-ab) eps) / sqrt(ab) multiplies any error in
-    eps by ~2e4, and one unclamped first step saturates the whole sample.
-    """
-    T = alpha_bar.shape[0]
-    ts = torch.linspace(T - 1, 0, num_steps, device=noise.device).round().long()  # (S,)
-    x = noise
-    for i, t in enumerate(ts):
-        tt = t.expand(x.shape[0])  # (N,)
-        ab = alpha_bar[t]
-        eps = eps_fn(x, tt)  # (N, C, H, W)
-        x0 = (x - (1 - ab).sqrt() * eps) / ab.sqrt()
-        if clip_x0 is not None:
-            x0 = x0.clamp(-clip_x0, clip_x0)
-        ab_prev = alpha_bar[ts[i + 1]] if i + 1 < len(ts) else torch.ones((), device=x.device)
-        x = ab_prev.sqrt() * x0 + (1 - ab_prev).sqrt() * eps
-    return x
+    """Deterministic DDIM (eta=0); diffusion_sample(..., sampler="ddim")."""
+    return diffusion_sample(eps_fn, noise, alpha_bar, num_steps, "ddim", clip_x0)

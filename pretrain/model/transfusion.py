@@ -22,6 +22,7 @@ from pretrain.model import masks
 from pretrain.model.backbone import TransformerBlock, rope_tables
 from pretrain.model.config import ModelConfig
 from pretrain.model.diffusion import add_noise, cosine_alpha_bar, timestep_loss_weights
+from pretrain.model.kv_cache import KVCache
 from pretrain.model.layers import Embedding, Linear, RMSNorm
 from pretrain.model.patching import build_patching
 
@@ -187,6 +188,42 @@ class Transfusion(nn.Module):
         h = self.backbone(x.view(B, L, D), batch).view(B * L, D)  # (B*L, D)
         h_img = h[patch_pos].view_as(patches) if batch.num_images > 0 else patches  # (N, P, D)
         return h, self.patch_decoder(h_img, t, ctx)  # (B*L, D), (N, C, H, W)
+
+    def step(
+        self,
+        cache: KVCache,
+        tokens: torch.Tensor,
+        image_ids: torch.Tensor,
+        valid: torch.Tensor,
+        x_t: torch.Tensor | None = None,
+        t: torch.Tensor | None = None,
+        commit: bool = True,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Run a chunk of positions after those in `cache`: hidden states (B, l, D), epsilon (N, C, H, W) or None.
+
+        tokens/image_ids/valid are (B, l): token ids (ignored at patches), the chunk's image index 0..N-1
+        (row-major, P contiguous patches each) or -1, and whether the slot holds a real position. x_t
+        (N, C, H, W) and t (N,) are the chunk's images. commit=False leaves the cache as it was (a
+        denoising step); see kv_cache.py for the mask. Attention always runs as SDPA here.
+        """
+        B, l = tokens.shape
+        D = self.cfg.dim
+        x = self.tok_embeddings(tokens)  # (B, l, D)
+        patch_pos = torch.nonzero(image_ids.reshape(-1) >= 0).squeeze(1)  # (N*P,)
+        if x_t is not None:
+            patches, ctx = self.patch_encoder(x_t.to(x.dtype), t)  # (N, P, D)
+            x = x.reshape(B * l, D).index_copy(0, patch_pos, patches.reshape(-1, D)).view(B, l, D)
+        positions, mask = cache.begin(valid, image_ids)  # (B, l), (B, 1, l, Lc + l)
+        rope = rope_tables(positions, self.cfg.head_dim, self.cfg.rope_theta)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, rope, mask, cache, i)  # (B, l, D)
+        h = self.norm(x)  # (B, l, D)
+        if commit:
+            cache.commit(valid)
+        if x_t is None:
+            return h, None
+        out = self.patch_decoder(h.reshape(B * l, D)[patch_pos].view_as(patches), t, ctx)  # (N, C, H, W)
+        return h, self.eps_from_output(out, x_t, t)  # eps, whatever model.diffusion_prediction is
 
     def lm_logits(self, h: torch.Tensor) -> torch.Tensor:
         """Next-token logits (..., V) from final hidden states (..., D)."""
