@@ -130,6 +130,9 @@ def _cut_batches(demo_data, cfg) -> list[list]:
     steps = [text[:2] + image[:2]]
     rest = [b for b in pool if all(b is not x for x in steps[0])]
     steps += [rest[i * GLOBAL : (i + 1) * GLOBAL] for i in range(STEPS)]
+    if not any(b.num_images for b in steps[-1]):  # the NaN step needs an image: swap one in from an earlier step
+        s, j = next((s, j) for s in steps[1:-1] for j, b in enumerate(s) if b.num_images)
+        s[j], steps[-1][0] = steps[-1][0], s[j]
     bad = next(b for b in steps[-1] if b.num_images)
     bad.latents[0, 0, 0, 0] = float("nan")
     return [[asdict(b) for b in step] for step in steps]
