@@ -40,10 +40,6 @@ class HFConversionError(ValueError):
     """A Hugging Face checkpoint that does not map onto our model (the message names the fields)."""
 
 
-def _kv_heads(cfg: ModelConfig) -> int:
-    return cfg.n_kv_heads or cfg.n_heads  # None: one key/value head per query head (as the model does)
-
-
 def permute(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     """Interleaved-pair rows (ours, Meta) -> half-rotation rows (HF), per head. (H*hd, D) -> (H*hd, D)."""
     rows, cols = w.shape
@@ -60,7 +56,7 @@ def hf_config_dict(cfg: ModelConfig, max_positions: int = 4096) -> dict:
     """The `LlamaConfig` fields equivalent to our model config (text tower only); `max_positions` = data.seq_len."""
     return {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": cfg.dim,
-        "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads, "num_key_value_heads": _kv_heads(cfg),
+        "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.kv_heads_used,
         "head_dim": cfg.head_dim, "intermediate_size": cfg.hidden_dim, "rms_norm_eps": cfg.norm_eps,
         "rope_theta": cfg.rope_theta, "max_position_embeddings": max_positions,
         "vocab_size": cfg.vocab_size, "hidden_act": "silu", "tie_word_embeddings": False,
@@ -121,7 +117,7 @@ def read_hf_dir(path: Path) -> tuple[dict, Reader]:
 def _layer_from_hf(read: Reader, cfg: ModelConfig, i: int) -> Iterator[tuple[str, torch.Tensor]]:
     p = f"model.layers.{i}."
     q = unpermute(read(p + "self_attn.q_proj.weight"), cfg.n_heads)  # (H*hd, D)
-    k = unpermute(read(p + "self_attn.k_proj.weight"), _kv_heads(cfg))  # (Hkv*hd, D)
+    k = unpermute(read(p + "self_attn.k_proj.weight"), cfg.kv_heads_used)  # (Hkv*hd, D)
     v = read(p + "self_attn.v_proj.weight")  # (Hkv*hd, D)
     yield f"layers.{i}.attention.wqkv.weight", torch.cat([q, k, v])
     yield f"layers.{i}.attention.wo.weight", read(p + "self_attn.o_proj.weight")
@@ -160,9 +156,9 @@ def to_hf(name: str, t: torch.Tensor, cfg: ModelConfig) -> Iterator[tuple[str, t
         _, i, rest = name.split(".", 2)
         p = f"model.layers.{i}."
         if rest == "attention.wqkv.weight":
-            q, k, v = t.split([cfg.n_heads * cfg.head_dim, _kv_heads(cfg) * cfg.head_dim, _kv_heads(cfg) * cfg.head_dim])
+            q, k, v = t.split([cfg.n_heads * cfg.head_dim, cfg.kv_heads_used * cfg.head_dim, cfg.kv_heads_used * cfg.head_dim])
             yield p + "self_attn.q_proj.weight", permute(q, cfg.n_heads).contiguous()
-            yield p + "self_attn.k_proj.weight", permute(k, _kv_heads(cfg)).contiguous()
+            yield p + "self_attn.k_proj.weight", permute(k, cfg.kv_heads_used).contiguous()
             yield p + "self_attn.v_proj.weight", v.contiguous()
         elif rest == "feed_forward.w13.weight":
             gate, up = t.chunk(2)

@@ -92,7 +92,7 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.n_heads, self.head_dim = cfg.n_heads, cfg.head_dim
-        self.n_kv_heads = cfg.n_kv_heads or cfg.n_heads  # None: one key/value head per query head
+        self.n_kv_heads = cfg.kv_heads_used
         out_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)  # depth-scaled residual projections
         self.wqkv = Linear(cfg.dim, (self.n_heads + 2 * self.n_kv_heads) * self.head_dim, cfg.init_std)
         self.wo = Linear(self.n_heads * self.head_dim, cfg.dim, out_std)

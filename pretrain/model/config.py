@@ -66,7 +66,7 @@ class ModelConfig:
             raise ValueError(f"model.dim={self.dim} must be divisible by model.n_heads={self.n_heads}")
         if self.head_dim % 2:
             raise ValueError(f"model.dim / model.n_heads = {self.head_dim} must be even for RoPE")
-        n_kv_heads = self.n_kv_heads or self.n_heads
+        n_kv_heads = self.kv_heads_used
         if n_kv_heads <= 0 or self.n_heads % n_kv_heads:
             raise ValueError(f"model.n_heads={self.n_heads} must be a multiple of model.n_kv_heads={n_kv_heads}")
         if self.diffusion_weight_cap < 1:
@@ -91,6 +91,11 @@ class ModelConfig:
     @property
     def head_dim(self) -> int:
         return self.dim // self.n_heads
+
+    @property
+    def kv_heads_used(self) -> int:
+        """Key/value heads the attention really has: n_kv_heads, or n_heads when it is None (no GQA)."""
+        return self.n_kv_heads or self.n_heads
 
     @property
     def hidden_dim(self) -> int:

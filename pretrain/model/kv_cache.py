@@ -26,7 +26,7 @@ class KVCache:
 
     def __init__(self, cfg: ModelConfig, batch_size: int, device: torch.device | str = "cpu",
                  dtype: torch.dtype = torch.float32, capacity: int = 64) -> None:
-        shape = (cfg.n_layers, batch_size, cfg.n_kv_heads or cfg.n_heads, capacity, cfg.head_dim)  # (layers, B, Hkv, cap, hd)
+        shape = (cfg.n_layers, batch_size, cfg.kv_heads_used, capacity, cfg.head_dim)  # (layers, B, Hkv, cap, hd)
         self.k = torch.zeros(shape, device=device, dtype=dtype)  # (nl, B, Hkv, cap, hd)
         self.v = torch.zeros(shape, device=device, dtype=dtype)  # (nl, B, Hkv, cap, hd)
         self.valid = torch.zeros(batch_size, capacity, dtype=torch.bool, device=device)  # (B, cap)
