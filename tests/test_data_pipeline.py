@@ -163,6 +163,23 @@ def test_mix_proportions_reach_one_to_one(tmp_path):
     assert abs(w[0] / w[2] - 10.0) < 1e-6  # within the text-heavy group: by size
 
 
+def test_unreachable_image_share_is_an_error_not_a_silent_mix_by_size(tmp_path):
+    """The demo's streams (pairs 49% image positions, captions the rest): asking for 0.5 used to fall
+    back to mixing by size, 13% image positions; now it names each stream's share. 0.45 is reached."""
+    streams = []
+    for name, rows, share in (("text", 682, 0.0), ("pairs", 229, 0.49), ("interleaved", 175, 0.146)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "pack.json").write_text(json.dumps(
+            {"rows": rows, "positions": rows * 256, "image_positions": int(share * rows * 256)}))
+        streams.append(StreamConfig(name=name, local=str(tmp_path / name)))
+    with pytest.raises(ValueError, match=r"image_position_share=0.5 cannot be reached.*pairs 0.490.*proportion"):
+        mix_proportions(streams, 0.5)
+    with pytest.raises(ValueError, match="cannot be reached"):
+        mix_proportions(streams[1:], 0.1)  # every stream above it
+    w = mix_proportions(streams, 0.45)
+    assert abs(w[0] * 0.0 + w[1] * 0.49 + w[2] * 0.146 - 0.45) < 1e-3 and w[1] > 0.85
+
+
 def test_default_mix_matches_prediction(demo_data):
     """The measured share of image positions over one epoch matches the mix derived from pack.json, +- 0.03."""
     cfg = _cfg(demo_data)
