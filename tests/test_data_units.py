@@ -90,6 +90,30 @@ def test_chunk_text_cuts_at_whitespace_and_keeps_every_character():
     assert chunks[0].endswith(" ")
 
 
+@pytest.mark.filterwarnings("ignore:.*fewer than --vocab-size")
+def test_tokenizer_cli_skips_counts_and_names_bad_lines(tmp_path, capsys):
+    """Issue 10: `tokenizer train` raised on one malformed jsonl line; now it skips, counts and names it like pack."""
+    good = [json.dumps({"text": f"document {i}: the red circle at the top left\n\tand  its layout"}) for i in range(17)]
+    lines = good[:4] + ['{"text": "cut off in the mid'] + good[4:7] + [json.dumps({"text": None})] + good[7:11] \
+        + [json.dumps(["not", "an", "object"])] + good[11:]
+    assert len(lines) == 20
+    (tmp_path / "t.jsonl").write_text("\n".join(lines) + "\n")
+    argv = ["train", "--input", str(tmp_path / "t.jsonl"), "--vocab-size", "300"]
+    tokenizer.main([*argv, "--out", str(tmp_path / "t.model")])
+    training = json.loads((tmp_path / "t.json").read_text())["training"]
+    assert training["records_skipped"] == {"bad_json": 1, "no_text": 2}
+    assert [(Path(n["record"]).name, n["reason"]) for n in training["named"]] == [
+        ("t.jsonl:5", "bad_json"), ("t.jsonl:9", "no_text"), ("t.jsonl:14", "no_text")]
+    assert (training["documents"], training["chunks"], training["named_left_out"]) == (17, 17, 0)  # every good line
+    err = capsys.readouterr().err
+    assert f"skipped 3 (bad_json 1, no_text 2); first: {tmp_path / 't.jsonl'}:5 (bad_json)" in err
+    tok = tokenizer.Tokenizer(tmp_path / "t.model")
+    assert tok.decode(tok.encode(json.loads(good[16])["text"])) == json.loads(good[16])["text"]
+    with pytest.raises(ValueError, match=r"t.jsonl:5: not valid JSON"):
+        tokenizer.main([*argv, "--out", str(tmp_path / "strict.model"), "--strict"])
+    assert not (tmp_path / "strict.model").exists()
+
+
 def test_vocab_too_small_for_bytes_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="256 byte pieces"):
         tokenizer.train(_texts(), tmp_path / "t.model", vocab_size=80)
