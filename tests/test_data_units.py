@@ -11,7 +11,7 @@ import pytest
 import sentencepiece as spm
 from PIL import Image, ImageOps
 
-from data_pipeline import images, tokenizer
+from data_pipeline import images, sources, tokenizer
 from data_pipeline.packing import IMAGE, PAIR, TEXT, Packer, Unit, best_subset
 
 WORDS = "red green blue circle square triangle top left right bottom center the a of and at is in".split()
@@ -370,6 +370,32 @@ def test_vae_train_records_unit_variance_stats(tmp_path):
     assert z.shape == (16, 4, 4, 4)
     assert abs(float(z.mean())) < 1e-3 and abs(float(z.std()) - 1) < 1e-3
     assert vae.decode(v, z).shape == data.shape
+
+
+def test_vae_inputs_skipped_counted_named_and_reported(tmp_path, capsys):
+    """Issue 10: VAE training skipped bad records and images silently; now by reason in its report and on stderr."""
+    from data_pipeline import synthetic, vae
+
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        synthetic.draw_shape(*synthetic.random_scene(rng), 32).save(tmp_path / f"ok{i}.png")
+    (tmp_path / "corrupt.png").write_bytes(synthetic.png_bytes(Image.new("RGB", (32, 32), (9, 9, 9)))[:60])  # cut short
+    rec = [json.dumps({"image": f"ok{i}.png", "caption": f"shape {i}"}) for i in range(6)]
+    lines = rec[:2] + [json.dumps({"image": "corrupt.png", "caption": "corrupt"})] + rec[2:4] \
+        + [json.dumps({"image": "no/such.png", "caption": "missing"}), '{"image": "ok0.png", "capt'] + rec[4:]
+    (tmp_path / "pairs.jsonl").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "vae"
+    vae.main(["--input", str(tmp_path / "pairs.jsonl"), "--out", str(out), "--image-size", "32", "--steps", "1",
+              "--batch-size", "4", "--latent-channels", "4", "--width", "8", "--sample-every", "1"])
+    report = json.loads((out / "latent_stats.json").read_text())
+    assert report["images_used"] == 6
+    assert report["skipped"] == {"bad_json": 1, "missing_file": 1, "truncated": 1}
+    assert [(Path(n["record"]).name, n["reason"]) for n in report["named"]] == [
+        ("pairs.jsonl:3", "truncated"), ("pairs.jsonl:6", "missing_file"), ("pairs.jsonl:7", "bad_json")]
+    assert "[vae] inputs: skipped 3 (bad_json 1, missing_file 1, truncated 1)" in capsys.readouterr().err
+    skips = sources.SkipLog()  # the library call counts the same way
+    assert vae.load_images([str(tmp_path / "pairs.jsonl")], 32, skips=skips).shape == (6, 3, 32, 32)
+    assert skips.to_json("skipped") == {k: report[k] for k in ("skipped", "named", "named_left_out")}
 
 
 def test_weighted_l1_emphasises_pixels_off_the_dominant_colour():
