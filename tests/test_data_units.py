@@ -415,18 +415,23 @@ def test_weighted_l1_emphasises_pixels_off_the_dominant_colour():
 
 
 def test_clean_stale_shm_keeps_live_segments_and_honours_switch(monkeypatch):
-    """Only streaming segments no live process maps are removed; TF_CLEAN_SHM=0 removes nothing."""
+    """Only streaming segments no live process maps and none just created are removed; TF_CLEAN_SHM=0 removes nothing."""
+    import os
+    import time
     from multiprocessing import resource_tracker, shared_memory
     from data_pipeline import loader
     live = shared_memory.SharedMemory("999990_locals", create=True, size=64)  # mapped by this process
+    os.utime("/dev/shm/999990_locals", (time.time() - 3600,) * 2)  # old, but mapped: live
     dead = shared_memory.SharedMemory("999991_locals", create=True, size=64)
-    dead.close()  # no process maps it: what a crashed job leaves
+    dead.close()  # no process maps it: what a crashed job leaves, or a job that has not mapped it yet
     resource_tracker.unregister(dead._name, "shared_memory")
     try:
         monkeypatch.setattr(loader, "_CLEANED", False)
         monkeypatch.setenv("TF_CLEAN_SHM", "0")
         loader._clean_once()
         assert Path("/dev/shm/999991_locals").exists()
+        assert not {"999990_locals", "999991_locals"} & set(loader.clean_stale_shm())  # the unmapped one is fresh
+        os.utime("/dev/shm/999991_locals", (time.time() - 2 * loader.STALE_AFTER_S,) * 2)
         removed = loader.clean_stale_shm()
         assert "999991_locals" in removed and "999990_locals" not in removed
         assert not Path("/dev/shm/999991_locals").exists() and Path("/dev/shm/999990_locals").exists()
