@@ -126,3 +126,23 @@ def load_image(data: bytes, size: int) -> np.ndarray:
 def to_uint8(x: np.ndarray) -> np.ndarray:
     """(3, H, W) in [-1, 1] -> (H, W, 3) uint8 for saving as PNG."""
     return ((np.clip(x, -1, 1) + 1) * 127.5).round().astype(np.uint8).transpose(1, 2, 0)
+
+
+def decode_images(segments: list[tuple[str, object]], size: int) -> list[np.ndarray | str]:
+    """Each image segment of a record decoded by `load_image`, or its skip reason.
+
+    Returns one entry per ("image", bytes | None) segment: a (3, size, size) float32 array in [-1, 1],
+    or the reason string (`missing_file` for bytes that could not be read, else `BadImage.reason`).
+    """
+    out: list[np.ndarray | str] = []
+    for kind, val in segments:
+        if kind != "image":
+            continue
+        if val is None:
+            out.append("missing_file")
+            continue
+        try:
+            out.append(load_image(val, size))  # type: ignore[arg-type]
+        except BadImage as e:
+            out.append(e.reason)
+    return out

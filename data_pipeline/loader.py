@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import time
 from pathlib import Path
 from tempfile import gettempdir
 from typing import Any, Iterator
@@ -41,20 +42,32 @@ def _mapped_shm() -> set[str]:
     return names
 
 
-def clean_stale_shm(shm_dir: Path = Path("/dev/shm")) -> list[str]:
+STALE_AFTER_S = 60.0  # a segment younger than this may belong to a job between creating and mapping it
+
+
+def clean_stale_shm(shm_dir: Path = Path("/dev/shm"), stale_after_s: float = STALE_AFTER_S) -> list[str]:
     """Unlink streaming's shared memory of *dead* jobs only; returns the names removed.
 
     A streaming prefix (all segments `NNNNNN_*` of one dataset) is stale when no live process maps
-    any of its segments: a live loader (and each of its workers) keeps them mapped, so another job's
-    segments on the same node are never touched. streaming's own `clean_stale_shared_memory()`
-    unlinks every prefix, live or not (it suits a prologue on an exclusive node only). The prefix's
-    file locks in the temp dir go with it. Does nothing where /dev/shm does not exist.
+    any of its segments and none was modified in the last `stale_after_s` seconds: a live loader (and
+    each of its workers) keeps them mapped, and a job that has just created a segment but not yet
+    mapped it is spared by its age, so another job's segments on the same node are never touched.
+    streaming's own `clean_stale_shared_memory()` unlinks every prefix from 000000 up, live or not (it
+    suits a prologue on an exclusive node only). The prefix's file locks in the temp dir go with it.
+    Does nothing where /dev/shm does not exist.
     """
     if not shm_dir.is_dir():
         return []
     found = [(m.group(1), p) for p in shm_dir.iterdir() if (m := _SHM_NAME.fullmatch(p.name))]
     mapped = _mapped_shm()
-    live = {prefix for prefix, p in found if p.name in mapped}
+    young = time.time() - stale_after_s
+    live = set()
+    for prefix, p in found:
+        try:
+            if p.name in mapped or p.stat().st_mtime > young:
+                live.add(prefix)
+        except FileNotFoundError:  # removed meanwhile (its job ended, or another cleaner)
+            continue
     removed = []
     for prefix, p in found:
         if prefix not in live:

@@ -63,8 +63,7 @@ class Stats:
 
     def to_json(self) -> dict:
         return {**{k: getattr(self, k) for k in _COUNTS}, **{k: dict(sorted(getattr(self, k).items())) for k in _COUNTERS},
-                "records_skipped": dict(sorted(self.records.counts.items())), "named": self.records.named,
-                "named_left_out": self.records.named_left_out}
+                **self.records.to_json("records_skipped")}
 
     def add(self, d: dict) -> None:
         for k in _COUNTS:
@@ -85,18 +84,7 @@ class Decoded:
 
 def decode_record(rec: sources.Record, size: int) -> Decoded:
     """Decode every image of `rec`; a bad image becomes its reason string."""
-    out: list[np.ndarray | str] = []
-    for kind, val in rec.segments:
-        if kind != "image":
-            continue
-        if val is None:
-            out.append("missing_file")
-            continue
-        try:
-            out.append(imglib.load_image(val, size))  # type: ignore[arg-type]
-        except imglib.BadImage as e:
-            out.append(e.reason)
-    return Decoded(rec, out)
+    return Decoded(rec, imglib.decode_images(rec.segments, size))
 
 
 def to_sample(d: Decoded, latents: list[np.ndarray], dtype: latent_codec.LatentDtype) -> dict | None:

@@ -73,6 +73,19 @@ class SkipLog:
         else:
             self.named_left_out += 1
 
+    def to_json(self, counts_key: str = "records_skipped") -> dict:
+        """The report keys every stage writes: {counts_key: {reason: n}, "named": [...], "named_left_out": n}."""
+        return {counts_key: dict(sorted(self.counts.items())), "named": self.named, "named_left_out": self.named_left_out}
+
+    def summary(self, what: str) -> str:
+        """One log line: `<what>: skipped N (reason n, ...); first: <record> (<reason>)`; "" when nothing was skipped."""
+        n = sum(self.counts.values())
+        if not n:
+            return ""
+        by = ", ".join(f"{r} {c}" for r, c in sorted(self.counts.items()))
+        first = f"; first: {self.named[0]['record']} ({self.named[0]['reason']})" if self.named else ""
+        return f"{what}: skipped {n} ({by}){first}"
+
     def merge(self, named: list[dict], left_out: int) -> None:
         """Append the names of another log (its counts are summed by the caller)."""
         for n in named:

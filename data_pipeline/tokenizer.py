@@ -16,14 +16,16 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import sys
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
 
 import sentencepiece as spm
 
 from contract.special_ids import SpecialIds, load_special_ids, meta_path, save_special_ids
+from data_pipeline import sources
 
 BOI_PIECE, EOI_PIECE, PAD_PIECE = "<boi>", "<eoi>", "<pad>"
 # sentencepiece skips training sentences longer than max_sentence_length (bytes; default 4192) without a
@@ -97,23 +99,37 @@ def wrap(model_path: str | Path) -> SpecialIds:
 def chunk_text(text: str, max_bytes: int = MAX_CHUNK_BYTES) -> list[str]:
     """Cut `text` into pieces of at most `max_bytes` UTF-8 bytes, at a newline, else a space, else a character.
 
-    Concatenating the pieces gives `text` back. Used so that sentencepiece trains on long documents.
+    Concatenating the pieces gives `text` back. Used so that sentencepiece trains on long documents
+    (a whole .txt file is one document); linear in the length of `text`.
     """
+    data = text.encode("utf-8")
     out: list[str] = []
-    while len(text.encode("utf-8")) > max_bytes:
-        head = text.encode("utf-8")[:max_bytes].decode("utf-8", "ignore")  # whole characters only
-        cut = max(head.rfind("\n"), head.rfind(" "))
-        cut = cut + 1 if cut > 0 else len(head)
-        out.append(text[:cut])
-        text = text[cut:]
-    if text:
-        out.append(text)
+    start = 0
+    while len(data) - start > max_bytes:
+        window = data[start : start + max_bytes]
+        cut = max(window.rfind(b"\n"), window.rfind(b" ")) + 1  # ASCII bytes never occur inside a multi-byte character
+        if cut <= 1:  # no break (or only at the start): cut before the character that crosses max_bytes
+            cut = max_bytes
+            while cut > 0 and data[start + cut] & 0xC0 == 0x80:  # a UTF-8 continuation byte
+                cut -= 1
+            if cut == 0:  # max_bytes is smaller than this character: the whole character
+                cut = 1
+                while start + cut < len(data) and data[start + cut] & 0xC0 == 0x80:
+                    cut += 1
+        out.append(data[start : start + cut].decode("utf-8"))
+        start += cut
+    if start < len(data):
+        out.append(data[start:].decode("utf-8"))
     return out
 
 
 @dataclass
 class TrainReport:
-    """What training used: documents, chunks of long documents, skipped empty ones, pieces asked/got."""
+    """What training used: documents, chunks of long documents, skipped empty ones, pieces asked/got.
+
+    `records_skipped`/`named`/`named_left_out`: input lines that could not be read, per reason and by
+    name (`sources.SkipLog`, the same keys as precompute's report.json).
+    """
 
     documents: int = 0
     long_documents_chunked: int = 0
@@ -121,6 +137,9 @@ class TrainReport:
     skipped_empty: int = 0
     vocab_asked: int = 0
     pieces: int = 0
+    records_skipped: dict = field(default_factory=dict)
+    named: list = field(default_factory=list)
+    named_left_out: int = 0
 
 
 def _chunks(texts: Iterable[str], rep: TrainReport) -> Iterator[str]:
@@ -135,14 +154,17 @@ def _chunks(texts: Iterable[str], rep: TrainReport) -> Iterator[str]:
         yield from parts
 
 
-def train(texts: Iterable[str], out_model: str | Path, vocab_size: int = 1000, seed: int = 0) -> SpecialIds:
+def train(texts: Iterable[str], out_model: str | Path, vocab_size: int = 1000, seed: int = 0,
+          skips: sources.SkipLog | None = None) -> SpecialIds:
     """Train a lossless unigram sentencepiece model on `texts`, write `out_model` and its metadata.
 
     Options as Llama 2's tokenizer was trained (byte_fallback, identity normalisation, no whitespace
     folding, split digits, whitespace-only pieces); BOI/EOI are control symbols. Long documents are
     chunked (`chunk_text`), empty ones skipped and counted; the counts go to `<model>.json` under
-    `training`. Fewer pieces than `vocab_size` (the text supports no more) is a warning with the reason.
-    Raises ValueError when `vocab_size` cannot hold the 256 byte pieces, the specials and the characters.
+    `training`, with the input lines `skips` recorded while `texts` was read (`sources.iter_texts`),
+    which are also summarised on stderr. Fewer pieces than `vocab_size` (the text supports no more) is
+    a warning with the reason. Raises ValueError when `vocab_size` cannot hold the 256 byte pieces, the
+    specials and the characters.
     """
     out_model = Path(out_model)
     out_model.parent.mkdir(parents=True, exist_ok=True)
@@ -166,6 +188,11 @@ def train(texts: Iterable[str], out_model: str | Path, vocab_size: int = 1000, s
         warnings.warn(f"{out_model}: vocabulary of {rep.pieces} pieces, fewer than --vocab-size {vocab_size}: the training "
                       f"text ({rep.documents} documents, {rep.chunks} chunks) has no more distinct sub-words worth a "
                       "piece; give more varied text or ask for a smaller vocabulary", stacklevel=2)
+    if skips is not None:
+        vars(rep).update(skips.to_json("records_skipped"))  # TrainReport's fields of the same names
+        if skips.counts:
+            print(skips.summary(f"[tokenizer] {out_model}: input lines") + f"; all named in {meta_path(out_model)}",
+                  file=sys.stderr)
     ids = wrap(out_model)
     _add_meta(out_model, training=asdict(rep))
     return ids
@@ -196,32 +223,24 @@ class Tokenizer:
         return self.sp.decode([i for i in ids if i < n and i not in skip])
 
 
-def _read_text_files(paths: list[str]) -> Iterator[str]:
-    """Lines of .txt files and the `text` field of .jsonl files."""
-    for p in paths:
-        with open(p, encoding="utf-8") as f:
-            for line in f:
-                if p.endswith(".jsonl"):
-                    if line.strip():
-                        yield json.loads(line).get("text", "")
-                else:
-                    yield line.rstrip("\n")
-
-
 def main(argv: list[str] | None = None) -> None:
     """CLI: `train` a tokenizer from text files, or `wrap` an existing .model with special ids."""
     ap = argparse.ArgumentParser(prog="python -m data_pipeline.tokenizer", description=__doc__)
     sub = ap.add_subparsers(dest="cmd", required=True)
     t = sub.add_parser("train", help="train a sentencepiece model from .txt / .jsonl files")
-    t.add_argument("--input", nargs="+", required=True, help=".txt (one text a line) or .jsonl ({'text': ...})")
+    t.add_argument("--input", nargs="+", required=True,
+                   help=".jsonl ({'text': ...} a line), .txt (one document a file) or folders of them, as pack reads them")
     t.add_argument("--out", required=True, help="output .model path; <out>.json gets the special ids")
     t.add_argument("--vocab-size", type=int, default=32000)
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--strict", action="store_true",
+                   help="stop at the first bad input line (default: skip it, count and name it in <out>.json)")
     w = sub.add_parser("wrap", help="record special ids for an existing sentencepiece .model (e.g. Llama 2)")
     w.add_argument("--model", required=True)
     args = ap.parse_args(argv)
     if args.cmd == "train":
-        train(_read_text_files(args.input), args.out, args.vocab_size, args.seed)
+        skips = sources.SkipLog()
+        train(sources.iter_texts(args.input, skips, args.strict), args.out, args.vocab_size, args.seed, skips)
     else:
         wrap(args.model)
     print(meta_path(args.out if args.cmd == "train" else args.model).read_text())

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -106,21 +107,30 @@ def decode(vae: Vae, z: torch.Tensor) -> torch.Tensor:
     return vae.model.decode(raw.to(p.device, p.dtype)).sample.float().clamp(-1, 1)
 
 
-def load_images(inputs: list[str], size: int, limit: int | None = None, kind: str = "pairs") -> torch.Tensor:
-    """Every good image of pair/folder/tar inputs as a (N, 3, size, size) tensor; bad ones skipped."""
+def load_images(inputs: list[str], size: int, limit: int | None = None, kind: str = "pairs",
+                skips: sources.SkipLog | None = None) -> torch.Tensor:
+    """Every good image of pair/folder/tar inputs as a (N, 3, size, size) float32 tensor in [-1, 1].
+
+    Unusable records (`sources` reasons: `bad_json`, `no_image_field`, ...) and images (`missing_file`,
+    `images.BadImage` reasons) are skipped and, when `skips` is given, counted and named by reason, as
+    precompute does. At most `limit` images. Raises ValueError when no image is readable.
+    """
+    skips = skips if skips is not None else sources.SkipLog()
     out: list[np.ndarray] = []
     for part in sources.list_parts(inputs):
         for rec in sources.read_part(part, kind):
-            for seg_kind, val in rec.segments:
-                if seg_kind == "image" and val is not None:
-                    try:
-                        out.append(imglib.load_image(val, size))
-                    except imglib.BadImage:
-                        continue
+            if rec.skipped:
+                skips.add(rec.key, rec.skipped, rec.detail)
+                continue
+            for px in imglib.decode_images(rec.segments, size):
+                if isinstance(px, str):
+                    skips.add(rec.key, px)
+                    continue
+                out.append(px)
                 if limit and len(out) >= limit:
                     return torch.from_numpy(np.stack(out))
     if not out:
-        raise ValueError(f"{inputs}: no readable images to train the VAE on")
+        raise ValueError(f"{inputs}: no readable images to train the VAE on ({skips.summary('skipped') or 'none found'})")
     return torch.from_numpy(np.stack(out))
 
 
@@ -167,8 +177,11 @@ def _batches(data: torch.Tensor, bs: int, gen: torch.Generator) -> Iterator[torc
 def train_vae(data: torch.Tensor, out: str | Path, steps: int = 300, batch_size: int = 16, lr: float = 2e-3,
               kl_weight: float = 1e-6, gan_weight: float = 0.0, gan_start: int = 0, latent_channels: int = 8,
               downsample: int = 8, width: int = 32, seed: int = 0, sample_every: int = 100,
-              fg_weight: float = 1.0) -> Path:
-    """Train a small AutoencoderKL with L1 + KL (+ patch GAN), save it with measured shift/scale."""
+              fg_weight: float = 1.0, report: dict | None = None) -> Path:
+    """Train a small AutoencoderKL with L1 + KL (+ patch GAN), save it with measured shift/scale.
+
+    `report` (e.g. the inputs' skip counts) is added to the training report `out/latent_stats.json`.
+    """
     out = Path(out)
     (out / "samples").mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
@@ -206,7 +219,7 @@ def train_vae(data: torch.Tensor, out: str | Path, steps: int = 300, batch_size:
             model.eval()
             _save_recon(model, data[:8], out / "samples" / f"recon_{step + 1:06d}.png")
             model.train()
-    return save_with_stats(model, data, out, {"final_l1": l1.item(), "steps": steps})
+    return save_with_stats(model, data, out, {"final_l1": l1.item(), "steps": steps, **(report or {})})
 
 
 def weighted_l1(rec: torch.Tensor, x: torch.Tensor, fg_weight: float) -> torch.Tensor:
@@ -258,9 +271,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args(argv)
     t0 = time.time()
-    data = load_images(a.input, a.image_size, a.max_images, a.kind)
+    skips = sources.SkipLog()
+    data = load_images(a.input, a.image_size, a.max_images, a.kind, skips)
+    if skips.counts:
+        print(skips.summary("[vae] inputs") + f"; all named in {Path(a.out) / 'latent_stats.json'}", file=sys.stderr)
     train_vae(data, a.out, a.steps, a.batch_size, a.lr, a.kl_weight, a.gan_weight, a.gan_start,
-              a.latent_channels, a.downsample, a.width, a.seed, a.sample_every, a.fg_weight)
+              a.latent_channels, a.downsample, a.width, a.seed, a.sample_every, a.fg_weight,
+              report={"images_used": len(data), **skips.to_json("skipped")})
     print(f"saved {a.out} in {time.time() - t0:.0f}s")
 
 

@@ -11,7 +11,7 @@ import pytest
 import sentencepiece as spm
 from PIL import Image, ImageOps
 
-from data_pipeline import images, tokenizer
+from data_pipeline import images, sources, tokenizer
 from data_pipeline.packing import IMAGE, PAIR, TEXT, Packer, Unit, best_subset
 
 WORDS = "red green blue circle square triangle top left right bottom center the a of and at is in".split()
@@ -88,6 +88,30 @@ def test_chunk_text_cuts_at_whitespace_and_keeps_every_character():
     chunks = tokenizer.chunk_text(text, 4096)
     assert "".join(chunks) == text and max(len(c.encode()) for c in chunks) <= 4096
     assert chunks[0].endswith(" ")
+
+
+@pytest.mark.filterwarnings("ignore:.*fewer than --vocab-size")
+def test_tokenizer_cli_skips_counts_and_names_bad_lines(tmp_path, capsys):
+    """Issue 10: `tokenizer train` raised on one malformed jsonl line; now it skips, counts and names it like pack."""
+    good = [json.dumps({"text": f"document {i}: the red circle at the top left\n\tand  its layout"}) for i in range(17)]
+    lines = good[:4] + ['{"text": "cut off in the mid'] + good[4:7] + [json.dumps({"text": None})] + good[7:11] \
+        + [json.dumps(["not", "an", "object"])] + good[11:]
+    assert len(lines) == 20
+    (tmp_path / "t.jsonl").write_text("\n".join(lines) + "\n")
+    argv = ["train", "--input", str(tmp_path / "t.jsonl"), "--vocab-size", "300"]
+    tokenizer.main([*argv, "--out", str(tmp_path / "t.model")])
+    training = json.loads((tmp_path / "t.json").read_text())["training"]
+    assert training["records_skipped"] == {"bad_json": 1, "no_text": 2}
+    assert [(Path(n["record"]).name, n["reason"]) for n in training["named"]] == [
+        ("t.jsonl:5", "bad_json"), ("t.jsonl:9", "no_text"), ("t.jsonl:14", "no_text")]
+    assert (training["documents"], training["chunks"], training["named_left_out"]) == (17, 17, 0)  # every good line
+    err = capsys.readouterr().err
+    assert f"skipped 3 (bad_json 1, no_text 2); first: {tmp_path / 't.jsonl'}:5 (bad_json)" in err
+    tok = tokenizer.Tokenizer(tmp_path / "t.model")
+    assert tok.decode(tok.encode(json.loads(good[16])["text"])) == json.loads(good[16])["text"]
+    with pytest.raises(ValueError, match=r"t.jsonl:5: not valid JSON"):
+        tokenizer.main([*argv, "--out", str(tmp_path / "strict.model"), "--strict"])
+    assert not (tmp_path / "strict.model").exists()
 
 
 def test_vocab_too_small_for_bytes_is_a_clear_error(tmp_path):
@@ -348,6 +372,32 @@ def test_vae_train_records_unit_variance_stats(tmp_path):
     assert vae.decode(v, z).shape == data.shape
 
 
+def test_vae_inputs_skipped_counted_named_and_reported(tmp_path, capsys):
+    """Issue 10: VAE training skipped bad records and images silently; now by reason in its report and on stderr."""
+    from data_pipeline import synthetic, vae
+
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        synthetic.draw_shape(*synthetic.random_scene(rng), 32).save(tmp_path / f"ok{i}.png")
+    (tmp_path / "corrupt.png").write_bytes(synthetic.png_bytes(Image.new("RGB", (32, 32), (9, 9, 9)))[:60])  # cut short
+    rec = [json.dumps({"image": f"ok{i}.png", "caption": f"shape {i}"}) for i in range(6)]
+    lines = rec[:2] + [json.dumps({"image": "corrupt.png", "caption": "corrupt"})] + rec[2:4] \
+        + [json.dumps({"image": "no/such.png", "caption": "missing"}), '{"image": "ok0.png", "capt'] + rec[4:]
+    (tmp_path / "pairs.jsonl").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "vae"
+    vae.main(["--input", str(tmp_path / "pairs.jsonl"), "--out", str(out), "--image-size", "32", "--steps", "1",
+              "--batch-size", "4", "--latent-channels", "4", "--width", "8", "--sample-every", "1"])
+    report = json.loads((out / "latent_stats.json").read_text())
+    assert report["images_used"] == 6
+    assert report["skipped"] == {"bad_json": 1, "missing_file": 1, "truncated": 1}
+    assert [(Path(n["record"]).name, n["reason"]) for n in report["named"]] == [
+        ("pairs.jsonl:3", "truncated"), ("pairs.jsonl:6", "missing_file"), ("pairs.jsonl:7", "bad_json")]
+    assert "[vae] inputs: skipped 3 (bad_json 1, missing_file 1, truncated 1)" in capsys.readouterr().err
+    skips = sources.SkipLog()  # the library call counts the same way
+    assert vae.load_images([str(tmp_path / "pairs.jsonl")], 32, skips=skips).shape == (6, 3, 32, 32)
+    assert skips.to_json("skipped") == {k: report[k] for k in ("skipped", "named", "named_left_out")}
+
+
 def test_weighted_l1_emphasises_pixels_off_the_dominant_colour():
     """fg_weight scales the error on object pixels (off the median colour) relative to the background."""
     import torch
@@ -365,18 +415,23 @@ def test_weighted_l1_emphasises_pixels_off_the_dominant_colour():
 
 
 def test_clean_stale_shm_keeps_live_segments_and_honours_switch(monkeypatch):
-    """Only streaming segments no live process maps are removed; TF_CLEAN_SHM=0 removes nothing."""
+    """Only streaming segments no live process maps and none just created are removed; TF_CLEAN_SHM=0 removes nothing."""
+    import os
+    import time
     from multiprocessing import resource_tracker, shared_memory
     from data_pipeline import loader
     live = shared_memory.SharedMemory("999990_locals", create=True, size=64)  # mapped by this process
+    os.utime("/dev/shm/999990_locals", (time.time() - 3600,) * 2)  # old, but mapped: live
     dead = shared_memory.SharedMemory("999991_locals", create=True, size=64)
-    dead.close()  # no process maps it: what a crashed job leaves
+    dead.close()  # no process maps it: what a crashed job leaves, or a job that has not mapped it yet
     resource_tracker.unregister(dead._name, "shared_memory")
     try:
         monkeypatch.setattr(loader, "_CLEANED", False)
         monkeypatch.setenv("TF_CLEAN_SHM", "0")
         loader._clean_once()
         assert Path("/dev/shm/999991_locals").exists()
+        assert not {"999990_locals", "999991_locals"} & set(loader.clean_stale_shm())  # the unmapped one is fresh
+        os.utime("/dev/shm/999991_locals", (time.time() - 2 * loader.STALE_AFTER_S,) * 2)
         removed = loader.clean_stale_shm()
         assert "999991_locals" in removed and "999990_locals" not in removed
         assert not Path("/dev/shm/999991_locals").exists() and Path("/dev/shm/999990_locals").exists()
