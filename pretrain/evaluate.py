@@ -44,8 +44,9 @@ class EvalSettings:
     """How much to evaluate: prompts per combination, sampler settings, caption and text sample counts."""
 
     per_combo: int = 1  # text->image samples per (colour, shape, place) combination
-    steps: int = 50  # DDIM steps
+    steps: int = 100  # denoising steps
     cfg_scale: float = 3.0  # classifier-free guidance scale
+    sampler: str = "ddpm"  # "ddpm" (ancestral, the paper's) or "ddim"; defaults match LoggingConfig's sample_*
     captions: int = 162  # fresh images captioned (seen combinations); held-out: 4 per combination
     vae_images: int = 162  # fresh images through the VAE
     text_docs: int = 64  # fresh text documents for the LM loss
@@ -118,7 +119,7 @@ def text_to_image(model: Any, sp: Any, tok: Any, vae: Any, st: EvalSettings) -> 
         scenes = combos(name == "held_out") * st.per_combo
         captions = [synthetic.caption_for(*sc) for sc in scenes]
         lat = generate_images(model, [tok.encode(c) for c in captions], sp, st.steps, st.cfg_scale,
-                              seed=st.seed + (name == "held_out"))
+                              seed=st.seed + (name == "held_out"), sampler=st.sampler)
         images = to_uint8(decode(vae, lat))
         out[name] = score([judge(im) for im in images], scenes)
         pix.append(images)
@@ -241,6 +242,20 @@ def write_report(report: dict, pixels: np.ndarray, prompts: list[str], out: str 
     return out
 
 
+def sampling_defaults(export_dir: Path) -> tuple[str, int, float]:
+    """(sampler, steps, CFG scale) the export was evaluated with in training: its config's
+    logging.sample_sampler, sample_steps and sample_cfg_scale (the trainer's defaults where the config
+    predates them)."""
+    import yaml
+
+    from pretrain.config import LoggingConfig
+
+    lg = (yaml.safe_load((export_dir / "config.yaml").read_text()) or {}).get("logging") or {}
+    d = LoggingConfig()
+    return (str(lg.get("sample_sampler", d.sample_sampler)), int(lg.get("sample_steps", d.sample_steps)),
+            float(lg.get("sample_cfg_scale", d.sample_cfg_scale)))
+
+
 def main(argv: list[str] | None = None) -> dict:
     """CLI: evaluate an export directory; print the table; write report.json and grid.png."""
     from data_pipeline.tokenizer import Tokenizer
@@ -253,15 +268,20 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--out", required=True, help="directory for report.json and grid.png")
     d = EvalSettings()
     ap.add_argument("--per-combo", type=int, default=d.per_combo, help="text->image samples per combination")
-    ap.add_argument("--steps", type=int, default=d.steps, help="DDIM steps")
-    ap.add_argument("--cfg-scale", type=float, default=d.cfg_scale, help="classifier-free guidance scale")
+    ap.add_argument("--steps", type=int, default=None,
+                    help="denoising steps (default: the export's logging.sample_steps, as the trainer's evaluation)")
+    ap.add_argument("--sampler", choices=["ddpm", "ddim"], default=None, help="default: the export's logging.sample_sampler")
+    ap.add_argument("--cfg-scale", type=float, default=None,
+                    help="classifier-free guidance scale (default: the export's logging.sample_cfg_scale)")
     ap.add_argument("--captions", type=int, default=d.captions, help="fresh images to caption")
     ap.add_argument("--seed", type=int, default=d.seed)
     a = ap.parse_args(argv)
     model, sp, root = load_exported(a.model)
     if not (root / "vae" / "config.json").is_file():
         raise FileNotFoundError(f"{root / 'vae'}: the export has no VAE; re-export with --vae DIR")
-    st = EvalSettings(per_combo=a.per_combo, steps=a.steps, cfg_scale=a.cfg_scale, captions=a.captions, seed=a.seed)
+    sampler, steps, cfg_scale = sampling_defaults(root)
+    st = EvalSettings(per_combo=a.per_combo, steps=a.steps or steps, cfg_scale=a.cfg_scale or cfg_scale,
+                      sampler=a.sampler or sampler, captions=a.captions, seed=a.seed)
     report, pixels, prompts = evaluate(model, sp, Tokenizer(root / "tokenizer.model"), load_vae(root / "vae"), st)
     out = write_report(report, pixels, prompts, a.out)
     print(table(report))

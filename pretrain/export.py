@@ -30,7 +30,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from pretrain import checkpoint
+from pretrain import checkpoint, ema
 from pretrain.config import load_config, save_config
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -173,9 +173,16 @@ def write_atomically(out: Path, force: bool, fill: Callable[[Path], None]) -> Pa
 
 
 def export(run_dir: Path, out: Path, step: int | None, dtype: str, max_shard_gb: float, vae: str | None,
-           force: bool = False) -> Path:
-    """Export the run's checkpoint to `out` (atomically); returns `out`. Raises ExportError / FileNotFoundError."""
+           force: bool = False, weights: str = "auto") -> Path:
+    """Export the run's checkpoint to `out` (atomically); returns `out`. Raises ExportError / FileNotFoundError.
+
+    weights: "ema" (the EMA of train.ema_decay, pretrain/ema.py), "raw" (the trained weights), or "auto"
+    (the EMA when the checkpoint holds one).
+    """
     ckpt = pick_checkpoint(run_dir, step)
+    use_ema = weights == "ema" or (weights == "auto" and ema.has_ema(ckpt))
+    if use_ema and not ema.has_ema(ckpt):
+        raise ExportError(f"{ckpt}: --weights ema but the run kept no EMA (train.ema_decay was 0); use --weights raw")
     cfg = checkpoint.trained_config(ckpt)
     check_rank_files(ckpt)
     tok = Path(cfg.data.tokenizer)
@@ -184,7 +191,8 @@ def export(run_dir: Path, out: Path, step: int | None, dtype: str, max_shard_gb:
     vae_dir = vae or cfg.data.vae
 
     def fill(tmp: Path) -> None:
-        write_shards(lazy_tensors(ckpt), tmp, DTYPES[dtype], int(max_shard_gb * 2**30))
+        tensors = ema.iter_full(ckpt) if use_ema else lazy_tensors(ckpt)
+        write_shards(tensors, tmp, DTYPES[dtype], int(max_shard_gb * 2**30))
         shutil.copyfile(tok, tmp / "tokenizer.model")
         shutil.copyfile(tok.with_suffix(".json"), tmp / "tokenizer.json")
         if vae_dir:
@@ -192,7 +200,8 @@ def export(run_dir: Path, out: Path, step: int | None, dtype: str, max_shard_gb:
         cfg.data.tokenizer = str(out / "tokenizer.model")
         cfg.data.vae = str(out / "vae") if vae_dir else ""
         save_config(cfg, tmp / "config.yaml")
-        (tmp / "export.json").write_text(json.dumps({"format": "transfusion", "checkpoint": str(ckpt), "dtype": dtype}, indent=1))
+        (tmp / "export.json").write_text(json.dumps({"format": "transfusion", "checkpoint": str(ckpt), "dtype": dtype,
+                                                     "weights": "ema" if use_ema else "raw"}, indent=1))
 
     return write_atomically(out, force, fill)
 
@@ -246,13 +255,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-shard-gb", type=float, default=5.0, help="largest safetensors file")
     ap.add_argument("--vae", default=None, help="VAE directory to ship (default: data.vae of the run)")
     ap.add_argument("--force", action="store_true", help="replace --out even if it is not an earlier export")
+    ap.add_argument("--weights", choices=["auto", "ema", "raw"], default="auto",
+                    help="auto: the EMA weights when the run kept them (train.ema_decay > 0), else the trained ones")
     ap.add_argument("--hf-llama", action="store_true", help="write the text tower as a Hugging Face LlamaForCausalLM dir")
     a = ap.parse_args(argv)
     try:
         if a.hf_llama:
             out = export_hf_llama(a.run_dir, a.out, a.step, a.dtype, a.max_shard_gb, a.force)
         else:
-            out = export(a.run_dir, a.out, a.step, a.dtype, a.max_shard_gb, a.vae, a.force)
+            out = export(a.run_dir, a.out, a.step, a.dtype, a.max_shard_gb, a.vae, a.force, a.weights)
     except (FileNotFoundError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

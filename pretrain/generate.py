@@ -307,7 +307,7 @@ def tensorboard_samples(model: Transfusion, cfg: Config, writer: object, step: i
     was_training = model.training
     model.eval()
     latents = generate_images(model, [tok.encode(p) for p in lg.sample_prompts], ids, lg.sample_steps,
-                              lg.sample_cfg_scale, seed=step)
+                              lg.sample_cfg_scale, seed=step, sampler=lg.sample_sampler)
     captions = generate_text(model, [[] for _ in lg.sample_prompts], ids, 24, images=latents)
     model.train(was_training)
     pixels = _to_pixels(latents, cfg.data.vae)  # (N, 3, H, W) in [0, 1]

@@ -24,6 +24,7 @@ from contract.dist_env import DistEnv
 from data_pipeline.loader import build_loader
 from pretrain import checkpoint, configlib, distributed, generate
 from pretrain.config import Config, config_changes, load_config, save_config
+from pretrain.ema import ShardedEMA
 from pretrain.engine import BatchPlan, build_engine, plan_batch
 from pretrain.metrics import MetricsWriter, StepStats, StepTimer, detect_peak_flops
 from pretrain.schedule import lr_at, set_lr
@@ -67,6 +68,7 @@ class Run:
     timer: StepTimer = field(default_factory=StepTimer)
     prefetch: "StepPrefetcher | None" = None
     loader_state: dict = field(default_factory=dict)  # loader position after the last step's batches
+    ema: "ShardedEMA | None" = None  # train.ema_decay > 0: this rank's EMA partitions
 
 
 def parse_args(argv: list[str] | None) -> tuple[str, list[str], dict[str, Any]]:
@@ -190,6 +192,8 @@ def train_step(run: Run) -> StepStats:
     lr = lr_at(run.step, run.cfg.optim, run.cfg.train.steps)
     set_lr(run.engine.optimizer, lr)
     lm_sum, diff_sum = forward_backward(run.engine, batches, t_denom, i_denom, run.timer)
+    if run.ema is not None and run.engine.was_step_applied():
+        run.ema.update()
     lm_g, diff_g, stop = distributed.all_reduce_sum([lm_sum, diff_sum, float(run.stop.requested)])
     run.stop.agreed = stop > 0  # a signal seen by any rank stops every rank after this step
     lm = lm_g / max(g_text, 1)
@@ -272,6 +276,10 @@ def client_state(run: Run) -> dict[str, Any]:
 
 
 def save(run: Run) -> None:
+    if run.ema is not None:  # before the collective save: the completeness marker then covers it
+        tag_dir = checkpoint.checkpoint_root(run.cfg.train.run_dir) / checkpoint.tag_for(run.step)
+        tag_dir.mkdir(parents=True, exist_ok=True)
+        run.ema.save(tag_dir, run.env.rank)
     path = checkpoint.save(run.engine, run.cfg, run.step, client_state(run))
     log.info("saved checkpoint %s", path)
 
@@ -318,6 +326,8 @@ def resume(run: Run, path: Path) -> None:
     run.loader.load_state_dict(client["loader"])
     run.loader_state = client["loader"]
     checkpoint.set_rng_state(client["rng"])
+    if run.ema is not None and not run.ema.load(path, run.env.rank):
+        log.warning("%s holds no EMA (train.ema_decay was 0): the EMA starts from the resumed weights", path)
     log.info("resumed from %s at step %d", path, run.step)
 
 
@@ -338,7 +348,8 @@ def maybe_evaluate(run: Run) -> None:
     from pretrain import evaluate
 
     cfg, lg = run.cfg, run.cfg.logging
-    st = evaluate.EvalSettings(steps=lg.sample_steps, cfg_scale=lg.sample_cfg_scale, seed=cfg.train.seed)
+    st = evaluate.EvalSettings(steps=lg.sample_steps, cfg_scale=lg.sample_cfg_scale, sampler=lg.sample_sampler,
+                               seed=cfg.train.seed)
     report, pixels, prompts = evaluate.evaluate(run.engine.module, load_special_ids(cfg.data.tokenizer),
                                                 Tokenizer(cfg.data.tokenizer), load_vae(cfg.data.vae), st)
     run.writer.scalars(evaluate.flat_scalars(report), run.step)
@@ -374,6 +385,8 @@ def _build_run(cfg: Config, env: DistEnv) -> Run:
     engine, _ = build_engine(cfg, plan, init_weights=ckpt is None)  # a checkpoint overrides train.init_from
     loader, val_loaders = build_loaders(cfg, plan)
     run = Run(cfg, env, plan, engine, loader, val_loaders, None, StopRequest())
+    if cfg.train.ema_decay > 0:
+        run.ema = ShardedEMA(engine.module.named_parameters(), cfg.train.ema_decay)
     if ckpt is not None:
         resume(run, ckpt)
     distributed.barrier()  # every rank loaded: only now does this launch own the run directory

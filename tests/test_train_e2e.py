@@ -44,7 +44,7 @@ RUN_OVERRIDES = [
     "train.steps=10", "train.global_batch_size=4", "train.micro_batch_size=1", "optim.warmup_steps=2",
     "optim.lr=2.0e-3", "checkpoint.every=5", "checkpoint.keep_last=3", "logging.every=1", "logging.val_every=5",
     "logging.val_batches=1", "logging.sample_every=10", "logging.sample_steps=4", "data.num_workers=1",
-    "distributed.timeout_minutes=3",
+    "distributed.timeout_minutes=3", "train.ema_decay=0.9",
 ]
 
 
@@ -151,6 +151,31 @@ def test_exact_resume_after_kill_9_and_requeue_signal(straight, demo_data, tmp_p
             assert got[s]["grad_norm"] == ref[s]["grad_norm"]
         assert abs(got[s]["loss"] - ref[s]["loss"]) <= 1e-6, f"step {s}: {got[s]['loss']!r} != {ref[s]['loss']!r}"
         assert abs(got[s]["grad_norm"] - ref[s]["grad_norm"]) <= 1e-6 * ref[s]["grad_norm"]
+    # the EMA (train.ema_decay) was saved at steps 5 and 8 and restored by each resume: a restarted EMA
+    # would differ by far more (its decay warm-up starts again at 0.1)
+    from pretrain.ema import load_full
+
+    ema_ref, ema_got = load_full(straight / "checkpoints/step_00000010"), load_full(tmp_path / "checkpoints/step_00000010")
+    for n, e in ema_ref.items():
+        torch.testing.assert_close(ema_got[n], e, rtol=0, atol=1e-6, msg=lambda m: f"EMA {n}: {m}")
+
+
+def test_export_writes_the_ema_weights(straight, tmp_path):
+    """`pretrain.export` of a run with train.ema_decay writes the EMA (joined from both ranks' partitions),
+    `--weights raw` the trained weights (DeepSpeed's zero_to_fp32); they differ."""
+    from safetensors.torch import load_file
+
+    from pretrain.ema import load_full
+    from pretrain.export import export
+
+    ema = load_full(straight / "checkpoints/step_00000010")
+    out_ema = export(straight, tmp_path / "ema", None, "fp32", 1.0, None)
+    out_raw = export(straight, tmp_path / "raw", None, "fp32", 1.0, None, weights="raw")
+    got, raw = load_file(out_ema / "model.safetensors"), load_file(out_raw / "model.safetensors")
+    assert json.loads((out_ema / "export.json").read_text())["weights"] == "ema"
+    assert set(got) == set(raw) == set(ema)
+    assert all(torch.equal(got[n], ema[n]) for n in ema)
+    assert any(not torch.equal(got[n], raw[n]) for n in ema)
 
 
 def test_killed_during_save_resumes_from_previous_checkpoint(straight, demo_data, tmp_path):

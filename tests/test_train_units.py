@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import pytest
+import torch
 
 from pretrain import checkpoint
 from pretrain.config import load_config
@@ -192,3 +193,32 @@ def test_config_changes_splits_fixed_and_free_keys():
     assert fixed == {"model.n_kv_heads": (None, 2), "data.shuffle": (True, False), "train.seed": (0, 1)}
     assert free == {"optim.lr": (1e-3, 1e-4), "data.num_workers": (2, 0)}
     assert config_changes(a, a) == ({}, {})
+
+
+def test_ema_update_save_and_resume_against_the_formula(tmp_path):
+    """pretrain.ema on a plain module: the EMA follows d_t = min(decay, (1+t)/(10+t)) written out here;
+    a saved EMA restores exactly (shadows and update count) and joins back to the full shapes."""
+    from pretrain.ema import ShardedEMA, load_full
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+    ema = ShardedEMA(model.named_parameters(), 0.9)
+    ref = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for t in range(30):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        ema.update()
+        d = min(0.9, (1 + t) / (10 + t))
+        ref = {n: d * ref[n] + (1 - d) * p.detach() for n, p in model.named_parameters()}
+    for n, e in ref.items():
+        torch.testing.assert_close(ema.shadow[n].view(e.shape), e, rtol=1e-6, atol=1e-6)
+    ema.save(tmp_path, 0)
+    again = ShardedEMA(model.named_parameters(), 0.9)
+    assert again.load(tmp_path, 0) and again.updates == 30
+    assert all(torch.equal(again.shadow[n], ema.shadow[n]) for n in ref)
+    full = load_full(tmp_path)
+    assert {n: tuple(t.shape) for n, t in full.items()} == {n: tuple(p.shape) for n, p in model.named_parameters()}
+    assert not ShardedEMA(model.named_parameters(), 0.9).load(tmp_path / "none", 0)  # no EMA saved there
+    with pytest.raises(ValueError, match="ema_decay"):
+        ShardedEMA(model.named_parameters(), 1.0)

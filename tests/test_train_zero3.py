@@ -29,6 +29,7 @@ from contract.dist_env import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 3  # normal steps; then one step with a NaN latent
+EMA_DECAY = 0.5  # large moves in 3 steps (with the warm-up d_t = min(decay, (1+t)/(10+t)): 0.1, 0.18, 0.25)
 GLOBAL = 4  # sequences per optimizer step
 pytestmark = pytest.mark.slow
 
@@ -55,6 +56,7 @@ def worker(config: str, batches_path: str, out_path: str, *extra: str) -> None:
     from pretrain.metrics import StepTimer
     from contract.batch import TransfusionBatch
     from pretrain.schedule import lr_at, set_lr
+    from pretrain.ema import ShardedEMA
     from pretrain.train import forward_backward, global_denominators
 
     env = distributed.init_distributed("gloo", timeout_minutes=3)
@@ -63,6 +65,7 @@ def worker(config: str, batches_path: str, out_path: str, *extra: str) -> None:
     engine, _ = build_engine(cfg, plan)
     params = list(engine.module.parameters())
     res = {"partition": partition_report(params, env.world_size)}
+    ema = ShardedEMA(engine.module.named_parameters(), EMA_DECAY)  # this rank's partitions only
     with deepspeed.zero.GatheredParameters(params):
         res["init"] = {n: p.detach().clone() for n, p in engine.module.named_parameters()}
     steps = [[TransfusionBatch(**b) for b in step] for step in torch.load(batches_path, weights_only=True)]
@@ -76,6 +79,8 @@ def worker(config: str, batches_path: str, out_path: str, *extra: str) -> None:
         lm_g, diff_g = distributed.all_reduce_sum([lm, diff])
         res["losses"].append(lm_g / g_text + cfg.model.diffusion_loss_weight * diff_g / max(g_img, 1))
         res["grad_norms"].append(float(engine.get_global_grad_norm()))
+        if engine.was_step_applied():  # as pretrain.train.train_step
+            ema.update()
 
     for step in range(STEPS):
         one_step(step, steps[step])
@@ -86,6 +91,9 @@ def worker(config: str, batches_path: str, out_path: str, *extra: str) -> None:
     res["nan_step_applied"] = bool(engine.was_step_applied())
     res["nan_step_unchanged"] = all(torch.equal(b, p.ds_tensor) for b, p in zip(before, params))
     res["skipped_steps"] = int(engine.skipped_steps)
+    ema_dir = Path(out_path + ".ema")  # saved after the NaN step: it must not have moved the EMA
+    ema_dir.mkdir(exist_ok=True)
+    ema.save(ema_dir, env.rank)
     if env.rank == 0:
         torch.save(res, out_path)
 
@@ -105,7 +113,7 @@ def _run_worker(world: int, config: str, batches: Path, out: Path, *extra: str) 
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=420)
     assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
-    return torch.load(out, weights_only=True)
+    return {**torch.load(out, weights_only=True), "out": str(out)}
 
 
 def _cut_batches(demo_data, cfg) -> list[list]:
@@ -138,8 +146,9 @@ def _cut_batches(demo_data, cfg) -> list[list]:
     return [[asdict(b) for b in step] for step in steps]
 
 
-def _reference(cfg, steps: list[list]) -> tuple[dict, list[float], list[float], dict]:
-    """Single-process PyTorch: same init, loss = sum / global count over all micro-batches, AdamW, clip 1.0."""
+def _reference(cfg, steps: list[list]) -> tuple[dict, list[float], list[float], dict, dict]:
+    """Single-process PyTorch: same init, loss = sum / global count over all micro-batches, AdamW, clip 1.0;
+    returns (init, losses, grad norms, final weights, EMA of the weights with EMA_DECAY)."""
     from pretrain.engine import param_groups
     from pretrain.model import Transfusion, TransfusionBatch
     from pretrain.schedule import lr_at, set_lr
@@ -150,6 +159,7 @@ def _reference(cfg, steps: list[list]) -> tuple[dict, list[float], list[float], 
     o = cfg.optim
     opt = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=tuple(o.betas), eps=o.eps)
     losses, norms = [], []
+    ema = {n: p.detach().clone() for n, p in model.named_parameters()}
     for step, micro in enumerate(steps[:STEPS]):
         micro = [TransfusionBatch(**b) for b in micro]
         g_text = sum(b.num_text_targets for b in micro)
@@ -164,7 +174,11 @@ def _reference(cfg, steps: list[list]) -> tuple[dict, list[float], list[float], 
         norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)))
         opt.step()
         losses.append(total)
-    return init, losses, norms, {n: p.detach().clone() for n, p in model.named_parameters()}
+        d = min(EMA_DECAY, (1 + step) / (10 + step))
+        for n, p in model.named_parameters():
+            ema[n] = d * ema[n] + (1 - d) * p.detach()
+    final = {n: p.detach().clone() for n, p in model.named_parameters()}
+    return init, losses, norms, final, ema
 
 
 @pytest.fixture(scope="module")
@@ -195,7 +209,7 @@ def test_each_rank_holds_only_its_partition(zero3_results):
 
 def test_zero3_two_ranks_match_plain_pytorch_and_one_rank(zero3_results):
     cfg, steps, one, two = zero3_results
-    init, ref_losses, ref_norms, ref_final = _reference(cfg, steps)
+    init, ref_losses, ref_norms, ref_final, _ = _reference(cfg, steps)
     for n, p in init.items():  # zero.Init builds the very same weights from the seed
         assert torch.equal(two["init"][n], p), n
     assert two["losses"][:STEPS] == pytest.approx(ref_losses, rel=1e-5)
@@ -212,6 +226,21 @@ def test_zero3_two_ranks_match_plain_pytorch_and_one_rank(zero3_results):
         assert not torch.equal(p, init[n]) or p.abs().sum() == 0, f"{n} did not train"
         torch.testing.assert_close(two["final"][n], p, rtol=0, atol=5e-5, msg=lambda m: f"{n}: {m}")
         torch.testing.assert_close(one["final"][n], two["final"][n], rtol=0, atol=1e-5, msg=lambda m: f"{n}: {m}")
+
+
+def test_ema_of_zero3_partitions_matches_plain_pytorch_ema(zero3_results, tmp_path):
+    """Each rank's EMA of its own partitions, written per rank and joined by pretrain.ema.load_full (what
+    export writes), equals an EMA of the plain PyTorch loop's full weights; the NaN step did not move it."""
+    from pretrain.ema import load_full
+
+    cfg, steps, one, two = zero3_results
+    _, _, _, ref_final, ref_ema = _reference(cfg, steps)
+    for world, res in ((2, two), (1, one)):
+        got = load_full(Path(res["out"] + ".ema"))
+        assert set(got) == set(ref_ema), world
+        for n, e in ref_ema.items():
+            assert not torch.equal(e, ref_final[n]) or e.abs().sum() == 0, n  # the EMA lags the weights
+            torch.testing.assert_close(got[n], e, rtol=0, atol=5e-5, msg=lambda m: f"{world} ranks, {n}: {m}")
 
 
 def test_nan_step_is_skipped_on_every_rank(zero3_results):

@@ -13,6 +13,7 @@ from typing import ClassVar, Literal
 PatchEncoder = Literal["linear", "unet"]
 AttentionImpl = Literal["flex", "sdpa"]
 LossWeighting = Literal["eps", "v_trunc"]
+Sampler = Literal["ddpm", "ddim"]  # image samplers (pretrain.model.diffusion)
 
 
 @dataclass

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import math
-from typing import Callable, Literal
+from typing import Callable
 
 import torch
 from torch import nn
 
+from pretrain.model.config import Sampler
 from pretrain.model.layers import Linear
 
 
@@ -66,7 +67,6 @@ class TimestepEmbedder(nn.Module):
 EpsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-Sampler = Literal["ddpm", "ddim"]
 
 
 def make_scheduler(alpha_bar: torch.Tensor, sampler: Sampler, num_steps: int, clip_x0: float | None = 5.0) -> object:

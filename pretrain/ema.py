@@ -1,0 +1,124 @@
+"""EMA of the weights for sampling, kept where ZeRO-3 keeps the weights: each rank holds the fp32
+EMA of its own partition of every parameter, so the EMA costs 4 bytes per parameter / world size
+per rank and no communication.
+
+    ema_t = d_t * ema_{t-1} + (1 - d_t) * w_t,   d_t = min(decay, (1 + t) / (10 + t))
+
+(the decay warm-up of tf.train.ExponentialMovingAverage with num_updates; Polyak & Juditsky 1992).
+Under ZeRO-3 a parameter's partition is `param.ds_tensor`: the flattened parameter cut into
+`ceil(numel / world)` elements per rank in rank order, the last one zero-padded (DeepSpeed
+`partition_parameters.py`, `_partition_param`); without ZeRO-3 it is the whole parameter.
+
+On disk: `ema_rank{r}.safetensors` in the checkpoint directory, one per rank, holding that rank's
+partitions under the parameter names and each full shape in the metadata; `load_full` joins them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import torch
+
+FILE = "ema_rank{rank}.safetensors"
+
+
+def local_partition(p: torch.nn.Parameter) -> torch.Tensor:
+    """This rank's slice of `p`, flat: the ZeRO-3 partition `p.ds_tensor`, else the whole parameter."""
+    t = p.ds_tensor if hasattr(p, "ds_tensor") else p.data
+    return t.view(-1)
+
+
+def full_shape(p: torch.nn.Parameter) -> list[int]:
+    return list(p.ds_shape) if hasattr(p, "ds_shape") else list(p.shape)
+
+
+class ShardedEMA:
+    """fp32 EMA of this rank's partitions of `named_params` (name -> parameter); `update` after each applied step."""
+
+    def __init__(self, named_params: Iterable[tuple[str, torch.nn.Parameter]], decay: float) -> None:
+        if not 0.0 < decay < 1.0:
+            raise ValueError(f"train.ema_decay={decay} must lie in (0, 1) (0 turns the EMA off)")
+        self.decay = decay
+        self.params = dict(named_params)
+        self.shadow = {n: local_partition(p).detach().float().clone() for n, p in self.params.items()}
+        self.updates = 0
+
+    def current_decay(self) -> float:
+        return min(self.decay, (1 + self.updates) / (10 + self.updates))
+
+    @torch.no_grad()
+    def update(self) -> None:
+        """Move every shadow towards the current weights (call after an optimizer step that was applied)."""
+        d = self.current_decay()
+        for n, p in self.params.items():
+            self.shadow[n].lerp_(local_partition(p).float(), 1.0 - d)
+        self.updates += 1
+
+    def save(self, ckpt_dir: Path, rank: int) -> Path:
+        """Write this rank's shadows to CKPT/ema_rank{rank}.safetensors (full shapes and update count in the metadata)."""
+        from safetensors.torch import save_file
+
+        meta = {"shapes": json.dumps({n: full_shape(p) for n, p in self.params.items()}),
+                "updates": str(self.updates), "decay": str(self.decay)}
+        path = Path(ckpt_dir) / FILE.format(rank=rank)
+        save_file({n: s.contiguous() for n, s in self.shadow.items()}, str(path), metadata=meta)
+        return path
+
+    def load(self, ckpt_dir: Path, rank: int) -> bool:
+        """Restore this rank's shadows saved by a run with the same world size; False when the checkpoint has none."""
+        from safetensors import safe_open
+
+        path = Path(ckpt_dir) / FILE.format(rank=rank)
+        if not path.is_file():
+            return False
+        with safe_open(str(path), "pt") as f:
+            missing = set(self.shadow) - set(f.keys())
+            if missing:
+                raise ValueError(f"{path}: no EMA for parameters {sorted(missing)[:5]}; was it saved by another model?")
+            for n in self.shadow:
+                t = f.get_tensor(n)
+                if t.shape != self.shadow[n].shape:
+                    raise ValueError(f"{path}: EMA of {n} has {tuple(t.shape)} elements, this rank holds "
+                                     f"{tuple(self.shadow[n].shape)}; resume with the world size that saved it")
+                self.shadow[n].copy_(t)
+            self.updates = int(f.metadata()["updates"])
+        return True
+
+
+def has_ema(ckpt_dir: Path) -> bool:
+    return (Path(ckpt_dir) / FILE.format(rank=0)).is_file()
+
+
+def load_full(ckpt_dir: Path) -> dict[str, torch.Tensor]:
+    """The whole EMA weights (name -> fp32 tensor of its full shape) from every rank's file."""
+    return dict(iter_full(ckpt_dir))
+
+
+def iter_full(ckpt_dir: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, full fp32 EMA tensor), one parameter at a time (export streams them into its shards).
+
+    Raises FileNotFoundError naming a missing rank file, ValueError when the partitions do not add up.
+    """
+    from safetensors import safe_open
+
+    ckpt_dir = Path(ckpt_dir)
+    files = sorted(ckpt_dir.glob("ema_rank*.safetensors"), key=lambda f: int(f.stem.removeprefix("ema_rank")))
+    if not files:
+        raise FileNotFoundError(f"{ckpt_dir}: no ema_rank*.safetensors (was train.ema_decay set?)")
+    for r, f in enumerate(files):
+        if f.name != FILE.format(rank=r):
+            raise FileNotFoundError(f"{ckpt_dir / FILE.format(rank=r)} is missing ({len(files)} EMA files found)")
+    handles = [safe_open(str(f), "pt") for f in files]
+    shapes = json.loads(handles[0].metadata()["shapes"])
+    for n, shape in shapes.items():
+        numel, world = math.prod(shape), len(files)
+        parts = [h.get_tensor(n) for h in handles]
+        if parts[0].numel() != numel and any(p.numel() != math.ceil(numel / world) for p in parts):
+            raise ValueError(f"{ckpt_dir}: EMA partitions of {n} ({[p.numel() for p in parts]}) do not split {numel} "
+                             f"elements over {world} ranks")
+        whole = parts[0].numel() == numel  # no ZeRO-3 (or one rank): every rank holds the whole parameter
+        flat = parts[0] if whole else torch.cat(parts)
+        yield n, flat[:numel].view(shape)
