@@ -2,7 +2,7 @@
 -> export -> evaluation (pixel-judged text->image samples, captions, text loss; a PNG grid and a
 report). `make demo` runs it.
 
-    python -m pretrain.demo --out demo_out [--steps 3000] [--launcher deepspeed|torchrun] [--fresh]
+    python -m pretrain.demo --out demo_out [--steps 2500] [--launcher deepspeed|torchrun] [--fresh]
 
 Every stage is the same command a user runs on real data; this script only chains them.
 """
@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     """Chain the stages; print where the outputs are."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="demo_out", type=Path)
-    ap.add_argument("--steps", type=int, default=3000)  # ~8 min on 2 idle CPU ranks (0.16 s/step); colour follows the caption from ~2000 (docs/quality.md)
+    ap.add_argument("--steps", type=int, default=2500)  # ~9.5 min on 2 idle CPU ranks (0.22 s/step); docs/quality.md
     ap.add_argument("--nproc", type=int, default=2)
     ap.add_argument("--launcher", choices=["deepspeed", "torchrun"], default="deepspeed")
     ap.add_argument("--fresh", action="store_true", help="rebuild the data and restart training from scratch")
@@ -82,12 +82,10 @@ def main(argv: list[str] | None = None) -> int:
     resume = "none" if a.fresh else "auto"
     module = ["--module" if a.launcher == "deepspeed" else "-m", "pretrain.train"]  # deepspeed has no -m
     run(launcher_cmd(a.launcher, a.nproc) + module + [
-        "--config", f"configs/tiny.yaml,{data / 'data.yaml'}",
+        "--config", f"configs/tiny.yaml,configs/demo.yaml,{data / 'data.yaml'}",  # demo.yaml: the small model's switches
         f"train.run_dir={run_dir}", f"train.steps={a.steps}",
         f"checkpoint.resume={resume}", f"checkpoint.every={max(a.steps // 3, 1)}",
         f"logging.val_every={max(a.steps // 6, 1)}", "logging.sample_every=0",  # the demo's overheads: few pauses
-        # what the 2-layer model needs to follow the caption (docs/quality.md); the paper configs keep eps/none
-        "model.diffusion_prediction=v", "model.patch_pos_embed=sincos2d",
     ], env, stage="train")
     run([py, "-m", "pretrain.export", "--run-dir", str(run_dir), "--out", str(export_dir)], stage="export")
     run([py, "-m", "pretrain.evaluate", "--model", str(export_dir), "--out", str(out / "eval")], stage="evaluate")
