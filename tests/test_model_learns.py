@@ -41,16 +41,17 @@ def trained_vae_data(tmp_path_factory: pytest.TempPathFactory) -> DemoData:
 
 
 def test_demo_vae_learns_what_the_judge_checks(trained_vae_data: DemoData) -> None:
-    """The VAE's reconstructions of 162 fresh draws are judged right in all three attributes >= 40%.
+    """The VAE's reconstructions of 162 fresh draws are judged right in all three attributes >= 30%.
 
-    Chance for all three is 1/162 (0.6%): P(X >= 65 of 162) at p = 1/162 is below 1e-100; an untrained
-    VAE scores 0 (it draws no object). Measured: 66% after 300 steps, 98.8% after 800 (docs/quality.md).
+    Chance for all three is 1/162 (0.6%): P(X >= 49 of 162) at p = 1/162 is below 1e-50; an untrained
+    VAE scores 0 (it draws no object). Measured: 46% after 300 steps on this data, 98.8% after 800
+    (the demo's; docs/quality.md).
     """
     from data_pipeline.vae import load_vae
     from pretrain.evaluate import vae_ceiling
 
     s = vae_ceiling(load_vae(trained_vae_data.vae), 162, 64, seed=0)["seen"]
-    assert s["all_three"] >= 0.4 and s["place"] >= 0.9, s
+    assert s["all_three"] >= 0.3 and s["place"] >= 0.9, s
 
 
 def test_demo_recipe_learns_to_caption_and_to_place(trained_vae_data: DemoData, tmp_path: Path) -> None:
