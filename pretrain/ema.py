@@ -32,6 +32,7 @@ def local_partition(p: torch.nn.Parameter) -> torch.Tensor:
 
 
 def full_shape(p: torch.nn.Parameter) -> list[int]:
+    """The parameter's whole shape (ZeRO-3 keeps it in `ds_shape` while `p.data` is empty)."""
     return list(p.ds_shape) if hasattr(p, "ds_shape") else list(p.shape)
 
 
@@ -47,6 +48,7 @@ class ShardedEMA:
         self.updates = 0
 
     def current_decay(self) -> float:
+        """d_t of the next update (module docstring)."""
         return min(self.decay, (1 + self.updates) / (10 + self.updates))
 
     @torch.no_grad()
@@ -89,6 +91,7 @@ class ShardedEMA:
 
 
 def has_ema(ckpt_dir: Path) -> bool:
+    """Whether checkpoint directory `ckpt_dir` holds an EMA (rank 0's file)."""
     return (Path(ckpt_dir) / FILE.format(rank=0)).is_file()
 
 
