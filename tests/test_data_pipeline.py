@@ -149,14 +149,20 @@ def test_pair_randomness_layout_and_caps(demo_data):
     assert not torch.equal(next(iter(other)).noise, batches[0].noise)
 
 
+def _packed_streams(root: Path, seq_len: int, specs: tuple) -> list[StreamConfig]:
+    """Streams whose pack.json says (name, rows, share of image positions), for mix_proportions."""
+    streams = []
+    for name, rows, share in specs:
+        (root / name).mkdir()
+        (root / name / "pack.json").write_text(json.dumps(
+            {"rows": rows, "positions": rows * seq_len, "image_positions": int(share * rows * seq_len)}))
+        streams.append(StreamConfig(name=name, local=str(root / name)))
+    return streams
+
+
 def test_mix_proportions_reach_one_to_one(tmp_path):
     """With paper-like streams (text 0%, pairs 91% image positions) the derived mix gives 50% image positions."""
-    streams = []
-    for name, rows, share in (("text", 1000, 0.0), ("pairs", 300, 0.91), ("inter", 100, 0.3)):
-        (tmp_path / name).mkdir()
-        (tmp_path / name / "pack.json").write_text(json.dumps(
-            {"rows": rows, "positions": rows * 4096, "image_positions": int(share * rows * 4096)}))
-        streams.append(StreamConfig(name=name, local=str(tmp_path / name)))
+    streams = _packed_streams(tmp_path, 4096, (("text", 1000, 0.0), ("pairs", 300, 0.91), ("inter", 100, 0.3)))
     w = mix_proportions(streams, 0.5)
     assert abs(sum(w) - 1) < 1e-9
     assert abs(w[0] * 0.0 + w[1] * 0.91 + w[2] * 0.3 - 0.5) < 1e-6
@@ -166,12 +172,7 @@ def test_mix_proportions_reach_one_to_one(tmp_path):
 def test_unreachable_image_share_is_an_error_not_a_silent_mix_by_size(tmp_path):
     """The demo's streams (pairs 49% image positions, captions the rest): asking for 0.5 used to fall
     back to mixing by size, 13% image positions; now it names each stream's share. 0.45 is reached."""
-    streams = []
-    for name, rows, share in (("text", 682, 0.0), ("pairs", 229, 0.49), ("interleaved", 175, 0.146)):
-        (tmp_path / name).mkdir()
-        (tmp_path / name / "pack.json").write_text(json.dumps(
-            {"rows": rows, "positions": rows * 256, "image_positions": int(share * rows * 256)}))
-        streams.append(StreamConfig(name=name, local=str(tmp_path / name)))
+    streams = _packed_streams(tmp_path, 256, (("text", 682, 0.0), ("pairs", 229, 0.49), ("interleaved", 175, 0.146)))
     with pytest.raises(ValueError, match=r"image_position_share=0.5 cannot be reached.*pairs 0.490.*proportion"):
         mix_proportions(streams, 0.5)
     with pytest.raises(ValueError, match="cannot be reached"):
