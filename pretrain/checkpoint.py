@@ -6,6 +6,13 @@ checkpoint was trained with (export ships that one; resume compares against it).
 saving is collective). After all ranks have written, rank 0 writes the `COMPLETE` marker
 (atomically, last) and only then updates `latest`. Resume picks the newest directory that has
 the marker, so a process killed while saving leaves the previous checkpoint in charge.
+
+A checkpoint's ZeRO-3 shards are tied to the world size that wrote them. Resuming on another
+number of ranks goes through DeepSpeed's universal checkpoint: `to_universal` runs DeepSpeed's
+`ds_to_universal` once into `step_N/universal/` (per-parameter fp32 weights and Adam moments), and
+the engine re-partitions them on load (`"checkpoint": {"load_universal": true}`; DeepSpeed docs,
+"Universal Checkpointing"). `python -m pretrain.checkpoint to-universal CKPT` does the conversion
+ahead of a resume (a large model's conversion is better done once on a CPU node than at start-up).
 """
 
 from __future__ import annotations
@@ -16,6 +23,8 @@ import random
 import re
 import shutil
 import signal
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +37,7 @@ from pretrain.distributed import barrier
 MARKER = "COMPLETE"
 CONFIG = "config.yaml"  # inside each checkpoint directory
 META = "checkpoint.json"  # {"step", "world_size"}: what export checks the rank files against
+UNIVERSAL = "universal"  # inside a checkpoint: its DeepSpeed universal form, for a resume on another world size
 _TAG = re.compile(r"^step_(\d{8,})$")
 
 
@@ -154,11 +164,78 @@ def trained_config(ckpt: Path) -> Config:
     raise FileNotFoundError(f"{ckpt}: no {CONFIG} in the checkpoint nor in its run directory {ckpt.parent.parent}")
 
 
-def load(engine, path: Path) -> dict[str, Any]:
-    """Load model and optimizer shards and return this rank's client state (every rank must call it)."""
+def saved_world_size(ckpt: Path) -> int:
+    """The number of ranks that wrote checkpoint `ckpt` (its ZeRO-3 model-state files; else checkpoint.json)."""
+    n = len(list(Path(ckpt).glob("zero_pp_rank_*_model_states.pt")))
+    if n:
+        return n
+    meta = Path(ckpt) / META
+    return int(json.loads(meta.read_text())["world_size"]) if meta.is_file() else 1
+
+
+def to_universal(ckpt: Path, workers: int = 2) -> Path:
+    """CKPT/universal: DeepSpeed's universal checkpoint of `ckpt`, converted once (later calls reuse it).
+
+    Runs `python -m deepspeed.checkpoint.ds_to_universal` into a temporary directory, then renames it
+    with a COMPLETE marker, so an interrupted conversion is redone, never half-used. Raises
+    RuntimeError with the converter's last output when it fails (the checkpoint itself is untouched).
+    """
+    ckpt = Path(ckpt)
+    out, tmp = ckpt / UNIVERSAL, ckpt / f"{UNIVERSAL}.tmp"
+    if is_complete(out):
+        return out
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(out, ignore_errors=True)
+    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(ckpt),
+           "--output_folder", str(tmp), "--num_extract_workers", str(workers), "--num_merge_workers", str(workers)]
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    (ckpt / "latest_universal").unlink(missing_ok=True)  # the converter's pointer, written beside its output
+    if p.returncode != 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise RuntimeError(f"{ckpt}: DeepSpeed's universal-checkpoint conversion failed (exit {p.returncode}):\n"
+                           f"{(p.stdout + p.stderr)[-3000:]}\nResume with the world size that saved it "
+                           f"({saved_world_size(ckpt)} ranks).")
+    _write_atomic(tmp / MARKER, f"{saved_world_size(ckpt)}\n")
+    os.replace(tmp, out)
+    return out
+
+
+def load(engine, path: Path, universal: bool = False) -> dict[str, Any]:
+    """Load model and optimizer shards and return the client state (every rank must call it).
+
+    `universal`: load `path`/universal (see `to_universal`; the engine was built with
+    `load_universal`), re-partitioned over this job's ranks; every rank then gets rank 0's client state.
+    """
+    load_dir, tag = (path, UNIVERSAL) if universal else (path.parent, path.name)
+    groups = engine.optimizer.optimizer.param_groups if universal else []
+    decay = [g["weight_decay"] for g in groups]
     load_path, client = engine.load_checkpoint(
-        str(path.parent), tag=path.name, load_optimizer_states=True, load_lr_scheduler_states=False
+        str(load_dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=False
     )
     if load_path is None:
         raise FileNotFoundError(f"DeepSpeed could not load the checkpoint in {path} (see the log above)")
+    # DeepSpeed's ZeRO-3 universal load copies the first group's hyperparameters into every group
+    # (stage3.py, load_hp_checkpoint_state_from_checkpoint_dir_stage3): norms and biases would get weight decay.
+    for g, wd in zip(groups, decay):
+        g["weight_decay"] = wd
     return client
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m pretrain.checkpoint to-universal CKPT`: convert ahead of a resume on another world size."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m pretrain.checkpoint", description=main.__doc__)
+    p.add_argument("command", choices=["to-universal"])
+    p.add_argument("ckpt", type=Path, help="a complete checkpoint, e.g. RUN_DIR/checkpoints/step_00001000")
+    p.add_argument("--workers", type=int, default=2, help="DeepSpeed's extract/merge worker processes")
+    a = p.parse_args(argv)
+    if not is_complete(a.ckpt):
+        print(f"{a.ckpt}: not a complete checkpoint (no {MARKER} marker)", file=sys.stderr)
+        return 2
+    print(to_universal(a.ckpt, a.workers))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -69,13 +69,31 @@ class ShardedEMA:
         save_file({n: s.contiguous() for n, s in self.shadow.items()}, str(path), metadata=meta)
         return path
 
-    def load(self, ckpt_dir: Path, rank: int) -> bool:
-        """Restore this rank's shadows saved by a run with the same world size; False when the checkpoint has none."""
+    def load(self, ckpt_dir: Path, rank: int, world_size: int) -> bool:
+        """Restore this rank's shadows from CKPT/ema_rank*.safetensors; False when the checkpoint has none.
+
+        Saved by the same world size: each rank reads its own file. Saved by another: the whole EMA is
+        joined from every file (`iter_full`) and this rank's ZeRO-3 slice cut from it (`partition_of`).
+        Raises ValueError when a parameter is missing or its partition does not fit this rank.
+        """
+        ckpt_dir = Path(ckpt_dir)
+        if not has_ema(ckpt_dir):
+            return False
+        if _saved_ranks(ckpt_dir) == world_size:
+            self._load_own(ckpt_dir / FILE.format(rank=rank))
+        else:
+            full = dict(iter_full(ckpt_dir))
+            missing = set(self.shadow) - set(full)
+            if missing:
+                raise ValueError(f"{ckpt_dir}: no EMA for parameters {sorted(missing)[:5]}; was it saved by another model?")
+            for n, s in self.shadow.items():
+                s.copy_(partition_of(full[n], rank, world_size, s.numel()))
+            self.updates = _updates(ckpt_dir / FILE.format(rank=0))
+        return True
+
+    def _load_own(self, path: Path) -> None:
         from safetensors import safe_open
 
-        path = Path(ckpt_dir) / FILE.format(rank=rank)
-        if not path.is_file():
-            return False
         with safe_open(str(path), "pt") as f:
             missing = set(self.shadow) - set(f.keys())
             if missing:
@@ -84,10 +102,32 @@ class ShardedEMA:
                 t = f.get_tensor(n)
                 if t.shape != self.shadow[n].shape:
                     raise ValueError(f"{path}: EMA of {n} has {tuple(t.shape)} elements, this rank holds "
-                                     f"{tuple(self.shadow[n].shape)}; resume with the world size that saved it")
+                                     f"{tuple(self.shadow[n].shape)}; was it saved by another model?")
                 self.shadow[n].copy_(t)
-            self.updates = int(f.metadata()["updates"])
-        return True
+        self.updates = _updates(path)
+
+
+def partition_of(full: torch.Tensor, rank: int, world_size: int, numel: int) -> torch.Tensor:
+    """Rank `rank`'s flat ZeRO-3 slice of `full`: `numel` elements from rank * numel, zero past the end
+    (DeepSpeed `_partition_param`); `numel == full.numel()` without partitioning. Shape (numel,)."""
+    flat = full.reshape(-1).float()
+    if numel == flat.numel():
+        return flat
+    out = torch.zeros(numel)
+    part = flat[rank * numel : (rank + 1) * numel]
+    out[: part.numel()] = part
+    return out
+
+
+def _saved_ranks(ckpt_dir: Path) -> int:
+    return len(list(Path(ckpt_dir).glob("ema_rank*.safetensors")))
+
+
+def _updates(path: Path) -> int:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return int(f.metadata()["updates"])
 
 
 def has_ema(ckpt_dir: Path) -> bool:

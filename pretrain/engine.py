@@ -206,13 +206,18 @@ def load_initial_weights(model: torch.nn.Module, cfg: Config) -> int:
     return n
 
 
-def build_engine(cfg: Config, plan: BatchPlan, init_weights: bool = True):
+def build_engine(cfg: Config, plan: BatchPlan, init_weights: bool = True, load_universal: bool = False):
     """Model (+ `train.init_from` weights unless `init_weights` is False, e.g. when a checkpoint follows)
-    + optimizer wrapped by `deepspeed.initialize`; returns (engine, ds_config)."""
+    + optimizer wrapped by `deepspeed.initialize`; returns (engine, ds_config).
+
+    `load_universal`: the checkpoint to resume is a DeepSpeed universal one (another world size saved it).
+    """
     import deepspeed
 
     on_gpu = torch.cuda.is_available()
     ds_config = derive_ds_config(cfg, plan, on_gpu)
+    if load_universal:
+        ds_config["checkpoint"] = {**ds_config.get("checkpoint", {}), "load_universal": True}
     model = build_model(cfg, ds_config)
     if init_weights and cfg.train.init_from:
         n = load_initial_weights(model, cfg)

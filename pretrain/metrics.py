@@ -77,6 +77,7 @@ class StepStats:
     applied: bool  # False: NaN/Inf step, skipped
     times: dict[str, float] = field(default_factory=dict)
     digest: list[int] = field(default_factory=list)  # per-rank digest of the sequences consumed
+    sequences: int = 0  # order-independent digest of the step's sequences, the same on any number of ranks
 
 
 def memory_stats() -> dict[str, float]:

@@ -25,7 +25,7 @@ from data_pipeline.loader import build_loader
 from pretrain import checkpoint, configlib, distributed, generate
 from pretrain.config import Config, config_changes, load_config, save_config
 from pretrain.ema import ShardedEMA
-from pretrain.engine import BatchPlan, build_engine, plan_batch
+from pretrain.engine import BatchPlan, BatchSizeError, build_engine, plan_batch
 from pretrain.metrics import MetricsWriter, StepStats, StepTimer, detect_peak_flops
 from pretrain.schedule import lr_at, set_lr
 
@@ -149,20 +149,38 @@ def batch_digest(batches: list[TransfusionBatch]) -> int:
     return int(h.hexdigest()[:12], 16)
 
 
-def global_denominators(batches: list[TransfusionBatch], plan: BatchPlan, rank: int) -> tuple[float, float, int, int, list[int]]:
+SEQUENCE_DIGEST_BITS = 40  # a step's sum of per-sequence digests stays exact in float64 up to 2**13 sequences
+
+
+def sequence_digests(b: TransfusionBatch) -> list[int]:
+    """One 40-bit fingerprint per packed sequence of `b` (its tokens and the latents of its images)."""
+    out, first = [], 0  # images are numbered row-major: row i holds images first .. its largest id
+    for i in range(b.tokens.shape[0]):
+        end = max(first, int(b.image_ids[i].max()) + 1)
+        h = hashlib.sha1(b.tokens[i].numpy().tobytes())
+        h.update(b.latents[first:end].float().numpy().tobytes())
+        out.append(int(h.hexdigest()[: SEQUENCE_DIGEST_BITS // 4], 16))
+        first = end
+    return out
+
+
+def global_denominators(batches: list[TransfusionBatch], plan: BatchPlan, rank: int) -> tuple[float, float, int, int, list[int], int]:
     """All-reduce the step's text-target and image counts; return per-micro-batch denominators.
 
     DeepSpeed divides each micro-batch loss by the accumulation steps and averages gradients over
     ranks, so dividing sums by global/(gas*world) yields exactly d(sum / global count).
+    Also returns the per-rank digests and the step's order-independent sequence digest (the sum of
+    every rank's `sequence_digests`): equal for the same sequences whatever the number of ranks.
     """
     digests = [0.0] * plan.world_size
     digests[rank] = float(batch_digest(batches))
     text = sum(b.num_text_targets for b in batches)
     images = sum(b.num_images for b in batches)
-    out = distributed.all_reduce_sum([float(text), float(images), *digests])
+    seqs = float(sum(d for b in batches for d in sequence_digests(b)))
+    out = distributed.all_reduce_sum([float(text), float(images), seqs, *digests])
     g_text, g_img = int(out[0]), int(out[1])
     scale = plan.grad_accum * plan.world_size
-    return max(g_text, 1) / scale, max(g_img, 1) / scale, g_text, g_img, [int(d) for d in out[2:]]
+    return max(g_text, 1) / scale, max(g_img, 1) / scale, g_text, g_img, [int(d) for d in out[3:]], int(out[2])
 
 
 def forward_backward(
@@ -188,7 +206,7 @@ def train_step(run: Run) -> StepStats:
     run.timer.reset()
     with run.timer.phase("data"):
         batches, run.loader_state = run.prefetch.get()
-    t_denom, i_denom, g_text, g_img, digests = global_denominators(batches, run.plan, run.env.rank)
+    t_denom, i_denom, g_text, g_img, digests, seqs = global_denominators(batches, run.plan, run.env.rank)
     lr = lr_at(run.step, run.cfg.optim, run.cfg.train.steps)
     set_lr(run.engine.optimizer, lr)
     lm_sum, diff_sum = forward_backward(run.engine, batches, t_denom, i_denom, run.timer)
@@ -203,6 +221,7 @@ def train_step(run: Run) -> StepStats:
         step=run.step + 1, loss=lm + run.cfg.model.diffusion_loss_weight * diff, lm_loss=lm, diffusion_loss=diff,
         lr=lr, grad_norm=float(gn) if gn is not None else float("nan"), text_tokens=g_text, images=g_img,
         applied=bool(run.engine.was_step_applied()), times=dict(run.timer.times), digest=digests,
+        sequences=seqs,
     )
 
 
@@ -308,25 +327,49 @@ def check_resume(cfg: Config, env: DistEnv) -> Path | None:
         )
     for k, (a, b) in free.items():
         log.info("config change on resume: %s %r -> %r", k, a, b)
-    saved = len(list(path.glob("zero_pp_rank_*_model_states.pt")))  # one per rank under ZeRO-3
-    if saved and saved != env.world_size:
-        raise ResumeError(
-            f"{path} was saved by {saved} ranks, this job has {env.world_size}. ZeRO-3 shards are tied to "
-            "the world size: relaunch with the same number of ranks, or start a new train.run_dir "
-            "(checkpoint.resume=none)."
-        )
+    saved = checkpoint.saved_world_size(path)
+    if saved != env.world_size:
+        log.info("%s was saved by %d ranks, this job has %d: resuming through DeepSpeed's universal checkpoint "
+                 "(same global batch; the accumulation steps adapt)", path, saved, env.world_size)
     return path
 
 
+def plan_for(cfg: Config, env: DistEnv, ckpt: Path | None) -> BatchPlan:
+    """The batch plan; a resume on another world size that cannot keep the global batch says what to set."""
+    try:
+        return plan_batch(cfg, env.world_size)
+    except BatchSizeError as e:
+        if ckpt is None or checkpoint.saved_world_size(ckpt) == env.world_size:
+            raise
+        g = cfg.train.global_batch_size
+        micro = [m for m in range(1, g + 1) if g % (m * env.world_size) == 0]
+        raise ResumeError(
+            f"{ckpt} was trained with train.global_batch_size={g}, which a resume keeps, and {g} sequences do not "
+            f"split over {env.world_size} ranks x train.micro_batch_size={cfg.train.micro_batch_size}. Set "
+            f"train.micro_batch_size to one of {micro or 'none'}"
+            + ("" if micro else f", or use a number of ranks that divides {g}") + "."
+        ) from e
+
+
 def resume(run: Run, path: Path) -> None:
-    """Load model, optimizer, step, loader position and RNG states from checkpoint `path` (every rank)."""
-    client = checkpoint.load(run.engine, path)
+    """Load model, optimizer, step, loader position and RNG states from checkpoint `path` (every rank).
+
+    From another world size: DeepSpeed's universal checkpoint (re-partitioned weights and Adam moments),
+    the loader position of the same global sample count (streaming's global sample order does not
+    depend on the number of ranks at a fixed data.num_canonical_nodes), the EMA re-sliced; the RNG
+    streams are not restored (they are per rank; the batches' noise comes from the loader, not from them).
+    """
+    reshard = checkpoint.saved_world_size(path) != run.env.world_size
+    client = checkpoint.load(run.engine, path, universal=reshard)
     run.step = int(client["step"])
     run.bad_total = int(client.get("bad_total", 0))
     run.loader.load_state_dict(client["loader"])
     run.loader_state = client["loader"]
-    checkpoint.set_rng_state(client["rng"])
-    if run.ema is not None and not run.ema.load(path, run.env.rank):
+    if reshard:
+        log.info("RNG states not restored: %s was saved by %d ranks", path, checkpoint.saved_world_size(path))
+    else:
+        checkpoint.set_rng_state(client["rng"])
+    if run.ema is not None and not run.ema.load(path, run.env.rank, run.env.world_size):
         log.warning("%s holds no EMA (train.ema_decay was 0): the EMA starts from the resumed weights", path)
     log.info("resumed from %s at step %d", path, run.step)
 
@@ -378,11 +421,17 @@ def setup(argv: list[str] | None) -> Run:
 
 
 def _build_run(cfg: Config, env: DistEnv) -> Run:
-    plan = plan_batch(cfg, env.world_size)
+    ckpt = check_resume(cfg, env)
+    plan = plan_for(cfg, env, ckpt)
     log.info("launcher %s, %d ranks; global batch %d = micro %d x accumulation %d x ranks %d",
              env.launcher, env.world_size, plan.global_batch, plan.micro_batch, plan.grad_accum, plan.world_size)
-    ckpt = check_resume(cfg, env)
-    engine, _ = build_engine(cfg, plan, init_weights=ckpt is None)  # a checkpoint overrides train.init_from
+    reshard = ckpt is not None and checkpoint.saved_world_size(ckpt) != env.world_size
+    if reshard:
+        if env.is_main:
+            log.info("universal checkpoint: %s", checkpoint.to_universal(ckpt))
+        distributed.barrier()
+    # a checkpoint overrides train.init_from
+    engine, _ = build_engine(cfg, plan, init_weights=ckpt is None, load_universal=reshard)
     loader, val_loaders = build_loaders(cfg, plan)
     run = Run(cfg, env, plan, engine, loader, val_loaders, None, StopRequest())
     if cfg.train.ema_decay > 0:

@@ -183,6 +183,45 @@ def test_resume_refuses_changed_model_or_data_keys_and_logs_schedule_changes(tmp
     assert "model.attention 'sdpa' -> 'flex'" in caplog.text
 
 
+def test_resume_on_another_world_size_keeps_the_global_batch_or_says_what_to_set(tmp_path, caplog):
+    """A checkpoint saved by 2 ranks resumes on 4 (accumulation 2 -> 1... the global batch stays); on 3 ranks
+    the fixed global batch of 8 cannot split, and the error names the micro-batch sizes that would."""
+    from pretrain.distributed import DistEnv
+    from pretrain.train import ResumeError, check_resume, plan_for
+
+    cfg = load_config("configs/tiny.yaml", [f"train.run_dir={tmp_path}", "train.micro_batch_size=1"])
+    ckpt = _checkpoint_with_config(tmp_path, 4, cfg)
+    for r in range(2):
+        (ckpt / f"zero_pp_rank_{r}_mp_rank_00_model_states.pt").write_bytes(b"")
+    assert checkpoint.saved_world_size(ckpt) == 2
+    four = DistEnv(0, 0, 4, 4, "127.0.0.1", 1, "torchrun")
+    with caplog.at_level("INFO", logger="pretrain"):
+        assert check_resume(cfg, four) == ckpt
+    assert "saved by 2 ranks, this job has 4: resuming through DeepSpeed's universal checkpoint" in caplog.text
+    plan = plan_for(cfg, four, ckpt)
+    assert (plan.global_batch, plan.micro_batch, plan.grad_accum, plan.world_size) == (8, 1, 2, 4)
+    three = DistEnv(0, 0, 3, 3, "127.0.0.1", 1, "torchrun")
+    with pytest.raises(ResumeError, match=r"global_batch_size=8, which a resume keeps.*3 ranks.*one of none, or use a "
+                                          r"number of ranks that divides 8"):
+        plan_for(cfg, three, ckpt)
+    micro3 = load_config("configs/tiny.yaml", [f"train.run_dir={tmp_path}", "train.micro_batch_size=3"])
+    with pytest.raises(ResumeError, match=r"Set train.micro_batch_size to one of \[1, 2\]\."):
+        plan_for(micro3, four, ckpt)
+
+
+def test_universal_conversion_of_a_broken_checkpoint_fails_cleanly(tmp_path):
+    """DeepSpeed's converter fails on unreadable shards: the error names the checkpoint and the world size
+    that saved it, and no half-made universal directory is left (a later resume would trust it)."""
+    ckpt = _checkpoint_with_config(tmp_path, 4, load_config("configs/tiny.yaml", [f"train.run_dir={tmp_path}"]))
+    for r in range(2):
+        for kind in ("model", "optim"):
+            (ckpt / f"zero_pp_rank_{r}_mp_rank_00_{kind}_states.pt").write_bytes(b"not a torch file")
+    with pytest.raises(RuntimeError, match=r"(?s)step_00000004: DeepSpeed's universal-checkpoint conversion failed.*"
+                                           r"Resume with the world size that saved it \(2 ranks\)"):
+        checkpoint.to_universal(ckpt)
+    assert sorted(p.name for p in ckpt.iterdir() if "universal" in p.name) == []
+
+
 def test_config_changes_splits_fixed_and_free_keys():
     from pretrain.config import config_changes
 
@@ -193,6 +232,44 @@ def test_config_changes_splits_fixed_and_free_keys():
     assert fixed == {"model.n_kv_heads": (None, 2), "data.shuffle": (True, False), "train.seed": (0, 1)}
     assert free == {"optim.lr": (1e-3, 1e-4), "data.num_workers": (2, 0)}
     assert config_changes(a, a) == ({}, {})
+
+
+def test_ema_saved_by_two_ranks_resumes_on_one_and_three(tmp_path):
+    """An EMA saved as 2 ZeRO-3 ranks' partitions (ceil(numel/2) per rank, the last zero-padded) loads on
+    1 rank as the whole parameter and on 3 ranks as DeepSpeed's 3-way partitions of it."""
+    from pretrain.ema import ShardedEMA
+
+    torch.manual_seed(0)
+    full = {"a": torch.randn(5, 3), "b": torch.randn(7)}  # 15 and 7 elements: both padded on 2 and on 3 ranks
+
+    class FakeZero3(torch.nn.Parameter):  # what ZeRO-3 leaves on a parameter: ds_tensor (this rank's slice), ds_shape
+        pass
+
+    def ranks(world: int) -> list[dict[str, torch.nn.Parameter]]:
+        out = []
+        for r in range(world):
+            named = {}
+            for n, t in full.items():
+                k = -(-t.numel() // world)
+                p = FakeZero3(torch.empty(0))
+                padded = torch.cat([t.reshape(-1), torch.zeros(k * world - t.numel())])
+                p.ds_tensor, p.ds_shape = padded[r * k:(r + 1) * k].clone(), t.shape
+                named[n] = p
+            out.append(named)
+        return out
+
+    for r, named in enumerate(ranks(2)):
+        ShardedEMA(named.items(), 0.9).save(tmp_path, r)  # the shadows start as the weights
+    for world in (1, 3):
+        for r, named in enumerate(ranks(world)):
+            for p in named.values():
+                p.ds_tensor = torch.full_like(p.ds_tensor, float("nan"))  # this run's weights differ from the EMA
+            ema = ShardedEMA(named.items(), 0.9)
+            assert ema.load(tmp_path, r, world)
+            for n, t in full.items():
+                k = -(-t.numel() // world)
+                want = torch.cat([t.reshape(-1), torch.zeros(k * world - t.numel())])[r * k:(r + 1) * k]
+                assert torch.equal(ema.shadow[n], want), (world, r, n)
 
 
 def test_ema_update_save_and_resume_against_the_formula(tmp_path):
@@ -215,10 +292,10 @@ def test_ema_update_save_and_resume_against_the_formula(tmp_path):
         torch.testing.assert_close(ema.shadow[n].view(e.shape), e, rtol=1e-6, atol=1e-6)
     ema.save(tmp_path, 0)
     again = ShardedEMA(model.named_parameters(), 0.9)
-    assert again.load(tmp_path, 0) and again.updates == 30
+    assert again.load(tmp_path, 0, 1) and again.updates == 30
     assert all(torch.equal(again.shadow[n], ema.shadow[n]) for n in ref)
     full = load_full(tmp_path)
     assert {n: tuple(t.shape) for n, t in full.items()} == {n: tuple(p.shape) for n, p in model.named_parameters()}
-    assert not ShardedEMA(model.named_parameters(), 0.9).load(tmp_path / "none", 0)  # no EMA saved there
+    assert not ShardedEMA(model.named_parameters(), 0.9).load(tmp_path / "none", 0, 1)  # no EMA saved there
     with pytest.raises(ValueError, match="ema_decay"):
         ShardedEMA(model.named_parameters(), 1.0)
