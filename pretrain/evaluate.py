@@ -6,7 +6,7 @@ Writes DIR/report.json, DIR/grid.png (prompts over their samples) and prints a t
 
 - **vae**: fresh generator draws, encoded and decoded by the VAE, judged (the ceiling of the rest);
 - **text_to_image**: one prompt per (colour, shape, place) combination (x `per_combo`), sampled with
-  DDIM + classifier-free guidance, decoded, judged by `pretrain.judge` (colour, shape, place, exactly
+  the export's sampler (DDPM ancestral, 100 steps, by default) + classifier-free guidance, decoded, judged by `pretrain.judge` (colour, shape, place, exactly
   one object, and all three right);
 - **captions**: fresh draws encoded, captioned greedily, the caption's words checked;
 - **text**: LM loss and perplexity on fresh synthetic text documents;

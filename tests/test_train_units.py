@@ -184,7 +184,7 @@ def test_resume_refuses_changed_model_or_data_keys_and_logs_schedule_changes(tmp
 
 
 def test_resume_on_another_world_size_keeps_the_global_batch_or_says_what_to_set(tmp_path, caplog):
-    """A checkpoint saved by 2 ranks resumes on 4 (accumulation 2 -> 1... the global batch stays); on 3 ranks
+    """A checkpoint saved by 2 ranks resumes on 4 (accumulation 4 -> 2: the global batch of 8 stays); on 3 ranks
     the fixed global batch of 8 cannot split, and the error names the micro-batch sizes that would."""
     from pretrain.distributed import DistEnv
     from pretrain.train import ResumeError, check_resume, plan_for
