@@ -1,13 +1,13 @@
 """Evaluate a model on the synthetic shapes task, judged by pixels and words, never by the model itself.
 
-    python -m pretrain.evaluate --model EXPORT_DIR --out DIR [--per-combo 1] [--steps 50] [--cfg-scale 3]
+    python -m pretrain.evaluate --model EXPORT_DIR --out DIR [--per-combo 1] [--steps 100] [--cfg-scale 3]
 
 Writes DIR/report.json, DIR/grid.png (prompts over their samples) and prints a table:
 
 - **vae**: fresh generator draws, encoded and decoded by the VAE, judged (the ceiling of the rest);
 - **text_to_image**: one prompt per (colour, shape, place) combination (x `per_combo`), sampled with
-  the export's sampler (DDPM ancestral, 100 steps, by default) + classifier-free guidance, decoded, judged by `pretrain.judge` (colour, shape, place, exactly
-  one object, and all three right);
+  the export's sampler (DDPM ancestral, 100 steps, by default) and classifier-free guidance,
+  decoded, judged by `pretrain.judge` (colour, shape, place, exactly one object, all three right);
 - **captions**: fresh draws encoded, captioned greedily, the caption's words checked;
 - **text**: LM loss and perplexity on fresh synthetic text documents;
 
