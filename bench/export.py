@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", type=Path, default=Path("/tmp/bench_export"), help="data, run and outputs go here")
     ap.add_argument("--ckpt", type=Path, default=None, help="reuse this run directory's newest checkpoint")
-    ap.add_argument("--repeat", type=int, default=1, help="runs per tool; the table shows the fastest and its RSS")
+    ap.add_argument("--repeat", type=int, default=1, help="rounds (each tool once per round); the table shows each tool's fastest run and its peak RSS")
     a = ap.parse_args(argv)
     a.work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -154,13 +154,12 @@ def main(argv: list[str] | None = None) -> None:
         "export fp32": [*ours, "--dtype", "fp32", "--out", str(outs["export fp32"])],
         "export bf16": [*ours, "--dtype", "bf16", "--out", str(outs["export bf16"])],
     }
-    results: dict[str, tuple[float, float]] = {}
-    for name, cmd in cmds.items():
-        runs = []
-        for _ in range(a.repeat):
+    runs: dict[str, list[tuple[float, float]]] = {name: [] for name in cmds}
+    for _ in range(a.repeat):  # rounds: each tool once per round, so load changes hit all tools alike
+        for name, cmd in cmds.items():
             shutil.rmtree(outs[name], ignore_errors=True)
-            runs.append(measure(cmd))
-        results[name] = min(runs)
+            runs[name].append(measure(cmd))
+    results = {name: min(r) for name, r in runs.items()}  # the fastest run and its RSS
     n_tensors, n_params = compare(outs["zero_to_fp32"], outs["export fp32"], outs["export bf16"])
     print(f"{n_params / 1e9:.3f}B parameters in {n_tensors} tensors; fp32 export == zero_to_fp32 bit for bit, "
           "bf16 export == its bf16 cast bit for bit")

@@ -1,8 +1,11 @@
 """Export a ZeRO-3 checkpoint for inference: safetensors weights + config + tokenizer (+ VAE).
 
-Streams tensor by tensor: DeepSpeed's lazy consolidation memory-maps each rank's fp32 partitions
-and each full tensor is assembled only when written, and written shards are released, so peak
-memory is about one shard (`--max-shard-gb`), never the whole model several times over.
+Streams tensor by tensor: DeepSpeed's lazy consolidation memory-maps each rank's fp32 partitions,
+each full tensor is assembled only when written into its safetensors file (`write_safetensors`: the
+header is planned from the shapes), and the mapped pages it read are then dropped, so peak memory is
+about one full tensor beside the interpreter, not one shard (`--max-shard-gb`) nor the model
+(bench/export.py: a quarter of DeepSpeed's zero_to_fp32 on a 0.37B checkpoint). The EMA weights
+(`ema.iter_full`) and `--hf-llama` come as whole tensors; they are held per shard.
 
     python -m pretrain.export --run-dir runs/tiny --out exports/tiny [--step N] [--dtype bf16] [--vae DIR]
 
@@ -20,9 +23,12 @@ refused unless `--force`. Errors (exit 2) name the file that is missing or damag
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
+import math
 import os
 import shutil
+import struct
 import sys
 import zipfile
 from pathlib import Path
@@ -90,33 +96,80 @@ def lazy_tensors(ckpt: Path) -> Iterator[tuple[str, "object"]]:
     yield from state.items()
 
 
+# safetensors' dtype codes (the format's spec, github.com/huggingface/safetensors#format)
+ST_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64"}
+MADV_DONTNEED = 4  # Linux <sys/mman.h>
+
+
 def write_shards(tensors: Iterator[tuple[str, object]], out: Path, dtype: torch.dtype, max_shard_bytes: int) -> list[Path]:
-    """Write tensors into safetensors shards of at most `max_shard_bytes` each; returns the shard paths."""
-    from safetensors.torch import save_file
+    """Write tensors into safetensors shards of at most `max_shard_bytes` each; returns the shard paths.
 
-    shards: list[dict[str, torch.Tensor]] = [{}]
+    `tensors` yields (name, tensor) or (name, DeepSpeed lazy tensor: `.shape`, materialised by `.contiguous()`).
+    A shard is planned from the shapes alone and written one tensor at a time (`write_safetensors`), so
+    lazy tensors are materialised one by one: peak memory is one full tensor, not one shard.
+    """
     paths: list[Path] = []
+    shard: list[tuple[str, object]] = []
     size = 0
-
-    def flush() -> None:
-        nonlocal size
-        path = out / f"model-part{len(paths):05d}.safetensors"
-        save_file(shards[-1], str(path), metadata={"format": "pt"})
-        paths.append(path)
-        shards[-1] = {}
-        size = 0
-
-    for name, lazy in tensors:
-        t = lazy.contiguous() if not isinstance(lazy, torch.Tensor) else lazy  # materialise this one tensor
-        t = t.to(dtype).contiguous()
-        nbytes = t.numel() * t.element_size()
-        if shards[-1] and size + nbytes > max_shard_bytes:
-            flush()
-        shards[-1][name] = t
+    for name, t in tensors:
+        nbytes = math.prod(t.shape) * dtype.itemsize
+        if shard and size + nbytes > max_shard_bytes:
+            paths.append(write_safetensors(shard, out / f"model-part{len(paths):05d}.safetensors", dtype))
+            shard, size = [], 0
+        shard.append((name, t))
         size += nbytes
-    if shards[-1] or not paths:
-        flush()
+    if shard or not paths:
+        paths.append(write_safetensors(shard, out / f"model-part{len(paths):05d}.safetensors", dtype))
     return _name_shards(paths, out)
+
+
+def write_safetensors(items: list[tuple[str, object]], path: Path, dtype: torch.dtype) -> Path:
+    """One safetensors file of `items` cast to `dtype`, streamed: header from the shapes, then each tensor's
+    bytes as it is materialised (after which the checkpoint pages it read are dropped, `_drop_mapped_pages`).
+
+    Format (safetensors spec): u64 little-endian header length, JSON header {name: {dtype, shape,
+    data_offsets}} padded with spaces to 8 bytes, then the tensors' bytes in header order.
+    """
+    header: dict[str, object] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, t in items:
+        nbytes = math.prod(t.shape) * dtype.itemsize
+        header[name] = {"dtype": ST_DTYPES[dtype], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(head)) + head)
+        for name, lazy in items:
+            t = lazy if isinstance(lazy, torch.Tensor) else lazy.contiguous()  # materialise this one tensor
+            t = t.to(dtype).contiguous()
+            if tuple(t.shape) != tuple(header[name]["shape"]):
+                raise ExportError(f"{name}: materialised shape {tuple(t.shape)} differs from its declared {header[name]['shape']}")
+            f.write(t.reshape(-1).view(torch.uint8).numpy().data)
+            del t
+            _drop_mapped_pages()
+    return path
+
+
+def _drop_mapped_pages(suffix: str = "_optim_states.pt") -> None:
+    """Drop this process's resident pages of memory-mapped checkpoint files (`*_optim_states.pt`).
+
+    DeepSpeed's lazy consolidation maps each rank's optimizer file (torch.load(mmap=True)); every page read
+    stays in this process's RSS until unmapped, so a whole-model export would end holding all fp32
+    partitions. MADV_DONTNEED on a read-only file mapping only discards the resident copy (a later read
+    faults it back in from the page cache); it is applied only to mappings /proc/self/maps names as such
+    files, never to anonymous memory. A no-op where /proc or madvise is unavailable.
+    """
+    try:
+        maps = Path("/proc/self/maps").read_text().splitlines()
+        libc = ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return
+    for line in maps:
+        fields = line.split(maxsplit=5)
+        if len(fields) == 6 and fields[5].endswith(suffix):
+            lo, hi = (int(x, 16) for x in fields[0].split("-"))
+            libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), MADV_DONTNEED)
 
 
 def _name_shards(paths: list[Path], out: Path) -> list[Path]:

@@ -193,3 +193,45 @@ def test_from_pretrained_reads_a_sharded_export_exactly(tmp_path: Path) -> None:
     with torch.no_grad():
         a, b = model(batch), loaded(batch)
     assert torch.equal(a.lm_loss_sum, b.lm_loss_sum) and torch.equal(a.diffusion_loss_sum, b.diffusion_loss_sum)
+
+
+def test_streamed_shards_read_back_with_safetensors_in_every_dtype(tmp_path: Path) -> None:
+    """write_shards' own safetensors writer (header from the shapes, then one tensor at a time): safetensors'
+    reader gives back each tensor cast to the export dtype bit for bit, 0-d and empty tensors included."""
+    from pretrain.export import write_shards
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {"a.weight": torch.randn(7, 5, generator=g), "b.scalar": torch.tensor(3.25), "c.empty": torch.zeros(0, 4),
+               "d.bias": torch.randn(33, generator=g) * 1e3}
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        for shard_bytes, files in ((10**6, 1), (100, 2)):
+            out = tmp_path / f"{dtype}-{shard_bytes}"
+            out.mkdir()
+            paths = write_shards(iter(tensors.items()), out, dtype, shard_bytes)
+            assert len(paths) >= files
+            got = {}
+            for p in paths:
+                got.update(load_file(p))
+            assert got.keys() == tensors.keys()
+            for k, t in tensors.items():
+                assert got[k].dtype == dtype and got[k].shape == t.shape and torch.equal(got[k], t.to(dtype)), (dtype, k)
+
+
+def test_dropping_mapped_checkpoint_pages_frees_rss_and_keeps_the_data(tmp_path: Path) -> None:
+    """Pages of a memory-mapped *_optim_states.pt that were read leave the process's RSS (RssFile in
+    /proc/self/status) after _drop_mapped_pages, and the tensor still reads the same values."""
+    from pretrain.export import _drop_mapped_pages
+
+    def rss_file_mib() -> float:
+        line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith("RssFile:"))
+        return int(line.split()[1]) / 1024
+
+    path = tmp_path / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    torch.save({"flat": torch.arange(2**24, dtype=torch.float32)}, path)  # 64 MiB
+    flat = torch.load(path, mmap=True, weights_only=True)["flat"]
+    total = float(flat.sum(dtype=torch.float64))  # reads every page
+    before = rss_file_mib()
+    _drop_mapped_pages()
+    after = rss_file_mib()
+    assert before - after > 48, (before, after)
+    assert float(flat.sum(dtype=torch.float64)) == total == (2**24 - 1) * 2**24 / 2
