@@ -117,7 +117,8 @@ def compare(ref_dir: Path, fp32_dir: Path, bf16_dir: Path) -> tuple[int, int]:
             ref.update({k: f for k in fh.keys()})
     got32, got16 = dict(export_tensors(fp32_dir)), dict(export_tensors(bf16_dir))
     if set(got32) != set(ref) or set(got16) != set(ref):
-        raise AssertionError(f"tensor names differ: {sorted(set(ref) ^ set(got32))[:5]} {sorted(set(ref) ^ set(got16))[:5]}")
+        diff = sorted((set(ref) ^ set(got32)) | (set(ref) ^ set(got16)))
+        raise AssertionError(f"tensor names differ from zero_to_fp32's: {diff[:5]}")
     params = 0
     for name, f in ref.items():
         with safe_open(str(f), "pt") as fh:
@@ -134,7 +135,8 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", type=Path, default=Path("/tmp/bench_export"), help="data, run and outputs go here")
     ap.add_argument("--ckpt", type=Path, default=None, help="reuse this run directory's newest checkpoint")
-    ap.add_argument("--repeat", type=int, default=1, help="rounds (each tool once per round); the table shows each tool's fastest run and its peak RSS")
+    ap.add_argument("--repeat", type=int, default=1, 
+                    help="rounds (each tool once per round); the table shows each tool's fastest run and its peak RSS")
     a = ap.parse_args(argv)
     a.work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -168,7 +170,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"| tool | seconds | peak RSS GiB | time vs zero_to_fp32 | RSS vs zero_to_fp32 | output GiB |")
     print("|---|---|---|---|---|---|")
     for name, (s, rss) in results.items():
-        print(f"| {name} | {s:.1f} | {rss:.2f} | {s / base_s:.2f}x | {rss / base_rss:.2f}x | {dir_gib(outs[name]):.2f} |")
+        gib = dir_gib(outs[name])
+        print(f"| {name} | {s:.1f} | {rss:.2f} | {s / base_s:.2f}x | {rss / base_rss:.2f}x | {gib:.2f} |")
 
 
 if __name__ == "__main__":

@@ -101,7 +101,8 @@ ST_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16",
 MADV_DONTNEED = 4  # Linux <sys/mman.h>
 
 
-def write_shards(tensors: Iterator[tuple[str, object]], out: Path, dtype: torch.dtype, max_shard_bytes: int) -> list[Path]:
+def write_shards(tensors: Iterator[tuple[str, object]], out: Path, dtype: torch.dtype,
+                 max_shard_bytes: int) -> list[Path]:
     """Write tensors into safetensors shards of at most `max_shard_bytes` each; returns the shard paths.
 
     `tensors` yields (name, tensor) or (name, DeepSpeed lazy tensor: `.shape`, materialised by `.contiguous()`).
@@ -144,7 +145,8 @@ def write_safetensors(items: list[tuple[str, object]], path: Path, dtype: torch.
             t = lazy if isinstance(lazy, torch.Tensor) else lazy.contiguous()  # materialise this one tensor
             t = t.to(dtype).contiguous()
             if tuple(t.shape) != tuple(header[name]["shape"]):
-                raise ExportError(f"{name}: materialised shape {tuple(t.shape)} differs from its declared {header[name]['shape']}")
+                raise ExportError(f"{name}: materialised shape {tuple(t.shape)} differs from the declared "
+                                  f"{header[name]['shape']}")
             f.write(t.reshape(-1).view(torch.uint8).numpy().data)
             del t
             _drop_mapped_pages()
