@@ -93,7 +93,21 @@ def lazy_tensors(ckpt: Path) -> Iterator[tuple[str, "object"]]:
         state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name, lazy_mode=True)
     except Exception as e:  # DeepSpeed's own checks (partition counts, shapes) and unreadable files
         raise ExportError(f"{ckpt}: DeepSpeed could not consolidate the shards ({type(e).__name__}: {e})") from e
-    yield from state.items()
+    for name, lazy in state.items():
+        yield name, _Released(lazy, ckpt)
+
+
+class _Released:
+    """A DeepSpeed lazy tensor (`.shape`, `.contiguous()`) that drops the checkpoint's mapped pages once
+    materialised (`_drop_mapped_pages`); the tensor it returns is a fresh copy (torch.cat of the slices)."""
+
+    def __init__(self, lazy: object, ckpt: Path) -> None:
+        self.lazy, self.ckpt, self.shape = lazy, ckpt, lazy.shape
+
+    def contiguous(self) -> torch.Tensor:
+        t = self.lazy.contiguous()
+        _drop_mapped_pages(self.ckpt)
+        return t
 
 
 # safetensors' dtype codes (the format's spec, github.com/huggingface/safetensors#format)
@@ -126,7 +140,7 @@ def write_shards(tensors: Iterator[tuple[str, object]], out: Path, dtype: torch.
 
 def write_safetensors(items: list[tuple[str, object]], path: Path, dtype: torch.dtype) -> Path:
     """One safetensors file of `items` cast to `dtype`, streamed: header from the shapes, then each tensor's
-    bytes as it is materialised (after which the checkpoint pages it read are dropped, `_drop_mapped_pages`).
+    bytes as it is materialised (one at a time).
 
     Format (safetensors spec): u64 little-endian header length, JSON header {name: {dtype, shape,
     data_offsets}} padded with spaces to 8 bytes, then the tensors' bytes in header order.
@@ -149,27 +163,27 @@ def write_safetensors(items: list[tuple[str, object]], path: Path, dtype: torch.
                                   f"{header[name]['shape']}")
             f.write(t.reshape(-1).view(torch.uint8).numpy().data)
             del t
-            _drop_mapped_pages()
     return path
 
 
-def _drop_mapped_pages(suffix: str = "_optim_states.pt") -> None:
-    """Drop this process's resident pages of memory-mapped checkpoint files (`*_optim_states.pt`).
+def _drop_mapped_pages(ckpt: Path) -> None:
+    """Drop this process's resident pages of memory-mapped `ckpt/*_optim_states.pt` files.
 
     DeepSpeed's lazy consolidation maps each rank's optimizer file (torch.load(mmap=True)); every page read
     stays in this process's RSS until unmapped, so a whole-model export would end holding all fp32
-    partitions. MADV_DONTNEED on a read-only file mapping only discards the resident copy (a later read
-    faults it back in from the page cache); it is applied only to mappings /proc/self/maps names as such
-    files, never to anonymous memory. A no-op where /proc or madvise is unavailable.
+    partitions. MADV_DONTNEED on a file mapping nobody wrote to only discards the resident copy (a later
+    read faults it back in from the page cache); it is applied only to mappings /proc/self/maps names as
+    this checkpoint's optimizer files, never to anonymous memory. A no-op where /proc or madvise is missing.
     """
     try:
         maps = Path("/proc/self/maps").read_text().splitlines()
         libc = ctypes.CDLL(None, use_errno=True)
     except OSError:
         return
+    prefix = f"{Path(ckpt).resolve()}/"
     for line in maps:
         fields = line.split(maxsplit=5)
-        if len(fields) == 6 and fields[5].endswith(suffix):
+        if len(fields) == 6 and fields[5].startswith(prefix) and fields[5].endswith("_optim_states.pt"):
             lo, hi = (int(x, 16) for x in fields[0].split("-"))
             libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), MADV_DONTNEED)
 

@@ -218,8 +218,9 @@ def test_streamed_shards_read_back_with_safetensors_in_every_dtype(tmp_path: Pat
 
 
 def test_dropping_mapped_checkpoint_pages_frees_rss_and_keeps_the_data(tmp_path: Path) -> None:
-    """Pages of a memory-mapped *_optim_states.pt that were read leave the process's RSS (RssFile in
-    /proc/self/status) after _drop_mapped_pages, and the tensor still reads the same values."""
+    """Pages of a memory-mapped CKPT/*_optim_states.pt that were read leave the process's RSS (RssFile in
+    /proc/self/status) after _drop_mapped_pages(CKPT), not after another directory's, and the tensor still
+    reads the same values."""
     from pretrain.export import _drop_mapped_pages
 
     def rss_file_mib() -> float:
@@ -231,7 +232,9 @@ def test_dropping_mapped_checkpoint_pages_frees_rss_and_keeps_the_data(tmp_path:
     flat = torch.load(path, mmap=True, weights_only=True)["flat"]
     total = float(flat.sum(dtype=torch.float64))  # reads every page
     before = rss_file_mib()
-    _drop_mapped_pages()
+    _drop_mapped_pages(tmp_path / "other")  # another checkpoint's files only: these pages stay
+    assert rss_file_mib() > before - 8
+    _drop_mapped_pages(tmp_path)
     after = rss_file_mib()
     assert before - after > 48, (before, after)
     assert float(flat.sum(dtype=torch.float64)) == total == (2**24 - 1) * 2**24 / 2

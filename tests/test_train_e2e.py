@@ -1,8 +1,8 @@
 """End-to-end trainer tests: real DeepSpeed ZeRO-3 over 2 gloo CPU ranks, the 2-layer model, synthetic MDS shards.
 
 Two kinds of runs:
-- a step-level worker (this file run under torchrun: `python tests/test_train_e2e.py worker ...`) that drives the
-  trainer's own step functions on fixed micro-batches, to compare with a plain single-process PyTorch loop;
+- a worker (this file run under torchrun: `python tests/test_train_e2e.py worker ...`) that builds the trainer's
+  ZeRO-3 engine with `train.init_from` and runs the model on a fixed batch, to compare with a plain process;
 - the real entry point `python -m pretrain.train` under the deepspeed launcher, torchrun and accelerate launch,
   with kill -9 (PRETRAIN_FAULT makes a rank SIGKILL itself at an exact point) and auto-resume.
 """
@@ -247,3 +247,109 @@ def test_epochs_roll_over_with_workers_and_validation(demo_data, tmp_path):
     assert sorted(rows) == list(range(1, 41))
     rows_per_epoch = sum(json.loads((Path(s.local) / "pack.json").read_text())["rows"] for s in demo_data.data_config.streams)
     assert 40 * 8 > 2 * rows_per_epoch, "the run must cross at least two epoch boundaries"
+
+
+# ------------------------------------------------------------------ train.init_from and from_pretrained parity
+
+
+def model_outputs(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """(next-token logits (B*L, V), predicted eps (N, C, H, W)) of `model` on `batch` at its own noise and timesteps."""
+    from pretrain.model.diffusion import add_noise
+
+    with torch.no_grad():
+        ab = model.alpha_bar(batch.latents.device)  # (T,)
+        x_t = add_noise(batch.latents, batch.noise, batch.timesteps, ab)  # (N, C, H, W)
+        h, eps = model.hidden_and_eps(batch, x_t, batch.timesteps)  # (B*L, D), (N, C, H, W)
+        return model.lm_logits(h), eps
+
+
+def init_worker(config: str, batch_path: str, out_path: str, *overrides: str) -> None:
+    """On each rank under torchrun: the trainer's engine (`build_engine`, which loads train.init_from under
+    ZeRO-3), its gathered weights before any step, and its logits and eps on the batch; rank 0 saves them."""
+    import deepspeed
+
+    from contract.batch import TransfusionBatch
+    from pretrain import distributed
+    from pretrain.config import load_config
+    from pretrain.engine import build_engine, plan_batch
+
+    env = distributed.init_distributed("gloo", timeout_minutes=3)
+    cfg = load_config(config, [*RUN_OVERRIDES, *overrides])
+    engine, _ = build_engine(cfg, plan_batch(cfg, env.world_size))
+    model = engine.module.eval()
+    params = list(model.parameters())
+    with deepspeed.zero.GatheredParameters(params):
+        weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+    logits, eps = model_outputs(model, TransfusionBatch(**torch.load(batch_path, weights_only=True)))
+    if env.rank == 0:
+        torch.save({"weights": weights, "logits": logits, "eps": eps}, out_path)
+
+
+def fixed_batch(demo_data, cfg):
+    """The first micro-batch of 2 sequences with an image from the real loader (one process)."""
+    from dataclasses import replace
+
+    from data_pipeline.loader import build_loader
+
+    m = cfg.model
+    loader = build_loader(replace(cfg.data, num_workers=0), "val", micro_batch_size=2, seed=1, patch_size=m.patch_size,
+                          latent_shape=(m.latent_channels, m.latent_size, m.latent_size),
+                          diffusion_steps=m.diffusion_steps)
+    return next(b for b in loader if b.num_images > 0 and b.num_text_targets > 0)
+
+
+def test_init_from_export_under_zero3_matches_from_pretrained(straight, demo_data, tmp_path):
+    """An export of the straight run, loaded two ways:
+    - the trainer's ZeRO-3 engine on 2 gloo ranks with train.init_from (worker above): before any step its
+      gathered weights equal the export's tensors bit for bit, and its logits and eps on a fixed batch equal
+      those of `Transfusion.from_pretrained(export)` in this plain process within 1e-5 (fp32; same kernels, so
+      expected equal up to thread-count-dependent summation order);
+    - the real entry point (deepspeed launcher) with train.init_from: a fresh run (no checkpoint resumed, step 1
+      at the warm-up's first learning rate, the data from its start: straight's step-1 digest) whose first loss
+      is far below straight's first loss (the trained weights were loaded, not a fresh init)."""
+    from dataclasses import asdict
+
+    from pretrain.config import load_config
+    from pretrain.export import export, export_tensors
+    from pretrain.model import Transfusion
+    from pretrain.schedule import lr_at
+
+    exp = export(straight, tmp_path / "export", None, "fp32", 1.0, None)  # the EMA weights of step 10
+    cfg = load_config(config_arg(demo_data), RUN_OVERRIDES)
+    batch = fixed_batch(demo_data, cfg)
+    torch.save(asdict(batch), tmp_path / "batch.pt")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           __file__, "worker", config_arg(demo_data), str(tmp_path / "batch.pt"), str(tmp_path / "engine.pt"),
+           f"train.init_from={exp}"]
+    p = subprocess.run(cmd, cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=TIMEOUT)
+    assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
+    got = torch.load(tmp_path / "engine.pt", weights_only=True)
+
+    tensors = dict(export_tensors(exp))
+    assert set(got["weights"]) == set(tensors)
+    for n, t in tensors.items():
+        assert torch.equal(got["weights"][n], t), n
+    model = Transfusion.from_pretrained(exp)
+    logits, eps = model_outputs(model, batch)
+    assert eps.shape == (batch.num_images, *demo_data.latent_shape) and logits.shape[-1] == cfg.model.vocab_size
+    d_logits, d_eps = float((got["logits"] - logits).abs().max()), float((got["eps"] - eps).abs().max())
+    print(f"engine vs from_pretrained: max |logit diff| {d_logits:.2e}, max |eps diff| {d_eps:.2e}")
+    torch.testing.assert_close(got["logits"], logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got["eps"], eps, rtol=1e-5, atol=1e-5)
+
+    run_dir = tmp_path / "run"
+    p = launch("deepspeed", demo_data, run_dir, f"train.init_from={exp}", "train.steps=2", "checkpoint.every=0",
+               "logging.val_every=0", "logging.sample_every=0")
+    assert p.returncode == 0, log_tail(run_dir, "deepspeed")
+    log = (run_dir / "deepspeed.log").read_text()
+    assert f"initialised {len(tensors)} parameter tensors from train.init_from={exp}" in log
+    assert "resumed from" not in log and "starting from scratch" in log
+    rows, ref = train_rows(run_dir), train_rows(straight)
+    assert sorted(rows) == [1, 2]
+    assert rows[1]["lr"] == pytest.approx(lr_at(0, cfg.optim, 2)) and rows[1]["lr"] < cfg.optim.lr  # warm-up's first
+    assert rows[1]["digest"] == ref[1]["digest"]
+    assert rows[1]["loss"] < ref[1]["loss"] - 0.3, (rows[1]["loss"], ref[1]["loss"])
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["worker"]:
+    init_worker(*sys.argv[2:])
