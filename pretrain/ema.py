@@ -140,10 +140,29 @@ def load_full(ckpt_dir: Path) -> dict[str, torch.Tensor]:
     return dict(iter_full(ckpt_dir))
 
 
-def iter_full(ckpt_dir: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, full fp32 EMA tensor), one parameter at a time (export streams them into its shards).
+class LazyFull:
+    """One parameter's whole EMA, read from every rank's file only when `contiguous()` is called
+    (`.shape` first: what the export's streaming writer plans a shard from)."""
 
-    Raises FileNotFoundError naming a missing rank file, ValueError when the partitions do not add up.
+    def __init__(self, name: str, shape: list[int], handles: list, ckpt_dir: Path) -> None:
+        self.name, self.shape, self.handles, self.ckpt_dir = name, tuple(shape), handles, ckpt_dir
+
+    def contiguous(self) -> torch.Tensor:
+        """The full fp32 tensor, shape `self.shape`; ValueError when the partitions do not add up."""
+        numel, world = math.prod(self.shape), len(self.handles)
+        parts = [h.get_tensor(self.name) for h in self.handles]
+        if parts[0].numel() != numel and any(p.numel() != math.ceil(numel / world) for p in parts):
+            raise ValueError(f"{self.ckpt_dir}: EMA partitions of {self.name} ({[p.numel() for p in parts]}) do not "
+                             f"split {numel} elements over {world} ranks")
+        whole = parts[0].numel() == numel  # no ZeRO-3 (or one rank): every rank holds the whole parameter
+        flat = parts[0] if whole else torch.cat(parts)
+        return flat[:numel].view(self.shape)
+
+
+def iter_lazy(ckpt_dir: Path) -> Iterator[tuple[str, LazyFull]]:
+    """(name, LazyFull) per parameter: the export materialises one tensor at a time.
+
+    Raises FileNotFoundError naming a missing rank file.
     """
     from safetensors import safe_open
 
@@ -155,13 +174,14 @@ def iter_full(ckpt_dir: Path) -> Iterator[tuple[str, torch.Tensor]]:
         if f.name != FILE.format(rank=r):
             raise FileNotFoundError(f"{ckpt_dir / FILE.format(rank=r)} is missing ({len(files)} EMA files found)")
     handles = [safe_open(str(f), "pt") for f in files]
-    shapes = json.loads(handles[0].metadata()["shapes"])
-    for n, shape in shapes.items():
-        numel, world = math.prod(shape), len(files)
-        parts = [h.get_tensor(n) for h in handles]
-        if parts[0].numel() != numel and any(p.numel() != math.ceil(numel / world) for p in parts):
-            raise ValueError(f"{ckpt_dir}: EMA partitions of {n} ({[p.numel() for p in parts]}) do not split {numel} "
-                             f"elements over {world} ranks")
-        whole = parts[0].numel() == numel  # no ZeRO-3 (or one rank): every rank holds the whole parameter
-        flat = parts[0] if whole else torch.cat(parts)
-        yield n, flat[:numel].view(shape)
+    for n, shape in json.loads(handles[0].metadata()["shapes"]).items():
+        yield n, LazyFull(n, shape, handles, ckpt_dir)
+
+
+def iter_full(ckpt_dir: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, full fp32 EMA tensor), one parameter at a time.
+
+    Raises FileNotFoundError naming a missing rank file, ValueError when the partitions do not add up.
+    """
+    for n, lazy in iter_lazy(ckpt_dir):
+        yield n, lazy.contiguous()

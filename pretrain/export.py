@@ -5,7 +5,8 @@ each full tensor is assembled only when written into its safetensors file (`writ
 header is planned from the shapes), and the mapped pages it read are then dropped, so peak memory is
 about one full tensor beside the interpreter, not one shard (`--max-shard-gb`) nor the model
 (bench/export.py: a quarter of DeepSpeed's zero_to_fp32 on a 0.37B checkpoint). The EMA weights
-(`ema.iter_full`) and `--hf-llama` come as whole tensors; they are held per shard.
+are read the same way, one parameter at a time (`ema.iter_lazy`); `--hf-llama` comes as whole
+tensors, held per shard.
 
     python -m pretrain.export --run-dir runs/tiny --out exports/tiny [--step N] [--dtype bf16] [--vae DIR]
 
@@ -260,7 +261,7 @@ def export(run_dir: Path, out: Path, step: int | None, dtype: str, max_shard_gb:
     vae_dir = vae or cfg.data.vae
 
     def fill(tmp: Path) -> None:
-        tensors = ema.iter_full(ckpt) if use_ema else lazy_tensors(ckpt)
+        tensors = ema.iter_lazy(ckpt) if use_ema else lazy_tensors(ckpt)
         write_shards(tensors, tmp, DTYPES[dtype], int(max_shard_gb * 2**30))
         shutil.copyfile(tok, tmp / "tokenizer.model")
         shutil.copyfile(tok.with_suffix(".json"), tmp / "tokenizer.json")
