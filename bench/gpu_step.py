@@ -15,6 +15,7 @@ on the card (bf16 8192^3) and against the datasheet peak (pretrain/hardware.py).
 from __future__ import annotations
 
 import argparse
+import resource
 import sys
 import time
 from pathlib import Path
@@ -89,9 +90,23 @@ def matmul_rate(device: torch.device, dtype: torch.dtype, n: int, reps: int = 20
     return 2 * n**3 * reps / (time.perf_counter() - t)
 
 
+def peak_rss_bytes() -> float:
+    """The process's peak resident set size so far (Linux ru_maxrss is in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0
+
+
+def attention_path(device: torch.device) -> str:
+    """How the model's FlexAttention runs on `device` (pretrain/model/backbone.py decides)."""
+    if device.type == "cuda":
+        return "compiled FlexAttention forward and backward, compiled block mask"
+    return ("compiled FlexAttention forward on CPU; backward recomputes attention with dense SDPA under "
+            "the same mask_mod (PyTorch has no FlexAttention backward on CPU): CPU timings are a smoke test")
+
+
 def run_config(cfg: ModelConfig, batch: TransfusionBatch, device: torch.device, dtype: torch.dtype,
                checkpointing: bool, steps: int, warmup: int) -> dict[str, float]:
-    """Mean seconds per training step and peak memory for one configuration."""
+    """Mean seconds per training step, peak memory (GPU: max allocated; CPU: the process's peak RSS
+    so far, which includes earlier configurations) and the last loss, for one configuration."""
     torch.manual_seed(0)
     model = Transfusion(cfg).to(device=device, dtype=dtype)
     if checkpointing:
@@ -112,8 +127,8 @@ def run_config(cfg: ModelConfig, batch: TransfusionBatch, device: torch.device, 
         sync(device)
         if i >= warmup:
             times.append(time.perf_counter() - t)
-        loss = float(out.loss)
-    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else float("nan")
+        loss = out.loss.item()
+    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else peak_rss_bytes()
     del model, opt
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -145,18 +160,21 @@ def main(argv: list[str] | None = None) -> int:
     measured = matmul_rate(device, dtype, n_mm)
     gpu = detect_gpu(torch.cuda.get_device_name()) if device.type == "cuda" else None
     name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
-    print(f"device: {name}; {str(dtype).removeprefix('torch.')}; measured matmul {measured / 1e12:.2f} TFLOP/s "
-          f"(n={n_mm}); datasheet peak {'%.0f TFLOP/s' % (gpu.bf16_flops / 1e12) if gpu else 'unknown'}")
+    sheet_peak = f"{gpu.bf16_flops / 1e12:.0f} TFLOP/s" if gpu else "n/a" if device.type == "cpu" else "unknown"
+    print(f"device: {name}; {str(dtype).removeprefix('torch.')}; measured matmul {measured / 1e12:.4g} TFLOP/s "
+          f"(n={n_mm}); datasheet peak {sheet_peak}")
+    print(f"attention: {attention_path(device)}")
     print(f"model: width {cfg.dim}, {cfg.n_heads} heads, {cfg.n_layers} layers, {cfg.patch_encoder} patching; "
-          f"{args.rows} x {seq_len} positions, {batch.num_images} images; {flops / 1e9:.3f} GFLOP per position")
-    print(f"{'config':14s} {'ms/step':>9s} {'positions/s':>12s} {'TFLOP/s':>8s} {'MFU meas.':>9s} {'MFU sheet':>9s} "
-          f"{'peak GiB':>9s} {'loss':>8s}")
+          f"{args.rows} x {seq_len} positions, {batch.num_images} images; {flops:.6g} FLOP per position (pretrain.estimate)")
+    peak_kind = "peak GiB" if device.type == "cuda" else "RSS GiB"
+    print(f"{'config':14s} {'ms/step':>9s} {'positions/s':>12s} {'TFLOP/s':>9s} {'MFU meas.':>9s} {'MFU sheet':>9s} "
+          f"{peak_kind:>9s} {'loss':>8s}")
     for ck in (False,) if args.no_ckpt_only else (False, True):
         r = run_config(cfg, batch, device, dtype, ck, args.steps, args.warmup)
         pos_s = args.rows * seq_len / r["s_per_step"]
         achieved = flops * pos_s
-        sheet = f"{achieved / gpu.bf16_flops:9.1%}" if gpu else f"{'-':>9s}"
-        print(f"{'ckpt' if ck else 'no ckpt':14s} {1e3 * r['s_per_step']:9.1f} {pos_s:12,.0f} {achieved / 1e12:8.2f} "
+        sheet = f"{achieved / gpu.bf16_flops:9.1%}" if gpu else f"{'n/a':>9s}"
+        print(f"{'ckpt' if ck else 'no ckpt':14s} {1e3 * r['s_per_step']:9.1f} {pos_s:12,.0f} {achieved / 1e12:9.3g} "
               f"{achieved / measured:9.1%} {sheet} {r['peak_bytes'] / 2**30:9.2f} {r['loss']:8.3f}")
     return 0
 

@@ -1,0 +1,49 @@
+"""The benchmark scripts run to completion and print real tables (bench/*.py as a user runs them)."""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+from pretrain.estimate import DocMix, flops_breakdown
+from pretrain.model import ModelConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(script: str, *args: str, timeout: int = 240) -> str:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / script), *args], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=timeout)
+    assert r.returncode == 0, f"{script} exited {r.returncode}:\n{r.stdout}\n{r.stderr[-4000:]}"
+    return r.stdout
+
+
+def test_gpu_step_tiny_prints_a_consistent_table() -> None:
+    out = _run("gpu_step.py", "--tiny", "--steps", "2", "--warmup", "1")
+    assert "datasheet peak n/a" in out and "backward recomputes attention with dense SDPA" in out, out
+    flops = float(re.search(r"([0-9.e+]+) FLOP per position", out).group(1))
+
+    # The tiny shape's batch by hand: 1 row of 256 positions, 3 documents of caption 30 + BOI + 16 patches
+    # + EOI (48 positions, 30 caption targets each), then one text document of 112 tokens (111 targets).
+    cfg = ModelConfig(dim=64, n_layers=2, n_heads=4, vocab_size=256, latent_size=8, patch_size=2,
+                      patch_encoder="unet", unet_channels=(16, 32), attention="flex")
+    assert cfg.patches_per_image == 16
+    mix = DocMix(seq_len=256, images=3, text_targets=3 * 30 + 111,
+                 causal_pairs=3 * 48 * 49 / 2 + 112 * 113 / 2, source="by hand")
+    expected = flops_breakdown(cfg, mix).total
+    assert math.isclose(flops, expected, rel_tol=1e-5), (flops, expected)
+
+    rows = {m.group(1): [float(x.replace(",", "").rstrip("%")) for x in m.group(2, 3, 4, 5, 7, 8)]
+            for m in re.finditer(r"^(no ckpt|ckpt)\s+(\S+)\s+(\S+)\s+(\S+)\s+(\S+)%\s+(n/a)\s+(\S+)\s+(\S+)$",
+                                 out, re.M)}
+    assert set(rows) == {"no ckpt", "ckpt"}, out
+    for name, (ms, pos_s, tflops, mfu, rss_gib, loss) in rows.items():
+        assert all(math.isfinite(v) and v > 0 for v in (ms, pos_s, tflops, mfu, rss_gib, loss)), (name, out)
+        assert math.isclose(pos_s, 256 / (ms / 1e3), rel_tol=0.01), (name, out)  # one row of 256 per step
+        assert math.isclose(tflops, flops * pos_s / 1e12, rel_tol=0.01), (name, out)
+        assert 0.1 < rss_gib < 16 and loss < 20, (name, out)  # a real process; loss about ln(256) + 5 x diffusion
