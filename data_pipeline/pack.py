@@ -110,6 +110,20 @@ def write_rows(packer: Packer, docs: Iterable[list[Unit]], out: Path, dtype: lat
     return n, n_img
 
 
+def pack_split(packer: Packer, docs: Iterable[list[Unit]], out: Path, meta: dict, shard_size: int) -> dict:
+    """Pack `docs` into the MDS dataset `out` and write `out/pack.json` (meta + the split's statistics).
+
+    `meta` holds kind, seq_len, patch_size, latent_shape and dtype (the latent storage dtype). Returns the
+    statistics: rows, images, positions, real_positions, image_positions, efficiency and causal_pairs (what
+    the loader's mix and pretrain.estimate read)."""
+    rows, n_img = write_rows(packer, docs, out, meta["dtype"], shard_size)
+    stats = {"rows": rows, "images": n_img, "positions": rows * packer.seq_len, "real_positions": packer.real,
+             "image_positions": n_img * packer.P, "efficiency": round(packer.efficiency, 6),
+             "causal_pairs": packer.causal_pairs}
+    (out / "pack.json").write_text(json.dumps({**meta, **stats}, indent=2) + "\n")
+    return stats
+
+
 def _split(docs: Iterator[list[Unit]], val_every: int, want_val: bool) -> Iterator[list[Unit]]:
     for i, d in enumerate(docs):
         if val_every > 0 and (i % val_every == val_every - 1) == want_val:
@@ -224,13 +238,8 @@ def run(opts: PackOptions) -> dict:
 
     report = dict(meta)
     for split in ("train", "val") if opts.val_every > 0 else ("train",):
-        packer = Packer(opts.seq_len, P, opts.lookahead)
-        rows, n_img = write_rows(packer, _split(docs(), opts.val_every, split == "val"), out / split,
-                                 meta["dtype"], opts.shard_size)
-        report[split] = {"rows": rows, "images": n_img, "positions": rows * opts.seq_len, "real_positions": packer.real,
-                         "image_positions": n_img * P, "efficiency": round(packer.efficiency, 6),
-                         "causal_pairs": packer.causal_pairs}
-        (out / split / "pack.json").write_text(json.dumps({**meta, **report[split]}, indent=2) + "\n")
+        report[split] = pack_split(Packer(opts.seq_len, P, opts.lookahead),
+                                   _split(docs(), opts.val_every, split == "val"), out / split, meta, opts.shard_size)
     report["skipped_documents"] = dict(sorted(skips.counts.items()))
     report["named"], report["named_left_out"] = skips.named, skips.named_left_out
     report["tokenizer"] = str(Path(opts.tokenizer).resolve())

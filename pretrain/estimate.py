@@ -347,6 +347,65 @@ def make_plan(cfg: Config, nodes: int, gpus_per_node: int, gpu: Gpu, ds_config: 
     )
 
 
+def persistent_parameters(cfg: ModelConfig, threshold: int) -> int:
+    """Elements of the parameters ZeRO-3 keeps whole on every rank once gathered: those with at most
+    `threshold` elements (DeepSpeed's stage3_param_persistence_threshold, default 1e5)."""
+    with torch.device("meta"):
+        model = Transfusion(cfg)
+    return sum(p.numel() for p in model.parameters() if p.numel() <= threshold)
+
+
+@dataclass
+class HostPlan:
+    """Predicted peak resident memory (bytes) of one CPU rank, by term; `counts` as count_parameters."""
+
+    counts: dict[str, int]
+    terms: dict[str, float]
+
+    @property
+    def total(self) -> float:
+        return sum(self.terms.values())
+
+
+def host_memory_plan(cfg: Config, mix: DocMix, world_size: int, ds_config: dict[str, Any],
+                     baseline_bytes: float) -> HostPlan:
+    """Peak RSS of one rank training on CPU in fp32 under ZeRO-3 (DeepSpeedCPUAdam), term by term.
+
+    - runtime: `baseline_bytes`, measured by the caller (a process that imports the trainer, DeepSpeed's
+      CPU Adam and streaming and runs one tiny compiled FlexAttention step);
+    - model states, 16 bytes per parameter / world: the fp32 parameter partition (4), the fp32 gradient
+      partition buffer (4; stage3.py `grad_partitions_flat_buffer`) and Adam's m and v (8). The fp32
+      master copy is the parameter partition itself when both are fp32 on the same device (stage3.py
+      `_create_fp32_partitions`), so no second 4 bytes;
+    - persistent parameters: those under `stage3_param_persistence_threshold` stay gathered (4 bytes x
+      elements x (1 - 1/world) beyond their partition);
+    - the gradient reduce bucket: `reduce_bucket_size` fp32 elements (stage3.py allocates it whole; the
+      pages a step touches are at most the model's gradients);
+    - gathered parameters: up to `stage3_max_live_parameters` fp32 elements (an upper bound);
+    - activations of one micro-batch in fp32 (`activation_bytes`), plus the CPU attention backward's
+      dense mask (micro-batch x seq_len^2 booleans, pretrain/model/backbone.py `_dense_from_block_mask`).
+    Raises ValueError for a ZeRO stage other than 3.
+    """
+    zero = ds_config.get("zero_optimization", {})
+    if zero.get("stage") != 3:
+        raise ValueError(f"host_memory_plan models ZeRO-3 only, got stage {zero.get('stage')}")
+    m, mb = cfg.model, cfg.train.micro_batch_size
+    counts = count_parameters(m)
+    n = counts["total"]
+    persist = persistent_parameters(m, int(zero.get("stage3_param_persistence_threshold", 1e5)))
+    acts = activation_bytes(m, mix, mb, cfg.train.activation_checkpointing, 4)
+    terms = {
+        "runtime (python, torch, deepspeed, compiled kernels; measured)": float(baseline_bytes),
+        "model states (fp32 params + grads + Adam m, v) / world": 16.0 * n / world_size,
+        "persistent parameters (gathered whole)": 4.0 * persist * (1 - 1 / world_size),
+        "deepspeed / reduce bucket": 4.0 * min(int(zero.get("reduce_bucket_size", 5e8)), n),
+        "deepspeed / gathered parameters (max live)": 4.0 * min(int(zero.get("stage3_max_live_parameters", 1e9)), n),
+        **{f"activations / {k}": v for k, v in acts.items()},
+        "activations / dense attention mask (CPU backward)": float(mb * mix.seq_len**2),
+    }
+    return HostPlan(counts, terms)
+
+
 # ----------------------------------------------------------------------------- report
 
 
