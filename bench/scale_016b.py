@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--images", type=int, default=2, help="256-patch images per 4096-position row")
-    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--lr", type=float, default=5e-4, help="constant learning rate (no warm-up)")
     ap.add_argument("--patch-encoder", default="unet", choices=["unet", "linear"],
                     help="unet: the paper's U-Net patching (0.44B parameters in all); linear: the config's default")
     ap.add_argument("--out", default=None, help="work directory (default: a temporary one, removed)")

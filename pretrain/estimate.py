@@ -381,9 +381,16 @@ def host_memory_plan(cfg: Config, mix: DocMix, world_size: int, ds_config: dict[
       elements x (1 - 1/world) beyond their partition);
     - the gradient reduce bucket: `reduce_bucket_size` fp32 elements (stage3.py allocates it whole; the
       pages a step touches are at most the model's gradients);
-    - gathered parameters: up to `stage3_max_live_parameters` fp32 elements (an upper bound);
-    - activations of one micro-batch in fp32 (`activation_bytes`), plus the CPU attention backward's
-      dense mask (micro-batch x seq_len^2 booleans, pretrain/model/backbone.py `_dense_from_block_mask`).
+    - gathered parameters, 4 bytes x min(parameters, `stage3_max_live_parameters` +
+      `stage3_max_reuse_distance`): once the first step has traced the module order, ZeRO-3 keeps a
+      gathered parameter that is used again within `stage3_max_reuse_distance` elements
+      (partitioned_param_coordinator.py `__params_to_release`; with checkpointing every block is used
+      again in its recompute) and prefetches up to `stage3_max_live_parameters`;
+    - activations of one micro-batch in fp32 (`activation_bytes`) with the LM head at its backward peak:
+      16 bytes x vocab per text target (fp32 logits, log-softmax, and both their gradients; measured with
+      Linear + F.cross_entropy at 3584 x 32003: peak 4.0 x the logits' bytes) instead of the forward's;
+      plus the CPU attention backward's dense mask (micro-batch x seq_len^2 booleans,
+      pretrain/model/backbone.py `_dense_from_block_mask`).
     Raises ValueError for a ZeRO stage other than 3.
     """
     zero = ds_config.get("zero_optimization", {})
@@ -394,12 +401,14 @@ def host_memory_plan(cfg: Config, mix: DocMix, world_size: int, ds_config: dict[
     n = counts["total"]
     persist = persistent_parameters(m, int(zero.get("stage3_param_persistence_threshold", 1e5)))
     acts = activation_bytes(m, mix, mb, cfg.train.activation_checkpointing, 4)
+    acts["lm_head"] = 16.0 * m.vocab_size * mix.text_targets * mb
+    live = int(zero.get("stage3_max_live_parameters", 1e9)) + int(zero.get("stage3_max_reuse_distance", 1e9))
     terms = {
         "runtime (python, torch, deepspeed, compiled kernels; measured)": float(baseline_bytes),
         "model states (fp32 params + grads + Adam m, v) / world": 16.0 * n / world_size,
         "persistent parameters (gathered whole)": 4.0 * persist * (1 - 1 / world_size),
         "deepspeed / reduce bucket": 4.0 * min(int(zero.get("reduce_bucket_size", 5e8)), n),
-        "deepspeed / gathered parameters (max live)": 4.0 * min(int(zero.get("stage3_max_live_parameters", 1e9)), n),
+        "deepspeed / gathered parameters (live + reuse distance)": 4.0 * min(live, n),
         **{f"activations / {k}": v for k, v in acts.items()},
         "activations / dense attention mask (CPU backward)": float(mb * mix.seq_len**2),
     }
