@@ -17,6 +17,7 @@ from pretrain.estimate import (
     count_parameters,
     default_mix,
     flops_breakdown,
+    host_memory_plan,
     make_plan,
     mix_of_batch,
     model_state_bytes,
@@ -156,3 +157,20 @@ def test_estimate_cli_prints_plan() -> None:
 def test_docmix_attention_pairs() -> None:
     m = DocMix(seq_len=10, images=1.0, text_targets=2.0, causal_pairs=55.0, source="x")
     assert m.attention_pairs(4) == 55 + 6
+
+
+def test_host_memory_plan_terms_by_hand() -> None:
+    """CPU ZeRO-3 rank: 16 bytes per parameter over the world, the DeepSpeed knobs as configured, the fp32 LM
+    head at its backward peak; another ZeRO stage is refused. (bench/scale_016b.py compares it with RSS.)"""
+    cfg = _linear("0.16b")
+    n = count_parameters(cfg.model)["total"]
+    zero = {"stage": 3, "reduce_bucket_size": 1000, "stage3_max_live_parameters": 10**7, "stage3_max_reuse_distance": 0}
+    mix = DocMix(seq_len=4096, images=2, text_targets=3000, causal_pairs=5e6, source="by hand")
+    t = host_memory_plan(cfg, mix, 4, {"zero_optimization": zero}, baseline_bytes=1e9).terms
+    assert t["model states (fp32 params + grads + Adam m, v) / world"] == 16 * n / 4
+    assert t["deepspeed / reduce bucket"] == 4000
+    assert t["deepspeed / gathered parameters (live + reuse distance)"] == 4 * 10**7
+    assert cfg.train.micro_batch_size == 2 and t["activations / lm_head"] == 16 * cfg.model.vocab_size * 3000 * 2
+    assert t["runtime (python, torch, deepspeed, compiled kernels; measured)"] == 1e9
+    with pytest.raises(ValueError, match="ZeRO-3 only"):
+        host_memory_plan(cfg, mix, 4, {"zero_optimization": {"stage": 2}}, baseline_bytes=0)
