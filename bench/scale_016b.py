@@ -1,7 +1,7 @@
 """The 0.16B config with U-Net patching trains at 4096 positions under ZeRO-3 on 2 CPU ranks; peak RSS per
 rank measured against pretrain.estimate's host-memory prediction for the same shape.
 
-    python bench/scale_016b.py [--steps 3] [--images 2] [--lr 2e-3] [--out DIR] [--json FILE]
+    python bench/scale_016b.py [--steps 3] [--images 2] [--lr 5e-4] [--out DIR] [--json FILE]
 
 1. Data: 2 packed rows of 4096 positions, each holding `--images` caption+image documents (256-patch
    images: 8x32x32 latents, patch 2) and a text document filling the rest, packed by the data pipeline's
