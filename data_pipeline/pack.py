@@ -175,7 +175,8 @@ def _image_meta(inputs: list[str]) -> dict:
     return metas[0]
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """Hex SHA-256 of a file's bytes (what pack.json's identity records for the tokenizer and inputs)."""
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
@@ -184,9 +185,9 @@ def pack_identity(opts: PackOptions) -> dict:
     if opts.kind == "text":
         inputs = [sources.file_stamp(f) for f in sources.text_files(opts.inputs)]
     else:
-        inputs = [[str(Path(p).resolve()), _sha256(Path(p) / "index.json"), _sha256(Path(p) / "latents.json")]
+        inputs = [[str(Path(p).resolve()), file_sha256(Path(p) / "index.json"), file_sha256(Path(p) / "latents.json")]
                   for p in opts.inputs]
-    return {"kind": opts.kind, "inputs": inputs, "tokenizer_sha256": _sha256(Path(opts.tokenizer)),
+    return {"kind": opts.kind, "inputs": inputs, "tokenizer_sha256": file_sha256(Path(opts.tokenizer)),
             **{k: getattr(opts, k) for k in ("seq_len", "patch_size", "val_every", "lookahead", "shard_size")}}
 
 

@@ -82,13 +82,21 @@ def check_data(cfg: Config) -> list[str]:
 
 
 def _check_tokenizer(where: str, local: str, tokenizer: str) -> list[str]:
-    """The shards were packed with data.tokenizer (pack.json of the stream's parent records it)."""
+    """The shards were packed with data.tokenizer: the same file content (pack.json's
+    identity.tokenizer_sha256), else, for packs that lack it, the same path. A data set copied to
+    another place (a cluster filesystem) keeps its checksum and passes."""
+    from data_pipeline.pack import file_sha256
+
     for p in (Path(local) / "pack.json", Path(local).parent / "pack.json"):
-        if p.is_file():
-            packed = json.loads(p.read_text()).get("tokenizer")
-            if packed and Path(packed).resolve() != Path(tokenizer).resolve():
-                return [f"{where}: packed with tokenizer {packed} but data.tokenizer={tokenizer}; "
-                        "repack or point data.tokenizer at the packing tokenizer"]
+        if not p.is_file():
+            continue
+        report = json.loads(p.read_text())
+        packed, digest = report.get("tokenizer"), report.get("identity", {}).get("tokenizer_sha256")
+        same = (digest == file_sha256(Path(tokenizer)) if digest and Path(tokenizer).is_file()
+                else not packed or Path(packed).resolve() == Path(tokenizer).resolve())
+        if not same:
+            return [f"{where}: packed with tokenizer {packed} (sha256 {str(digest)[:12]}) but data.tokenizer={tokenizer} "
+                    "is another file; repack or point data.tokenizer at the packing tokenizer"]
     return []
 
 

@@ -39,3 +39,26 @@ def test_dry_run_reports_every_mistake(demo_data, capsys) -> None:
     assert "verdict: DOES NOT FIT" in out and "train.micro_batch_size=16:" in out
     rc, out = _dry(demo_data, capsys, "--nodes", "3", "--gpus-per-node", "8")
     assert rc == 2 and "train.global_batch_size=1024 is not a multiple" in out, out
+
+
+def test_tokenizer_check_follows_the_content_not_the_path(tmp_path) -> None:
+    """A data set copied elsewhere (with its tokenizer) passes; another tokenizer file at the recorded
+    path's name is reported, naming the stream and the key to change."""
+    import hashlib
+    import json
+
+    from pretrain.dry_run import _check_tokenizer
+
+    spm = tmp_path / "a" / "spm.model"
+    spm.parent.mkdir()
+    spm.write_bytes(b"tokenizer A")
+    stream = tmp_path / "shards" / "pairs"
+    (stream / "train").mkdir(parents=True)
+    (stream / "pack.json").write_text(json.dumps({"tokenizer": "/gone/spm.model", "identity": {
+        "tokenizer_sha256": hashlib.sha256(b"tokenizer A").hexdigest()}}))
+    assert _check_tokenizer("data.streams[0] (pairs)", str(stream / "train"), str(spm)) == []
+    other = tmp_path / "b" / "spm.model"
+    other.parent.mkdir()
+    other.write_bytes(b"tokenizer B")
+    (problem,) = _check_tokenizer("data.streams[0] (pairs)", str(stream / "train"), str(other))
+    assert problem.startswith("data.streams[0] (pairs): packed with tokenizer /gone/spm.model") and "data.tokenizer=" in problem
