@@ -164,7 +164,9 @@ def sequence_digests(b: TransfusionBatch) -> list[int]:
     return out
 
 
-def global_denominators(batches: list[TransfusionBatch], plan: BatchPlan, rank: int) -> tuple[float, float, int, int, list[int], int]:
+def global_denominators(
+    batches: list[TransfusionBatch], plan: BatchPlan, rank: int
+) -> tuple[float, float, int, int, list[int], int]:
     """All-reduce the step's text-target and image counts; return per-micro-batch denominators.
 
     DeepSpeed divides each micro-batch loss by the accumulation steps and averages gradients over
