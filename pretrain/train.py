@@ -361,14 +361,15 @@ def resume(run: Run, path: Path) -> None:
     depend on the number of ranks at a fixed data.num_canonical_nodes), the EMA re-sliced; the RNG
     streams are not restored (they are per rank; the batches' noise comes from the loader, not from them).
     """
-    reshard = checkpoint.saved_world_size(path) != run.env.world_size
+    saved = checkpoint.saved_world_size(path)
+    reshard = saved != run.env.world_size
     client = checkpoint.load(run.engine, path, universal=reshard)
     run.step = int(client["step"])
     run.bad_total = int(client.get("bad_total", 0))
     run.loader.load_state_dict(client["loader"])
     run.loader_state = client["loader"]
     if reshard:
-        log.info("RNG states not restored: %s was saved by %d ranks", path, checkpoint.saved_world_size(path))
+        log.info("RNG states not restored: %s was saved by %d ranks", path, saved)
     else:
         checkpoint.set_rng_state(client["rng"])
     if run.ema is not None and not run.ema.load(path, run.env.rank, run.env.world_size):
