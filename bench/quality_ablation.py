@@ -9,6 +9,11 @@ so one ablation costs one CPU core. Configs: configs/tiny.yaml, configs/demo.yam
 DATA/data.yaml, then the overrides. Prints the evaluation table at each --eval-at step (and for the EMA
 weights when --ema is set) and appends every report to OUT/log.jsonl; docs/quality.md's tables come
 from this script.
+
+On a machine without `streaming` (a GPU box with its own image), dump the streams' packed rows once
+here (`--dump-rows ROWS.npz`, then exit) and train there with `--rows ROWS.npz --device cuda`: the
+same rows, `build_row` and `collate` as the loader, drawn with replacement at the loader's mix
+proportions (streaming draws without replacement within an epoch). Evaluation runs on the CPU.
 """
 
 from __future__ import annotations
@@ -19,14 +24,17 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Iterator
 
+import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from contract.special_ids import load_special_ids  # noqa: E402
-from data_pipeline.loader import build_loader  # noqa: E402
+from data_pipeline.loader import build_loader, collate, mix_proportions  # noqa: E402
+from data_pipeline.sequence import RowSpec, build_row  # noqa: E402
 from data_pipeline.tokenizer import Tokenizer  # noqa: E402
 from data_pipeline.vae import load_vae  # noqa: E402
 from pretrain.config import load_config  # noqa: E402
@@ -42,9 +50,13 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--steps", type=int, default=3000)
     ap.add_argument("--eval-at", default="", help="comma-separated steps to evaluate at (and always the last)")
     ap.add_argument("--ema", type=float, default=0.0, help="also evaluate an EMA of the weights with this decay")
+    ap.add_argument("--skip-raw", action="store_true", help="with --ema, evaluate the EMA weights only")
     ap.add_argument("--cfg-scale", type=float, default=None, help="default: the config's logging.sample_cfg_scale")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--no-demo", action="store_true", help="leave out configs/demo.yaml (the paper's recipe)")
+    ap.add_argument("--device", default="cpu", help="training device (evaluation stays on the CPU)")
+    ap.add_argument("--dump-rows", type=Path, help="write the train streams' packed rows to this .npz and exit")
+    ap.add_argument("--rows", type=Path, help="train from a --dump-rows file instead of streaming")
     ap.add_argument("overrides", nargs="*", help="config overrides key=value")
     return ap.parse_args(argv)
 
@@ -58,6 +70,41 @@ def swap(model: torch.nn.Module, weights: list[torch.Tensor]) -> list[torch.Tens
     return old
 
 
+def dump_rows(cfg: object, path: Path) -> None:
+    """Every packed row of each train stream, as read by streaming, into one .npz (no pickle)."""
+    from streaming import StreamingDataset
+
+    arrays: dict[str, np.ndarray] = {}
+    for si, sc in enumerate(cfg.data.streams):
+        ds = StreamingDataset(local=sc.local, shuffle=False, batch_size=1)
+        for i in range(len(ds)):
+            for k, v in ds.get_item(i).items():
+                arrays[f"{si}/{i}/{k}"] = np.asarray(v)
+        print(f"stream {sc.name}: {len(ds)} rows", flush=True)
+    np.savez(path, **arrays)
+
+
+def memory_batches(cfg: object, path: Path, spec: RowSpec, batch_size: int, seed: int) -> Iterator:
+    """Endless micro-batches from a --dump-rows file: stream by the loader's mix proportions, row uniform."""
+    z = np.load(path, allow_pickle=False)
+    rows: dict[int, dict[int, dict]] = {}
+    for key in z.files:
+        si, i, k = key.split("/")
+        rows.setdefault(int(si), {}).setdefault(int(i), {})[k] = z[key]
+    streams = [list(rows[si].values()) for si in sorted(rows)]
+    props = mix_proportions(cfg.data.streams, cfg.data.image_position_share)
+    p = np.array([x if x is not None else len(s) for x, s in zip(props, streams)], dtype=np.float64)
+    rng, n = np.random.default_rng(seed), 0
+    while True:
+        picks = []
+        for si in rng.choice(len(streams), size=batch_size, p=p / p.sum()):
+            raw = dict(streams[si][rng.integers(len(streams[si]))])
+            raw["n_real"] = int(raw["n_real"])
+            picks.append(build_row(raw, spec, seed, 0, n))
+            n += 1
+        yield collate(picks)
+
+
 def main(argv: list[str] | None = None) -> None:
     a = parse(argv)
     torch.set_num_threads(a.threads)
@@ -66,10 +113,20 @@ def main(argv: list[str] | None = None) -> None:
     files = ["configs/tiny.yaml", *([] if a.no_demo else ["configs/demo.yaml"]), str(a.data / "data.yaml")]
     cfg = load_config(",".join(str(ROOT / f) if not f.startswith("/") else f for f in files),
                       [f"train.steps={a.steps}", "data.num_workers=1", f"data.cache_dir={a.out}/cache", *a.overrides])
+    if a.dump_rows:
+        return dump_rows(cfg, a.dump_rows)
     torch.manual_seed(cfg.train.seed)
     model, m, o = Transfusion(cfg.model), cfg.model, cfg.optim
-    loader = build_loader(cfg.data, "train", cfg.train.global_batch_size, cfg.train.seed, m.patch_size,
-                          (m.latent_channels, m.latent_size, m.latent_size), m.diffusion_steps)
+    if a.rows:
+        spec = RowSpec(ids=load_special_ids(cfg.data.tokenizer), seq_len=cfg.data.seq_len, patch_size=m.patch_size,
+                       latent_shape=(m.latent_channels, m.latent_size, m.latent_size), diffusion_steps=m.diffusion_steps,
+                       caption_first_prob=cfg.data.caption_first_prob, caption_dropout=cfg.data.caption_dropout,
+                       image_first_max_timestep=cfg.data.image_first_max_timestep)
+        loader = memory_batches(cfg, a.rows, spec, cfg.train.global_batch_size, cfg.train.seed)
+    else:
+        loader = build_loader(cfg.data, "train", cfg.train.global_batch_size, cfg.train.seed, m.patch_size,
+                              (m.latent_channels, m.latent_size, m.latent_size), m.diffusion_steps)
+    model.to(a.device)
     opt = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
     sp, tok, vae = load_special_ids(cfg.data.tokenizer), Tokenizer(cfg.data.tokenizer), load_vae(cfg.data.vae)
     settings = EvalSettings(captions=81, vae_images=81, text_docs=32, steps=cfg.logging.sample_steps,
@@ -83,7 +140,7 @@ def main(argv: list[str] | None = None) -> None:
         for step in range(a.steps):
             for g in opt.param_groups:
                 g["lr"] = lr_at(step, o, a.steps)
-            out = model(next(it))
+            out = model(next(it).to(a.device))
             opt.zero_grad(set_to_none=True)
             out.loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
@@ -96,10 +153,10 @@ def main(argv: list[str] | None = None) -> None:
             if (step + 1) % 100 == 0:
                 print(f"step {step + 1} loss {out.loss.item():.3f} {time.time() - t0:.0f}s", flush=True)
             if step + 1 in eval_at:
-                for tag in ("raw", "ema") if ema is not None else ("raw",):
+                for tag in ("raw", "ema")[int(a.skip_raw and ema is not None):] if ema is not None else ("raw",):
                     saved = swap(model, ema) if tag == "ema" else None
-                    rep, pix, prompts = evaluate(model, sp, tok, vae, settings)
-                    model.train()
+                    rep, pix, prompts = evaluate(model.cpu(), sp, tok, vae, settings)
+                    model.to(a.device).train()
                     rep.update(step=step + 1, train_s=time.time() - t0, weights=tag, overrides=a.overrides)
                     write_report(rep, pix, prompts, a.out / f"eval_{step + 1}_{tag}")
                     print(f"== step {step + 1} {tag}\n{table(rep)}", flush=True)
@@ -107,6 +164,7 @@ def main(argv: list[str] | None = None) -> None:
                     log.flush()
                     if saved is not None:
                         swap(model, saved)
+    model.cpu()
     torch.save(model.state_dict(), a.out / "model.pt")
     if ema is not None:
         swap(model, ema)
