@@ -6,9 +6,10 @@ Random-init models (speed does not depend on the weights):
   tiny: configs/tiny.yaml's model (width 128, 2 layers, 8x8x8 latents -> 16 patches)
   wide: width 512, 4 layers, 8 heads, 32x32x8 latents -> 256 patches (the paper's patch count)
 Caption: `BOS BOI image EOI` + --tokens new tokens (greedy; no EOS id, so every run decodes them all).
-Image: a --caption-len token caption, --steps DDIM steps, CFG 3 (2 rows per image), --batch images.
+Image: a --caption-len token caption, --steps DDIM steps (Euler with --objective flow), CFG 3 (2 rows per
+image), --batch images.
 
-    python bench/generate.py [--threads 2] [--tokens 16] [--steps 10] [--batch 2] [--configs tiny,wide]
+    python bench/generate.py [--threads 2] [--tokens 16] [--steps 10] [--batch 2] [--configs tiny,wide] [--objective flow]
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ from contract.special_ids import SpecialIds
 from pretrain.model.config import ModelConfig
 from pretrain.generate import _batch, cfg_combine, generate_images, generate_text
 from pretrain.model import Transfusion
-from pretrain.model.diffusion import diffusion_sample
 
 SP = SpecialIds(vocab_size=97, bos_id=1, eos_id=-1, boi_id=3, eoi_id=4, pad_id=0)  # no EOS: every run decodes --tokens tokens
 CONFIGS = {
@@ -31,8 +31,8 @@ CONFIGS = {
 }
 
 
-def build(name: str) -> Transfusion:
-    cfg = ModelConfig(vocab_size=1024, attention="sdpa", patch_size=2, timestep_freq_dim=64,
+def build(name: str, objective: str = "ddpm") -> Transfusion:
+    cfg = ModelConfig(vocab_size=1024, attention="sdpa", patch_size=2, timestep_freq_dim=64, objective=objective,
                       **CONFIGS[name])
     torch.manual_seed(0)
     return Transfusion(cfg).eval()
@@ -52,7 +52,7 @@ def caption_recompute(model: Transfusion, image: torch.Tensor, n: int) -> list[i
 
 @torch.no_grad()
 def image_recompute(model: Transfusion, prompts: list[list[int]], steps: int, scale: float) -> torch.Tensor:
-    """DDIM with CFG, the prefix recomputed at every step (cond and uncond rows)."""
+    """DDIM (Euler for objective=flow) with CFG, the prefix recomputed at every step (cond and uncond rows)."""
     cfg, P = model.cfg, model.cfg.patches_per_image
     rows = [[SP.bos_id, *p, SP.boi_id] + [None] * P for p in prompts] + [[SP.bos_id, SP.boi_id] + [None] * P] * len(prompts)
 
@@ -62,7 +62,12 @@ def image_recompute(model: Transfusion, prompts: list[list[int]], steps: int, sc
         return cfg_combine(*eps.chunk(2), scale)
 
     noise = torch.randn(len(prompts), cfg.latent_channels, cfg.latent_size, cfg.latent_size)
-    return diffusion_sample(eps_fn, noise, model.alpha_bar(torch.device("cpu")), steps, "ddim")
+    return model.sample_latents(eps_fn, noise, steps, sampler_of(model))
+
+
+def sampler_of(model: Transfusion) -> str:
+    """The deterministic sampler of the model's objective: DDIM, or Euler for flow."""
+    return "euler" if model.cfg.objective == "flow" else "ddim"
 
 
 def timed(fn, reps: int = 2) -> float:  # noqa: ANN001
@@ -83,12 +88,13 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--configs", default="tiny,wide")
+    ap.add_argument("--objective", choices=["ddpm", "flow"], default="ddpm", help="model.objective of the models")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     print(f"| config | patches | caption tok/s recompute | cached | ratio | s/image recompute | cached | ratio |")
     print("|---|---|---|---|---|---|---|---|")
     for name in a.configs.split(","):
-        model = build(name)
+        model = build(name, a.objective)
         cfg = model.cfg
         g = torch.Generator().manual_seed(0)
         image = torch.randn(1, cfg.latent_channels, cfg.latent_size, cfg.latent_size, generator=g)
@@ -99,7 +105,7 @@ def main() -> None:
         tk = timed(lambda: generate_text(model, [[]], SP, a.tokens, images=image))
         prompts = [torch.randint(5, cfg.vocab_size, (a.caption_len,), generator=g).tolist() for _ in range(a.batch)]
         ic = timed(lambda: image_recompute(model, prompts, a.steps, 3.0), reps=1) / a.batch
-        ik = timed(lambda: generate_images(model, prompts, SP, a.steps, 3.0), reps=1) / a.batch
+        ik = timed(lambda: generate_images(model, prompts, SP, a.steps, 3.0, sampler=sampler_of(model)), reps=1) / a.batch
         print(f"| {name} | {cfg.patches_per_image} | {a.tokens / tc:.1f} | {a.tokens / tk:.1f} | {tc / tk:.2f}x "
               f"| {ic:.3f} | {ik:.3f} | {ic / ik:.2f}x |", flush=True)
 

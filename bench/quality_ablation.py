@@ -14,6 +14,10 @@ On a machine without `streaming` (a GPU box with its own image), dump the stream
 here (`--dump-rows ROWS.npz`, then exit) and train there with `--rows ROWS.npz --device cuda`: the
 same rows, `build_row` and `collate` as the loader, drawn with replacement at the loader's mix
 proportions (streaming draws without replacement within an epoch). Evaluation runs on the CPU.
+
+The flow-matching objective: `model.objective=flow logging.sample_sampler=euler`; configs/demo.yaml's
+`model.diffusion_prediction: v` is a DDPM switch that flow refuses, so under flow it gives way to `eps`
+(printed) unless the overrides set it themselves.
 """
 
 from __future__ import annotations
@@ -59,6 +63,14 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--rows", type=Path, help="train from a --dump-rows file instead of streaming")
     ap.add_argument("overrides", nargs="*", help="config overrides key=value")
     return ap.parse_args(argv)
+
+
+def flow_overrides(overrides: list[str]) -> list[str]:
+    """The overrides, with model.diffusion_prediction=eps first when they select model.objective=flow without it."""
+    if "model.objective=flow" in overrides and not any(o.startswith("model.diffusion_prediction=") for o in overrides):
+        print("model.objective=flow: model.diffusion_prediction=eps (demo.yaml's v is a DDPM switch)", flush=True)
+        return ["model.diffusion_prediction=eps", *overrides]
+    return overrides
 
 
 def swap(model: torch.nn.Module, weights: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -112,7 +124,8 @@ def main(argv: list[str] | None = None) -> None:
         os.environ.setdefault(k, v)
     files = ["configs/tiny.yaml", *([] if a.no_demo else ["configs/demo.yaml"]), str(a.data / "data.yaml")]
     cfg = load_config(",".join(str(ROOT / f) if not f.startswith("/") else f for f in files),
-                      [f"train.steps={a.steps}", "data.num_workers=1", f"data.cache_dir={a.out}/cache", *a.overrides])
+                      [f"train.steps={a.steps}", "data.num_workers=1", f"data.cache_dir={a.out}/cache",
+                       *flow_overrides(a.overrides)])
     if a.dump_rows:
         return dump_rows(cfg, a.dump_rows)
     torch.manual_seed(cfg.train.seed)

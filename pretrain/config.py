@@ -15,7 +15,7 @@ from typing import Any, ClassVar, Literal
 from contract.special_ids import load_special_ids
 from data_pipeline.config import DataConfig
 from pretrain import configlib
-from pretrain.model.config import ModelConfig, Sampler
+from pretrain.model.config import ModelConfig, Sampler, check_sampler
 
 __all__ = ["CheckpointConfig", "Config", "DataConfig", "DistributedConfig", "LoggingConfig", "ModelConfig",
            "OptimConfig", "TrainConfig", "load_config", "save_config"]
@@ -85,7 +85,8 @@ class LoggingConfig:
                                  "a green triangle in the center", "a yellow circle at the top right"]
     )
     # sampler of the logged samples and of the evaluation: DDPM ancestral (the paper's), 100 steps; the
-    # deterministic DDIM drew the demo model's images with 20-30 points less colour and shape (docs/quality.md)
+    # deterministic DDIM drew the demo model's images with 20-30 points less colour and shape (docs/quality.md);
+    # model.objective=flow needs euler
     sample_sampler: Sampler = "ddpm"
     sample_steps: int = 100
     sample_cfg_scale: float = 3.0
@@ -123,6 +124,7 @@ class Config:
         if P + 4 > self.data.seq_len:  # a caption-image pair: BOS, BOI, P patches, EOI, EOS
             raise ValueError(f"an image takes {P} patches + BOS/BOI/EOI/EOS = {P + 4} positions, more than "
                              f"data.seq_len={self.data.seq_len}; raise data.seq_len or model.patch_size")
+        check_sampler(self.model.objective, self.logging.sample_sampler, "logging.sample_sampler")
 
 
 def load_config(path: str | Path | list[str | Path] | None = None, overrides: list[str] | None = None) -> Config:

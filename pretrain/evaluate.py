@@ -46,7 +46,7 @@ class EvalSettings:
     per_combo: int = 1  # text->image samples per (colour, shape, place) combination
     steps: int = 100  # denoising steps
     cfg_scale: float = 3.0  # classifier-free guidance scale
-    sampler: str = "ddpm"  # "ddpm" (ancestral, the paper's) or "ddim"; defaults match LoggingConfig's sample_*
+    sampler: str = "ddpm"  # "ddpm" (ancestral, the paper's) or "ddim"; "euler" for objective=flow; as LoggingConfig's sample_*
     captions: int = 162  # fresh images captioned (seen combinations); held-out: 4 per combination
     vae_images: int = 162  # fresh images through the VAE
     text_docs: int = 64  # fresh text documents for the LM loss
@@ -270,7 +270,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--per-combo", type=int, default=d.per_combo, help="text->image samples per combination")
     ap.add_argument("--steps", type=int, default=None,
                     help="denoising steps (default: the export's logging.sample_steps, as the trainer's evaluation)")
-    ap.add_argument("--sampler", choices=["ddpm", "ddim"], default=None, help="default: the export's logging.sample_sampler")
+    ap.add_argument("--sampler", choices=["ddpm", "ddim", "euler"], default=None,
+                    help="default: the export's logging.sample_sampler (euler for a model.objective=flow model)")
     ap.add_argument("--cfg-scale", type=float, default=None,
                     help="classifier-free guidance scale (default: the export's logging.sample_cfg_scale)")
     ap.add_argument("--captions", type=int, default=d.captions, help="fresh images to caption")

@@ -1,7 +1,7 @@
 """Generation with a KV cache: mixed-modal output, images from captions, captions of images, text.
 
 `generate` is the paper's inference: decode text; on BOI append noise patches, denoise them (DDPM or
-DDIM, classifier-free guidance against the dropped context) against the cached prefix, close with EOI
+DDIM; Euler for a model.objective=flow model; classifier-free guidance against the dropped context) against the cached prefix, close with EOI
 and go on with the clean image in context. `generate_images` and `generate_text` are its two halves.
 Single-device functions over a `Transfusion` model: under ZeRO-3 every rank calls them with the same
 prompts and seed, so control flow (and so parameter gathering) is identical everywhere. Layouts follow the
@@ -31,7 +31,7 @@ from data_pipeline.tokenizer import Tokenizer
 from data_pipeline.vae import decode, encode, load_vae
 from pretrain.config import Config
 from pretrain.model import KVCache, Transfusion
-from pretrain.model.diffusion import Sampler, diffusion_sample
+from pretrain.model.diffusion import Sampler, default_sampler
 
 
 TokenSeq = list[int | None]  # one sequence being generated: token ids, None at the patch positions of its image
@@ -77,15 +77,18 @@ class TextSampling:
 
 @dataclass(frozen=True)
 class ImageSampling:
-    """How an image is denoised: DDPM ancestral (the paper: 250 steps) or DDIM, with classifier-free guidance.
+    """How an image is denoised: DDPM ancestral (the paper: 250 steps) or DDIM, or Euler (objective=flow),
+    with classifier-free guidance.
 
     CFG (Ho & Salimans 2022): eps = eps(x | dropped context) + scale * (eps(x | context) - eps(x | dropped
     context)); the dropped context is `BOS BOI`, as caption dropout shows it in training. scale 1 = off.
+    A flow model combines its velocities the same way: v = v_u + scale * (v_c - v_u).
+    sampler None: the model's objective's default (ddpm, or euler for flow).
     """
 
     steps: int = 250
     cfg_scale: float = 3.0
-    sampler: Sampler = "ddpm"
+    sampler: Sampler | None = None
 
 
 def cfg_combine(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tensor:
@@ -179,7 +182,8 @@ def _denoise(model: Transfusion, cache: KVCache, rows: list[int], im: ImageSampl
         _, eps = model.step(ctx, tokens, image_ids, valid, xs, ts, commit=False)  # (k*m, C, H, W)
         return eps if k == 1 else cfg_combine(*eps.chunk(2), im.cfg_scale)
 
-    return diffusion_sample(eps_fn, noise, model.alpha_bar(device), im.steps, im.sampler, generator=g)
+    sampler = im.sampler or default_sampler(cfg.objective)
+    return model.sample_latents(eps_fn, noise, im.steps, sampler, generator=g)  # eps_fn: eps or velocity
 
 
 @torch.no_grad()
@@ -190,9 +194,12 @@ def generate_images(
     steps: int = 250,
     cfg_scale: float = 3.0,
     seed: int = 0,
-    sampler: Sampler = "ddim",
+    sampler: Sampler | None = "ddim",
 ) -> torch.Tensor:
     """Latents (N, C, H, W) for N tokenised captions (without BOS), CFG against the dropped caption.
+
+    sampler None: the model's objective's default (ddpm, or euler for objective=flow); ValueError when
+    the sampler does not fit model.objective.
 
     The prefix `BOS caption BOI` is computed once (KV cache); each denoising step runs the patches only.
     """
@@ -370,7 +377,8 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--force-image", action="store_true", help="--mixed: end each prompt with BOI (an image comes first)")
     ap.add_argument("--max-images", type=int, default=1, help="--mixed: images per prompt at most")
     ap.add_argument("--out", default="samples", help="directory for generated PNGs")
-    ap.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm", help="ancestral DDPM (paper) or DDIM")
+    ap.add_argument("--sampler", choices=["ddpm", "ddim", "euler"], default=None,
+                    help="ancestral DDPM (paper) or DDIM for model.objective=ddpm, Euler for flow (default: ddpm / euler)")
     ap.add_argument("--steps", type=int, default=250, help="denoising steps (paper: 250)")
     ap.add_argument("--cfg-scale", type=float, default=3.0, help="classifier-free guidance scale (paper: 3-5; 1 = off)")
     ap.add_argument("--max-new-tokens", type=int, default=48)

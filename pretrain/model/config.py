@@ -13,7 +13,24 @@ from typing import ClassVar, Literal
 PatchEncoder = Literal["linear", "unet"]
 AttentionImpl = Literal["flex", "sdpa"]
 LossWeighting = Literal["eps", "v_trunc"]
-Sampler = Literal["ddpm", "ddim"]  # image samplers (pretrain.model.diffusion)
+Sampler = Literal["ddpm", "ddim", "euler"]  # image samplers (pretrain.model.diffusion): ddpm/ddim need
+# model.objective=ddpm, euler needs model.objective=flow
+Objective = Literal["ddpm", "flow"]
+
+#: samplers each objective can drive: DDPM/DDIM step on epsilon, Euler on the velocity
+SAMPLERS: dict[str, tuple[str, ...]] = {"ddpm": ("ddpm", "ddim"), "flow": ("euler",)}
+
+
+def check_sampler(objective: Objective, sampler: str, key: str = "sampler") -> None:
+    """Raise ValueError naming `key` when `sampler` cannot sample a model trained with `objective`."""
+    if sampler not in SAMPLERS.get(objective, ()):
+        raise ValueError(f"{key}={sampler!r} cannot sample a model with model.objective={objective!r}: "
+                         f"use {' or '.join(SAMPLERS.get(objective, ()))}")
+
+
+def default_sampler(objective: Objective) -> Sampler:
+    """The sampler a model of `objective` uses unless told otherwise: DDPM ancestral (the paper's), or Euler."""
+    return "euler" if objective == "flow" else "ddpm"
 
 
 @dataclass
@@ -61,6 +78,13 @@ class ModelConfig:
     # sqrt(ab) eps - sqrt(1-ab) x0 (Salimans & Ho 2022); samplers always get eps (docs/quality.md)
     diffusion_prediction: Literal["eps", "v"] = "eps"
     diffusion_weight_cap: float = 20.0  # the cap of v_trunc
+    # "ddpm" (the paper: cosine schedule, the switches above) or "flow": rectified flow, x_s = (1-s) x0 + s eps,
+    # the decoder predicts v = eps - x0, MSE per image, Euler sampler; s from the loader's t by a
+    # logit-normal quantile map with SD3's shift (pretrain.model.diffusion.flow_time, docs/train.md)
+    objective: Objective = "ddpm"
+    flow_logit_mean: float = 0.0  # m in s = sigmoid(m + sd * z) (SD3, Esser et al. 2024 sec. 3.1)
+    flow_logit_std: float = 1.0  # sd in the same
+    flow_shift: float = 1.0  # s' = shift*s / (1 + (shift-1)*s), in training and on the sampling grid
 
     def __post_init__(self) -> None:
         if self.dim % self.n_heads:
@@ -77,6 +101,7 @@ class ModelConfig:
                              "(the U-Net's convolutions already see where a patch is); set it to none")
         if self.diffusion_prediction == "v" and self.diffusion_loss_weighting != "eps":
             raise ValueError("model.diffusion_prediction=v is already the v-loss: set model.diffusion_loss_weighting=eps")
+        self._check_objective()
         if self.patch_size not in (1, 2, 4, 8):
             raise ValueError(f"model.patch_size must be 1, 2, 4 or 8, got {self.patch_size}")
         if self.latent_size % self.patch_size:
@@ -88,6 +113,20 @@ class ModelConfig:
                 f"model.unet_channels needs log2(patch_size)+1 = {self.unet_levels} entries "
                 f"for patch_size={self.patch_size}, got {list(self.unet_channels)}"
             )
+
+    def _check_objective(self) -> None:
+        """The flow keys' ranges; the DDPM-only switches keep their defaults under objective=flow."""
+        if self.flow_logit_std <= 0:
+            raise ValueError(f"model.flow_logit_std must be > 0, got {self.flow_logit_std}")
+        if self.flow_shift <= 0:
+            raise ValueError(f"model.flow_shift must be > 0, got {self.flow_shift}")
+        if self.objective != "flow":
+            return
+        for key, default in (("diffusion_prediction", "eps"), ("diffusion_loss_weighting", "eps")):
+            if getattr(self, key) != default:
+                raise ValueError(f"model.{key}={getattr(self, key)!r} is a DDPM switch; model.objective=flow "
+                                 f"predicts the velocity with a plain MSE: set model.{key}={default} or "
+                                 "model.objective=ddpm")
 
     @property
     def head_dim(self) -> int:

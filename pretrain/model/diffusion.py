@@ -1,4 +1,5 @@
-"""DDPM pieces: the cosine schedule (Nichol & Dhariwal), noising, timestep embedding, DDPM/DDIM samplers."""
+"""Diffusion pieces: the cosine schedule (Nichol & Dhariwal), noising, timestep embedding, DDPM/DDIM samplers,
+and the flow-matching alternative (`model.objective=flow`): its time map, noising and Euler sampler."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from pretrain.model.config import Sampler
+from pretrain.model.config import Sampler, check_sampler, default_sampler  # noqa: F401 (re-exported)
 from pretrain.model.layers import Linear
 
 
@@ -65,10 +66,6 @@ class TimestepEmbedder(nn.Module):
 
 
 EpsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-
-
 def make_scheduler(alpha_bar: torch.Tensor, sampler: Sampler, num_steps: int, clip_x0: float | None = 5.0) -> object:
     """A diffusers DDPMScheduler (ancestral) or DDIMScheduler (eta=0) on our schedule, set to `num_steps`.
 
@@ -127,3 +124,77 @@ def ddim_sample(
 ) -> torch.Tensor:
     """Deterministic DDIM (eta=0); diffusion_sample(..., sampler="ddim")."""
     return diffusion_sample(eps_fn, noise, alpha_bar, num_steps, "ddim", clip_x0)
+
+
+def shift_time(s: torch.Tensor, shift: float) -> torch.Tensor:
+    """SD3's resolution shift of flow time s in [0, 1]: shift * s / (1 + (shift - 1) * s), same shape.
+
+    Esser et al. 2024 ("Scaling Rectified Flow Transformers", eq. 23): shift > 1 moves time towards
+    noise (s = 1), as larger images need; shift = 1 is the identity. Monotone, fixes 0 and 1.
+    """
+    return shift * s / (1 + (shift - 1) * s)
+
+
+def flow_time(t: torch.Tensor, steps: int, mean: float = 0.0, std: float = 1.0, shift: float = 1.0) -> torch.Tensor:
+    """Flow time s in (0, 1) (s = 1 pure noise) of the loader's integer timesteps t in [0, steps), float32, same shape.
+
+    The loader draws t uniform on 0..steps-1 (its draws fix exact resume and the sequence digests, so the
+    flow objective reuses them); u = (t + 0.5) / steps is then uniform on (0, 1) and the quantile map
+    z = Phi^{-1}(u), s = shift_time(sigmoid(mean + std * z), shift) turns it into SD3's logit-normal
+    time with a shift (Esser et al. 2024, sec. 3.1 eq. 19 and sec. 5.3.2; keys model.flow_logit_mean,
+    flow_logit_std, flow_shift), discretised to `steps` quantiles. The map is increasing in t, so the
+    image-first noise cap t <= data.image_first_max_timestep becomes a cap on s: t <= 500 of T = 1000 is
+    u <= 0.5005, the median of the time distribution. With the defaults (mean 0, shift 1) that median is
+    s = 0.5, signal (1 - s) = noise s, SNR = ((1 - s) / s)^2 = 1: the same "SNR >= 1" as the paper's cap,
+    where the cosine schedule has alpha_bar(500) ~ 0.5, SNR ~ 1. A mean > 0 or shift > 1 moves the median,
+    and so the cap, to s > 0.5 (SNR < 1); set data.image_first_max_timestep lower to keep SNR >= 1 there.
+    """
+    u = (t.double() + 0.5) / steps  # (N,) uniform quantiles in (0, 1)
+    s = torch.sigmoid(mean + std * torch.special.ndtri(u))  # (N,) logit-normal
+    return shift_time(s, shift).float()
+
+
+def add_flow_noise(x0: torch.Tensor, noise: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """x_s = (1 - s) x0 + s eps for (N, C, H, W) latents and flow times s (N,): the rectified-flow path
+    (Liu et al. 2022; Lipman et al. 2022), whose velocity dx_s/ds = eps - x0 the model predicts."""
+    s = s.view(-1, *([1] * (x0.dim() - 1))).to(x0.dtype)  # (N, 1, 1, 1)
+    return (1 - s) * x0 + s * noise  # (N, C, H, W)
+
+
+def euler_sample(v_fn: EpsFn, noise: torch.Tensor, num_steps: int, shift: float = 1.0) -> torch.Tensor:
+    """From pure noise (N, C, H, W) at s = 1 to x0 at s = 0 in `num_steps` Euler steps on the velocity.
+
+    v_fn(x_s, s) predicts v = eps - x0 for flow times s (N,) in [0, 1]; classifier-free guidance belongs
+    in v_fn (v = v_u + w (v_c - v_u)). The grid is s_i = shift_time(linspace(1, 0, n + 1), shift), the
+    training shift applied to the sampling times (SD3); each step is x <- x + (s_{i+1} - s_i) v. Uses
+    diffusers' FlowMatchEulerDiscreteScheduler (its `shift` is the same formula), handed the unshifted
+    grid; its last sigma is 0. Deterministic: no per-step noise.
+    """
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    sched = FlowMatchEulerDiscreteScheduler(shift=shift)
+    sched.set_timesteps(sigmas=torch.linspace(1, 0, num_steps + 1)[:-1].tolist(), device=noise.device)
+    x = noise
+    for i, t in enumerate(sched.timesteps):
+        s = sched.sigmas[i].expand(x.shape[0]).to(x.device)  # (N,)
+        x = sched.step(v_fn(x, s), t, x).prev_sample  # (N, C, H, W) fp32
+    return x.to(noise.dtype)
+
+
+def sample_latents(
+    fn: EpsFn,
+    noise: torch.Tensor,
+    num_steps: int,
+    sampler: Sampler,
+    alpha_bar: torch.Tensor | None = None,
+    flow_shift: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Latents (N, C, H, W) from noise with `sampler`: "euler" (flow; fn gives the velocity at flow times)
+    or "ddpm"/"ddim" (fn gives epsilon at integer timesteps, `alpha_bar` the schedule). See
+    euler_sample and diffusion_sample; `Transfusion.sample_latents` fills the objective's arguments."""
+    if sampler == "euler":
+        return euler_sample(fn, noise, num_steps, flow_shift)
+    if alpha_bar is None:
+        raise ValueError(f"sampler={sampler!r} needs the DDPM schedule alpha_bar")
+    return diffusion_sample(fn, noise, alpha_bar, num_steps, sampler, generator=generator)

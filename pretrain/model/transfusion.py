@@ -1,4 +1,5 @@
-"""The Transfusion model: one transformer, next-token loss on text, epsilon-prediction on image latents.
+"""The Transfusion model: one transformer, next-token loss on text, epsilon-prediction on image latents
+(or, with model.objective=flow, velocity prediction on the rectified-flow path).
 
 L = sum(CE over text targets) / text_denom + lambda * sum(per-image MSE) / image_denom. The
 denominators default to the local counts; a trainer passes global counts so the gradient does not
@@ -21,7 +22,8 @@ from contract.batch import TransfusionBatch
 from pretrain.model import masks
 from pretrain.model.backbone import TransformerBlock, rope_tables
 from pretrain.model.config import ModelConfig
-from pretrain.model.diffusion import add_noise, cosine_alpha_bar, timestep_loss_weights
+from pretrain.model import diffusion
+from pretrain.model.diffusion import add_flow_noise, add_noise, cosine_alpha_bar, flow_time, timestep_loss_weights
 from pretrain.model.kv_cache import KVCache
 from pretrain.model.layers import Embedding, Linear, RMSNorm
 from pretrain.model.patching import build_patching
@@ -124,13 +126,14 @@ class Transfusion(nn.Module):
         """Noise the batch's latents at its timesteps, run the model, and return the losses.
 
         loss = sum of text-target CE / text_denom + diffusion_loss_weight * sum of per-image eps MSE /
-        image_denom. text_denom / image_denom default to this batch's counts (a mean); the trainer passes
+        image_denom (objective=flow: the velocity MSE, x_s = (1-s) x0 + s eps, v = eps - x0, s = flow_time(t)). text_denom / image_denom default to this batch's counts (a mean); the trainer passes
         the step's global counts divided by (accumulation steps x ranks), so that DeepSpeed's averaging
         gives d(sum / global count) however the global batch is split (pretrain.train.global_denominators).
         """
         latents, noise, t, img_weight = self._images_or_dummy(batch)
-        x_t = add_noise(latents, noise, t, self.alpha_bar(latents.device))  # (N, C, H, W)
-        h, out = self._hidden_and_output(batch, x_t, t)  # (B*L, D), (N, C, H, W)
+        level = self.noise_level(t)  # (N,): t (ddpm) or flow time s (flow)
+        x_t = self._add_noise(latents, noise, level)  # (N, C, H, W)
+        h, out = self._hidden_and_output(batch, x_t, level)  # (B*L, D), (N, C, H, W)
 
         lm_sum, n_text = self._lm_loss(h, batch)
         target = self._diffusion_target(latents, noise, t)  # (N, C, H, W)
@@ -150,11 +153,45 @@ class Transfusion(nn.Module):
         x_t (N, C, H, W) are the batch's latents noised at timesteps t (N,); the patch encoder puts them
         at the batch's patch positions, the backbone runs over all positions, the patch decoder reads
         the patch positions back. Text generation takes `lm_logits` of the hidden states, image
-        generation the epsilon. When the batch holds no image, x_t/t is one dummy image, which
+        generation the epsilon (objective=flow: the velocity, and t is flow time s; see `noise_level`). When the batch holds no image, x_t/t is one dummy image, which
         bypasses the backbone (its epsilon is meaningless; ZeRO-3 still gathers every module).
         """
         h, out = self._hidden_and_output(batch, x_t, t)  # (B*L, D), (N, C, H, W)
-        return h, self.eps_from_output(out, x_t, t)
+        return h, self.sampler_input(out, x_t, t)
+
+    def noise_level(self, t: torch.Tensor) -> torch.Tensor:
+        """The loader's integer timesteps t (N,) in the objective's units, which every other method takes:
+        t itself (ddpm), or flow time s in (0, 1) float32 (flow; diffusion.flow_time's quantile map)."""
+        if self.cfg.objective == "ddpm":
+            return t
+        c = self.cfg
+        return flow_time(t, c.diffusion_steps, c.flow_logit_mean, c.flow_logit_std, c.flow_shift).to(t.device)
+
+    def _add_noise(self, x0: torch.Tensor, noise: torch.Tensor, level: torch.Tensor) -> torch.Tensor:
+        """x0 (N, C, H, W) noised at `level` (N,): the cosine-schedule DDPM forward process, or the flow path."""
+        if self.cfg.objective == "flow":
+            return add_flow_noise(x0, noise, level)
+        return add_noise(x0, noise, level, self.alpha_bar(x0.device))
+
+    def _time_input(self, level: torch.Tensor) -> torch.Tensor:
+        """What the timestep embedder sees (N,): t (ddpm), or s * diffusion_steps (flow: the same range, continuous)."""
+        return level.float() * self.cfg.diffusion_steps if self.cfg.objective == "flow" else level
+
+    def sampler_input(self, out: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """What the configured objective's sampler steps on (N, C, H, W): epsilon (ddpm, eps_from_output)
+        or the predicted velocity v = eps - x0 (flow: the decoder's output itself)."""
+        if self.cfg.objective == "flow":
+            return out
+        return self.eps_from_output(out, x_t, t)
+
+    def sample_latents(self, fn: diffusion.EpsFn, noise: torch.Tensor, steps: int, sampler: str,
+                       generator: torch.Generator | None = None) -> torch.Tensor:
+        """Latents (N, C, H, W) from noise: fn(x, level) is the model's sampler input (with CFG) at noise
+        levels in this model's units; DDPM/DDIM on the cosine schedule or Euler with model.flow_shift.
+        Raises ValueError when `sampler` does not fit model.objective."""
+        diffusion.check_sampler(self.cfg.objective, sampler)
+        return diffusion.sample_latents(fn, noise, steps, sampler, self.alpha_bar(noise.device),  # type: ignore[arg-type]
+                                        self.cfg.flow_shift, generator)
 
     def eps_from_output(self, out: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """Predicted epsilon (N, C, H, W) from the patch decoder's output under model.diffusion_prediction.
@@ -169,7 +206,9 @@ class Transfusion(nn.Module):
         return ((1 - ab).sqrt() * x_t.float() + ab.sqrt() * out.float()).to(out.dtype)
 
     def _diffusion_target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """What the patch decoder regresses (N, C, H, W): eps, or v = sqrt(ab) eps - sqrt(1-ab) x0."""
+        """What the patch decoder regresses (N, C, H, W): eps, or v = sqrt(ab) eps - sqrt(1-ab) x0; flow: eps - x0."""
+        if self.cfg.objective == "flow":
+            return noise - x0
         if self.cfg.diffusion_prediction == "eps":
             return noise
         ab = self.alpha_bar(x0.device)[t].view(-1, 1, 1, 1)  # (N, 1, 1, 1)
@@ -180,6 +219,7 @@ class Transfusion(nn.Module):
         """Final hidden states (B*L, D) and the patch decoder's raw output (N, C, H, W): eps or v."""
         B, L = batch.tokens.shape
         D = self.cfg.dim
+        t = self._time_input(t)  # (N,)
         patches, ctx = self.patch_encoder(x_t.to(self.tok_embeddings.weight.dtype), t)  # (N, P, D)
         x = self.tok_embeddings(batch.tokens).view(B * L, D)  # (B*L, D)
         patch_pos = batch.patch_positions()  # (N*P,), precomputed by the loader: no host sync
@@ -199,7 +239,10 @@ class Transfusion(nn.Module):
         t: torch.Tensor | None = None,
         commit: bool = True,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Run a chunk of positions after those in `cache`: hidden states (B, l, D), epsilon (N, C, H, W) or None.
+        """Run a chunk of positions after those in `cache`: hidden states (B, l, D), sampler input (N, C, H, W) or None.
+
+        The sampler input is epsilon (objective ddpm) or the velocity (flow), see `sampler_input`; t (N,) is
+        the images' noise level in the objective's units (`noise_level`): 0 is a clean image for both.
 
         tokens/image_ids/valid are (B, l): token ids (ignored at patches), the chunk's image index 0..N-1
         (row-major, P contiguous patches each) or -1, and whether the slot holds a real position. x_t
@@ -211,6 +254,7 @@ class Transfusion(nn.Module):
         x = self.tok_embeddings(tokens)  # (B, l, D)
         patch_pos = torch.nonzero(image_ids.reshape(-1) >= 0).squeeze(1)  # (N*P,)
         if x_t is not None:
+            level, t = t, self._time_input(t)  # (N,) the objective's units, the embedder's input
             patches, ctx = self.patch_encoder(x_t.to(x.dtype), t)  # (N, P, D)
             x = x.reshape(B * l, D).index_copy(0, patch_pos, patches.reshape(-1, D)).view(B, l, D)
         positions, mask = cache.begin(valid, image_ids)  # (B, l), (B, 1, l, Lc + l)
@@ -223,7 +267,7 @@ class Transfusion(nn.Module):
         if x_t is None:
             return h, None
         out = self.patch_decoder(h.reshape(B * l, D)[patch_pos].view_as(patches), t, ctx)  # (N, C, H, W)
-        return h, self.eps_from_output(out, x_t, t)  # eps, whatever model.diffusion_prediction is
+        return h, self.sampler_input(out, x_t, level)  # eps (ddpm) or velocity (flow)
 
     def lm_logits(self, h: torch.Tensor) -> torch.Tensor:
         """Next-token logits (..., V) from final hidden states (..., D)."""

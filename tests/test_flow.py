@@ -1,0 +1,189 @@
+"""model.objective=flow: the time map, the Euler sampler, the flow loss, the cached generation path, config errors.
+
+Each against an independent reference written out here: the logit-normal CDF from math.erf, the exact
+velocity field of a Gaussian, a hand-written Euler loop, the loss from the decoder's raw output.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from contract.special_ids import SpecialIds
+from pretrain.config import load_config
+from pretrain.configlib import ConfigError
+from pretrain.generate import _batch, generate_images
+from pretrain.model import ModelConfig, Transfusion
+from pretrain.model.diffusion import euler_sample, flow_time, shift_time
+from batches import random_batch
+
+SP = SpecialIds(vocab_size=97, bos_id=1, eos_id=2, boi_id=3, eoi_id=4, pad_id=0)
+
+
+def tiny_cfg(**kw) -> ModelConfig:
+    base = dict(dim=64, n_layers=2, n_heads=4, vocab_size=97, latent_channels=4, latent_size=8, patch_size=2,
+                timestep_freq_dim=32, attention="sdpa", objective="flow")
+    return ModelConfig(**{**base, **kw})
+
+
+def logit_normal_cdf(x: float, mean: float, std: float, shift: float) -> float:
+    """P(s' <= x) for s' = shift_map(sigmoid(mean + std z)): invert the shift, then the normal CDF of the logit."""
+    s = x / (shift - (shift - 1) * x)  # the inverse of s' = shift s / (1 + (shift - 1) s)
+    return 0.5 * (1 + math.erf((math.log(s / (1 - s)) - mean) / (std * math.sqrt(2))))
+
+
+@pytest.mark.parametrize("mean,std,shift", [(0.0, 1.0, 1.0), (0.5, 0.8, 3.0), (-1.0, 1.5, 1.0)])
+def test_time_map_is_monotone_in_open_interval_and_logit_normal(mean: float, std: float, shift: float) -> None:
+    t = torch.arange(1000)
+    s = flow_time(t, 1000, mean, std, shift)
+    assert s.dtype == torch.float32 and bool((s > 0).all()) and bool((s < 1).all())
+    assert bool((s[1:] > s[:-1]).all()), "the map must be strictly increasing in t"
+    # the loader's uniform draws through the map: empirical CDF vs the logit-normal CDF (KS distance)
+    draws = torch.randint(0, 1000, (200_000,), generator=torch.Generator().manual_seed(0))
+    s_draws = flow_time(draws, 1000, mean, std, shift).double().sort().values
+    grid = torch.linspace(0.01, 0.99, 99, dtype=torch.float64)
+    emp = torch.searchsorted(s_draws, grid, right=True).double() / len(s_draws)
+    ref = torch.tensor([logit_normal_cdf(float(x), mean, std, shift) for x in grid], dtype=torch.float64)
+    # discretised to 1000 quantiles (CDF steps of 1e-3) + sampling error (~1/sqrt(2e5) = 2.2e-3)
+    assert float((emp - ref).abs().max()) < 0.008
+    wrong = torch.tensor([logit_normal_cdf(float(x), mean + 0.2, std, shift) for x in grid], dtype=torch.float64)
+    assert float((emp - wrong).abs().max()) > 0.03, "the check must tell a shifted mean apart"
+
+
+def test_image_first_cap_is_snr_one_with_default_time() -> None:
+    """t <= 500 (the paper's image-first cap) maps to s <= ~0.5: signal >= noise, SNR = ((1-s)/s)^2 >= ~1."""
+    s_cap = float(flow_time(torch.tensor([500]), 1000))
+    assert 0.5 <= s_cap < 0.501
+    assert ((1 - s_cap) / s_cap) ** 2 > 0.995
+
+
+def gaussian_velocity(mu: torch.Tensor, sigma: torch.Tensor):
+    """Exact v(x, s) = E[eps - x0 | x_s = x] for x0 ~ N(mu, diag sigma^2), x_s = (1-s) x0 + s eps (per dimension)."""
+
+    def v(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        s = s.double().view(-1, 1, 1, 1)
+        m, sg = mu.view(1, -1, 1, 1), sigma.view(1, -1, 1, 1)
+        var = (1 - s) ** 2 * sg**2 + s**2  # Var(x_s)
+        r = x.double() - (1 - s) * m  # x_s minus its mean
+        x0 = m + (1 - s) * sg**2 / var * r  # E[x0 | x_s]
+        eps = s / var * r  # E[eps | x_s]
+        return (eps - x0).to(x.dtype)
+
+    return v
+
+
+@pytest.mark.parametrize("shift", [1.0, 3.0])
+def test_euler_recovers_a_gaussian_with_the_exact_velocity(shift: float) -> None:
+    """20000 draws, 50 steps: mean within 0.04 and std within 5% of N((2, -1), (0.7, 1.5)^2); a wrong velocity fails.
+
+    Sampling error at n = 20000: mean sigma/141 <= 0.011, std ~0.5%. Euler's own bias at 50 steps is in
+    the std (the path is stiff near s = 0, where shift 3 puts fewer grid points): measured -2% (shift 1)
+    and -4% (shift 3) for sigma 0.7, mean error < 0.02. A velocity for mu + 0.15 or sigma x 1.15 fails.
+    """
+    mu, sigma = torch.tensor([2.0, -1.0], dtype=torch.float64), torch.tensor([0.7, 1.5], dtype=torch.float64)
+    noise = torch.randn(20_000, 2, 1, 1, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+
+    def close(x: torch.Tensor) -> bool:
+        m, sd = x.mean(dim=(0, 2, 3)), x.std(dim=(0, 2, 3))
+        return bool(((m - mu).abs() < 0.04).all() and ((sd / sigma - 1).abs() < 0.05).all())
+
+    assert close(euler_sample(gaussian_velocity(mu, sigma), noise, 50, shift))
+    assert not close(euler_sample(gaussian_velocity(mu + 0.15, sigma), noise, 50, shift))
+    assert not close(euler_sample(gaussian_velocity(mu, sigma * 1.15), noise, 50, shift))
+
+
+def test_euler_grid_is_the_shifted_linspace() -> None:
+    """The sampler asks for v at shift_time(linspace(1, 0, n+1))[:-1] and steps by their differences."""
+    seen: list[float] = []
+
+    def v(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        seen.append(float(s[0]))
+        return torch.ones_like(x)
+
+    x = euler_sample(v, torch.zeros(1, 1, 1, 1), 8, shift=3.0)
+    ref = [3 * u / (1 + 2 * u) for u in torch.linspace(1, 0, 9).tolist()]
+    assert seen == pytest.approx(ref[:-1], abs=1e-6)
+    assert float(x) == pytest.approx(-1.0, abs=1e-6)  # x_0 = x_1 + (0 - 1) * 1
+
+
+def test_flow_loss_is_the_velocity_mse_of_the_decoder_output() -> None:
+    """loss = LM + lambda * mean over images of mean((out - (eps - x0))^2), out at x_s = (1-s) x0 + s eps, s by hand."""
+    cfg = tiny_cfg(diffusion_loss_weight=5.0)
+    torch.manual_seed(0)
+    model = Transfusion(cfg)
+    torch.nn.init.normal_(model.patch_decoder.proj.weight, std=0.05)  # a non-zero output to compare
+    batch = random_batch(cfg, 2, 128, seed=1)
+    assert batch.num_images > 0
+    out = model(batch)
+    u = (batch.timesteps.double() + 0.5) / 1000
+    s = 1 / (1 + torch.exp(-math.sqrt(2) * torch.erfinv(2 * u - 1)))  # sigmoid(Phi^-1(u)), mean 0, std 1
+    s4 = s.float().view(-1, 1, 1, 1)
+    x_s = (1 - s4) * batch.latents + s4 * batch.noise
+    _, raw = model._hidden_and_output(batch, x_s, s.float())
+    per_image = (raw - (batch.noise - batch.latents)).pow(2).mean(dim=(1, 2, 3))  # (N,)
+    torch.testing.assert_close(out.diffusion_loss_sum, per_image.sum(), rtol=1e-5, atol=0)
+    expected = out.lm_loss_sum / out.num_text_tokens + 5.0 * per_image.sum() / batch.num_images
+    torch.testing.assert_close(out.loss.detach(), expected, rtol=1e-5, atol=0)
+    # the timestep embedder sees s * T (continuous, DDPM's range), in training and from the samplers
+    seen: list[torch.Tensor] = []
+    model.patch_encoder.t_embed.register_forward_hook(lambda m, args, out: seen.append(args[0]))
+    model(batch)
+    torch.testing.assert_close(seen[-1], s.float() * 1000)
+    _, v = model.hidden_and_eps(batch, x_s, s.float())
+    assert torch.equal(v, raw), "a flow model hands the sampler its velocity unchanged"
+
+
+def test_cached_flow_generation_equals_uncached_euler() -> None:
+    """generate_images on a flow model (KV cache, CFG) = a hand-written Euler loop over full forwards."""
+    torch.manual_seed(0)
+    model = Transfusion(tiny_cfg()).eval()
+    with torch.no_grad():
+        model.patch_decoder.proj.weight.normal_(0, 0.05)
+    P, steps, scale = model.cfg.patches_per_image, 6, 2.0
+    prompts = [[5, 6, 7], [8]]
+    got = generate_images(model, prompts, SP, steps=steps, cfg_scale=scale, seed=3, sampler="euler")
+    rows = [[SP.bos_id, *p, SP.boi_id] + [None] * P for p in prompts] + [[SP.bos_id, SP.boi_id] + [None] * P] * 2
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    grid = torch.linspace(1, 0, steps + 1)
+    with torch.no_grad():
+        for i in range(steps):
+            xs, ss = x.repeat(2, 1, 1, 1), torch.full((4,), float(grid[i]))
+            _, v = model.hidden_and_eps(_batch(model, rows, xs, ss, SP.pad_id), xs, ss)
+            cond, uncond = v.chunk(2)
+            x = x + float(grid[i + 1] - grid[i]) * (uncond + scale * (cond - uncond))
+    torch.testing.assert_close(got, x, atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="model.objective='flow'.*euler"):
+        generate_images(model, prompts, SP, steps=2, sampler="ddim")
+    assert generate_images(model, prompts, SP, steps=2, sampler=None).shape == (2, 4, 8, 8)  # None: euler
+
+
+def test_ddpm_model_refuses_euler() -> None:
+    model = Transfusion(tiny_cfg(objective="ddpm")).eval()
+    with pytest.raises(ValueError, match="sampler='euler'.*model.objective='ddpm'.*ddpm or ddim"):
+        generate_images(model, [[5]], SP, steps=2, sampler="euler")
+
+
+@pytest.mark.parametrize("key,value", [("diffusion_prediction", "v"), ("diffusion_loss_weighting", "v_trunc")])
+def test_ddpm_switches_refused_under_flow(key: str, value: str) -> None:
+    with pytest.raises(ValueError, match=f"model.{key}='{value}' is a DDPM switch"):
+        tiny_cfg(**{key: value})
+    tiny_cfg(objective="ddpm", **{key: value})  # fine under ddpm
+
+
+@pytest.mark.parametrize("key,value", [("flow_logit_std", 0.0), ("flow_shift", -1.0)])
+def test_flow_key_ranges(key: str, value: float) -> None:
+    with pytest.raises(ValueError, match=f"model.{key} must be > 0"):
+        tiny_cfg(**{key: value})
+
+
+def test_run_config_sampler_must_fit_objective() -> None:
+    with pytest.raises(ConfigError, match="logging.sample_sampler='ddpm' cannot sample.*objective='flow'.*euler"):
+        load_config(overrides=["model.objective=flow"])
+    with pytest.raises(ConfigError, match="logging.sample_sampler='euler' cannot sample.*objective='ddpm'"):
+        load_config(overrides=["logging.sample_sampler=euler"])
+    with pytest.raises(ConfigError, match="objective"):
+        load_config(overrides=["model.objective=rectified"])
+    cfg = load_config(overrides=["model.objective=flow", "logging.sample_sampler=euler", "model.flow_shift=3"])
+    assert (cfg.model.objective, cfg.logging.sample_sampler, cfg.model.flow_shift) == ("flow", "euler", 3.0)
