@@ -9,7 +9,8 @@ Caption: `BOS BOI image EOI` + --tokens new tokens (greedy; no EOS id, so every 
 Image: a --caption-len token caption, --steps DDIM steps (Euler with --objective flow), CFG 3 (2 rows per
 image), --batch images.
 
-    python bench/generate.py [--threads 2] [--tokens 16] [--steps 10] [--batch 2] [--configs tiny,wide] [--objective flow]
+    python bench/generate.py [--threads 2] [--tokens 16] [--steps 10] [--batch 2] [--configs tiny,wide]
+                             [--objective flow]
 """
 
 from __future__ import annotations
@@ -105,7 +106,8 @@ def main() -> None:
         tk = timed(lambda: generate_text(model, [[]], SP, a.tokens, images=image))
         prompts = [torch.randint(5, cfg.vocab_size, (a.caption_len,), generator=g).tolist() for _ in range(a.batch)]
         ic = timed(lambda: image_recompute(model, prompts, a.steps, 3.0), reps=1) / a.batch
-        ik = timed(lambda: generate_images(model, prompts, SP, a.steps, 3.0, sampler=sampler_of(model)), reps=1) / a.batch
+        sampler = sampler_of(model)
+        ik = timed(lambda: generate_images(model, prompts, SP, a.steps, 3.0, sampler=sampler), reps=1) / a.batch
         print(f"| {name} | {cfg.patches_per_image} | {a.tokens / tc:.1f} | {a.tokens / tk:.1f} | {tc / tk:.2f}x "
               f"| {ic:.3f} | {ik:.3f} | {ic / ik:.2f}x |", flush=True)
 

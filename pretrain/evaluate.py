@@ -46,7 +46,8 @@ class EvalSettings:
     per_combo: int = 1  # text->image samples per (colour, shape, place) combination
     steps: int = 100  # denoising steps
     cfg_scale: float = 3.0  # classifier-free guidance scale
-    sampler: str = "ddpm"  # "ddpm" (ancestral, the paper's) or "ddim"; "euler" for objective=flow; as LoggingConfig's sample_*
+    sampler: str = "ddpm"  # "ddpm" (ancestral, the paper's) or "ddim"; "euler" for objective=flow
+    # (defaults match LoggingConfig's sample_*)
     captions: int = 162  # fresh images captioned (seen combinations); held-out: 4 per combination
     vae_images: int = 162  # fresh images through the VAE
     text_docs: int = 64  # fresh text documents for the LM loss
@@ -261,6 +262,7 @@ def main(argv: list[str] | None = None) -> dict:
     from data_pipeline.tokenizer import Tokenizer
     from data_pipeline.vae import load_vae
     from pretrain.generate import load_exported
+    from pretrain.model.config import check_sampler
 
     ap = argparse.ArgumentParser(prog="python -m pretrain.evaluate", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -283,6 +285,11 @@ def main(argv: list[str] | None = None) -> dict:
     sampler, steps, cfg_scale = sampling_defaults(root)
     st = EvalSettings(per_combo=a.per_combo, steps=a.steps or steps, cfg_scale=a.cfg_scale or cfg_scale,
                       sampler=a.sampler or sampler, captions=a.captions, seed=a.seed)
+    try:  # before the slow work: a DDPM sampler for a flow model, or Euler for a DDPM one
+        key = "--sampler" if a.sampler else f"{root / 'config.yaml'}: logging.sample_sampler"
+        check_sampler(model.cfg.objective, st.sampler, key)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
     report, pixels, prompts = evaluate(model, sp, Tokenizer(root / "tokenizer.model"), load_vae(root / "vae"), st)
     out = write_report(report, pixels, prompts, a.out)
     print(table(report))

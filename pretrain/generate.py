@@ -1,8 +1,9 @@
 """Generation with a KV cache: mixed-modal output, images from captions, captions of images, text.
 
 `generate` is the paper's inference: decode text; on BOI append noise patches, denoise them (DDPM or
-DDIM; Euler for a model.objective=flow model; classifier-free guidance against the dropped context) against the cached prefix, close with EOI
-and go on with the clean image in context. `generate_images` and `generate_text` are its two halves.
+DDIM, or Euler for a model.objective=flow model; classifier-free guidance against the dropped context)
+against the cached prefix, close with EOI and go on with the clean image in context. `generate_images`
+and `generate_text` are its two halves.
 Single-device functions over a `Transfusion` model: under ZeRO-3 every rank calls them with the same
 prompts and seed, so control flow (and so parameter gathering) is identical everywhere. Layouts follow the
 training data: caption-first `BOS caption BOI patches EOI EOS`, dropped caption `BOS BOI patches EOI`,
@@ -31,7 +32,7 @@ from data_pipeline.tokenizer import Tokenizer
 from data_pipeline.vae import decode, encode, load_vae
 from pretrain.config import Config
 from pretrain.model import KVCache, Transfusion
-from pretrain.model.diffusion import Sampler, default_sampler
+from pretrain.model.config import Sampler, check_sampler, default_sampler
 
 
 TokenSeq = list[int | None]  # one sequence being generated: token ids, None at the patch positions of its image
@@ -378,7 +379,8 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--max-images", type=int, default=1, help="--mixed: images per prompt at most")
     ap.add_argument("--out", default="samples", help="directory for generated PNGs")
     ap.add_argument("--sampler", choices=["ddpm", "ddim", "euler"], default=None,
-                    help="ancestral DDPM (paper) or DDIM for model.objective=ddpm, Euler for flow (default: ddpm / euler)")
+                    help="ancestral DDPM (paper) or DDIM for model.objective=ddpm, Euler for flow "
+                         "(default: ddpm / euler)")
     ap.add_argument("--steps", type=int, default=250, help="denoising steps (paper: 250)")
     ap.add_argument("--cfg-scale", type=float, default=3.0, help="classifier-free guidance scale (paper: 3-5; 1 = off)")
     ap.add_argument("--max-new-tokens", type=int, default=48)
@@ -391,6 +393,11 @@ def _parser() -> argparse.ArgumentParser:
 
 def _run(args: argparse.Namespace) -> None:
     model, sp, root = load_exported(args.model)
+    if args.sampler is not None:  # before the slow work: a DDPM sampler for a flow model, or Euler for DDPM
+        try:
+            check_sampler(model.cfg.objective, args.sampler, "--sampler")
+        except ValueError as e:
+            raise BadInput(str(e)) from None
     tok = Tokenizer(root / "tokenizer.model")
     vae = load_vae(root / "vae")
     text = TextSampling(args.temperature, args.top_k, args.top_p)

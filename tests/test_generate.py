@@ -260,6 +260,8 @@ def test_cli_bad_input_gets_a_message(random_export, tmp_path) -> None:
         (["--model", str(random_export), "--caption", str(tiny)], [str(tiny), "too_small", "at least 8x8"]),
         (["--model", str(random_export), "--caption", str(junk)], [str(junk), "not a usable image"]),
         (["--model", str(random_export), "--caption", str(tmp_path / "gone.png")], ["gone.png", "cannot read"]),
+        (["--model", str(random_export), "--prompt", "a", "--sampler", "euler"],
+         ["--sampler='euler'", "model.objective='ddpm'", "ddpm or ddim"]),
     ]
     for argv, words in cases:
         with pytest.raises(SystemExit) as e:

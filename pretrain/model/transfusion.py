@@ -126,7 +126,8 @@ class Transfusion(nn.Module):
         """Noise the batch's latents at its timesteps, run the model, and return the losses.
 
         loss = sum of text-target CE / text_denom + diffusion_loss_weight * sum of per-image eps MSE /
-        image_denom (objective=flow: the velocity MSE, x_s = (1-s) x0 + s eps, v = eps - x0, s = flow_time(t)). text_denom / image_denom default to this batch's counts (a mean); the trainer passes
+        image_denom (objective=flow: the velocity MSE, x_s = (1-s) x0 + s eps, v = eps - x0, s from
+        `noise_level`). text_denom / image_denom default to this batch's counts (a mean); the trainer passes
         the step's global counts divided by (accumulation steps x ranks), so that DeepSpeed's averaging
         gives d(sum / global count) however the global batch is split (pretrain.train.global_denominators).
         """
@@ -153,8 +154,9 @@ class Transfusion(nn.Module):
         x_t (N, C, H, W) are the batch's latents noised at timesteps t (N,); the patch encoder puts them
         at the batch's patch positions, the backbone runs over all positions, the patch decoder reads
         the patch positions back. Text generation takes `lm_logits` of the hidden states, image
-        generation the epsilon (objective=flow: the velocity, and t is flow time s; see `noise_level`). When the batch holds no image, x_t/t is one dummy image, which
-        bypasses the backbone (its epsilon is meaningless; ZeRO-3 still gathers every module).
+        generation the epsilon (objective=flow: the velocity, and t is flow time s; see `noise_level`).
+        When the batch holds no image, x_t/t is one dummy image, which bypasses the backbone (its epsilon
+        is meaningless; ZeRO-3 still gathers every module).
         """
         h, out = self._hidden_and_output(batch, x_t, t)  # (B*L, D), (N, C, H, W)
         return h, self.sampler_input(out, x_t, t)
@@ -190,7 +192,8 @@ class Transfusion(nn.Module):
         levels in this model's units; DDPM/DDIM on the cosine schedule or Euler with model.flow_shift.
         Raises ValueError when `sampler` does not fit model.objective."""
         diffusion.check_sampler(self.cfg.objective, sampler)
-        return diffusion.sample_latents(fn, noise, steps, sampler, self.alpha_bar(noise.device),  # type: ignore[arg-type]
+        ab = self.alpha_bar(noise.device)  # (T,), unused by euler
+        return diffusion.sample_latents(fn, noise, steps, sampler, ab,  # type: ignore[arg-type]
                                         self.cfg.flow_shift, generator)
 
     def eps_from_output(self, out: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
