@@ -129,7 +129,7 @@ def ddim_sample(
 def shift_time(s: torch.Tensor, shift: float) -> torch.Tensor:
     """SD3's resolution shift of flow time s in [0, 1]: shift * s / (1 + (shift - 1) * s), same shape.
 
-    Esser et al. 2024 ("Scaling Rectified Flow Transformers", eq. 23): shift > 1 moves time towards
+    Esser et al. 2024 ("Scaling Rectified Flow Transformers", sec. 5.3.2): shift > 1 moves time towards
     noise (s = 1), as larger images need; shift = 1 is the identity. Monotone, fixes 0 and 1.
     """
     return shift * s / (1 + (shift - 1) * s)
@@ -141,7 +141,7 @@ def flow_time(t: torch.Tensor, steps: int, mean: float = 0.0, std: float = 1.0, 
     The loader draws t uniform on 0..steps-1 (its draws fix exact resume and the sequence digests, so the
     flow objective reuses them); u = (t + 0.5) / steps is then uniform on (0, 1) and the quantile map
     z = Phi^{-1}(u), s = shift_time(sigmoid(mean + std * z), shift) turns it into SD3's logit-normal
-    time with a shift (Esser et al. 2024, sec. 3.1 eq. 19 and sec. 5.3.2; keys model.flow_logit_mean,
+    time with a shift (Esser et al. 2024, sec. 3.1 and sec. 5.3.2; keys model.flow_logit_mean,
     flow_logit_std, flow_shift), discretised to `steps` quantiles. The map is increasing in t, so the
     image-first noise cap t <= data.image_first_max_timestep becomes a cap on s: t <= 500 of T = 1000 is
     u <= 0.5005, the median of the time distribution. With the defaults (mean 0, shift 1) that median is
