@@ -108,12 +108,16 @@ def test_euler_grid_is_the_shifted_linspace() -> None:
     assert float(x) == pytest.approx(-1.0, abs=1e-6)  # x_0 = x_1 + (0 - 1) * 1
 
 
-def test_flow_loss_is_the_velocity_mse_of_the_decoder_output() -> None:
+@pytest.mark.parametrize("patching", [{}, {"patch_encoder": "unet", "unet_channels": (16, 32)}])
+def test_flow_loss_is_the_velocity_mse_of_the_decoder_output(patching: dict) -> None:
     """loss = LM + lambda * mean over images of mean((out - (eps - x0))^2), out at x_s = (1-s) x0 + s eps, s by hand."""
-    cfg = tiny_cfg(diffusion_loss_weight=5.0)
+    cfg = tiny_cfg(diffusion_loss_weight=5.0, **patching)
     torch.manual_seed(0)
     model = Transfusion(cfg)
-    torch.nn.init.normal_(model.patch_decoder.proj.weight, std=0.05)  # a non-zero output to compare
+    with torch.no_grad():  # the decoder's output layers are zero-initialised: a non-zero output to compare
+        for p in model.patch_decoder.parameters():
+            if not p.any():
+                p.normal_(0, 0.05)
     batch = random_batch(cfg, 2, 128, seed=1)
     assert batch.num_images > 0
     out = model(batch)
