@@ -145,7 +145,12 @@ def copy_into(param: torch.Tensor, src: torch.Tensor, name: str) -> None:
 
 
 def to_hf(name: str, t: torch.Tensor, cfg: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
-    """HF tensors for one of our tensors (none for the image-side modules)."""
+    """HF tensors for one of our tensors (none for the image-side modules). Raises HFConversionError
+    for an image expert's tensor (model.modality_experts): a Llama has no per-modality weights."""
+    if name == "image_norm.weight" or name.startswith("layers.") and name.split(".", 3)[2] == "image":
+        raise HFConversionError(f"{name}: an image expert of model.modality_experts=true; a Hugging Face Llama has "
+                                "no modality experts, so this model cannot be exported as one (export it with "
+                                "pretrain.export and load it with Transfusion.from_pretrained)")
     if name == "tok_embeddings.weight":
         yield "model.embed_tokens.weight", t
     elif name == "norm.weight":
