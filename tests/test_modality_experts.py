@@ -222,3 +222,23 @@ def test_export_directory_round_trip(tmp_path) -> None:
     assert back.cfg.modality_experts and isinstance(back.layers[1].image, torch.nn.Module)
     batch = random_batch(model.cfg, 1, L, seed=6)
     torch.testing.assert_close(back(batch).loss, model(batch).loss, atol=0, rtol=0)
+
+
+def test_activation_checkpointing_recomputes_experts_exactly() -> None:
+    """The trainer's per-block checkpointing (pretrain.engine) wraps the expert blocks: same loss and gradients."""
+    from pretrain.engine import apply_activation_checkpointing
+
+    cfg = tiny_cfg(modality_experts=True)
+    batch = random_batch(cfg, 2, L, seed=8)
+    runs = []
+    for ckpt in (False, True):
+        model = build(cfg, seed=4)
+        if ckpt:
+            apply_activation_checkpointing(model)
+        out = model(batch)
+        out.loss.backward()
+        runs.append((out.loss.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    (l0, g0), (l1, g1) = runs
+    assert torch.equal(l0, l1)
+    for n in g0:
+        torch.testing.assert_close(g1[n], g0[n], atol=1e-6, rtol=1e-5, msg=n)
