@@ -113,12 +113,14 @@ class Transfusion(nn.Module):
     def backbone(self, x: torch.Tensor, batch: TransfusionBatch) -> torch.Tensor:
         """Run the blocks over embedded positions (B, L, D) and the final norm."""
         rope = rope_tables(batch.positions, self.cfg.head_dim, self.cfg.rope_theta)
-        return self._blocks(x, rope, self.attention_mask(batch), batch.patch_positions())  # (B, L, D)
+        patch_pos = batch.patch_positions() if self.cfg.modality_experts else None  # dense: no lookup, no sync
+        return self._blocks(x, rope, self.attention_mask(batch), patch_pos)  # (B, L, D)
 
-    def _blocks(self, x: torch.Tensor, rope: torch.Tensor, mask: masks.AttentionMask, patch_pos: torch.Tensor,
+    def _blocks(self, x: torch.Tensor, rope: torch.Tensor, mask: masks.AttentionMask, patch_pos: torch.Tensor | None,
                 cache: KVCache | None = None) -> torch.Tensor:
         """Every block and the final norm: (B, L, D) -> (B, L, D). patch_pos (N,) are the flat image positions,
-        which route rows to the image expert under model.modality_experts (ModalityExpertsBlock)."""
+        which route rows to the image expert under model.modality_experts (ModalityExpertsBlock; unused
+        by a dense model)."""
         if not self.cfg.modality_experts:
             for i, layer in enumerate(self.layers):
                 x = layer(x, rope, mask, cache, i)  # (B, L, D)
