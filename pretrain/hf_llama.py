@@ -21,6 +21,10 @@ layout-independent.
 Vocabulary: our vocabulary is the Llama tokenizer's plus our special tokens appended (BOI, EOI...);
 importing copies the first `vocab_size(HF)` rows of the embedding and LM head and leaves the rest
 as a fresh run initialises them. The image-side modules are never touched.
+
+Modality experts (model.modality_experts): the text experts keep the names above, so importing a
+Llama fills them and leaves the image experts (`layers.i.image.*`, `image_norm`) at their fresh init;
+exporting such a model as a Llama is refused (HFConversionError naming the first image-expert key).
 """
 
 from __future__ import annotations
