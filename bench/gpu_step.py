@@ -3,6 +3,7 @@
     python bench/gpu_step.py                 # GPU: bf16, width 4096, 32 heads, 4 layers, U-Net patching,
                                              # 4096-position packed rows with 8 images, compiled FlexAttention
     python bench/gpu_step.py --tiny          # CPU smoke run at a tiny shape (fp32), what the test runs
+    python bench/gpu_step.py --modality-experts   # each row also with model.modality_experts=true, x dense
 
 A step is what the trainer does per micro-batch without DeepSpeed: build the Transfusion block mask
 (compiled create_block_mask), forward, backward, AdamW (fused on GPU). Each configuration runs with
@@ -18,6 +19,7 @@ import argparse
 import resource
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -145,6 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation)")
     ap.add_argument("--no-ckpt-only", action="store_true", help="skip the activation-checkpointing run")
+    ap.add_argument("--modality-experts", action="store_true",
+                    help="also run model.modality_experts=true (Mixture-of-Transformers) and print its speed over dense")
     args = ap.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
     if args.tiny:
@@ -167,15 +171,21 @@ def main(argv: list[str] | None = None) -> int:
     print(f"model: width {cfg.dim}, {cfg.n_heads} heads, {cfg.n_layers} layers, {cfg.patch_encoder} patching; "
           f"{args.rows} x {seq_len} positions, {batch.num_images} images; {flops:.6g} FLOP per position (pretrain.estimate)")
     peak_kind = "peak GiB" if device.type == "cuda" else "RSS GiB"
+    mot = args.modality_experts
     print(f"{'config':14s} {'ms/step':>9s} {'positions/s':>12s} {'TFLOP/s':>9s} {'MFU meas.':>9s} {'MFU sheet':>9s} "
-          f"{peak_kind:>9s} {'loss':>8s}")
+          f"{peak_kind:>9s} {'loss':>8s}" + (f" {'x dense':>8s}" if mot else ""))
     for ck in (False,) if args.no_ckpt_only else (False, True):
-        r = run_config(cfg, batch, device, dtype, ck, args.steps, args.warmup)
-        pos_s = args.rows * seq_len / r["s_per_step"]
-        achieved = flops * pos_s
-        sheet = f"{achieved / gpu.bf16_flops:9.1%}" if gpu else f"{'n/a':>9s}"
-        print(f"{'ckpt' if ck else 'no ckpt':14s} {1e3 * r['s_per_step']:9.1f} {pos_s:12,.0f} {achieved / 1e12:9.3g} "
-              f"{achieved / measured:9.1%} {sheet} {r['peak_bytes'] / 2**30:9.2f} {r['loss']:8.3f}")
+        dense_pos_s = None
+        for experts in (False, True) if mot else (False,):  # same FLOPs per position (pretrain.estimate)
+            r = run_config(replace(cfg, modality_experts=experts), batch, device, dtype, ck, args.steps, args.warmup)
+            pos_s = args.rows * seq_len / r["s_per_step"]
+            dense_pos_s = dense_pos_s or pos_s
+            achieved = flops * pos_s
+            sheet = f"{achieved / gpu.bf16_flops:9.1%}" if gpu else f"{'n/a':>9s}"
+            name = ("ckpt" if ck else "no ckpt") + (" MoT" if experts else "")
+            print(f"{name:14s} {1e3 * r['s_per_step']:9.1f} {pos_s:12,.0f} {achieved / 1e12:9.3g} "
+                  f"{achieved / measured:9.1%} {sheet} {r['peak_bytes'] / 2**30:9.2f} {r['loss']:8.3f}"
+                  + (f" {pos_s / dense_pos_s:8.2f}" if mot else ""))
     return 0
 
 

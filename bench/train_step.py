@@ -5,7 +5,11 @@ sequences, each 32 text tokens, BOI, one 32x32x8 latent in 2x2 patches (256 posi
 Prints positions/s for forward + backward + AdamW step on both attention paths, and the achieved
 share of the measured matmul rate (6 * N * positions/s, attention counted, see pretrain.estimate).
 
-    python bench/train_step.py [--threads 2] [--steps 20]
+    python bench/train_step.py [--threads 2] [--steps 20] [--modality-experts]
+
+--modality-experts adds each path with model.modality_experts=true (Mixture-of-Transformers: the same
+FLOPs per position, twice the backbone's weights, a gather each way around attention) and a column of
+its rate over the dense model's on the same path, in the same run.
 """
 
 from __future__ import annotations
@@ -89,19 +93,25 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--modality-experts", action="store_true", help="also time model.modality_experts=true")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     base = dict(dim=256, n_layers=2, n_heads=4, vocab_size=1024, latent_size=32, patch_size=2)
     peak = matmul_rate()
     print(f"threads: {args.threads}   fp32 matmul rate (1024^3): {peak / 1e9:.1f} GFLOP/s")
-    print(f"{'path':15s} {'positions/s':>12s} {'GFLOP/s':>9s} {'share of matmul':>16s}")
+    print(f"{'path':20s} {'positions/s':>12s} {'GFLOP/s':>9s} {'share of matmul':>16s}"
+          + (f" {'x dense':>8s}" if args.modality_experts else ""))
     for attn in ("sdpa", "flex"):
         for compiled in (False, True):
-            cfg = ModelConfig(**base, attention=attn)
-            rate = step_rate(cfg, args.steps, args.warmup, compiled)
-            flops = flops_breakdown(cfg, mix_of_batch(bench_batch(cfg))).total * rate
-            name = attn + (" +compile" if compiled else "")
-            print(f"{name:15s} {rate:12,.0f} {flops / 1e9:9.1f} {flops / peak:16.1%}")
+            dense_rate = None
+            for experts in (False, True) if args.modality_experts else (False,):
+                cfg = ModelConfig(**base, attention=attn, modality_experts=experts)
+                rate = step_rate(cfg, args.steps, args.warmup, compiled)
+                dense_rate = dense_rate or rate
+                flops = flops_breakdown(cfg, mix_of_batch(bench_batch(cfg))).total * rate
+                name = attn + (" +compile" if compiled else "") + (" MoT" if experts else "")
+                print(f"{name:20s} {rate:12,.0f} {flops / 1e9:9.1f} {flops / peak:16.1%}"
+                      + (f" {rate / dense_rate:8.2f}" if args.modality_experts else ""))
 
 
 if __name__ == "__main__":

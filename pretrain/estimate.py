@@ -7,7 +7,8 @@ Everything runs on the meta device (no weights are allocated), in seconds even f
 
 - parameters: counted on the model built on the meta device, by part;
 - FLOPs per position (training = forward + backward = 3x forward): 6 x the matmul weights every
-  position passes through, the LM head only at positions with a next-token target, the patch
+  position passes through (under model.modality_experts one expert's: Mixture-of-Transformers
+  doubles the backbone's parameters, not its FLOPs per position), the LM head only at positions with a next-token target, the patch
   encoder/decoder per image (counted by torch's FlopCounterMode, so U-Net convolutions are exact),
   and attention per document under the Transfusion mask: 12 x layers x dim FLOPs per allowed
   (query, key) pair (QK^T and AV, 2 x dim each forward), pairs = causal pairs of each document +
@@ -48,18 +49,22 @@ RUNTIME_OVERHEAD_BYTES = 2 * GIB
 
 
 def count_parameters(cfg: ModelConfig) -> dict[str, int]:
-    """Parameter counts by part: total, embedding, backbone, lm_head, patch_encoder, patch_decoder,
-    and `largest_layer` (the most parameters held directly by one module, as DeepSpeed counts it)."""
+    """Parameter counts by part: total, embedding, backbone (both experts under model.modality_experts),
+    image_experts (the image expert's blocks and final norm; 0 for a dense model), lm_head,
+    patch_encoder, patch_decoder, and `largest_layer` (the most parameters held directly by one
+    module, as DeepSpeed counts it)."""
     with torch.device("meta"):
         model = Transfusion(cfg)
 
     def n(m: torch.nn.Module) -> int:
         return sum(p.numel() for p in m.parameters())
 
+    image = sum(n(b.image) for b in model.layers) + n(model.image_norm) if cfg.modality_experts else 0
     return {
         "total": n(model),
         "embedding": n(model.tok_embeddings),
-        "backbone": n(model.layers) + n(model.norm),
+        "backbone": n(model.layers) + n(model.norm) + (n(model.image_norm) if cfg.modality_experts else 0),
+        "image_experts": image,
         "lm_head": n(model.output),
         "patch_encoder": n(model.patch_encoder),
         "patch_decoder": n(model.patch_decoder),
@@ -192,7 +197,7 @@ def patching_cost(cfg: ModelConfig) -> tuple[float, float]:
 class Flops:
     """Training FLOPs per position, by part (forward + backward)."""
 
-    weights: float  # 6 x backbone parameters (every position)
+    weights: float  # 6 x the backbone parameters one position runs (one expert under model.modality_experts)
     lm_head: float  # 6 x dim x vocab x (text targets / seq_len)
     patching: float  # 3 x patch encoder+decoder forward FLOPs x (images / seq_len)
     attention: float  # 12 x layers x dim x (allowed pairs / seq_len)
@@ -212,7 +217,7 @@ def flops_breakdown(cfg: ModelConfig, mix: DocMix, counts: dict[str, int] | None
     S = mix.seq_len
     per_pair = 12.0 * cfg.n_layers * cfg.dim
     return Flops(
-        weights=6.0 * counts["backbone"],
+        weights=6.0 * (counts["backbone"] - counts.get("image_experts", 0)),  # each position runs one expert
         lm_head=6.0 * counts["lm_head"] * mix.text_targets / S,
         patching=3.0 * patch_fwd_flops * mix.images / S,
         attention=per_pair * mix.attention_pairs(cfg.patches_per_image) / S,
@@ -426,7 +431,8 @@ def format_plan(plan: Plan, cfg: Config, mfus: list[float], positions: float) ->
     """The human-readable plan (what the CLI and the dry run print)."""
     c, f, mix, g = plan.counts, plan.flops, plan.mix, plan.gpu
     out = [f"parameters: {c['total']}"]
-    out += [f"  {k:14s} {v:>15,d}  ({v / c['total']:.2%})" for k, v in c.items() if k not in ("total", "largest_layer")]
+    out += [f"  {k:14s} {v:>15,d}  ({v / c['total']:.2%}){'  of the backbone' if k == 'image_experts' else ''}"
+            for k, v in c.items() if k not in ("total", "largest_layer") and (v or k != "image_experts")]
     out.append(f"  {'largest_layer':14s} {c['largest_layer']:>15,d}  (one module's own parameters)")
     P = cfg.model.patches_per_image
     out += [
@@ -435,7 +441,8 @@ def format_plan(plan: Plan, cfg: Config, mfus: list[float], positions: float) ->
         f"{mix.text_targets:,.0f} text targets, attention pairs {mix.attention_pairs(P):,.0f} "
         f"({mix.attention_pairs(P) / mix.seq_len**2:.1%} of dense)",
         f"training FLOPs per position: {f.total / 1e9:.2f} GFLOP",
-        f"  {'weights (6 x backbone parameters)':42s}{f.weights / 1e9:8.2f} G",
+        f"  {'weights (6 x backbone parameters)':42s}{f.weights / 1e9:8.2f} G"
+        + ("   (modality experts: one expert's per position)" if cfg.model.modality_experts else ""),
         f"  {'lm_head (text targets only)':42s}{f.lm_head / 1e9:8.2f} G",
         f"  {'patch encoder/decoder':42s}{f.patching / 1e9:8.2f} G",
         f"  {'attention (Transfusion mask)':42s}{f.attention / 1e9:8.2f} G   (dense 12*L*d*seq: {f.attention_dense / 1e9:.2f} G)",

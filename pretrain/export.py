@@ -300,6 +300,10 @@ def export_hf_llama(src: Path, out: Path, step: int | None, dtype: str, max_shar
         cfg, origin = checkpoint.trained_config(ckpt), str(ckpt)
         check_rank_files(ckpt)
         tensors = lazy_tensors(ckpt)
+    if cfg.model.modality_experts:  # before writing anything
+        raise ExportError(f"{origin}: model.modality_experts=true: a Hugging Face Llama has no image experts "
+                          "(layers.0.image.attention.wqkv.weight...); export without --hf-llama and load "
+                          "with Transfusion.from_pretrained")
     tok = Path(cfg.data.tokenizer)
 
     def fill(tmp: Path) -> None:

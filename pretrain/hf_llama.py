@@ -21,6 +21,10 @@ layout-independent.
 Vocabulary: our vocabulary is the Llama tokenizer's plus our special tokens appended (BOI, EOI...);
 importing copies the first `vocab_size(HF)` rows of the embedding and LM head and leaves the rest
 as a fresh run initialises them. The image-side modules are never touched.
+
+Modality experts (model.modality_experts): the text experts keep the names above, so importing a
+Llama fills them and leaves the image experts (`layers.i.image.*`, `image_norm`) at their fresh init;
+exporting such a model as a Llama is refused (HFConversionError naming the first image-expert key).
 """
 
 from __future__ import annotations
@@ -145,7 +149,12 @@ def copy_into(param: torch.Tensor, src: torch.Tensor, name: str) -> None:
 
 
 def to_hf(name: str, t: torch.Tensor, cfg: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
-    """HF tensors for one of our tensors (none for the image-side modules)."""
+    """HF tensors for one of our tensors (none for the image-side modules). Raises HFConversionError
+    for an image expert's tensor (model.modality_experts): a Llama has no per-modality weights."""
+    if name == "image_norm.weight" or name.startswith("layers.") and name.split(".", 3)[2] == "image":
+        raise HFConversionError(f"{name}: an image expert of model.modality_experts=true; a Hugging Face Llama has "
+                                "no modality experts, so this model cannot be exported as one (export it with "
+                                "pretrain.export and load it with Transfusion.from_pretrained)")
     if name == "tok_embeddings.weight":
         yield "model.embed_tokens.weight", t
     elif name == "norm.weight":

@@ -213,6 +213,17 @@ def _cat(batches: list[TransfusionBatch]) -> TransfusionBatch:
     )
 
 
+def forward_noting_skipped_modules(model: Transfusion, batch: TransfusionBatch):
+    """model(batch), and the sorted names of the modules holding parameters whose forward did not run."""
+    used: set[str] = set()
+    hooks = [m.register_forward_hook(lambda mod, i, o, n=n: used.add(n)) for n, m in model.named_modules() if n]
+    out = model(batch)
+    for h in hooks:
+        h.remove()
+    leaves = {n for n, m in model.named_modules() if n and not list(m.children()) and list(m.parameters(recurse=False))}
+    return out, sorted(leaves - used)
+
+
 @pytest.mark.parametrize("attention", ["sdpa", "flex"])
 @pytest.mark.parametrize("patch_encoder", ["linear", "unet"])
 def test_batch_without_images_runs_every_module(attention: str, patch_encoder: str) -> None:
@@ -222,13 +233,8 @@ def test_batch_without_images_runs_every_module(attention: str, patch_encoder: s
     batch = random_batch(cfg, 2, L, seed=4, images_per_row=0)
     assert batch.num_images == 0
     batch.validate(cfg.patch_size)
-    used: set[str] = set()
-    hooks = [m.register_forward_hook(lambda mod, i, o, n=n: used.add(n)) for n, m in model.named_modules() if n]
-    out = model(batch)
-    for h in hooks:
-        h.remove()
-    leaves = {n for n, m in model.named_modules() if n and not list(m.children()) and list(m.parameters(recurse=False))}
-    assert leaves <= used, f"modules skipped without images: {sorted(leaves - used)}"
+    out, skipped = forward_noting_skipped_modules(model, batch)
+    assert not skipped, f"modules skipped without images: {skipped}"
     out.loss.backward()
     assert torch.isfinite(out.loss) and out.diffusion_loss_sum == 0
     torch.testing.assert_close(out.loss, out.lm_loss_sum / out.num_text_tokens)

@@ -251,5 +251,28 @@ def test_nan_step_is_skipped_on_every_rank(zero3_results):
         assert res["skipped_steps"] == 1
 
 
+def test_modality_experts_with_a_text_only_rank_match_plain_pytorch(demo_data, tmp_path):
+    """model.modality_experts=true on 2 ranks: in step 0 rank 0's micro-batches hold no image, so its image
+    experts run on zero rows. No hang (a skipped gather would stall the other rank until the 3-minute
+    collective timeout), and losses, gradient norms and weights match the plain PyTorch loop as above."""
+    from pretrain.config import load_config
+
+    config = f"{REPO / 'configs/tiny.yaml'},{demo_data.config_path}"
+    mot = "model.modality_experts=true"
+    cfg = load_config(config, _overrides(2) + [mot])
+    steps = _cut_batches(demo_data, cfg)
+    assert not any(b["latents"].shape[0] for b in steps[0][:2]) and all(b["latents"].shape[0] for b in steps[0][2:])
+    torch.save(steps, tmp_path / "batches.pt")
+    two = _run_worker(2, config, tmp_path / "batches.pt", tmp_path / "two.pt", mot)
+    init, ref_losses, ref_norms, ref_final, _ = _reference(cfg, steps)
+    assert any(".image." in n for n in ref_final) and "image_norm.weight" in ref_final
+    assert two["losses"][:STEPS] == pytest.approx(ref_losses, rel=1e-5)
+    assert two["grad_norms"][:STEPS] == pytest.approx(ref_norms, rel=1e-5)
+    for n, p in ref_final.items():
+        assert torch.equal(two["init"][n], init[n]), n
+        assert not torch.equal(p, init[n]) or p.abs().sum() == 0, f"{n} did not train"
+        torch.testing.assert_close(two["final"][n], p, rtol=0, atol=5e-5, msg=lambda m: f"{n}: {m}")
+
+
 if __name__ == "__main__" and sys.argv[1:2] == ["worker"]:
     worker(*sys.argv[2:])

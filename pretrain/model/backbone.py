@@ -7,7 +7,7 @@ the same Transfusion mask (see masks.py).
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -102,10 +102,19 @@ class Attention(nn.Module):
         """(B, L, D) -> (B, L, D); rope (B, L, 1, head_dim/2) complex rotations, mask from `masks`. With a
         cache, x is a chunk after the cached positions and `mask` its additive (B, 1, L, Lc + L) mask from
         KVCache.begin; keys/values come from cache + chunk (SDPA)."""
-        B, L, _ = x.shape
+        return self.wo(self.attend(self.wqkv(x), rope, mask, cache, layer))  # (B, L, D)
+
+    def attend(self, qkv: torch.Tensor, rope: torch.Tensor, mask: AttentionMask, cache: KVCache | None = None,
+               layer: int = 0) -> torch.Tensor:
+        """Attention between the projections: wqkv's output (B, L, (H + 2 Hkv) hd) -> wo's input (B, L, H hd).
+
+        Holds no weights, so modality experts (ModalityExpertsBlock) project per modality and attend
+        over the whole sequence here. rope, mask, cache as in `forward`.
+        """
+        B, L, _ = qkv.shape
         H, Hkv, hd = self.n_heads, self.n_kv_heads, self.head_dim
         # split (not slicing): its backward is one cat, where slices each zero-fill a full-size gradient
-        qk, v = self.wqkv(x).view(B, L, H + 2 * Hkv, hd).split([H + Hkv, Hkv], dim=2)  # (B, L, ., hd)
+        qk, v = qkv.view(B, L, H + 2 * Hkv, hd).split([H + Hkv, Hkv], dim=2)  # (B, L, ., hd)
         q, k = apply_rope(qk, rope).transpose(1, 2).split([H, Hkv], dim=1)  # (B, H, L, hd), (B, Hkv, L, hd)
         v = v.transpose(1, 2)  # (B, Hkv, L, hd)
         gqa = self.n_kv_heads != self.n_heads
@@ -115,7 +124,7 @@ class Attention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)  # (B, H, L, hd)
         else:
             y = _flex(q, k, v, mask, gqa)  # (B, H, L, hd)
-        return self.wo(y.transpose(1, 2).reshape(B, L, -1))  # (B, L, D)
+        return y.transpose(1, 2).reshape(B, L, -1)  # (B, L, H*hd)
 
 
 class FeedForward(nn.Module):
@@ -146,3 +155,60 @@ class TransformerBlock(nn.Module):
                 layer: int = 0) -> torch.Tensor:
         x = x + self.attention(self.attention_norm(x), rope, mask, cache, layer)  # (B, L, D)
         return x + self.feed_forward(self.ffn_norm(x))  # (B, L, D)
+
+
+class ModalityRoute(NamedTuple):
+    """Where each modality's positions are: the rows of a (B, L) sequence grouped as [text | image].
+
+    Modality experts run on contiguous row blocks of the grouped layout; only attention needs the
+    sequence order, reached by one gather each way. Built from the flat image positions without a
+    host sync (a stable argsort), so the training step stays sync-free.
+    """
+
+    order: torch.Tensor  # (B*L,) int64: flat sequence position of each grouped row (text rows, then image rows)
+    inverse: torch.Tensor  # (B*L,) int64: grouped row of each flat sequence position
+    sizes: tuple[int, int]  # (text rows, image rows)
+    shape: tuple[int, int]  # (B, L)
+
+    @classmethod
+    def of(cls, image_positions: torch.Tensor, B: int, L: int) -> "ModalityRoute":
+        """The route of a (B, L) sequence whose image (patch) positions are the flat `image_positions` (N,)."""
+        is_image = torch.zeros(B * L, dtype=torch.uint8, device=image_positions.device)
+        is_image.index_fill_(0, image_positions, 1)  # (B*L,)
+        order = torch.argsort(is_image, stable=True)  # (B*L,) text positions first, each group ascending
+        inverse = torch.empty_like(order).scatter_(0, order, torch.arange(B * L, device=order.device))
+        n_image = image_positions.numel()
+        return cls(order, inverse, (B * L - n_image, n_image), (B, L))
+
+    def to_sequence(self, grouped: torch.Tensor) -> torch.Tensor:
+        """(B*L, F) grouped rows -> (B, L, F) in sequence order."""
+        return grouped[self.inverse].view(*self.shape, -1)
+
+    def to_grouped(self, seq: torch.Tensor) -> torch.Tensor:
+        """(B, L, F) in sequence order -> (B*L, F) grouped rows."""
+        return seq.reshape(self.order.numel(), -1)[self.order]
+
+
+class ModalityExpertsBlock(TransformerBlock):
+    """A Mixture-of-Transformers block (Liang et al. 2024, arXiv 2411.04996, sec. 2): text rows run this
+    block's own weights (the dense names, so the text side still maps onto a Llama), image rows run
+    `self.image`, a second set (attention_norm, wqkv, wo, ffn_norm, feed_forward) drawn by the same
+    init rule; attention is global over the sequence under the same mask.
+
+    Each expert runs on its rows only, and always runs, on (0, D) rows when its modality is absent,
+    so every ZeRO-3 rank gathers every parameter every step and the absent expert gets zero gradients.
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__(cfg)
+        self.image = TransformerBlock(cfg)
+
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, mask: AttentionMask,  # type: ignore[override]
+                route: ModalityRoute, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        """x (B*L, D) rows grouped by `route` -> (B*L, D) grouped; rope, mask, cache as TransformerBlock's."""
+        experts = (self, self.image)
+        qkv = torch.cat([e.attention.wqkv(e.attention_norm(r)) for e, r in zip(experts, x.split(route.sizes))])
+        y = self.attention.attend(route.to_sequence(qkv), rope, mask, cache, layer)  # (B, L, H*hd)
+        y = route.to_grouped(y).split(route.sizes)  # (Nt, H*hd), (Ni, H*hd)
+        x = x + torch.cat([e.attention.wo(r) for e, r in zip(experts, y)])  # (B*L, D)
+        return x + torch.cat([e.feed_forward(e.ffn_norm(r)) for e, r in zip(experts, x.split(route.sizes))])

@@ -57,6 +57,9 @@ class ModelConfig:
     rope_theta: float = 10000.0
     init_std: float = 0.02
     attention: AttentionImpl = "flex"
+    # Mixture-of-Transformers (Liang et al. 2024): image (patch) positions get their own attention
+    # projections, FFN and norms; attention stays global. false = one dense transformer (the paper)
+    modality_experts: bool = False
     # image path
     latent_channels: int = 8
     latent_size: int = 32  # latent side (256 px image / 8x VAE)

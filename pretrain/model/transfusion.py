@@ -20,7 +20,7 @@ from torch import nn
 
 from contract.batch import TransfusionBatch
 from pretrain.model import masks
-from pretrain.model.backbone import TransformerBlock, rope_tables
+from pretrain.model.backbone import ModalityExpertsBlock, ModalityRoute, TransformerBlock, rope_tables
 from pretrain.model.config import ModelConfig
 from pretrain.model import diffusion
 from pretrain.model.diffusion import add_flow_noise, add_noise, cosine_alpha_bar, flow_time, timestep_loss_weights
@@ -50,8 +50,11 @@ class Transfusion(nn.Module):
         self.cfg = cfg
         self.tok_embeddings = Embedding(cfg.vocab_size, cfg.dim, cfg.init_std)
         self.patch_encoder, self.patch_decoder = build_patching(cfg)
-        self.layers = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.n_layers))
+        block = ModalityExpertsBlock if cfg.modality_experts else TransformerBlock
+        self.layers = nn.ModuleList(block(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        if cfg.modality_experts:
+            self.image_norm = RMSNorm(cfg.dim, cfg.norm_eps)  # the image expert's final norm
         self.output = Linear(cfg.dim, cfg.vocab_size, cfg.init_std)
         self._alpha_bar: dict[torch.device, torch.Tensor] = {}
         self._t_weight: dict[torch.device, torch.Tensor] = {}
@@ -112,10 +115,24 @@ class Transfusion(nn.Module):
     def backbone(self, x: torch.Tensor, batch: TransfusionBatch) -> torch.Tensor:
         """Run the blocks over embedded positions (B, L, D) and the final norm."""
         rope = rope_tables(batch.positions, self.cfg.head_dim, self.cfg.rope_theta)
-        mask = self.attention_mask(batch)
-        for layer in self.layers:
-            x = layer(x, rope, mask)  # (B, L, D)
-        return self.norm(x)  # (B, L, D)
+        patch_pos = batch.patch_positions() if self.cfg.modality_experts else None  # dense: no lookup, no sync
+        return self._blocks(x, rope, self.attention_mask(batch), patch_pos)  # (B, L, D)
+
+    def _blocks(self, x: torch.Tensor, rope: torch.Tensor, mask: masks.AttentionMask, patch_pos: torch.Tensor | None,
+                cache: KVCache | None = None) -> torch.Tensor:
+        """Every block and the final norm: (B, L, D) -> (B, L, D). patch_pos (N,) are the flat image positions,
+        which route rows to the image expert under model.modality_experts (ModalityExpertsBlock; unused
+        by a dense model)."""
+        if not self.cfg.modality_experts:
+            for i, layer in enumerate(self.layers):
+                x = layer(x, rope, mask, cache, i)  # (B, L, D)
+            return self.norm(x)  # (B, L, D)
+        route = ModalityRoute.of(patch_pos, x.shape[0], x.shape[1])
+        g = route.to_grouped(x)  # (B*L, D), [text | image] rows
+        for i, layer in enumerate(self.layers):
+            g = layer(g, rope, mask, route, cache, i)  # (B*L, D)
+        text, image = g.split(route.sizes)
+        return route.to_sequence(torch.cat([self.norm(text), self.image_norm(image)]))  # (B, L, D)
 
     def forward(
         self,
@@ -262,9 +279,7 @@ class Transfusion(nn.Module):
             x = x.reshape(B * l, D).index_copy(0, patch_pos, patches.reshape(-1, D)).view(B, l, D)
         positions, mask = cache.begin(valid, image_ids)  # (B, l), (B, 1, l, Lc + l)
         rope = rope_tables(positions, self.cfg.head_dim, self.cfg.rope_theta)
-        for i, layer in enumerate(self.layers):
-            x = layer(x, rope, mask, cache, i)  # (B, l, D)
-        h = self.norm(x)  # (B, l, D)
+        h = self._blocks(x, rope, mask, patch_pos, cache)  # (B, l, D)
         if commit:
             cache.commit(valid)
         if x_t is None:
