@@ -66,6 +66,8 @@ class TimestepEmbedder(nn.Module):
 
 
 EpsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
 def make_scheduler(alpha_bar: torch.Tensor, sampler: Sampler, num_steps: int, clip_x0: float | None = 5.0) -> object:
     """A diffusers DDPMScheduler (ancestral) or DDIMScheduler (eta=0) on our schedule, set to `num_steps`.
 
