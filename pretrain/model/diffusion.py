@@ -9,7 +9,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from pretrain.model.config import Sampler, check_sampler, default_sampler  # noqa: F401 (re-exported)
+from pretrain.model.config import Sampler
 from pretrain.model.layers import Linear
 
 

@@ -21,9 +21,9 @@ from torch import nn
 from contract.batch import TransfusionBatch
 from pretrain.model import masks
 from pretrain.model.backbone import ModalityExpertsBlock, ModalityRoute, TransformerBlock, rope_tables
-from pretrain.model.config import ModelConfig
-from pretrain.model import diffusion
-from pretrain.model.diffusion import add_flow_noise, add_noise, cosine_alpha_bar, flow_time, timestep_loss_weights
+from pretrain.model.config import ModelConfig, check_sampler
+from pretrain.model.diffusion import (EpsFn, add_flow_noise, add_noise, cosine_alpha_bar, flow_time, sample_latents,
+                                      timestep_loss_weights)
 from pretrain.model.kv_cache import KVCache
 from pretrain.model.layers import Embedding, Linear, RMSNorm
 from pretrain.model.patching import build_patching
@@ -203,15 +203,14 @@ class Transfusion(nn.Module):
             return out
         return self.eps_from_output(out, x_t, t)
 
-    def sample_latents(self, fn: diffusion.EpsFn, noise: torch.Tensor, steps: int, sampler: str,
+    def sample_latents(self, fn: EpsFn, noise: torch.Tensor, steps: int, sampler: str,
                        generator: torch.Generator | None = None) -> torch.Tensor:
         """Latents (N, C, H, W) from noise: fn(x, level) is the model's sampler input (with CFG) at noise
         levels in this model's units; DDPM/DDIM on the cosine schedule or Euler with model.flow_shift.
         Raises ValueError when `sampler` does not fit model.objective."""
-        diffusion.check_sampler(self.cfg.objective, sampler)
+        check_sampler(self.cfg.objective, sampler)
         ab = self.alpha_bar(noise.device)  # (T,), unused by euler
-        return diffusion.sample_latents(fn, noise, steps, sampler, ab,  # type: ignore[arg-type]
-                                        self.cfg.flow_shift, generator)
+        return sample_latents(fn, noise, steps, sampler, ab, self.cfg.flow_shift, generator)  # type: ignore[arg-type]
 
     def eps_from_output(self, out: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """Predicted epsilon (N, C, H, W) from the patch decoder's output under model.diffusion_prediction.
