@@ -72,9 +72,9 @@ def test_demo_recipe_learns_to_caption_and_to_place(trained_vae_data: DemoData, 
     t2i, cap = report["text_to_image"]["seen"], report["captions"]["seen"]
     n_t2i, n_cap = 154, 81
     # floors: (measured value, floor, chance, n) -> the tail at the floor is printed on failure
-    # measured on this test's run with the flow recipe (VAE 300 steps, 800 steps; CI of f999551): captions
-    # colour 90.1, place 91.4, all three 43.2; text -> image colour 63.0, place 55.2 (the 300-step VAE keeps
-    # colour only 59% of the time; flow learns colour before place, the DDPM-v recipe the other way round)
+    # measured on this test's run with the flow recipe, 8 heads, captioning cap t <= 100 (VAE 300 steps,
+    # 800 steps; docs/quality.md §13): captions colour 97.5, place 95.1, all three 53.1; text -> image colour
+    # 64.9, place 63.0, shape 38.3 (the 300-step VAE keeps colour only 59% of the time, so no shape floor)
     checks = {
         "captions colour": (cap["color"], 0.60, 1 / 6, n_cap),  # P(X >= 49 of 81 | 1/6) ~ 1e-18
         "captions place": (cap["place"], 0.60, 1 / 9, n_cap),  # P(X >= 49 of 81 | 1/9) ~ 1e-26
