@@ -24,7 +24,7 @@ from data_pipeline.demo_data import DemoData, DemoSizes, make_demo_data
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
-STEPS = 800  # the demo trains 2,500 (docs/quality.md §10)
+STEPS = 800  # the demo trains 2,200 (docs/quality.md §10, §13)
 VAE_STEPS = 300  # the demo trains 800; at 300 the VAE keeps colour and place, most shapes
 
 
