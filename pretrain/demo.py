@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     """Chain the stages; print where the outputs are."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="demo_out", type=Path)
-    ap.add_argument("--steps", type=int, default=2200)  # ~9.5 min on 2 idle CPU ranks at 0.24 s/step (2,500 took 10m34s on 2026-11-30); docs/quality.md
+    ap.add_argument("--steps", type=int, default=2200)  # 8-9 min at 0.21-0.24 s/step on 2 CPU ranks: 2,500 overran 10 min under memory pressure; docs/quality.md
     ap.add_argument("--nproc", type=int, default=2)
     ap.add_argument("--launcher", choices=["deepspeed", "torchrun"], default="deepspeed")
     ap.add_argument("--fresh", action="store_true", help="rebuild the data and restart training from scratch")
