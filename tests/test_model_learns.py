@@ -76,9 +76,9 @@ def test_demo_recipe_learns_to_caption_and_to_place(trained_vae_data: DemoData, 
     # 800 steps; docs/quality.md §13): captions colour 97.5, place 95.1, all three 53.1; text -> image colour
     # 64.9, place 63.0, shape 38.3 (the 300-step VAE keeps colour only 59% of the time, so no shape floor)
     checks = {
-        "captions colour": (cap["color"], 0.60, 1 / 6, n_cap),  # P(X >= 49 of 81 | 1/6) ~ 1e-18
-        "captions place": (cap["place"], 0.60, 1 / 9, n_cap),  # P(X >= 49 of 81 | 1/9) ~ 1e-26
-        "captions all three": (cap["all_three"], 0.20, 1 / 162, n_cap),  # P(X >= 17 of 81 | 1/162) ~ 1e-21
+        "captions colour": (cap["color"], 0.75, 1 / 6, n_cap),  # P(X >= 61 of 81 | 1/6) ~ 5e-31
+        "captions place": (cap["place"], 0.75, 1 / 9, n_cap),  # P(X >= 61 of 81 | 1/9) ~ 3e-41
+        "captions all three": (cap["all_three"], 0.30, 1 / 162, n_cap),  # P(X >= 25 of 81 | 1/162) ~ 2e-35
         "text->image colour": (t2i["color"], 0.40, 1 / 6, n_t2i),  # P(X >= 62 of 154 | 1/6) ~ 1e-12
         "text->image place": (t2i["place"], 0.35, 1 / 9, n_t2i),  # P(X >= 54 of 154 | 1/9) ~ 1e-15
     }
