@@ -27,13 +27,14 @@ import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import numpy as np
 import torch
 
 from data_pipeline import synthetic
 from pretrain.judge import Verdict, judge, parse_caption
+from pretrain.model.config import Sampler
 
 EVAL_SEED = 1_000_003  # the generator's seed for evaluation draws (training data uses train.seed-derived seeds)
 CHANCE = {"color": 1 / 6, "shape": 1 / 3, "place": 1 / 9, "all_three": 1 / 162}
@@ -46,7 +47,7 @@ class EvalSettings:
     per_combo: int = 1  # text->image samples per (colour, shape, place) combination
     steps: int = 100  # denoising steps
     cfg_scale: float = 3.0  # classifier-free guidance scale
-    sampler: str = "ddpm"  # "ddpm" (ancestral, the paper's) or "ddim"; "euler" for objective=flow
+    sampler: str = "ddpm"  # "ddpm" (ancestral, the paper's) or "ddim"; "euler"/"euler_ancestral" for objective=flow
     # (defaults match LoggingConfig's sample_*)
     captions: int = 162  # fresh images captioned (seen combinations); held-out: 4 per combination
     vae_images: int = 162  # fresh images through the VAE
@@ -272,7 +273,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--per-combo", type=int, default=d.per_combo, help="text->image samples per combination")
     ap.add_argument("--steps", type=int, default=None,
                     help="denoising steps (default: the export's logging.sample_steps, as the trainer's evaluation)")
-    ap.add_argument("--sampler", choices=["ddpm", "ddim", "euler"], default=None,
+    ap.add_argument("--sampler", choices=get_args(Sampler), default=None,
                     help="default: the export's logging.sample_sampler (euler for a model.objective=flow model)")
     ap.add_argument("--cfg-scale", type=float, default=None,
                     help="classifier-free guidance scale (default: the export's logging.sample_cfg_scale)")

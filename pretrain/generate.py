@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 from pathlib import Path
+from typing import get_args
 
 import numpy as np
 import torch
@@ -378,9 +379,9 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--force-image", action="store_true", help="--mixed: end each prompt with BOI (an image comes first)")
     ap.add_argument("--max-images", type=int, default=1, help="--mixed: images per prompt at most")
     ap.add_argument("--out", default="samples", help="directory for generated PNGs")
-    ap.add_argument("--sampler", choices=["ddpm", "ddim", "euler"], default=None,
-                    help="ancestral DDPM (paper) or DDIM for model.objective=ddpm, Euler for flow "
-                         "(default: ddpm / euler)")
+    ap.add_argument("--sampler", choices=get_args(Sampler), default=None,
+                    help="ancestral DDPM (paper) or DDIM for model.objective=ddpm; Euler (ODE) or "
+                         "euler_ancestral (stochastic) for flow (default: ddpm / euler)")
     ap.add_argument("--steps", type=int, default=250, help="denoising steps (paper: 250)")
     ap.add_argument("--cfg-scale", type=float, default=3.0, help="classifier-free guidance scale (paper: 3-5; 1 = off)")
     ap.add_argument("--max-new-tokens", type=int, default=48)

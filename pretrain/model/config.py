@@ -13,12 +13,12 @@ from typing import ClassVar, Literal
 PatchEncoder = Literal["linear", "unet"]
 AttentionImpl = Literal["flex", "sdpa"]
 LossWeighting = Literal["eps", "v_trunc"]
-Sampler = Literal["ddpm", "ddim", "euler"]  # image samplers (pretrain.model.diffusion): ddpm/ddim need
-# model.objective=ddpm, euler needs model.objective=flow
+Sampler = Literal["ddpm", "ddim", "euler", "euler_ancestral"]  # image samplers (pretrain.model.diffusion):
+# ddpm/ddim need model.objective=ddpm, euler/euler_ancestral need model.objective=flow
 Objective = Literal["ddpm", "flow"]
 
-#: samplers each objective can drive: DDPM/DDIM step on epsilon, Euler on the velocity
-SAMPLERS: dict[str, tuple[str, ...]] = {"ddpm": ("ddpm", "ddim"), "flow": ("euler",)}
+#: samplers each objective can drive: DDPM/DDIM step on epsilon, Euler (ODE or ancestral) on the velocity
+SAMPLERS: dict[str, tuple[str, ...]] = {"ddpm": ("ddpm", "ddim"), "flow": ("euler", "euler_ancestral")}
 
 
 def check_sampler(objective: Objective, sampler: str, key: str = "sampler") -> None:

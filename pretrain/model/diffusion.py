@@ -1,5 +1,5 @@
 """Diffusion pieces: the cosine schedule (Nichol & Dhariwal), noising, timestep embedding, DDPM/DDIM samplers,
-and the flow-matching alternative (`model.objective=flow`): its time map, noising and Euler sampler."""
+and the flow-matching alternative (`model.objective=flow`): its time map, noising and Euler samplers."""
 
 from __future__ import annotations
 
@@ -183,6 +183,33 @@ def euler_sample(v_fn: EpsFn, noise: torch.Tensor, num_steps: int, shift: float 
     return x.to(noise.dtype)
 
 
+def euler_ancestral_sample(v_fn: EpsFn, noise: torch.Tensor, num_steps: int, shift: float = 1.0,
+                           generator: torch.Generator | None = None) -> torch.Tensor:
+    """DDPM ancestral sampling on the rectified-flow path: from noise (N, C, H, W) at s = 1 to x0 at s = 0.
+
+    Same grid and v_fn as `euler_sample`. A step from s to s' < s estimates x0 = x - s v and
+    eps = x + (1 - s) v, then draws x_{s'} from the Gaussian posterior q(x_{s'} | x_s, x0) of the path
+    x_s = a_s x0 + b_s eps (a = 1 - s, b = s): its variance is
+    sigma^2 = (b_s^2 - (a_s b_{s'} / a_{s'})^2) * b_{s'}^2 / b_s^2 (Kingma et al. 2021, "Variational
+    Diffusion Models", eq. 3-4 with sigma_{t|s}^2 = b_s^2 - (a_s / a_{s'})^2 b_{s'}^2), and
+    x_{s'} = a_{s'} x0 + sqrt(b_{s'}^2 - sigma^2) eps + sigma z: DDIM with eta = 1 (Song et al. 2021,
+    eq. 12 and 16) written for this path. The last step returns the x0 estimate. Deterministic given
+    `generator` (CPU draws, moved to the latents' device).
+    """
+    grid = shift_time(torch.linspace(1, 0, num_steps + 1, dtype=torch.float64), shift).tolist()
+    x = noise.float()  # (N, C, H, W)
+    for s, s2 in zip(grid[:-1], grid[1:]):
+        v = v_fn(x.to(noise.dtype), torch.full((x.shape[0],), s, device=x.device)).float()  # (N, C, H, W)
+        x0, eps = x - s * v, x + (1 - s) * v  # (N, C, H, W) each
+        if s2 <= 0:
+            return x0.to(noise.dtype)
+        a, b, a2, b2 = 1 - s, s, 1 - s2, s2
+        var = max(b * b - (a * b2 / a2) ** 2, 0.0) * b2 * b2 / (b * b)
+        z = torch.randn(x.shape, generator=generator).to(x.device)  # (N, C, H, W)
+        x = a2 * x0 + math.sqrt(max(b2 * b2 - var, 0.0)) * eps + math.sqrt(var) * z
+    return x.to(noise.dtype)
+
+
 def sample_latents(
     fn: EpsFn,
     noise: torch.Tensor,
@@ -192,11 +219,14 @@ def sample_latents(
     flow_shift: float = 1.0,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """Latents (N, C, H, W) from noise with `sampler`: "euler" (flow; fn gives the velocity at flow times)
-    or "ddpm"/"ddim" (fn gives epsilon at integer timesteps, `alpha_bar` the schedule). See
-    euler_sample and diffusion_sample; `Transfusion.sample_latents` fills the objective's arguments."""
+    """Latents (N, C, H, W) from noise with `sampler`: "euler"/"euler_ancestral" (flow; fn gives the velocity
+    at flow times) or "ddpm"/"ddim" (fn gives epsilon at integer timesteps, `alpha_bar` the schedule). See
+    euler_sample, euler_ancestral_sample and diffusion_sample; `Transfusion.sample_latents` fills the
+    objective's arguments."""
     if sampler == "euler":
         return euler_sample(fn, noise, num_steps, flow_shift)
+    if sampler == "euler_ancestral":
+        return euler_ancestral_sample(fn, noise, num_steps, flow_shift, generator)
     if alpha_bar is None:
         raise ValueError(f"sampler={sampler!r} needs the DDPM schedule alpha_bar")
     return diffusion_sample(fn, noise, alpha_bar, num_steps, sampler, generator=generator)
