@@ -7,7 +7,6 @@ velocity field of a Gaussian, a hand-written Euler loop, the loss from the decod
 from __future__ import annotations
 
 import math
-from typing import Callable
 
 import pytest
 import torch
@@ -194,31 +193,22 @@ def test_run_config_sampler_must_fit_objective() -> None:
     assert (cfg.model.objective, cfg.logging.sample_sampler, cfg.model.flow_shift) == ("flow", "euler", 3.0)
 
 
-def _gaussian_velocity(mu: float, tau: float) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """The exact velocity E[eps - x0 | x_s] for data x0 ~ N(mu, tau^2) per element on x_s = (1-s) x0 + s eps."""
-    def v(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-        a, b = (1 - s).view(-1, 1, 1, 1), s.view(-1, 1, 1, 1)  # (N, 1, 1, 1)
-        r = (x - a * mu) / (a * a * tau * tau + b * b)  # (N, C, H, W) standardised residual
-        return b * r - (mu + a * tau * tau * r)  # E[eps | x] - E[x0 | x]
-    return v
 
-
-@pytest.mark.parametrize("sampler", ["euler", "euler_ancestral"])
 @pytest.mark.parametrize("shift", [1.0, 3.0])
-def test_flow_samplers_draw_the_data_distribution(sampler: str, shift: float) -> None:
-    """With the exact velocity of Gaussian data, both flow samplers land on N(mu, tau^2): an independent,
-    closed-form reference (a wrong step, noise scale or grid moves the mean or the spread)."""
+def test_euler_ancestral_recovers_a_gaussian_with_the_exact_velocity(shift: float) -> None:
+    """With the exact velocity of Gaussian data, the ancestral sampler lands on N(mu, tau^2) as steps grow
+    (like DDPM, a finite grid draws the spread a little low: at 1000 steps < 1.2% off, measured)."""
     mu, tau = 1.5, 0.3
-    noise = torch.randn(4000, 2, 4, 4, generator=torch.Generator().manual_seed(0))  # 128k draws
-    x = sample_latents(_gaussian_velocity(mu, tau), noise, 1000, sampler, flow_shift=shift,  # type: ignore[arg-type]
-                       generator=torch.Generator().manual_seed(1))
+    noise = torch.randn(8000, 1, 4, 4, generator=torch.Generator().manual_seed(0))  # 128k draws
+    v = gaussian_velocity(torch.tensor([mu]), torch.tensor([tau]))
+    x = sample_latents(v, noise, 1000, "euler_ancestral", flow_shift=shift, generator=torch.Generator().manual_seed(1))
     assert abs(x.mean().item() - mu) < 0.01, x.mean().item()
-    assert abs(x.std().item() / tau - 1) < 0.02, x.std().item()  # both converge as steps grow (1000: < 1.2% off)
+    assert abs(x.std().item() / tau - 1) < 0.02, x.std().item()
 
 
 def test_euler_ancestral_is_seeded_and_stochastic() -> None:
-    noise = torch.randn(8, 2, 4, 4, generator=torch.Generator().manual_seed(0))
-    v = _gaussian_velocity(0.0, 1.0)
+    noise = torch.randn(8, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    v = gaussian_velocity(torch.tensor([0.0]), torch.tensor([1.0]))
 
     def draw(seed: int) -> torch.Tensor:
         return sample_latents(v, noise, 10, "euler_ancestral", generator=torch.Generator().manual_seed(seed))
@@ -234,7 +224,8 @@ def test_euler_ancestral_step_is_ddim_eta1_in_vp_form() -> None:
     output mean and spread after 8 steps equal the exact linear-Gaussian recursion of those steps."""
     mu, tau, steps = 1.5, 0.3, 8
     noise = torch.randn(20000, 1, 4, 4, generator=torch.Generator().manual_seed(0))  # 320k draws
-    x = sample_latents(_gaussian_velocity(mu, tau), noise, steps, "euler_ancestral", generator=torch.Generator().manual_seed(1))
+    v = gaussian_velocity(torch.tensor([mu]), torch.tensor([tau]))
+    x = sample_latents(v, noise, steps, "euler_ancestral", generator=torch.Generator().manual_seed(1))
     m, var = 0.0, 1.0  # mean and variance of x at s = 1
     grid = torch.linspace(1, 0, steps + 1, dtype=torch.float64).tolist()
     for s, s2 in zip(grid[:-1], grid[1:]):
