@@ -190,8 +190,9 @@ def euler_ancestral_sample(v_fn: EpsFn, noise: torch.Tensor, num_steps: int, shi
     Same grid and v_fn as `euler_sample`. A step from s to s' < s estimates x0 = x - s v and
     eps = x + (1 - s) v, then draws x_{s'} from the Gaussian posterior q(x_{s'} | x_s, x0) of the path
     x_s = a_s x0 + b_s eps (a = 1 - s, b = s): its variance is
-    sigma^2 = (b_s^2 - (a_s b_{s'} / a_{s'})^2) * b_{s'}^2 / b_s^2 (Kingma et al. 2021, "Variational
-    Diffusion Models", eq. 3-4 with sigma_{t|s}^2 = b_s^2 - (a_s / a_{s'})^2 b_{s'}^2), and
+    sigma^2 = sigma_{s|s'}^2 * b_{s'}^2 / b_s^2 with sigma_{s|s'}^2 = b_s^2 - (a_s b_{s'} / a_{s'})^2, the
+    forward transition's variance (the posterior q(z_s | z_t, x) of Kingma et al. 2021, "Variational
+    Diffusion Models", for any Gaussian path), and
     x_{s'} = a_{s'} x0 + sqrt(b_{s'}^2 - sigma^2) eps + sigma z: DDIM with eta = 1 (Song et al. 2021,
     eq. 12 and 16) written for this path. The last step returns the x0 estimate. Deterministic given
     `generator` (CPU draws, moved to the latents' device).
