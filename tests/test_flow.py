@@ -193,7 +193,6 @@ def test_run_config_sampler_must_fit_objective() -> None:
     assert (cfg.model.objective, cfg.logging.sample_sampler, cfg.model.flow_shift) == ("flow", "euler", 3.0)
 
 
-
 @pytest.mark.parametrize("shift", [1.0, 3.0])
 def test_euler_ancestral_recovers_a_gaussian_with_the_exact_velocity(shift: float) -> None:
     """With the exact velocity of Gaussian data, the ancestral sampler lands on N(mu, tau^2) as steps grow
