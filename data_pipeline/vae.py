@@ -177,11 +177,17 @@ def _batches(data: torch.Tensor, bs: int, gen: torch.Generator) -> Iterator[torc
 def train_vae(data: torch.Tensor, out: str | Path, steps: int = 300, batch_size: int = 16, lr: float = 2e-3,
               kl_weight: float = 1e-6, gan_weight: float = 0.0, gan_start: int = 0, latent_channels: int = 8,
               downsample: int = 8, width: int = 32, seed: int = 0, sample_every: int = 100,
-              fg_weight: float = 1.0, report: dict | None = None) -> Path:
+              fg_weight: float = 1.0, latent_noise: float = 0.0, report: dict | None = None) -> Path:
     """Train a small AutoencoderKL with L1 + KL (+ patch GAN), save it with measured shift/scale.
+
+    `latent_noise` > 0 trains the decoder on noised latents (`noise_latents`), so that it rebuilds the
+    clean image from a latent that is slightly off, as a denoiser's output is (docs/quality.md §15).
+    Raises ValueError for a negative `latent_noise`.
 
     `report` (e.g. the inputs' skip counts) is added to the training report `out/latent_stats.json`.
     """
+    if latent_noise < 0:
+        raise ValueError(f"latent_noise={latent_noise}: must be >= 0 (0 = plain VAE training)")
     out = Path(out)
     (out / "samples").mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
@@ -198,7 +204,8 @@ def train_vae(data: torch.Tensor, out: str | Path, steps: int = 300, batch_size:
     for step in bar:
         x = next(it)  # (B, 3, H, W)
         post = model.encode(x).latent_dist
-        rec = model.decode(post.sample(generator=gen)).sample
+        z = noise_latents(post.sample(generator=gen), latent_noise, gen)  # (B, C, h, w)
+        rec = model.decode(z).sample
         l1 = weighted_l1(rec, x, fg_weight)
         kl = post.kl().mean() / x[0].numel()
         loss = l1 + kl_weight * kl
@@ -220,6 +227,22 @@ def train_vae(data: torch.Tensor, out: str | Path, steps: int = 300, batch_size:
             _save_recon(model, data[:8], out / "samples" / f"recon_{step + 1:06d}.png")
             model.train()
     return save_with_stats(model, data, out, {"final_l1": l1.item(), "steps": steps, **(report or {})})
+
+
+def noise_latents(z: torch.Tensor, max_noise: float, gen: torch.Generator | None = None) -> torch.Tensor:
+    """z (B, C, h, w) + tau * std(z) * n, n ~ N(0, I), tau ~ U(0, max_noise) drawn per image; z itself when
+    max_noise is 0.
+
+    std(z) is the batch's, detached: the encoder cannot outgrow the noise by scaling its latents up (the
+    saved VAE's scaling_factor undoes any scale anyway), so it must spread what the decoder needs over a
+    margin wider than the noise. Latent denoising as tokenizer training: Yang et al. 2025, "Latent
+    Denoising Makes Good Visual Tokenizers", sec. 3 (they interpolate towards noise and also mask; this
+    adds it).
+    """
+    if max_noise == 0:
+        return z
+    tau = max_noise * torch.rand(z.shape[0], 1, 1, 1, generator=gen).to(z.device)  # (B, 1, 1, 1)
+    return z + tau * z.detach().std() * torch.randn(z.shape, generator=gen).to(z.device)  # (B, C, h, w)
 
 
 def weighted_l1(rec: torch.Tensor, x: torch.Tensor, fg_weight: float) -> torch.Tensor:
@@ -268,6 +291,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--sample-every", type=int, default=500)
     ap.add_argument("--fg-weight", type=float, default=1.0,
                     help="weight of pixels that differ from the image's dominant colour (small objects on flat backgrounds)")
+    ap.add_argument("--latent-noise", type=float, default=0.0,
+                    help="train the decoder on latents noised by up to this many latent stds (robust decoding)")
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args(argv)
     t0 = time.time()
@@ -276,7 +301,7 @@ def main(argv: list[str] | None = None) -> None:
     if skips.counts:
         print(skips.summary("[vae] inputs") + f"; all named in {Path(a.out) / 'latent_stats.json'}", file=sys.stderr)
     train_vae(data, a.out, a.steps, a.batch_size, a.lr, a.kl_weight, a.gan_weight, a.gan_start,
-              a.latent_channels, a.downsample, a.width, a.seed, a.sample_every, a.fg_weight,
+              a.latent_channels, a.downsample, a.width, a.seed, a.sample_every, a.fg_weight, a.latent_noise,
               report={"images_used": len(data), **skips.to_json("skipped")})
     print(f"saved {a.out} in {time.time() - t0:.0f}s")
 

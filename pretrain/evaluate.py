@@ -97,16 +97,22 @@ def random_scenes(n: int, held_out: bool, rng: np.random.Generator) -> list[tupl
     return [pool[i] for i in rng.integers(0, len(pool), size=n)]
 
 
-def vae_ceiling(vae: Any, n: int, size: int, seed: int) -> dict[str, dict[str, float]]:
-    """Judge VAE reconstructions of n fresh draws (seen combinations) and of the held-out ones."""
+def vae_ceiling(vae: Any, n: int, size: int, seed: int, latent_noise: float = 0.0) -> dict[str, dict[str, float]]:
+    """Judge VAE reconstructions of n fresh draws (seen combinations) and of the held-out ones.
+
+    latent_noise > 0 decodes latent + latent_noise * N(0, I) instead (latents in the model's unit-variance
+    units): how much of a denoiser's final error the decoder tolerates (bench/vae_robustness.py).
+    """
     from data_pipeline.vae import decode, encode
 
     rng = np.random.default_rng([EVAL_SEED, seed, 1])
+    g = torch.Generator().manual_seed(seed)
     out = {}
     for name, scenes in (("seen", random_scenes(n, False, rng)), ("held_out", combos(True) * 4)):
         if not scenes:
             continue
-        rec = decode(vae, encode(vae, fresh_images(scenes, size, rng)))
+        z = encode(vae, fresh_images(scenes, size, rng))  # (n, C, h, w)
+        rec = decode(vae, z + latent_noise * torch.randn(z.shape, generator=g) if latent_noise else z)
         out[name] = score([judge(im) for im in to_uint8(rec)], scenes)
     return out
 

@@ -74,3 +74,21 @@ def test_scale_016b_bench_trains_under_zero3_and_memory_matches_the_estimate(tmp
         assert abs(n - half) / half < 0.01, out  # DeepSpeed pads each parameter's partition to the world size
     for r in res["rss"].values():
         assert abs(r["ratio"] - 1) <= RSS_TOLERANCE, out
+
+
+def test_vae_robustness_prints_one_row_per_sigma_for_each_vae(tmp_path: Path) -> None:
+    """bench/vae_robustness.py on two VAEs: a row per sigma, 'shape / colour / all three' per VAE, each a %."""
+    import torch
+
+    from data_pipeline.vae import save_with_stats, small_vae
+
+    data = torch.rand(16, 3, 64, 64) * 2 - 1  # (16, 3, 64, 64)
+    for name in ("a", "b"):
+        save_with_stats(small_vae(4, downsample=8, width=8, seed=0 if name == "a" else 1), data, tmp_path / name / "vae")
+    out = _run("vae_robustness.py", "--vae", str(tmp_path / "a" / "vae"), "--vae", str(tmp_path / "b" / "vae"),
+               "--n", "6", "--sigmas", "0,0.5")
+    rows = [line for line in out.splitlines() if re.match(r"\s*\d\.\d\d\s", line)]
+    assert [float(r.split()[0]) for r in rows] == [0.0, 0.5], out
+    for r in rows:
+        cells = re.findall(r"(\d+\.\d)\s*/\s*(\d+\.\d)\s*/\s*(\d+\.\d)", r)
+        assert len(cells) == 2 and all(0 <= float(v) <= 100 for c in cells for v in c), out

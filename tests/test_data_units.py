@@ -414,6 +414,38 @@ def test_weighted_l1_emphasises_pixels_off_the_dominant_colour():
     assert torch.isclose(heavy, torch.tensor(10 * 2 * 3 / (3 * 100)))
 
 
+def test_noise_latents_scales_with_the_batch_std_per_image_and_passes_gradients_straight():
+    """noise_latents: tau ~ U(0, max) per image times the batch std, a no-op at 0, and d out / d z = I
+    (the std is detached: scaling the latents up cannot shrink the noise the decoder sees)."""
+    import torch
+
+    from data_pipeline.vae import noise_latents
+
+    z = 3.0 * torch.randn(2000, 4, 8, 8)  # batch std 3
+    assert noise_latents(z, 0.0) is z
+    g = torch.Generator().manual_seed(0)
+    d = noise_latents(z, 0.6, g) - z  # (2000, 4, 8, 8)
+    per_image = d.flatten(1).std(dim=1) / z.std()  # tau of each image, ~U(0, 0.6)
+    assert per_image.max() <= 0.6 * 1.25 and per_image.min() < 0.05  # whole range, none above the max
+    assert abs(per_image.mean().item() - 0.3) < 0.02  # E[tau] = max / 2
+    assert abs((d.std() / z.std()).item() - 0.6 / 3**0.5) < 0.02  # sqrt(E[tau^2]) = max / sqrt(3)
+    zz = z[:8].clone().requires_grad_(True)
+    noise_latents(zz, 0.6, g).sum().backward()
+    assert torch.equal(zz.grad, torch.ones_like(zz))  # a mutant without detach() adds a std term here
+
+
+def test_vae_training_refuses_a_negative_latent_noise(tmp_path):
+    """A negative latent_noise is an error naming the argument, before any file is written."""
+    import pytest
+    import torch
+
+    from data_pipeline import vae
+
+    with pytest.raises(ValueError, match="latent_noise=-0.1"):
+        vae.train_vae(torch.zeros(4, 3, 16, 16), tmp_path / "vae", steps=1, latent_noise=-0.1)
+    assert not (tmp_path / "vae").exists()
+
+
 def test_clean_stale_shm_keeps_live_segments_and_honours_switch(monkeypatch):
     """Only streaming segments no live process maps and none just created are removed; TF_CLEAN_SHM=0 removes nothing."""
     import os
