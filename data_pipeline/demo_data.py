@@ -154,7 +154,8 @@ def main(argv: list[str] | None = None) -> None:
                     help="train the VAE's decoder on latents noised by up to this many stds (data_pipeline.vae)")
     a = ap.parse_args(argv)
     t0 = time.time()
-    sizes = FAST if a.fast else dataclasses.replace(DemoSizes(), vae_steps=a.vae_steps, vae_latent_noise=a.vae_latent_noise)
+    sizes = FAST if a.fast else dataclasses.replace(DemoSizes(), vae_steps=a.vae_steps,
+                                                    vae_latent_noise=a.vae_latent_noise)
     if a.patch_size is not None:
         sizes = dataclasses.replace(sizes, patch_size=a.patch_size)
     d = make_demo_data(a.out, a.seed, a.fast, a.seq_len, vocab_size=a.vocab_size, sizes=sizes)

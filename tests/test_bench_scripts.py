@@ -84,7 +84,8 @@ def test_vae_robustness_prints_one_row_per_sigma_for_each_vae(tmp_path: Path) ->
 
     data = torch.rand(16, 3, 64, 64) * 2 - 1  # (16, 3, 64, 64)
     for name in ("a", "b"):
-        save_with_stats(small_vae(4, downsample=8, width=8, seed=0 if name == "a" else 1), data, tmp_path / name / "vae")
+        vae = small_vae(4, downsample=8, width=8, seed=0 if name == "a" else 1)
+        save_with_stats(vae, data, tmp_path / name / "vae")
     out = _run("vae_robustness.py", "--vae", str(tmp_path / "a" / "vae"), "--vae", str(tmp_path / "b" / "vae"),
                "--n", "6", "--sigmas", "0,0.5")
     rows = [line for line in out.splitlines() if re.match(r"\s*\d\.\d\d\s", line)]
