@@ -25,7 +25,6 @@ REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
 STEPS = 800  # the demo trains 2,200 (docs/quality.md §10, §13)
-VAE_STEPS = 300  # the demo trains 800; at 300 the VAE keeps colour and place, most shapes
 
 
 def binomial_tail(n: int, k: int, p: float) -> float:
@@ -35,23 +34,29 @@ def binomial_tail(n: int, k: int, p: float) -> float:
 
 @pytest.fixture(scope="module")
 def trained_vae_data(tmp_path_factory: pytest.TempPathFactory) -> DemoData:
-    """The demo's data (2,000 pairs, 4x VAE trained VAE_STEPS steps, 16 patches per image)."""
-    return make_demo_data(tmp_path_factory.mktemp("learn") / "data", seed=0, fast=False,
-                          sizes=DemoSizes(vae_steps=VAE_STEPS))
+    """The demo's data as `make demo` makes it: 2,000 pairs, the 4x VAE trained 800 steps with latent
+    noise 0.5 (a 300-step one, as this test used before, kept colour 43% of the time with the latent
+    noise), 16 patches per image."""
+    return make_demo_data(tmp_path_factory.mktemp("learn") / "data", seed=0, fast=False, sizes=DemoSizes())
 
 
-def test_demo_vae_learns_what_the_judge_checks(trained_vae_data: DemoData) -> None:
-    """The VAE's reconstructions of 162 fresh draws are judged right in all three attributes >= 30%.
+def test_demo_vae_keeps_what_the_judge_checks_also_under_latent_noise(trained_vae_data: DemoData) -> None:
+    """The VAE's reconstructions of 162 fresh draws are judged right in all three attributes >= 90%, and
+    with 0.3 latent stds of noise added before decoding the shape is still right >= 92% of the time.
 
-    Chance for all three is 1/162 (0.6%): P(X >= 49 of 162) at p = 1/162 is below 1e-50; an untrained
-    VAE scores 0 (it draws no object). Measured: 46% after 300 steps on this data, 98.8% after 800
-    (the demo's; docs/quality.md).
+    Chance for all three is 1/162 (0.6%): P(X >= 146 of 162) at p = 1/162 is below 1e-100; an untrained
+    VAE scores 0 (it draws no object). Measured (docs/quality.md §15, the same draws): 98.8% all three;
+    shape under noise 97.5%, where the same VAE trained without latent noise (the demo's until then) kept
+    86.4%, the decoder fault that cost the model a tenth of its shapes: this floor fails on it.
     """
     from data_pipeline.vae import load_vae
     from pretrain.evaluate import vae_ceiling
 
-    s = vae_ceiling(load_vae(trained_vae_data.vae), 162, 64, seed=0)["seen"]
-    assert s["all_three"] >= 0.3 and s["place"] >= 0.9, s
+    vae = load_vae(trained_vae_data.vae)
+    s = vae_ceiling(vae, 162, 64, seed=0)["seen"]
+    assert s["all_three"] >= 0.9 and s["place"] >= 0.9, s
+    noisy = vae_ceiling(vae, 162, 64, seed=0, latent_noise=0.3)["seen"]
+    assert noisy["shape"] >= 0.92, noisy
 
 
 def test_demo_recipe_learns_to_caption_and_to_place(trained_vae_data: DemoData, tmp_path: Path) -> None:
