@@ -226,7 +226,8 @@ def train_vae(data: torch.Tensor, out: str | Path, steps: int = 300, batch_size:
             model.eval()
             _save_recon(model, data[:8], out / "samples" / f"recon_{step + 1:06d}.png")
             model.train()
-    return save_with_stats(model, data, out, {"final_l1": l1.item(), "steps": steps, **(report or {})})
+    return save_with_stats(model, data, out, {"final_l1": l1.item(), "steps": steps, "latent_noise": latent_noise,
+                                              **(report or {})})
 
 
 def noise_latents(z: torch.Tensor, max_noise: float, gen: torch.Generator | None = None) -> torch.Tensor:
