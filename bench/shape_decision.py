@@ -15,7 +15,6 @@ then loses is lost in the last steps of denoising and decoding (docs/quality.md 
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from pathlib import Path
 from typing import Callable
@@ -31,6 +30,7 @@ from data_pipeline.vae import decode, encode, load_vae  # noqa: E402
 from pretrain.evaluate import EVAL_SEED, fresh_images, random_scenes, to_uint8  # noqa: E402
 from pretrain.generate import _new_cache, _prefill, cfg_combine, load_exported  # noqa: E402
 from pretrain.model import KVCache  # noqa: E402
+from pretrain.model.diffusion import euler_ancestral_step  # noqa: E402
 from pretrain.judge import judge  # noqa: E402
 
 SHAPES = ("circle", "square", "triangle")
@@ -66,13 +66,7 @@ def sdedit(v: VFn, x0: torch.Tensor, noise: torch.Tensor, s0: float, steps: int,
     g = torch.Generator().manual_seed(seed)
     x = (1 - s0) * x0 + s0 * noise  # (N, C, H, W)
     for s, s2 in zip(grid[:-1], grid[1:]):
-        vel = v(x, s)
-        x0_hat, eps = x - s * vel, x + (1 - s) * vel
-        if s2 <= 0:
-            return x0_hat
-        a, b, a2, b2 = 1 - s, s, 1 - s2, s2
-        var = max(b * b - (a * b2 / a2) ** 2, 0.0) * b2 * b2 / (b * b)
-        x = a2 * x0_hat + math.sqrt(max(b2 * b2 - var, 0.0)) * eps + math.sqrt(var) * torch.randn(x.shape, generator=g)
+        x = euler_ancestral_step(x, v(x, s), s, s2, g)
     return x
 
 

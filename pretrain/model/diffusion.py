@@ -201,14 +201,21 @@ def euler_ancestral_sample(v_fn: EpsFn, noise: torch.Tensor, num_steps: int, shi
     x = noise.float()  # (N, C, H, W)
     for s, s2 in zip(grid[:-1], grid[1:]):
         v = v_fn(x.to(noise.dtype), torch.full((x.shape[0],), s, device=x.device)).float()  # (N, C, H, W)
-        x0, eps = x - s * v, x + (1 - s) * v  # (N, C, H, W) each
-        if s2 <= 0:
-            return x0.to(noise.dtype)
-        a, b, a2, b2 = 1 - s, s, 1 - s2, s2
-        var = max(b * b - (a * b2 / a2) ** 2, 0.0) * b2 * b2 / (b * b)
-        z = torch.randn(x.shape, generator=generator).to(x.device)  # (N, C, H, W)
-        x = a2 * x0 + math.sqrt(max(b2 * b2 - var, 0.0)) * eps + math.sqrt(var) * z
+        x = euler_ancestral_step(x, v, s, s2, generator)
     return x.to(noise.dtype)
+
+
+def euler_ancestral_step(x: torch.Tensor, v: torch.Tensor, s: float, s2: float,
+                         generator: torch.Generator | None = None) -> torch.Tensor:
+    """One step of `euler_ancestral_sample` from flow time s to s2 < s: x and the velocity v (N, C, H, W)
+    -> x at s2 (N, C, H, W), or the x0 estimate x - s v when s2 <= 0 (the formula is in that docstring)."""
+    x0, eps = x - s * v, x + (1 - s) * v  # (N, C, H, W) each
+    if s2 <= 0:
+        return x0
+    a, b, a2, b2 = 1 - s, s, 1 - s2, s2
+    var = max(b * b - (a * b2 / a2) ** 2, 0.0) * b2 * b2 / (b * b)
+    z = torch.randn(x.shape, generator=generator).to(x.device)  # (N, C, H, W)
+    return a2 * x0 + math.sqrt(max(b2 * b2 - var, 0.0)) * eps + math.sqrt(var) * z
 
 
 def sample_latents(
