@@ -1,4 +1,4 @@
-"""Export a ZeRO-3 checkpoint for inference: safetensors weights + config + tokenizer (+ VAE).
+"""Export a DeepSpeed checkpoint (ZeRO stage 1-3; stage 0 with its EMA) for inference: safetensors weights + config + tokenizer (+ VAE).
 
 Streams tensor by tensor: DeepSpeed's lazy consolidation memory-maps each rank's fp32 partitions,
 each full tensor is assembled only when written into its safetensors file (`write_safetensors`: the
@@ -61,41 +61,63 @@ class ExportError(ValueError):
     """The checkpoint or the output directory is not usable; the message says which file and what to do."""
 
 
-def check_rank_files(ckpt: Path) -> None:
-    """Every rank's model and optimizer shard is there and is a whole zip archive (torch.save format).
+def shard_names(ckpt: Path, zero_stage: int, ranks: int) -> list[str]:
+    """The files DeepSpeed writes into checkpoint `ckpt` for `ranks` ranks at ZeRO stage `zero_stage`.
+
+    Stage 3: each rank's parameter partitions (`zero_pp_rank_{r}_mp_rank_00_model_states.pt`) and
+    optimizer partitions; stages 1-2: the whole module once (`mp_rank_00_model_states.pt`) and each rank's
+    optimizer partitions (fp32 master weights and Adam moments); stage 0: the whole module and optimizer
+    in `mp_rank_00_model_states.pt` (DeepSpeed `engine.save_checkpoint`, `_get_ckpt_name` / `_get_zero_ckpt_name`).
+    """
+    optims = sorted(ckpt.glob("*zero_pp_rank_*_mp_rank_00_optim_states.pt"))
+    prefix = optims[0].name.split("zero_pp_rank_")[0] if optims else ""  # bf16_ under bf16
+    optim = [f"{prefix}zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in range(ranks)]
+    if zero_stage == 3:
+        return [n for r in range(ranks) for n in (f"zero_pp_rank_{r}_mp_rank_00_model_states.pt", optim[r])]
+    return ["mp_rank_00_model_states.pt"] + (optim if zero_stage > 0 else [])
+
+
+def check_rank_files(ckpt: Path, zero_stage: int = 3) -> None:
+    """Every file DeepSpeed wrote for the checkpoint (`shard_names`) is there and is a whole zip archive
+    (torch.save format).
 
     Raises ExportError naming the first missing or truncated file.
     """
     meta = ckpt / checkpoint.META
     ranks = json.loads(meta.read_text())["world_size"] if meta.is_file() else None
-    models = sorted(ckpt.glob("zero_pp_rank_*_mp_rank_00_model_states.pt"))
-    optims = sorted(ckpt.glob("*zero_pp_rank_*_mp_rank_00_optim_states.pt"))
     if ranks is None:  # checkpoints written before checkpoint.json: ranks 0..n-1 from the files present
+        models = list(ckpt.glob("zero_pp_rank_*_mp_rank_00_model_states.pt"))
+        optims = list(ckpt.glob("*zero_pp_rank_*_mp_rank_00_optim_states.pt"))
         ranks = max(len(models), len(optims))
     if ranks == 0:
-        raise ExportError(f"{ckpt}: no ZeRO shard files (zero_pp_rank_*_model_states.pt); is this a ZeRO-3 checkpoint?")
-    prefix = optims[0].name.split("zero_pp_rank_")[0] if optims else ""
-    for r in range(ranks):
-        for name in (f"zero_pp_rank_{r}_mp_rank_00_model_states.pt", f"{prefix}zero_pp_rank_{r}_mp_rank_00_optim_states.pt"):
-            f = ckpt / name
-            if not f.is_file():
-                raise ExportError(f"{f} is missing (the checkpoint was written by {ranks} ranks); copy it back "
-                                  "from where the run wrote it, or export another step with --step")
-            if not zipfile.is_zipfile(f):
-                raise ExportError(f"{f} is truncated or damaged ({f.stat().st_size} bytes, not a whole torch.save "
-                                  "archive); export another step with --step")
+        raise ExportError(f"{ckpt}: no ZeRO shard files (zero_pp_rank_*_states.pt) and no {checkpoint.META}; "
+                          "is this a DeepSpeed checkpoint of pretrain.train?")
+    for name in shard_names(ckpt, zero_stage, ranks):
+        f = ckpt / name
+        if not f.is_file():
+            raise ExportError(f"{f} is missing (the checkpoint was written by {ranks} ranks at ZeRO stage "
+                              f"{zero_stage}); copy it back from where the run wrote it, or export another step "
+                              "with --step")
+        if not zipfile.is_zipfile(f):
+            raise ExportError(f"{f} is truncated or damaged ({f.stat().st_size} bytes, not a whole torch.save "
+                              "archive); export another step with --step")
 
 
-def lazy_tensors(ckpt: Path) -> Iterator[tuple[str, "object"]]:
-    """(name, lazy tensor) pairs of the consolidated fp32 model, in checkpoint order."""
+def lazy_tensors(ckpt: Path, zero_stage: int = 3) -> Iterator[tuple[str, "object"]]:
+    """(name, lazy tensor) pairs of the consolidated fp32 model, in checkpoint order (ZeRO stages 1-3:
+    DeepSpeed's consolidation of the fp32 partitions). Raises ExportError for stage 0, whose weights live
+    only in DeepSpeed's pickled `mp_rank_00_model_states.pt`, which this export does not unpickle."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
+    if zero_stage == 0:  # raised here, before any output is written (the caller iterates later)
+        raise ExportError(f"{ckpt}: a ZeRO stage 0 checkpoint keeps its trained weights only in DeepSpeed's pickled "
+                          "mp_rank_00_model_states.pt, which export does not unpickle; export the EMA (--weights "
+                          "ema, a run with train.ema_decay > 0) or train with distributed.zero_stage 1, 2 or 3")
     try:
         state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name, lazy_mode=True)
     except Exception as e:  # DeepSpeed's own checks (partition counts, shapes) and unreadable files
         raise ExportError(f"{ckpt}: DeepSpeed could not consolidate the shards ({type(e).__name__}: {e})") from e
-    for name, lazy in state.items():
-        yield name, _Released(lazy, ckpt)
+    return ((name, _Released(lazy, ckpt)) for name, lazy in state.items())
 
 
 class _Released:
@@ -254,14 +276,15 @@ def export(run_dir: Path, out: Path, step: int | None, dtype: str, max_shard_gb:
     if use_ema and not ema.has_ema(ckpt):
         raise ExportError(f"{ckpt}: --weights ema but the run kept no EMA (train.ema_decay was 0); use --weights raw")
     cfg = checkpoint.trained_config(ckpt)
-    check_rank_files(ckpt)
+    stage = cfg.distributed.zero_stage
+    check_rank_files(ckpt, stage)
     tok = Path(cfg.data.tokenizer)
     if not tok.is_file() or not tok.with_suffix(".json").is_file():
         raise FileNotFoundError(f"data.tokenizer={tok} (from {ckpt / checkpoint.CONFIG}) or its .json does not exist")
     vae_dir = vae or cfg.data.vae
+    tensors = ema.iter_lazy(ckpt) if use_ema else lazy_tensors(ckpt, stage)  # errors before anything is written
 
     def fill(tmp: Path) -> None:
-        tensors = ema.iter_lazy(ckpt) if use_ema else lazy_tensors(ckpt)
         write_shards(tensors, tmp, DTYPES[dtype], int(max_shard_gb * 2**30))
         shutil.copyfile(tok, tmp / "tokenizer.model")
         shutil.copyfile(tok.with_suffix(".json"), tmp / "tokenizer.json")
@@ -298,8 +321,8 @@ def export_hf_llama(src: Path, out: Path, step: int | None, dtype: str, max_shar
     else:
         ckpt = pick_checkpoint(src, step)
         cfg, origin = checkpoint.trained_config(ckpt), str(ckpt)
-        check_rank_files(ckpt)
-        tensors = lazy_tensors(ckpt)
+        check_rank_files(ckpt, cfg.distributed.zero_stage)
+        tensors = lazy_tensors(ckpt, cfg.distributed.zero_stage)
     if cfg.model.modality_experts:  # before writing anything
         raise ExportError(f"{origin}: model.modality_experts=true: a Hugging Face Llama has no image experts "
                           "(layers.0.image.attention.wqkv.weight...); export without --hf-llama and load "

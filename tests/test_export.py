@@ -135,6 +135,22 @@ def test_rank_file_checks_name_the_missing_or_truncated_file(tmp_path: Path) -> 
         check_rank_files(ckpt)
 
 
+def test_shard_names_follow_the_zero_stage_and_stage0_raw_export_is_refused(tmp_path: Path) -> None:
+    """What DeepSpeed writes per ZeRO stage; a stage-0 checkpoint has no unpickled home for its weights."""
+    from pretrain.export import ExportError, lazy_tensors, shard_names
+
+    assert shard_names(tmp_path, 3, 2) == [f"zero_pp_rank_{r}_mp_rank_00_{k}_states.pt" for r in (0, 1)
+                                           for k in ("model", "optim")]
+    for stage in (1, 2):
+        assert shard_names(tmp_path, stage, 2) == ["mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+                                                   "zero_pp_rank_1_mp_rank_00_optim_states.pt"]
+    assert shard_names(tmp_path, 0, 2) == ["mp_rank_00_model_states.pt"]
+    (tmp_path / "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt").touch()
+    assert shard_names(tmp_path, 2, 1)[1] == "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    with pytest.raises(ExportError, match=r"ZeRO stage 0 .*--weights ema"):
+        lazy_tensors(tmp_path, 0)
+
+
 def test_atomic_write_replaces_exports_whole_and_refuses_other_dirs(tmp_path: Path) -> None:
     from pretrain.export import ExportError, write_atomically
 

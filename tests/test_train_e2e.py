@@ -212,6 +212,44 @@ def test_export_writes_the_ema_weights(straight, tmp_path):
     assert any(not torch.equal(got[n], raw[n]) for n in ema)
 
 
+def test_zero2_follows_zero3_resumes_exactly_and_exports(straight, demo_data, tmp_path):
+    """distributed.zero_stage=2 (the demo's stage: configs/demo.yaml), killed after step 5 and resumed.
+
+    Against the straight ZeRO-3 run: the same sequences every step, and the same losses and gradient norms
+    up to the order of the gradient reduction (2e-6 absolute on losses of ~8, 1e-5 relative on norms).
+    Export of the ZeRO-2 checkpoint: `--weights raw` (DeepSpeed's consolidation of the rank's fp32 optimizer
+    partitions) equals the whole module DeepSpeed saved beside them (mp_rank_00_model_states.pt, this
+    test's own file), and the default export is the EMA, which every rank holds whole at stage 2.
+    """
+    p = launch("torchrun", demo_data, tmp_path, "distributed.zero_stage=2", fault="kill_after_step=5")
+    assert p.returncode != 0 and (tmp_path / "checkpoints/step_00000005/COMPLETE").is_file(), log_tail(tmp_path, "torchrun")
+    p = launch("torchrun", demo_data, tmp_path, "distributed.zero_stage=2")
+    assert p.returncode == 0, log_tail(tmp_path, "torchrun")
+    ref, got = train_rows(straight), train_rows(tmp_path)
+    assert sorted(got) == list(range(1, 11))
+    for s in range(1, 11):
+        assert got[s]["digest"] == ref[s]["digest"], f"step {s} consumed different sequences"
+        assert abs(got[s]["loss"] - ref[s]["loss"]) <= 2e-6, f"step {s}: {got[s]['loss']!r} != {ref[s]['loss']!r}"
+        assert abs(got[s]["grad_norm"] - ref[s]["grad_norm"]) <= 1e-5 * ref[s]["grad_norm"], s
+    from safetensors.torch import load_file
+
+    from pretrain.ema import load_full
+    from pretrain.export import export
+
+    ckpt = tmp_path / "checkpoints/step_00000010"
+    assert not list(ckpt.glob("zero_pp_rank_*_model_states.pt"))  # really stage 2: no parameter partitions
+    module = torch.load(ckpt / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+    raw = load_file(export(tmp_path, tmp_path / "raw", None, "fp32", 1.0, None, weights="raw") / "model.safetensors")
+    assert set(raw) == set(module) and all(torch.equal(raw[n], module[n]) for n in raw)
+    ema = load_full(ckpt)
+    got_ema = load_file(export(tmp_path, tmp_path / "ema", None, "fp32", 1.0, None) / "model.safetensors")
+    assert set(got_ema) == set(ema) and all(torch.equal(got_ema[n], ema[n]) for n in ema)
+    assert any(not torch.equal(got_ema[n], raw[n]) for n in ema)
+    ema_ref = load_full(straight / "checkpoints/step_00000010")
+    for n, e in ema_ref.items():
+        torch.testing.assert_close(ema[n], e, rtol=0, atol=1e-5, msg=lambda m: f"EMA {n}: {m}")
+
+
 def test_killed_during_save_resumes_from_previous_checkpoint(straight, demo_data, tmp_path):
     """accelerate launch; SIGKILL after the shards of step 10 are written but before its COMPLETE marker."""
     p = launch("accelerate", demo_data, tmp_path, fault="kill_in_save=10")
