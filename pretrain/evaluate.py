@@ -286,6 +286,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--captions", type=int, default=d.captions, help="fresh images to caption")
     ap.add_argument("--seed", type=int, default=d.seed)
     a = ap.parse_args(argv)
+    for flag, v in (("--per-combo", a.per_combo), ("--captions", a.captions)):
+        if v < 1:
+            ap.error(f"{flag} {v}: must be at least 1 (the report scores every part)")
     model, sp, root = load_exported(a.model)
     if not (root / "vae" / "config.json").is_file():
         raise FileNotFoundError(f"{root / 'vae'}: the export has no VAE; re-export with --vae DIR")
