@@ -93,3 +93,18 @@ def test_vae_robustness_prints_one_row_per_sigma_for_each_vae(tmp_path: Path) ->
     for r in rows:
         cells = re.findall(r"(\d+\.\d)\s*/\s*(\d+\.\d)\s*/\s*(\d+\.\d)", r)
         assert len(cells) == 2 and all(0 <= float(v) <= 100 for c in cells for v in c), out
+
+
+@pytest.mark.slow
+def test_zero_stage_bench_runs_the_trainer_at_each_stage(demo_data) -> None:
+    """bench/zero_stage.py: one real 2-rank run per ZeRO stage; the table's totals, ratios and step counts agree."""
+    out = _run("zero_stage.py", "--data", str(demo_data.root), "--stages", "3,2", "--steps", "6", "--skip", "2",
+               timeout=600)
+    rows = {int(m.group(1)): [float(x) for x in m.groups()[1:]]
+            for m in re.finditer(r"^([0-3])\s+(\S+)\s+(\S+)\s+(\S+)\s+(\S+)\s+(\S+)\s+(\d+)$", out, re.M)}
+    assert sorted(rows) == [2, 3], out
+    assert rows[3][4] == 1.0, out  # the baseline's ratio
+    for stage, (fwd, bwd, opt, total, ratio, steps) in rows.items():
+        assert 0 < fwd + bwd + opt <= total + 1e-4, (stage, out)  # total adds the data wait
+        assert math.isclose(ratio, total / rows[3][3], abs_tol=0.01), (stage, out)
+        assert steps == int(500 / total) or math.isclose(steps, 500 / total, rel_tol=0.01), (stage, out)
