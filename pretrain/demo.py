@@ -2,7 +2,7 @@
 -> export -> evaluation (pixel-judged text->image samples, captions, text loss; a PNG grid and a
 report). `make demo` runs it.
 
-    python -m pretrain.demo --out demo_out [--steps 2200] [--launcher deepspeed|torchrun] [--fresh]
+    python -m pretrain.demo --out demo_out [--steps 2800] [--launcher deepspeed|torchrun] [--fresh]
 
 Every stage is the same command a user runs on real data; this script only chains them.
 """
@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     """Chain the stages; print where the outputs are."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="demo_out", type=Path)
-    ap.add_argument("--steps", type=int, default=2200)  # 8-9 min at 0.21-0.24 s/step on 2 CPU ranks: 2,500 overran 10 min under memory pressure; docs/quality.md
+    ap.add_argument("--steps", type=int, default=2800)  # ~9.5 min at ~0.19 s/step (ZeRO-2, 2 CPU ranks); docs/quality.md §16
     ap.add_argument("--nproc", type=int, default=2)
     ap.add_argument("--launcher", choices=["deepspeed", "torchrun"], default="deepspeed")
     ap.add_argument("--fresh", action="store_true", help="rebuild the data and restart training from scratch")

@@ -1,5 +1,5 @@
 """The model learns the synthetic task: the demo's data recipe (a trained VAE) and training recipe
-(configs/demo.yaml) for a few hundred steps of the real 2-rank ZeRO-3 trainer, exported, then judged
+(configs/demo.yaml) for a few hundred steps of the real 2-rank DeepSpeed trainer (ZeRO-2, the demo's stage), exported, then judged
 by `python -m pretrain.evaluate` on fresh draws (pixels and caption words, not the model's own claims).
 
 Floors and why luck cannot pass them: each is far above chance for its sample size. With n judged
@@ -60,7 +60,7 @@ def test_demo_vae_keeps_what_the_judge_checks_also_under_latent_noise(trained_va
 
 
 def test_demo_recipe_learns_to_caption_and_to_place(trained_vae_data: DemoData, tmp_path: Path) -> None:
-    """STEPS steps of `pretrain.train` (2 ranks, ZeRO-3, configs/demo.yaml), export, evaluate."""
+    """STEPS steps of `pretrain.train` (2 ranks, configs/demo.yaml: ZeRO-2), export, evaluate."""
     run_dir, export, ev = tmp_path / "run", tmp_path / "export", tmp_path / "eval"
     config = f"{REPO / 'configs/tiny.yaml'},{REPO / 'configs/demo.yaml'},{trained_vae_data.config_path}"
     py = sys.executable
