@@ -187,20 +187,26 @@ def global_denominators(
 
 def forward_backward(
     engine: Any, batches: list[TransfusionBatch], text_denom: float, image_denom: float, timer: StepTimer
-) -> tuple[float, float]:
-    """One optimizer step over the micro-batches; returns this rank's (LM CE sum, diffusion MSE sum)."""
+) -> tuple[float, float, float | None]:
+    """One optimizer step over the micro-batches; returns this rank's (LM CE sum, diffusion MSE sum) and,
+    at ZeRO stage 0, the step's gradient norm before clipping (DeepSpeed reports it only from its ZeRO
+    optimizers; stage 0 clips without keeping it: `engine.clip_fp32_gradients`), else None."""
     dev = distributed.device()
     lm_sum = diff_sum = torch.zeros((), device=dev)  # summed on the device: one host sync per step, not per micro-batch
-    for b in batches:
+    norm = None
+    for i, b in enumerate(batches):
         with timer.phase("forward"):
             out = engine(b.to(dev), text_denom=text_denom, image_denom=image_denom)
         with timer.phase("backward"):
-            engine.backward(out.loss)
+            engine.backward(out.loss)  # stage 0: all-reduces the gradients at the accumulation boundary
         with timer.phase("optimizer"):
+            if i == len(batches) - 1 and engine.zero_optimization_stage() == 0:
+                grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+                norm = float(torch.nn.utils.get_total_norm(grads))
             engine.step()  # applies the update at the accumulation boundary (the last micro-batch)
         lm_sum = lm_sum + out.lm_loss_sum
         diff_sum = diff_sum + out.diffusion_loss_sum
-    return float(lm_sum), float(diff_sum)
+    return float(lm_sum), float(diff_sum), norm
 
 
 def train_step(run: Run) -> StepStats:
@@ -211,14 +217,14 @@ def train_step(run: Run) -> StepStats:
     t_denom, i_denom, g_text, g_img, digests, seqs = global_denominators(batches, run.plan, run.env.rank)
     lr = lr_at(run.step, run.cfg.optim, run.cfg.train.steps)
     set_lr(run.engine.optimizer, lr)
-    lm_sum, diff_sum = forward_backward(run.engine, batches, t_denom, i_denom, run.timer)
+    lm_sum, diff_sum, norm = forward_backward(run.engine, batches, t_denom, i_denom, run.timer)
     if run.ema is not None and run.engine.was_step_applied():
         run.ema.update()
     lm_g, diff_g, stop = distributed.all_reduce_sum([lm_sum, diff_sum, float(run.stop.requested)])
     run.stop.agreed = stop > 0  # a signal seen by any rank stops every rank after this step
     lm = lm_g / max(g_text, 1)
     diff = diff_g / max(g_img, 1)
-    gn = run.engine.get_global_grad_norm()
+    gn = norm if norm is not None else run.engine.get_global_grad_norm()
     return StepStats(
         step=run.step + 1, loss=lm + run.cfg.model.diffusion_loss_weight * diff, lm_loss=lm, diffusion_loss=diff,
         lr=lr, grad_norm=float(gn) if gn is not None else float("nan"), text_tokens=g_text, images=g_img,

@@ -212,6 +212,17 @@ def test_export_writes_the_ema_weights(straight, tmp_path):
     assert any(not torch.equal(got[n], raw[n]) for n in ema)
 
 
+def assert_follows_straight(straight: Path, run_dir: Path) -> None:
+    """Run `run_dir` consumed the straight run's sequences at all 10 steps, with its losses (2e-6 absolute, on
+    losses of ~8) and gradient norms (1e-5 relative) up to the order of the gradient reduction."""
+    ref, got = train_rows(straight), train_rows(run_dir)
+    assert sorted(got) == list(range(1, 11))
+    for s in range(1, 11):
+        assert got[s]["digest"] == ref[s]["digest"], f"step {s} consumed different sequences"
+        assert abs(got[s]["loss"] - ref[s]["loss"]) <= 2e-6, f"step {s}: {got[s]['loss']!r} != {ref[s]['loss']!r}"
+        assert abs(got[s]["grad_norm"] - ref[s]["grad_norm"]) <= 1e-5 * ref[s]["grad_norm"], (s, got[s], ref[s])
+
+
 def test_zero2_follows_zero3_resumes_exactly_and_exports(straight, demo_data, tmp_path):
     """distributed.zero_stage=2 (the demo's stage: configs/demo.yaml), killed after step 5 and resumed.
 
@@ -225,12 +236,7 @@ def test_zero2_follows_zero3_resumes_exactly_and_exports(straight, demo_data, tm
     assert p.returncode != 0 and (tmp_path / "checkpoints/step_00000005/COMPLETE").is_file(), log_tail(tmp_path, "torchrun")
     p = launch("torchrun", demo_data, tmp_path, "distributed.zero_stage=2")
     assert p.returncode == 0, log_tail(tmp_path, "torchrun")
-    ref, got = train_rows(straight), train_rows(tmp_path)
-    assert sorted(got) == list(range(1, 11))
-    for s in range(1, 11):
-        assert got[s]["digest"] == ref[s]["digest"], f"step {s} consumed different sequences"
-        assert abs(got[s]["loss"] - ref[s]["loss"]) <= 2e-6, f"step {s}: {got[s]['loss']!r} != {ref[s]['loss']!r}"
-        assert abs(got[s]["grad_norm"] - ref[s]["grad_norm"]) <= 1e-5 * ref[s]["grad_norm"], s
+    assert_follows_straight(straight, tmp_path)
     from safetensors.torch import load_file
 
     from pretrain.ema import load_full
@@ -248,6 +254,25 @@ def test_zero2_follows_zero3_resumes_exactly_and_exports(straight, demo_data, tm
     ema_ref = load_full(straight / "checkpoints/step_00000010")
     for n, e in ema_ref.items():
         torch.testing.assert_close(ema[n], e, rtol=0, atol=1e-5, msg=lambda m: f"EMA {n}: {m}")
+
+
+def test_zero0_logs_the_gradient_norm_and_exports_its_ema(straight, demo_data, tmp_path):
+    """distributed.zero_stage=0 (plain data parallel): DeepSpeed keeps no gradient norm at stage 0, so the
+    trainer measures it before the step; it equals the ZeRO-3 run's (same sequences, 1e-5 relative). The
+    EMA exports; the raw weights, only in DeepSpeed's pickled module file, are refused with the reason."""
+    p = launch("torchrun", demo_data, tmp_path, "distributed.zero_stage=0")
+    assert p.returncode == 0, log_tail(tmp_path, "torchrun")
+    assert all(math.isfinite(r["grad_norm"]) for r in train_rows(tmp_path).values())  # NaN before the trainer measured it
+    assert_follows_straight(straight, tmp_path)
+    from pretrain.ema import load_full
+    from pretrain.export import ExportError, export
+
+    out = export(tmp_path, tmp_path / "ema", None, "fp32", 1.0, None)
+    assert json.loads((out / "export.json").read_text())["weights"] == "ema"
+    assert set(load_full(tmp_path / "checkpoints/step_00000010")) == set(load_full(straight / "checkpoints/step_00000010"))
+    with pytest.raises(ExportError, match="ZeRO stage 0"):
+        export(tmp_path, tmp_path / "raw", None, "fp32", 1.0, None, weights="raw")
+    assert not (tmp_path / "raw").exists()
 
 
 def test_killed_during_save_resumes_from_previous_checkpoint(straight, demo_data, tmp_path):
