@@ -28,7 +28,7 @@ from data_pipeline import synthetic  # noqa: E402
 from data_pipeline.tokenizer import Tokenizer  # noqa: E402
 from data_pipeline.vae import decode, encode, load_vae  # noqa: E402
 from pretrain.evaluate import EVAL_SEED, fresh_images, random_scenes, to_uint8  # noqa: E402
-from pretrain.generate import _new_cache, _prefill, cfg_combine, load_exported  # noqa: E402
+from pretrain.generate import new_cache, prefill, cfg_combine, load_exported  # noqa: E402
 from pretrain.model import KVCache  # noqa: E402
 from pretrain.model.diffusion import euler_ancestral_step  # noqa: E402
 from pretrain.judge import judge  # noqa: E402
@@ -41,11 +41,11 @@ def velocity_fn(model, sp, prompts: list[list[int]], cfg_scale: float) -> VFn:
     """v(x, s) (N, C, H, W) of the flow model for N captions (token ids, no BOS), CFG against no caption;
     the prefix is cached once, as `pretrain.generate` does."""
     m, P = len(prompts), model.cfg.patches_per_image
-    ctx = _new_cache(model, m)
-    _prefill(model, ctx, [[sp.bos_id, *p, sp.boi_id] for p in prompts], [], sp.pad_id)
+    ctx = new_cache(model, m)
+    prefill(model, ctx, [[sp.bos_id, *p, sp.boi_id] for p in prompts], [], sp.pad_id)
     if cfg_scale != 1.0:
-        uncond = _new_cache(model, m)
-        _prefill(model, uncond, [[sp.bos_id, sp.boi_id]] * m, [], sp.pad_id)
+        uncond = new_cache(model, m)
+        prefill(model, uncond, [[sp.bos_id, sp.boi_id]] * m, [], sp.pad_id)
         ctx = KVCache.concat([ctx, uncond])
     k = ctx.batch_size // m
     tokens = torch.full((k * m, P), sp.pad_id, dtype=torch.long)  # (k*m, P)

@@ -132,8 +132,9 @@ def _flatten(prompt: list[Segment], sp: SpecialIds, P: int) -> tuple[TokenSeq, l
     return row, images
 
 
-def _prefill(model: Transfusion, cache: KVCache, rows: list[TokenSeq], images: list[torch.Tensor], pad: int) -> None:
-    """Append left-padded rows (None = patch slot; images (C, H, W) in row-major order) to the cache."""
+def prefill(model: Transfusion, cache: KVCache, rows: list[TokenSeq], images: list[torch.Tensor], pad: int) -> None:
+    """Append rows to `cache`, left-padded with `pad` to the longest: token ids, None for each patch slot
+    of an in-context image; `images` (C, H, W) latents fill the slots in row-major order, clean (t = 0)."""
     L = max(len(r) for r in rows)
     if L == 0:
         return
@@ -158,7 +159,8 @@ def _prefill(model: Transfusion, cache: KVCache, rows: list[TokenSeq], images: l
     model.step(cache, tokens.to(device), image_ids.to(device), valid.to(device), x0, t if n else None)
 
 
-def _new_cache(model: Transfusion, batch_size: int) -> KVCache:
+def new_cache(model: Transfusion, batch_size: int) -> KVCache:
+    """An empty KV cache of `batch_size` rows on the model's device and dtype."""
     p = next(model.parameters())
     return KVCache(model.cfg, batch_size, p.device, p.dtype)
 
@@ -171,8 +173,8 @@ def _denoise(model: Transfusion, cache: KVCache, rows: list[int], im: ImageSampl
     noise = torch.randn(m, cfg.latent_channels, cfg.latent_size, cfg.latent_size, generator=g).to(device)
     ctx = cache.select(rows)
     if im.cfg_scale != 1.0:
-        uncond = _new_cache(model, m)
-        _prefill(model, uncond, [[sp.bos_id, sp.boi_id]] * m, [], sp.pad_id)
+        uncond = new_cache(model, m)
+        prefill(model, uncond, [[sp.bos_id, sp.boi_id]] * m, [], sp.pad_id)
         ctx = KVCache.concat([ctx, uncond])
     k = ctx.batch_size // m  # 1, or 2 with guidance (cond rows, then uncond rows)
     tokens = torch.full((k * m, P), sp.pad_id, dtype=torch.long, device=device)
@@ -205,8 +207,8 @@ def generate_images(
 
     The prefix `BOS caption BOI` is computed once (KV cache); each denoising step runs the patches only.
     """
-    cache = _new_cache(model, len(prompts))
-    _prefill(model, cache, [[sp.bos_id, *p, sp.boi_id] for p in prompts], [], sp.pad_id)
+    cache = new_cache(model, len(prompts))
+    prefill(model, cache, [[sp.bos_id, *p, sp.boi_id] for p in prompts], [], sp.pad_id)
     g = torch.Generator().manual_seed(seed)
     return _denoise(model, cache, list(range(len(prompts))), ImageSampling(steps, cfg_scale, sampler), sp, g)
 
@@ -236,8 +238,8 @@ def generate(
     flat = [_flatten(p, sp, P) for p in prompts]
     B = len(flat)
     device = next(model.parameters()).device
-    cache = _new_cache(model, B)
-    _prefill(model, cache, [r[:-1] for r, _ in flat], [x for _, imgs in flat for x in imgs], sp.pad_id)
+    cache = new_cache(model, B)
+    prefill(model, cache, [r[:-1] for r, _ in flat], [x for _, imgs in flat for x in imgs], sp.pad_id)
     pending = [r[-1] for r, _ in flat]  # next token to feed, per row
     out: list[list[Segment]] = [[] for _ in range(B)]
     opens = [tok == sp.boi_id and max_images > 0 for tok in pending]  # the row's next step makes an image
