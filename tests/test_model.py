@@ -10,7 +10,7 @@ import torch
 from batches import random_batch
 from contract.batch import IGNORE_INDEX, TransfusionBatch
 from pretrain.model import ModelConfig, Transfusion
-from pretrain.model.masks import dense_mask
+from pretrain.model.masks import dense_mask, document_blocks
 
 L = 128
 
@@ -41,7 +41,7 @@ def _changed(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a - b).abs().amax(dim=-1) > 1e-6  # (B, L)
 
 
-@pytest.mark.parametrize("attention", ["sdpa", "flex"])
+@pytest.mark.parametrize("attention", ["sdpa", "flex", "sdpa_varlen"])
 def test_mask_semantics_on_outputs(attention: str) -> None:
     cfg = tiny_cfg(attention=attention)
     model = build(cfg)
@@ -73,6 +73,54 @@ def test_mask_semantics_on_outputs(attention: str) -> None:
         assert _changed(a, b)[batch.doc_ids == src].all()
 
 
+def test_document_blocks_place_each_position_once_and_refuse_a_split_document() -> None:
+    """Each position has exactly one slot, holding that position, in a bucket its document fits: a
+    one-position document, a padding span between documents and a full-row document included; a
+    document whose doc id comes back later in the row is refused with an error naming the fix."""
+    doc = torch.tensor([[0, 1, 1, 1, 5, 5, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 3],
+                        [0] * 24])  # (2, 24): row 0 has a length-1 doc, a padding span (id 5), a 17-long doc
+    img = torch.full_like(doc, -1)
+    img[0, 8:12] = 0
+    blocks = document_blocks(doc, img, torch.float32)
+    slot_pos = torch.cat([i.flatten() for i in blocks.index])  # (slots,) the position each slot holds
+    assert torch.equal(slot_pos[blocks.inverse], torch.arange(48))  # every position's slot holds it
+    assert blocks.inverse.unique().numel() == 48
+    sizes = sorted(i.shape[1] for i in blocks.index)
+    assert sizes == [16, 24], sizes  # lengths 1-3 -> MIN_BUCKET; 17 and 24 -> 32, capped at the row (24)
+    with pytest.raises(ValueError, match="contiguous run.*model.attention=sdpa"):
+        document_blocks(torch.tensor([[0, 0, 1, 1, 0, 0]]), torch.full((1, 6), -1), torch.float32)
+
+
+def test_cpu_autocast_runs_attention_in_fp32(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under CPU autocast (train.precision=bf16_autocast) every attention call gets fp32 inputs (PyTorch's
+    bf16 CPU attention backward is the slow one) while the projections run in bf16; the loss stays within
+    bf16 rounding of the fp32 model's and every parameter gets a gradient."""
+    import pretrain.model.backbone as backbone
+
+    seen: list[torch.dtype] = []
+    sdpa = backbone.F.scaled_dot_product_attention
+
+    def spy(q: torch.Tensor, *a: object, **kw: object) -> torch.Tensor:
+        seen.append(q.dtype)
+        return sdpa(q, *a, **kw)
+
+    for attention in ("sdpa", "sdpa_varlen"):
+        cfg = tiny_cfg(attention=attention)
+        model = build(cfg, seed=3)
+        batch = random_batch(cfg, 2, L, seed=2, images_per_row=2, docs_per_row=3)
+        ref = model(batch).loss.item()
+        monkeypatch.setattr(backbone.F, "scaled_dot_product_attention", spy)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(batch)
+            assert model.layers[0].attention.wqkv(torch.ones(1, cfg.dim)).dtype == torch.bfloat16
+        monkeypatch.setattr(backbone.F, "scaled_dot_product_attention", sdpa)
+        out.loss.backward()
+        assert seen and set(seen) == {torch.float32}, seen
+        assert abs(out.loss.item() - ref) < 0.02 * abs(ref), (out.loss.item(), ref)
+        assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+        seen.clear()
+
+
 def test_dense_mask_matches_rule_elementwise() -> None:
     """The dense mask equals the rule evaluated position by position (a slow reference)."""
     cfg = tiny_cfg()
@@ -83,14 +131,17 @@ def test_dense_mask_matches_rule_elementwise() -> None:
     assert torch.equal(m, ref)
 
 
-@pytest.mark.parametrize("patch_encoder", ["linear", "unet"])
-def test_flex_and_sdpa_agree_on_outputs_and_gradients(patch_encoder: str) -> None:
-    """Same weights, same packed batch: loss, hidden states and every gradient agree (fp32, atol 1e-5, rtol 1e-4)."""
+@pytest.mark.parametrize("other", ["flex", "sdpa_varlen"])
+@pytest.mark.parametrize("patch_encoder,seq_len", [("linear", L), ("unet", L), ("linear", 100)])
+def test_attention_paths_agree_with_dense_sdpa_on_outputs_and_gradients(other: str, patch_encoder: str,
+                                                                         seq_len: int) -> None:
+    """Same weights, same packed batch: loss and every gradient agree with dense SDPA (fp32, atol 1e-5,
+    rtol 1e-4); a row length that is no power of two caps sdpa_varlen's largest bucket at the row."""
     results = []
-    for attention in ("sdpa", "flex"):
+    for attention in ("sdpa", other):
         cfg = tiny_cfg(attention=attention, patch_encoder=patch_encoder)
         model = build(cfg, seed=7)
-        batch = random_batch(cfg, 3, L, seed=11, images_per_row=2, docs_per_row=3)
+        batch = random_batch(cfg, 3, seq_len, seed=11, images_per_row=2, docs_per_row=3)
         out = model(batch)
         out.loss.backward()
         results.append((out, {n: p.grad.clone() for n, p in model.named_parameters()}))
@@ -224,7 +275,7 @@ def forward_noting_skipped_modules(model: Transfusion, batch: TransfusionBatch):
     return out, sorted(leaves - used)
 
 
-@pytest.mark.parametrize("attention", ["sdpa", "flex"])
+@pytest.mark.parametrize("attention", ["sdpa", "flex", "sdpa_varlen"])
 @pytest.mark.parametrize("patch_encoder", ["linear", "unet"])
 def test_batch_without_images_runs_every_module(attention: str, patch_encoder: str) -> None:
     """No image in the batch: finite loss equal to the LM loss, and every parameter is in the graph."""

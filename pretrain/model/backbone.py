@@ -1,7 +1,7 @@
 """The Llama backbone: pre-RMSNorm blocks of RoPE attention and SwiGLU, no biases.
 
-Attention takes either an additive float mask (SDPA) or a FlexAttention BlockMask; both express
-the same Transfusion mask (see masks.py).
+Attention takes an additive float mask (SDPA), a FlexAttention BlockMask or DocumentBlocks
+(per-document SDPA); all three express the same Transfusion mask (see masks.py).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from torch import nn
 from pretrain.model.config import ModelConfig
 from pretrain.model.kv_cache import KVCache
 from pretrain.model.layers import Linear, RMSNorm
-from pretrain.model.masks import AttentionMask
+from pretrain.model.masks import AttentionMask, DocumentBlocks
 
 try:
     from torch.nn.attention.flex_attention import BlockMask, create_mask, flex_attention
@@ -73,6 +73,26 @@ class _FlexCPUBackward(torch.autograd.Function):
         return dq, dk, dv, None, None
 
 
+def _varlen_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, blocks: DocumentBlocks,
+                 gqa: bool) -> torch.Tensor:
+    """SDPA per document: q (B, H, L, hd), k/v (B, Hkv, L, hd) -> (B*L, H, hd), position-major.
+
+    Gathers each bucket's documents into (n, H, S, hd), attends under the bucket's mask, and gathers the
+    outputs back into sequence order with blocks.inverse (masks.DocumentBlocks).
+    """
+    def flat(t: torch.Tensor) -> torch.Tensor:
+        return t.transpose(1, 2).reshape(-1, t.shape[1], t.shape[3])  # (B*L, heads, hd)
+
+    qf, kf, vf = flat(q), flat(k), flat(v)
+    outs = []
+    for idx, mask in zip(blocks.index, blocks.mask):
+        n, S = idx.shape
+        qb, kb, vb = (t[idx].transpose(1, 2) for t in (qf, kf, vf))  # (n, heads, S, hd)
+        y = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, enable_gqa=gqa)  # (n, H, S, hd)
+        outs.append(y.transpose(1, 2).reshape(n * S, *y.shape[1:2], y.shape[3]))  # (n*S, H, hd)
+    return torch.cat(outs)[blocks.inverse]  # (B*L, H, hd)
+
+
 def rope_tables(positions: torch.Tensor, head_dim: int, theta: float) -> torch.Tensor:
     """Unit complex rotations for integer positions (B, L) -> (B, L, 1, head_dim/2) complex64."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
@@ -120,8 +140,21 @@ class Attention(nn.Module):
         gqa = self.n_kv_heads != self.n_heads
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, Hkv, Lc + L, hd)
+        if q.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+            # CPU autocast (train.precision=bf16_autocast): PyTorch's bf16 flash-attention backward on CPU
+            # is ~5x its fp32 one (bench/precision.py), so attention runs in fp32; the projections stay bf16
+            with torch.autocast("cpu", enabled=False):
+                return self._scores(q.float(), k.float(), v.float(), mask, gqa)  # (B, L, H*hd)
+        return self._scores(q, k, v, mask, gqa)  # (B, L, H*hd)
+
+    @staticmethod
+    def _scores(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask, gqa: bool) -> torch.Tensor:
+        """q (B, H, L, hd), k/v (B, Hkv, Lk, hd) -> (B, L, H*hd) under any of the three mask forms."""
+        B, _, L, _ = q.shape
         if isinstance(mask, torch.Tensor):
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)  # (B, H, L, hd)
+        elif isinstance(mask, DocumentBlocks):
+            return _varlen_sdpa(q, k, v, mask, gqa).view(B, L, -1)  # (B, L, H*hd)
         else:
             y = _flex(q, k, v, mask, gqa)  # (B, H, L, hd)
         return y.transpose(1, 2).reshape(B, L, -1)  # (B, L, H*hd)

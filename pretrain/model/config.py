@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import ClassVar, Literal
 
 PatchEncoder = Literal["linear", "unet"]
-AttentionImpl = Literal["flex", "sdpa"]
+AttentionImpl = Literal["flex", "sdpa", "sdpa_varlen"]
 LossWeighting = Literal["eps", "v_trunc"]
 Sampler = Literal["ddpm", "ddim", "euler", "euler_ancestral"]  # image samplers (pretrain.model.diffusion):
 # ddpm/ddim need model.objective=ddpm, euler/euler_ancestral need model.objective=flow

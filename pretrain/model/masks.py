@@ -1,12 +1,15 @@
 """Transfusion attention masks: causal across the sequence, bidirectional inside each image.
 
 Query q may attend to key k iff they are in the same document AND (k <= q OR both are patches
-of the same image). Two interchangeable forms: a dense boolean mask for SDPA, and a FlexAttention
-BlockMask (built by a compiled `create_block_mask`, which skips fully masked blocks).
+of the same image). Three interchangeable forms: a dense boolean mask for SDPA, a FlexAttention
+BlockMask (built by a compiled `create_block_mask`, which skips fully masked blocks), and
+`DocumentBlocks`, which cuts a packed row into its documents so that SDPA scores each document
+on its own (variable-length or "varlen" attention, as FlashAttention's `flash_attn_varlen_func`).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Union
 
 import torch
@@ -19,8 +22,34 @@ except ImportError:  # pragma: no cover - torch < 2.5
 
 _compiled_create_block_mask: Callable | None = None
 
-#: what attention layers take: an additive float mask (B, 1, L, L) for SDPA, or a FlexAttention BlockMask
-AttentionMask = Union[torch.Tensor, "BlockMask"]
+
+
+@dataclass(frozen=True)
+class DocumentBlocks:
+    """A packed batch cut into its documents, for per-document SDPA (model.attention=sdpa_varlen).
+
+    Each document (a run of one doc id in a row) is padded to a bucket size S (the next power of two,
+    at least `MIN_BUCKET`, at most L) and scored only against itself, so a row of n documents costs
+    sum(S_i^2) scores instead of L^2 (the demo's rows of ~8 documents: about a third). One entry per
+    bucket size present:
+      index: (n, S) int64 flat positions into B*L (padding slots repeat the document's first position);
+      mask: (n, 1, S, S) additive float mask: the Transfusion rule inside the document, padded keys
+        masked, padded queries free to attend (their outputs are dropped);
+    and inverse (B*L,) int64: each position's slot in the buckets' outputs, flattened and concatenated.
+    The result equals dense SDPA under `dense_mask` (tests/test_masks.py checks values and gradients).
+    """
+
+    index: tuple[torch.Tensor, ...]
+    mask: tuple[torch.Tensor, ...]
+    inverse: torch.Tensor
+
+
+#: what attention layers take: an additive float mask (B, 1, L, L) for SDPA, a FlexAttention BlockMask,
+#: or DocumentBlocks (per-document SDPA)
+AttentionMask = Union[torch.Tensor, "BlockMask", DocumentBlocks]
+
+#: smallest bucket of DocumentBlocks: shorter documents are padded to it (fewer, larger SDPA calls)
+MIN_BUCKET = 16
 
 
 def dense_mask(doc_ids: torch.Tensor, image_ids: torch.Tensor) -> torch.Tensor:
@@ -54,3 +83,43 @@ def block_mask(doc_ids: torch.Tensor, image_ids: torch.Tensor, compiled: bool = 
             _compiled_create_block_mask = torch.compile(create_block_mask, dynamic=False)
         fn = _compiled_create_block_mask
     return fn(_mask_mod(doc_ids, image_ids), B, None, L, L, device=doc_ids.device)
+
+
+def document_blocks(doc_ids: torch.Tensor, image_ids: torch.Tensor, dtype: torch.dtype) -> DocumentBlocks:
+    """Cut a packed batch into per-document buckets (see DocumentBlocks); masks in `dtype`.
+
+    doc_ids, image_ids: (B, L) as in TransfusionBatch. Raises ValueError when a row's doc ids do not
+    form contiguous runs (a document split in two), which the dense rule would join but buckets cannot.
+    """
+    B, L = doc_ids.shape
+    dev = doc_ids.device
+    new = torch.ones(B, L, dtype=torch.bool, device=dev)
+    new[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]  # (B, L) a document starts here
+    ids = doc_ids.sort(1).values  # (B, L)
+    distinct = 1 + (ids[:, 1:] != ids[:, :-1]).sum(1)  # (B,) ids in the row
+    if bool((new.sum(1) != distinct).any()):  # more runs than ids: some id comes back
+        raise ValueError("model.attention=sdpa_varlen needs each document to be one contiguous run of doc_ids "
+                         "in its row; this batch splits one. Use model.attention=sdpa or flex.")
+    starts = new.flatten().nonzero().squeeze(1)  # (n_docs,) flat start positions
+    lengths = torch.diff(starts, append=torch.tensor([B * L], device=dev))  # (n_docs,) runs end at row ends
+    cap = 1 << (L - 1).bit_length()
+    bucket = (2 ** torch.ceil(torch.log2(lengths.double()))).long().clamp(MIN_BUCKET, cap).clamp(max=L)  # (n_docs,)
+    img_flat = image_ids.flatten()  # (B*L,)
+    index, mask, inverse, offset = [], [], torch.empty(B * L, dtype=torch.long, device=dev), 0
+    for S in bucket.unique().tolist():
+        sel = bucket == S
+        st, ln = starts[sel], lengths[sel]  # (n,)
+        j = torch.arange(S, device=dev)  # (S,)
+        valid = j[None, :] < ln[:, None]  # (n, S)
+        idx = torch.where(valid, st[:, None] + j[None, :], st[:, None])  # (n, S)
+        img = torch.where(valid, img_flat[idx], -1)  # (n, S)
+        causal = j[None, :] <= j[:, None]  # (S, S) key <= query
+        same_img = (img[:, :, None] == img[:, None, :]) & (img[:, :, None] >= 0)  # (n, S, S)
+        allowed = (causal | same_img) & valid[:, None, :]  # (n, S, S); key 0 keeps every query row non-empty
+        add = torch.zeros(allowed.shape, dtype=dtype, device=dev).masked_fill_(~allowed, float("-inf"))
+        index.append(idx)
+        mask.append(add.unsqueeze(1))  # (n, 1, S, S)
+        slots = offset + torch.arange(idx.numel(), device=dev).view_as(idx)  # (n, S)
+        inverse[idx[valid]] = slots[valid]
+        offset += idx.numel()
+    return DocumentBlocks(tuple(index), tuple(mask), inverse)

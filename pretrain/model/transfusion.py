@@ -102,8 +102,11 @@ class Transfusion(nn.Module):
         """The batch's Transfusion mask, shared by all layers and heads.
 
         sdpa: an additive float mask (B, 1, L, L), 0 where attention is allowed and -inf elsewhere, in
-        the model's dtype; flex: a FlexAttention BlockMask. Both from the same rule (masks.py).
+        the model's dtype; sdpa_varlen: masks.DocumentBlocks (each document attends on its own); flex: a
+        FlexAttention BlockMask. All from the same rule (masks.py).
         """
+        if self.cfg.attention == "sdpa_varlen":
+            return masks.document_blocks(batch.doc_ids, batch.image_ids, self.tok_embeddings.weight.dtype)
         if self.cfg.attention == "sdpa":
             allowed = masks.dense_mask(batch.doc_ids, batch.image_ids)  # (B, 1, L, L) bool
             # additive form, built once for all layers (SDPA would convert a bool mask in every call)
