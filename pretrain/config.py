@@ -42,7 +42,10 @@ class TrainConfig:
     global_batch_size: int = 512  # sequences of data.seq_len positions per optimizer step
     micro_batch_size: int = 1  # sequences per rank per forward pass
     seed: int = 0
-    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    # auto: bf16 on GPU, fp32 on CPU. bf16: DeepSpeed's bf16 mode (bf16 weights, fp32 master copy).
+    # bf16_autocast: fp32 weights and gradients, torch.autocast(bf16) around the forward (DeepSpeed's
+    # torch_autocast): matmuls in bf16, attention in fp32 on CPU (its bf16 backward is slower there)
+    precision: Literal["auto", "bf16", "bf16_autocast", "fp32"] = "auto"
     activation_checkpointing: bool = False
     max_bad_steps: int = 5  # consecutive NaN/Inf steps before the run stops
     run_dir: str = "runs/default"

@@ -53,7 +53,7 @@ def plan_batch(cfg: Config, world_size: int) -> BatchPlan:
 
 
 def use_bf16(cfg: Config, on_gpu: bool) -> bool:
-    """bf16 on GPU, fp32 on CPU (no bf16 units there) unless train.precision says otherwise."""
+    """DeepSpeed's bf16 mode: on GPU under `auto`, or when train.precision=bf16 (bf16_autocast keeps fp32 weights)."""
     if cfg.train.precision == "auto":
         return on_gpu
     return cfg.train.precision == "bf16"
@@ -80,6 +80,9 @@ def derive_ds_config(cfg: Config, plan: BatchPlan, on_gpu: bool) -> dict[str, An
         "zero_optimization": zero,
         "bf16": {"enabled": use_bf16(cfg, on_gpu)},
         "fp16": {"enabled": False},
+        # fp32 weights, bf16 matmuls; no module's gradients are reduced in bf16 (empty list)
+        "torch_autocast": {"enabled": cfg.train.precision == "bf16_autocast", "dtype": "bfloat16",
+                           "lower_precision_safe_modules": []},
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**9,  # we log ourselves
         "wall_clock_breakdown": False,

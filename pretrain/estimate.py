@@ -336,8 +336,7 @@ def make_plan(cfg: Config, nodes: int, gpus_per_node: int, gpu: Gpu, ds_config: 
     counts = count_parameters(m)
     mix = mix or mix_for(cfg)
     patch_flops, patch_act = patching_cost(m)
-    bf16 = cfg.train.precision != "fp32"
-    el = 2 if bf16 else 4
+    el = 2 if cfg.train.precision in ("auto", "bf16") else 4  # bf16_autocast: fp32 weights and gradients
     zero = (ds_config or {}).get("zero_optimization", {"stage": d.zero_stage})
     states = model_state_bytes(counts["total"], counts["largest_layer"], gpus_per_node, nodes, d.zero_stage,
                                d.offload_optimizer, d.offload_params)

@@ -108,3 +108,15 @@ def test_zero_stage_bench_runs_the_trainer_at_each_stage(demo_data) -> None:
         assert 0 < fwd + bwd + opt <= total + 1e-4, (stage, out)  # total adds the data wait
         assert math.isclose(ratio, total / rows[3][3], abs_tol=0.01), (stage, out)
         assert steps == int(500 / total) or math.isclose(steps, 500 / total, rel_tol=0.01), (stage, out)
+
+
+def test_precision_bench_times_each_precision_and_attention_path(demo_data) -> None:
+    """bench/precision.py: four rows (fp32/bf16_autocast x sdpa/sdpa_varlen), ratios against the first."""
+    out = _run("precision.py", "--data", str(demo_data.root), "--steps", "2", "--warmup", "1", timeout=600)
+    rows = re.findall(r"^(fp32|bf16_autocast)\s+(sdpa|sdpa_varlen)\s+(\S+)\s+(\S+)\s+(\S+)$", out, re.M)
+    assert [(p, a) for p, a, *_ in rows] == [("fp32", "sdpa"), ("fp32", "sdpa_varlen"),
+                                             ("bf16_autocast", "sdpa"), ("bf16_autocast", "sdpa_varlen")], out
+    base = float(rows[0][2])
+    for _, _, ms, ratio, share in rows:
+        assert float(ms) > 0 and math.isclose(float(ratio), float(ms) / base, abs_tol=0.01), out
+        assert 0 < float(share) < 100, out  # the profiler saw attention kernels, and other work

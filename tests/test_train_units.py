@@ -97,6 +97,11 @@ def test_deepspeed_config_is_derived_and_user_keys_merge_on_top():
     gpu = load_config("configs/tiny.yaml", ["train.precision=auto", "distributed.offload_optimizer=true"])
     ds_gpu = derive_ds_config(gpu, plan_batch(gpu, 2), on_gpu=True)
     assert ds_gpu["bf16"]["enabled"] is True and ds_gpu["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    assert ds["torch_autocast"]["enabled"] is False and ds_gpu["torch_autocast"]["enabled"] is False
+    amp = load_config("configs/tiny.yaml", ["train.precision=bf16_autocast"])
+    ds_amp = derive_ds_config(amp, plan_batch(amp, 2), on_gpu=True)  # fp32 weights, autocast forward
+    assert ds_amp["bf16"]["enabled"] is False and ds_amp["torch_autocast"]["enabled"] is True
+    assert ds_amp["torch_autocast"]["dtype"] == "bfloat16" and ds_amp["torch_autocast"]["lower_precision_safe_modules"] == []
     bad = load_config("configs/tiny.yaml", ["distributed.deepspeed={train_batch_size: 3}"])
     with pytest.raises(BatchSizeError, match="train.global_batch_size"):
         derive_ds_config(bad, plan_batch(bad, 2), on_gpu=False)
