@@ -2,9 +2,14 @@
 -> export -> evaluation (pixel-judged text->image samples, captions, text loss; a PNG grid and a
 report). `make demo` runs it.
 
-    python -m pretrain.demo --out demo_out [--steps 2800] [--launcher deepspeed|torchrun] [--fresh]
+    python -m pretrain.demo --out demo_out [--train-seconds 540 | --steps N] [--launcher deepspeed|torchrun] [--fresh]
 
 Every stage is the same command a user runs on real data; this script only chains them.
+
+The training budget is time, not steps: machines of the same kind differ up to ~2x in step time, so
+unless --steps is given the demo first times 60 steps of the same trainer (`calibrate`) and trains as
+many steps as fit in --train-seconds (rounded down to 100, within [MIN_STEPS, MAX_STEPS]); the choice is
+kept in OUT/steps.json and reused when the demo is run again without --fresh.
 """
 
 from __future__ import annotations
@@ -25,6 +30,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 STAGE_SECONDS: dict[str, float] = {}  # wall time of each stage, for the summary
 
+CALIBRATION_STEPS, CALIBRATION_SKIP = 60, 20  # timed steps, of which the first are warm-up
+MIN_STEPS, MAX_STEPS = 1000, 12000  # the step count a time budget may choose
+#: the main run's time beyond its steps (start-up, checkpoints, validation) is not in the budget; the
+#: chosen steps leave this margin for steps slower than the calibration's (a busier machine)
+STEP_MARGIN = 1.05
+
 
 def run(cmd: list[str], env: dict[str, str] | None = None, stage: str = "") -> None:
     """Run one stage, echoing the command and recording its wall time; stop the demo if it fails."""
@@ -43,6 +54,10 @@ def summary(out: Path, run_dir: Path, export_dir: Path) -> str:
              f"  run directory   {run_dir}",
              f"  TensorBoard     tensorboard --logdir {run_dir / 'tensorboard'}",
              f"  export          {export_dir}"]
+    if (out / "steps.json").is_file():
+        c = json.loads((out / "steps.json").read_text())
+        lines.append(f"  training steps  {c['steps']} (calibrated: {c['step_seconds']:.4f} s/step, "
+                     f"budget {c['budget_seconds']:.0f} s; OUT/steps.json)")
     pngs = sorted(ev.glob("*.png"))
     lines.append(f"  sample PNGs     {len(pngs)} in {ev}" + "".join(f"\n                  {p.name}" for p in pngs))
     if (ev / "report.json").is_file():
@@ -53,6 +68,41 @@ def summary(out: Path, run_dir: Path, export_dir: Path) -> str:
     lines.append("  wall time       " + ", ".join(f"{k} {v:.0f}s" for k, v in STAGE_SECONDS.items())
                  + f"; total {sum(STAGE_SECONDS.values()):.0f}s")
     return "\n".join(lines)
+
+
+def steps_for_budget(step_seconds: float, budget_seconds: float) -> int:
+    """Training steps that fit `budget_seconds` at `step_seconds` each (with STEP_MARGIN), rounded down to a
+    hundred and clamped to [MIN_STEPS, MAX_STEPS]."""
+    fit = int(budget_seconds / (step_seconds * STEP_MARGIN)) // 100 * 100
+    return max(MIN_STEPS, min(MAX_STEPS, fit))
+
+
+def calibrate(train_cmd: list[str], run_dir: Path, env: dict[str, str], budget_seconds: float) -> dict:
+    """Time CALIBRATION_STEPS steps of `train_cmd` (the main run's command) in `run_dir`; return
+    {"steps", "step_seconds", "budget_seconds"}: the wall time between metrics.jsonl rows after the warm-up."""
+    run(train_cmd + [f"train.run_dir={run_dir}", f"train.steps={CALIBRATION_STEPS}", "checkpoint.resume=none",
+                     "checkpoint.every=0", "logging.val_every=0", "logging.sample_every=0"], env, stage="calibrate")
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    walls = [r["wall"] for r in rows if "wall" in r][CALIBRATION_SKIP:]
+    step_seconds = (walls[-1] - walls[0]) / (len(walls) - 1)
+    steps = steps_for_budget(step_seconds, budget_seconds)
+    print(f"  calibration: {step_seconds:.4f} s/step on this machine -> {steps} steps for a {budget_seconds:.0f} s "
+          f"training budget (--steps N fixes the count)", flush=True)
+    return {"steps": steps, "step_seconds": step_seconds, "budget_seconds": budget_seconds}
+
+
+def chosen_steps(out: Path, train_cmd: list[str], env: dict[str, str], budget_seconds: float, fresh: bool) -> int:
+    """The step count of OUT/steps.json when it holds one for this budget (a rerun resumes the same run),
+    else a new calibration's, saved there."""
+    saved = out / "steps.json"
+    if not fresh and saved.is_file():
+        choice = json.loads(saved.read_text())
+        if choice.get("budget_seconds") == budget_seconds:
+            print(f"  steps: {choice['steps']} (from {saved}; --fresh recalibrates)", flush=True)
+            return int(choice["steps"])
+    choice = calibrate(train_cmd, out / "calibrate", env, budget_seconds)
+    saved.write_text(json.dumps(choice) + "\n")
+    return int(choice["steps"])
 
 
 def launcher_cmd(launcher: str, nproc: int) -> list[str]:
@@ -67,7 +117,9 @@ def main(argv: list[str] | None = None) -> int:
     """Chain the stages; print where the outputs are."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="demo_out", type=Path)
-    ap.add_argument("--steps", type=int, default=2800)  # ~9.5 min at ~0.19 s/step (ZeRO-2, 2 CPU ranks); docs/quality.md §16
+    ap.add_argument("--steps", type=int, default=None, help="training steps (default: as many as fit --train-seconds)")
+    ap.add_argument("--train-seconds", type=float, default=540.0,
+                    help="time budget of the training steps; the calibration run measures this machine's step")
     ap.add_argument("--nproc", type=int, default=2)
     ap.add_argument("--launcher", choices=["deepspeed", "torchrun"], default="deepspeed")
     ap.add_argument("--fresh", action="store_true", help="rebuild the data and restart training from scratch")
@@ -81,11 +133,15 @@ def main(argv: list[str] | None = None) -> int:
         run([py, "-m", "data_pipeline.demo_data", "--out", str(data)], stage="data")
     resume = "none" if a.fresh else "auto"
     module = ["--module" if a.launcher == "deepspeed" else "-m", "pretrain.train"]  # deepspeed has no -m
-    run(launcher_cmd(a.launcher, a.nproc) + module + [
-        "--config", f"configs/tiny.yaml,configs/demo.yaml,{data / 'data.yaml'}",  # demo.yaml: the small model's switches
-        f"train.run_dir={run_dir}", f"train.steps={a.steps}",
-        f"checkpoint.resume={resume}", f"checkpoint.every={max(a.steps // 3, 1)}",
-        f"logging.val_every={max(a.steps // 6, 1)}", "logging.sample_every=0",  # the demo's overheads: few pauses
+    def train() -> list[str]:  # a fresh rendezvous port for each launch
+        return launcher_cmd(a.launcher, a.nproc) + module + [
+            "--config", f"configs/tiny.yaml,configs/demo.yaml,{data / 'data.yaml'}"]  # demo.yaml: the small model's switches
+
+    steps = a.steps or chosen_steps(out, train(), env, a.train_seconds, a.fresh)
+    run(train() + [
+        f"train.run_dir={run_dir}", f"train.steps={steps}",
+        f"checkpoint.resume={resume}", f"checkpoint.every={max(steps // 3, 1)}",
+        f"logging.val_every={max(steps // 6, 1)}", "logging.sample_every=0",  # the demo's overheads: few pauses
     ], env, stage="train")
     run([py, "-m", "pretrain.export", "--run-dir", str(run_dir), "--out", str(export_dir)], stage="export")
     run([py, "-m", "pretrain.evaluate", "--model", str(export_dir), "--out", str(out / "eval")], stage="evaluate")

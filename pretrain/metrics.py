@@ -122,7 +122,7 @@ class MetricsWriter:
             return
         tp = self.throughput(s)
         row = {k: v for k, v in s.__dict__.items()}
-        row.update(tp)
+        row.update(tp, wall=time.time())  # unix seconds at the end of the step: wall time between steps
         self.jsonl.write(json.dumps(row) + "\n")
         if not log_now:
             return
