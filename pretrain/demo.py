@@ -2,7 +2,7 @@
 -> export -> evaluation (pixel-judged text->image samples, captions, text loss; a PNG grid and a
 report). `make demo` runs it.
 
-    python -m pretrain.demo --out demo_out [--train-seconds 540 | --steps N] [--launcher deepspeed|torchrun] [--fresh]
+    python -m pretrain.demo --out demo_out [--train-seconds 500 | --steps N] [--launcher deepspeed|torchrun] [--fresh]
 
 Every stage is the same command a user runs on real data; this script only chains them.
 
@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="demo_out", type=Path)
     ap.add_argument("--steps", type=int, default=None, help="training steps (default: as many as fit --train-seconds)")
-    ap.add_argument("--train-seconds", type=float, default=540.0,
+    ap.add_argument("--train-seconds", type=float, default=500.0,
                     help="time budget of the training steps; the calibration run measures this machine's step")
     ap.add_argument("--nproc", type=int, default=2)
     ap.add_argument("--launcher", choices=["deepspeed", "torchrun"], default="deepspeed")
