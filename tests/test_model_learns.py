@@ -34,7 +34,7 @@ def binomial_tail(n: int, k: int, p: float) -> float:
 
 @pytest.fixture(scope="module")
 def trained_vae_data(tmp_path_factory: pytest.TempPathFactory) -> DemoData:
-    """The demo's data as `make demo` makes it: 2,000 pairs, the 4x VAE trained 1,200 steps with latent
+    """The demo's data as `make demo` makes it: 2,000 pairs, the 4x VAE trained 1,600 steps with latent
     noise 0.5 (a 300-step one, as this test used before, kept colour 43% of the time with the latent
     noise), 16 patches per image."""
     return make_demo_data(tmp_path_factory.mktemp("learn") / "data", seed=0, fast=False, sizes=DemoSizes())
