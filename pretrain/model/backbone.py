@@ -89,7 +89,7 @@ def _varlen_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, blocks: Docu
         n, S = idx.shape
         qb, kb, vb = (t[idx].transpose(1, 2) for t in (qf, kf, vf))  # (n, heads, S, hd)
         y = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, enable_gqa=gqa)  # (n, H, S, hd)
-        outs.append(y.transpose(1, 2).reshape(n * S, *y.shape[1:2], y.shape[3]))  # (n*S, H, hd)
+        outs.append(y.transpose(1, 2).reshape(n * S, y.shape[1], y.shape[3]))  # (n*S, H, hd)
     return torch.cat(outs)[blocks.inverse]  # (B*L, H, hd)
 
 

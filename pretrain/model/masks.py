@@ -23,7 +23,6 @@ except ImportError:  # pragma: no cover - torch < 2.5
 _compiled_create_block_mask: Callable | None = None
 
 
-
 @dataclass(frozen=True)
 class DocumentBlocks:
     """A packed batch cut into its documents, for per-document SDPA (model.attention=sdpa_varlen).
@@ -36,7 +35,7 @@ class DocumentBlocks:
       mask: (n, 1, S, S) additive float mask: the Transfusion rule inside the document, padded keys
         masked, padded queries free to attend (their outputs are dropped);
     and inverse (B*L,) int64: each position's slot in the buckets' outputs, flattened and concatenated.
-    The result equals dense SDPA under `dense_mask` (tests/test_masks.py checks values and gradients).
+    The result equals dense SDPA under `dense_mask` (tests/test_model.py checks values and gradients).
     """
 
     index: tuple[torch.Tensor, ...]
