@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 
 from pretrain.model.config import ModelConfig
+from pretrain.model.masks import additive
 
 
 class KVCache:
@@ -57,8 +58,7 @@ class KVCache:
         inner |= torch.eye(l, dtype=torch.bool, device=valid.device)
         past = self.valid[:, None, : self.length].expand(B, l, self.length) & valid[:, :, None]  # (B, l, Lc)
         allowed = torch.cat([past, inner], dim=2)  # (B, l, Lc + l)
-        bias = torch.zeros(allowed.shape, dtype=self.k.dtype, device=valid.device).masked_fill_(~allowed, float("-inf"))
-        return positions.clamp_min(0), bias[:, None]  # (B, l), (B, 1, l, Lc + l)
+        return positions.clamp_min(0), additive(allowed, self.k.dtype)[:, None]  # (B, l), (B, 1, l, Lc + l)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write the chunk's (B, Hkv, l, hd) keys/values of `layer`; return all of them (B, Hkv, Lc + l, hd)."""

@@ -51,6 +51,11 @@ AttentionMask = Union[torch.Tensor, "BlockMask", DocumentBlocks]
 MIN_BUCKET = 16
 
 
+def additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A boolean mask as SDPA's additive form in `dtype`: 0 where allowed, -inf elsewhere (same shape)."""
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, float("-inf"))
+
+
 def dense_mask(doc_ids: torch.Tensor, image_ids: torch.Tensor) -> torch.Tensor:
     """Boolean (B, 1, L, L) mask, True where attention is allowed."""
     L = doc_ids.shape[1]
@@ -115,9 +120,8 @@ def document_blocks(doc_ids: torch.Tensor, image_ids: torch.Tensor, dtype: torch
         causal = j[None, :] <= j[:, None]  # (S, S) key <= query
         same_img = (img[:, :, None] == img[:, None, :]) & (img[:, :, None] >= 0)  # (n, S, S)
         allowed = (causal | same_img) & valid[:, None, :]  # (n, S, S); key 0 keeps every query row non-empty
-        add = torch.zeros(allowed.shape, dtype=dtype, device=dev).masked_fill_(~allowed, float("-inf"))
         index.append(idx)
-        mask.append(add.unsqueeze(1))  # (n, 1, S, S)
+        mask.append(additive(allowed, dtype).unsqueeze(1))  # (n, 1, S, S)
         slots = offset + torch.arange(idx.numel(), device=dev).view_as(idx)  # (n, S)
         inverse[idx[valid]] = slots[valid]
         offset += idx.numel()

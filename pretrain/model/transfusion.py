@@ -110,9 +110,7 @@ class Transfusion(nn.Module):
         if self.cfg.attention == "sdpa":
             allowed = masks.dense_mask(batch.doc_ids, batch.image_ids)  # (B, 1, L, L) bool
             # additive form, built once for all layers (SDPA would convert a bool mask in every call)
-            return torch.zeros(allowed.shape, dtype=self.tok_embeddings.weight.dtype, device=allowed.device).masked_fill_(
-                ~allowed, float("-inf")
-            )
+            return masks.additive(allowed, self.tok_embeddings.weight.dtype)
         return masks.block_mask(batch.doc_ids, batch.image_ids)
 
     def backbone(self, x: torch.Tensor, batch: TransfusionBatch) -> torch.Tensor:
