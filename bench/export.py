@@ -1,4 +1,4 @@
-"""Export time and peak memory: `pretrain.export` against DeepSpeed's own `zero_to_fp32` on the same checkpoint.
+"""Export time and peak memory: `pretrain.artifacts.export` against DeepSpeed's own `zero_to_fp32` on the same checkpoint.
 
 The checkpoint is the real trainer's: `configs/transfusion_0.37b.yaml` (24 layers, width 1024, vocabulary
 32000 as the config's default) trained one step by 2 gloo CPU ranks under the deepspeed launcher on small
@@ -10,8 +10,8 @@ Each tool runs alone in a fresh child process; its peak RSS is that child's `ru_
 counts the memory-mapped checkpoint pages it touched as well as its heap; wall time is the child's.
   zero_to_fp32     python RUN_DIR/checkpoints/zero_to_fp32.py CKPTS OUT -t TAG --safe_serialization (the script
                    DeepSpeed copies beside the checkpoints, as it ships; default max_shard_size 5GB)
-  export fp32      python -m pretrain.export --weights raw --dtype fp32 (the trained weights, as zero_to_fp32)
-  export bf16      python -m pretrain.export --weights raw --dtype bf16
+  export fp32      python -m pretrain.artifacts.export --weights raw --dtype fp32 (the trained weights, as zero_to_fp32)
+  export bf16      python -m pretrain.artifacts.export --weights raw --dtype bf16
 Checks: the fp32 export's tensors equal zero_to_fp32's bit for bit (same names, shapes, dtype), and the
 bf16 export is their round-to-nearest bf16 cast bit for bit.
 
@@ -109,7 +109,7 @@ def compare(ref_dir: Path, fp32_dir: Path, bf16_dir: Path) -> tuple[int, int]:
     import torch
     from safetensors import safe_open
 
-    from pretrain.export import export_tensors
+    from pretrain.artifacts.export import export_tensors
 
     ref = {}
     for f in sorted(ref_dir.glob("*.safetensors")):
@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> None:
     a.work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     run_dir = a.ckpt or train_one_step(a.work, make_data(a.work))
-    from pretrain.export import pick_checkpoint
+    from pretrain.artifacts.export import pick_checkpoint
 
     ckpt = pick_checkpoint(run_dir, None)
     print(f"checkpoint {ckpt} ({sum(f.stat().st_size for f in ckpt.iterdir()) / 2**30:.2f} GiB on disk"
@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> None:
     script = ckpt.parent / "zero_to_fp32.py"  # DeepSpeed copies its script beside the checkpoints
     ds = [PY, str(script)] if script.is_file() else [PY, "-m", "deepspeed.utils.zero_to_fp32"]
     step = str(int(ckpt.name.split("_")[-1]))
-    ours = [PY, "-m", "pretrain.export", "--run-dir", str(run_dir), "--step", step, "--weights", "raw", "--force"]
+    ours = [PY, "-m", "pretrain.artifacts.export", "--run-dir", str(run_dir), "--step", step, "--weights", "raw", "--force"]
     cmds = {
         "zero_to_fp32": [*ds, str(ckpt.parent), str(outs["zero_to_fp32"]), "-t", ckpt.name, "--safe_serialization"],
         "export fp32": [*ours, "--dtype", "fp32", "--out", str(outs["export fp32"])],

@@ -1,7 +1,7 @@
 """Generation speed on CPU (fp32): caption tokens/s and seconds per image, with and without the KV cache.
 
-Baseline ("recompute"): what pretrain.generate did before the cache, one full forward over the whole
-sequence per new token and per denoising step (cond and uncond rows). Cached: pretrain.generate.
+Baseline ("recompute"): what pretrain.inference.generate did before the cache, one full forward over the whole
+sequence per new token and per denoising step (cond and uncond rows). Cached: pretrain.inference.generate.
 Random-init models (speed does not depend on the weights):
   tiny: configs/tiny.yaml's model (width 128, 2 layers, 8x8x8 latents -> 16 patches)
   wide: width 512, 4 layers, 8 heads, 32x32x8 latents -> 256 patches (the paper's patch count)
@@ -22,7 +22,7 @@ import torch
 
 from contract.special_ids import SpecialIds
 from pretrain.model.config import ModelConfig
-from pretrain.generate import _batch, cfg_combine, generate_images, generate_text
+from pretrain.inference.generate import packed_batch, cfg_combine, generate_images, generate_text
 from pretrain.model import Transfusion
 
 SP = SpecialIds(vocab_size=97, bos_id=1, eos_id=-1, boi_id=3, eoi_id=4, pad_id=0)  # no EOS: every run decodes --tokens tokens
@@ -46,7 +46,7 @@ def caption_recompute(model: Transfusion, image: torch.Tensor, n: int) -> list[i
     row, t = [SP.bos_id, SP.boi_id, *[None] * P, SP.eoi_id], torch.zeros(1, dtype=torch.long)
     new: list[int] = []
     for _ in range(n):
-        h, _ = model.hidden_and_eps(_batch(model, [row + new], image, t, SP.pad_id), image, t)  # (L, D)
+        h, _ = model.hidden_and_eps(packed_batch(model, [row + new], image, t, SP.pad_id), image, t)  # (L, D)
         new.append(int(model.lm_logits(h[len(row) + len(new) - 1]).argmax()))
     return new
 
@@ -59,7 +59,7 @@ def image_recompute(model: Transfusion, prompts: list[list[int]], steps: int, sc
 
     def eps_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         xs, ts = x.repeat(2, 1, 1, 1), t.repeat(2)
-        _, eps = model.hidden_and_eps(_batch(model, rows, xs, ts, SP.pad_id), xs, ts)
+        _, eps = model.hidden_and_eps(packed_batch(model, rows, xs, ts, SP.pad_id), xs, ts)
         return cfg_combine(*eps.chunk(2), scale)
 
     noise = torch.randn(len(prompts), cfg.latent_channels, cfg.latent_size, cfg.latent_size)

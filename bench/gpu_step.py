@@ -7,10 +7,10 @@
 
 A step is what the trainer does per micro-batch without DeepSpeed: build the Transfusion block mask
 (compiled create_block_mask), forward, backward, AdamW (fused on GPU). Each configuration runs with
-and without activation checkpointing. Model FLOPs per position come from pretrain.estimate for the
+and without activation checkpointing. Model FLOPs per position come from pretrain.plan.estimate for the
 exact document mix of the batch (attention per document under the mask; recomputation not
 counted, as MFU conventions require). MFU is given against the matmul rate this script measures
-on the card (bf16 8192^3) and against the datasheet peak (pretrain/hardware.py).
+on the card (bf16 8192^3) and against the datasheet peak (pretrain/plan/hardware.py).
 """
 
 from __future__ import annotations
@@ -27,9 +27,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pretrain.model import ModelConfig  # noqa: E402
-from pretrain.engine import apply_activation_checkpointing  # noqa: E402
-from pretrain.estimate import flops_breakdown, mix_of_batch  # noqa: E402
-from pretrain.hardware import detect_gpu  # noqa: E402
+from pretrain.train.engine import apply_activation_checkpointing  # noqa: E402
+from pretrain.plan.estimate import flops_breakdown, mix_of_batch  # noqa: E402
+from pretrain.plan.hardware import detect_gpu  # noqa: E402
 from contract.batch import IGNORE_INDEX, TransfusionBatch  # noqa: E402
 from pretrain.model import Transfusion  # noqa: E402
 
@@ -169,14 +169,14 @@ def main(argv: list[str] | None = None) -> int:
           f"(n={n_mm}); datasheet peak {sheet_peak}")
     print(f"attention: {attention_path(device)}")
     print(f"model: width {cfg.dim}, {cfg.n_heads} heads, {cfg.n_layers} layers, {cfg.patch_encoder} patching; "
-          f"{args.rows} x {seq_len} positions, {batch.num_images} images; {flops:.6g} FLOP per position (pretrain.estimate)")
+          f"{args.rows} x {seq_len} positions, {batch.num_images} images; {flops:.6g} FLOP per position (pretrain.plan.estimate)")
     peak_kind = "peak GiB" if device.type == "cuda" else "RSS GiB"
     mot = args.modality_experts
     print(f"{'config':14s} {'ms/step':>9s} {'positions/s':>12s} {'TFLOP/s':>9s} {'MFU meas.':>9s} {'MFU sheet':>9s} "
           f"{peak_kind:>9s} {'loss':>8s}" + (f" {'x dense':>8s}" if mot else ""))
     for ck in (False,) if args.no_ckpt_only else (False, True):
         dense_pos_s = None
-        for experts in (False, True) if mot else (False,):  # same FLOPs per position (pretrain.estimate)
+        for experts in (False, True) if mot else (False,):  # same FLOPs per position (pretrain.plan.estimate)
             r = run_config(replace(cfg, modality_experts=experts), batch, device, dtype, ck, args.steps, args.warmup)
             pos_s = args.rows * seq_len / r["s_per_step"]
             dense_pos_s = dense_pos_s or pos_s

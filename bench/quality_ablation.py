@@ -3,7 +3,7 @@
     python bench/quality_ablation.py --data demo_out/data --out /tmp/abl/v_lr3e-3 --steps 3000 \
         --eval-at 1000,2000 [--ema 0.995] [--cfg-scale 1.5] [key=value overrides...]
 
-The same model, loader, lr schedule and evaluation (`pretrain.evaluate`) as the trainer, with a plain
+The same model, loader, lr schedule and evaluation (`pretrain.evaluation.evaluate`) as the trainer, with a plain
 AdamW loop instead of the DeepSpeed engine (tests/test_train_e2e.py shows the two agree step for step),
 so one ablation costs one CPU core. Configs: configs/tiny.yaml, configs/demo.yaml (unless --no-demo),
 DATA/data.yaml, then the overrides. Prints the evaluation table at each --eval-at step (and for the EMA
@@ -42,9 +42,9 @@ from data_pipeline.sequence import RowSpec, build_row  # noqa: E402
 from data_pipeline.tokenizer import Tokenizer  # noqa: E402
 from data_pipeline.vae import load_vae  # noqa: E402
 from pretrain.config import load_config  # noqa: E402
-from pretrain.evaluate import EvalSettings, evaluate, table, write_report  # noqa: E402
+from pretrain.evaluation.evaluate import EvalSettings, evaluate, table, write_report  # noqa: E402
 from pretrain.model import Transfusion  # noqa: E402
-from pretrain.schedule import lr_at  # noqa: E402
+from pretrain.train.schedule import lr_at  # noqa: E402
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:

@@ -1,5 +1,5 @@
 """The 0.16B config with U-Net patching trains at 4096 positions under ZeRO-3 on 2 CPU ranks; peak RSS per
-rank measured against pretrain.estimate's host-memory prediction for the same shape.
+rank measured against pretrain.plan.estimate's host-memory prediction for the same shape.
 
     python bench/scale_016b.py [--steps 3] [--images 2] [--lr 5e-4] [--out DIR] [--json FILE]
 
@@ -18,7 +18,7 @@ rank measured against pretrain.estimate's host-memory prediction for the same sh
    compared (the save is reported beside it).
 4. Partitions: each rank's ZeRO-3 optimizer-state file holds its fp32 parameter partition; their sizes
    are compared with total parameters / 2.
-5. Prediction: pretrain.estimate.host_memory_plan for the same config, data mix (the shards' pack.json),
+5. Prediction: pretrain.plan.estimate.host_memory_plan for the same config, data mix (the shards' pack.json),
    DeepSpeed config and baseline.
 """
 
@@ -43,7 +43,7 @@ from contract.dist_env import free_port  # noqa: E402
 from contract.special_ids import SpecialIds, save_special_ids  # noqa: E402
 from data_pipeline.pack import pack_split  # noqa: E402
 from data_pipeline.packing import PAIR, TEXT, Packer, Unit  # noqa: E402
-from pretrain.hardware import GIB  # noqa: E402
+from pretrain.plan.hardware import GIB  # noqa: E402
 
 SEQ, C, S, PATCH = 4096, 8, 32, 2
 P = (S // PATCH) ** 2  # 256 patches per image
@@ -215,8 +215,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(root: Path, a: argparse.Namespace) -> int:
     from pretrain.config import load_config
-    from pretrain.engine import derive_ds_config, plan_batch
-    from pretrain.estimate import host_memory_plan, mix_for
+    from pretrain.plan.batch import derive_ds_config, plan_batch
+    from pretrain.plan.estimate import host_memory_plan, mix_for
 
     root.mkdir(parents=True, exist_ok=True)
     # this interpreter's bin first on PATH: DeepSpeed JIT-builds its CPU ops with the first `ninja` found,
@@ -233,7 +233,7 @@ def run(root: Path, a: argparse.Namespace) -> int:
     plan = host_memory_plan(cfg, mix_for(cfg), world_size=2, ds_config=ds, baseline_bytes=baseline)
     need, avail = 2 * plan.total, psutil.virtual_memory().available
     if need > avail:
-        raise MemoryError(f"2 ranks need about {need / GIB:.1f} GiB (pretrain.estimate), {avail / GIB:.1f} GiB is "
+        raise MemoryError(f"2 ranks need about {need / GIB:.1f} GiB (pretrain.plan.estimate), {avail / GIB:.1f} GiB is "
                           "available: stop other jobs first (or pass --images 1)")
     res = train_and_watch(root, cfg_args, env, a.timeout)
     losses = [json.loads(line) for line in open(root / "run" / "metrics.jsonl") if '"loss"' in line]
@@ -253,7 +253,7 @@ def run(root: Path, a: argparse.Namespace) -> int:
     print(f"\npartitions (ZeRO-3 optimizer-state files): total parameters {total:,}, / 2 = {total / 2:,.0f}")
     for r, n in sorted(parts.items()):
         print(f"  rank {r}: {n:,} fp32 elements ({n / (total / 2):.4f} x total/2)")
-    print("\npredicted peak RSS per rank (pretrain.estimate.host_memory_plan):")
+    print("\npredicted peak RSS per rank (pretrain.plan.estimate.host_memory_plan):")
     for k, v in plan.terms.items():
         print(f"  {k:58s}{v / GIB:7.2f} GiB")
     print(f"  {'total':58s}{predicted / GIB:7.2f} GiB")

@@ -27,11 +27,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from data_pipeline import synthetic  # noqa: E402
 from data_pipeline.tokenizer import Tokenizer  # noqa: E402
 from data_pipeline.vae import decode, encode, load_vae  # noqa: E402
-from pretrain.evaluate import EVAL_SEED, fresh_images, random_scenes, to_uint8  # noqa: E402
-from pretrain.generate import new_cache, prefill, cfg_combine, load_exported  # noqa: E402
+from pretrain.evaluation.evaluate import EVAL_SEED, fresh_images, random_scenes, to_uint8  # noqa: E402
+from pretrain.inference.generate import new_cache, prefill, cfg_combine, load_exported  # noqa: E402
 from pretrain.model import KVCache  # noqa: E402
 from pretrain.model.diffusion import euler_ancestral_step  # noqa: E402
-from pretrain.judge import judge  # noqa: E402
+from pretrain.evaluation.judge import judge  # noqa: E402
 
 SHAPES = ("circle", "square", "triangle")
 VFn = Callable[[torch.Tensor, float], torch.Tensor]
@@ -39,7 +39,7 @@ VFn = Callable[[torch.Tensor, float], torch.Tensor]
 
 def velocity_fn(model, sp, prompts: list[list[int]], cfg_scale: float) -> VFn:
     """v(x, s) (N, C, H, W) of the flow model for N captions (token ids, no BOS), CFG against no caption;
-    the prefix is cached once, as `pretrain.generate` does."""
+    the prefix is cached once, as `pretrain.inference.generate` does."""
     m, P = len(prompts), model.cfg.patches_per_image
     ctx = new_cache(model, m)
     prefill(model, ctx, [[sp.bos_id, *p, sp.boi_id] for p in prompts], [], sp.pad_id)
@@ -72,7 +72,7 @@ def sdedit(v: VFn, x0: torch.Tensor, noise: torch.Tensor, s0: float, steps: int,
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", required=True, help="an export directory (pretrain.export) of a flow model")
+    ap.add_argument("--model", required=True, help="an export directory (pretrain.artifacts.export) of a flow model")
     ap.add_argument("--n", type=int, default=90)
     ap.add_argument("--cfg-scale", type=float, default=2.5)
     ap.add_argument("--steps", type=int, default=100)

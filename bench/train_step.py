@@ -3,7 +3,7 @@
 Shape (issue 2): width 256, 2 layers, 4 heads of 64, vocab 1024, linear patching; batch of 8
 sequences, each 32 text tokens, BOI, one 32x32x8 latent in 2x2 patches (256 positions), EOI.
 Prints positions/s for forward + backward + AdamW step on both attention paths, and the achieved
-share of the measured matmul rate (6 * N * positions/s, attention counted, see pretrain.estimate).
+share of the measured matmul rate (6 * N * positions/s, attention counted, see pretrain.plan.estimate).
 
     python bench/train_step.py [--threads 2] [--steps 20] [--modality-experts]
 
@@ -20,7 +20,7 @@ import time
 import torch
 
 from contract.batch import IGNORE_INDEX, TransfusionBatch
-from pretrain.estimate import flops_breakdown, mix_of_batch
+from pretrain.plan.estimate import flops_breakdown, mix_of_batch
 from pretrain.model import ModelConfig, Transfusion
 
 TEXT, P = 32, 256

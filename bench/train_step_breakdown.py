@@ -20,7 +20,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pretrain.metrics import summary_table  # noqa: E402
+from pretrain.train.metrics import summary_table  # noqa: E402
 
 
 def main() -> None:

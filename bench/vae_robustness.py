@@ -4,7 +4,7 @@
 
 Encodes n fresh synthetic draws of the seen combinations, adds sigma * N(0, I) to the unit-variance
 latents the model works in (the VAE's own shift/scale), decodes and judges the pixels
-(`pretrain.evaluate.vae_ceiling`, `pretrain.judge`). A denoiser's final latent is never exact; a decoder
+(`pretrain.evaluation.evaluate.vae_ceiling`, `pretrain.evaluation.judge`). A denoiser's final latent is never exact; a decoder
 that turns circles into squares under an error of 0.2 latent stds caps what any model sampled through
 it can draw (docs/quality.md §15). Prints one row per sigma with shape / colour / all three, % judged
 right, for each VAE; the same draws and noise for every VAE.
@@ -21,7 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from data_pipeline.vae import load_vae  # noqa: E402
-from pretrain.evaluate import vae_ceiling  # noqa: E402
+from pretrain.evaluation.evaluate import vae_ceiling  # noqa: E402
 
 
 def row(vae_dirs: list[str], sigma: float, n: int, seed: int) -> list[str]:

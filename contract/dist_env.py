@@ -1,6 +1,6 @@
 """Where this process sits in the job: rank, local rank, world size, master address, launcher.
 
-The one implementation of rank detection, used by the trainer (`pretrain.distributed`), precompute
+The one implementation of rank detection, used by the trainer (`pretrain.train.distributed`), precompute
 and every Slurm task (`cluster/srun_task.sh` runs `python -m contract.dist_env CMD...`, which exports
 the torch-style variables and execs CMD). `deepspeed`, `torchrun` and `accelerate launch` export
 RANK/LOCAL_RANK/WORLD_SIZE/MASTER_*; plain `srun` only SLURM_* variables, from which the torch ones

@@ -115,7 +115,7 @@ def pack_split(packer: Packer, docs: Iterable[list[Unit]], out: Path, meta: dict
 
     `meta` holds kind, seq_len, patch_size, latent_shape and dtype (the latent storage dtype). Returns the
     statistics: rows, images, positions, real_positions, image_positions, efficiency and causal_pairs (what
-    the loader's mix and pretrain.estimate read)."""
+    the loader's mix and pretrain.plan.estimate read)."""
     rows, n_img = write_rows(packer, docs, out, meta["dtype"], shard_size)
     stats = {"rows": rows, "images": n_img, "positions": rows * packer.seq_len, "real_positions": packer.real,
              "image_positions": n_img * packer.P, "efficiency": round(packer.efficiency, 6),

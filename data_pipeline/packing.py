@@ -188,7 +188,7 @@ class Packer:
 def row_causal_pairs(row: Row) -> int:
     """Query-key pairs a causal mask allows within each document of `row` (padding counted as one document).
 
-    The pretrain estimate adds the bidirectional pairs of each image to this (pretrain/estimate.py).
+    The pretrain estimate adds the bidirectional pairs of each image to this (pretrain/plan/estimate.py).
     """
     lens: dict[int, int] = {}
     for doc, kind, ntok, _ in row.segs:

@@ -5,7 +5,7 @@ Learnable on purpose: a caption names colour, shape and one of nine places, so a
 show text-to-image and captioning skill after minutes of CPU training. Every image is a fresh draw
 (object size, offset inside its cell, a slight rotation: `Look`), so evaluation images are never
 training images, and the (colour, shape, place) combinations in `HELD_OUT` never appear in any
-training source (pairs, interleaved documents, text sentences): `pretrain.evaluate` reports them
+training source (pairs, interleaved documents, text sentences): `pretrain.evaluation.evaluate` reports them
 separately as compositional generalisation.
 """
 

@@ -49,11 +49,11 @@ class TrainConfig:
     activation_checkpointing: bool = False
     max_bad_steps: int = 5  # consecutive NaN/Inf steps before the run stops
     run_dir: str = "runs/default"
-    dry_run: bool = False  # check config, batch plan, data, model and memory plan, then exit (pretrain/dry_run.py)
+    dry_run: bool = False  # check config, batch plan, data, model and memory plan, then exit (pretrain/plan/dry_run.py)
     # start from weights (fresh optimizer and schedule): an export dir, or a Hugging Face Llama dir for
     # the text backbone; ignored when the run resumes from its own checkpoint
     init_from: str = ""
-    # EMA of the weights for sampling and export (pretrain/ema.py), e.g. 0.9999 for long runs; 0 = off.
+    # EMA of the weights for sampling and export (pretrain/train/ema.py), e.g. 0.9999 for long runs; 0 = off.
     # Kept per rank on its ZeRO-3 partition; export writes it unless --weights raw.
     ema_decay: float = 0.0
 
@@ -93,7 +93,7 @@ class LoggingConfig:
     sample_sampler: Sampler = "ddpm"
     sample_steps: int = 100
     sample_cfg_scale: float = 3.0
-    eval_every: int = 0  # synthetic-task evaluation (pretrain.evaluate) every N steps; 0 = never; needs data.vae
+    eval_every: int = 0  # synthetic-task evaluation (pretrain.evaluation.evaluate) every N steps; 0 = never; needs data.vae
     tensorboard: bool = True
     peak_flops: float | None = None  # per device; None = detect the GPU (unknown: MFU not shown)
 

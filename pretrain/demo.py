@@ -48,7 +48,7 @@ def run(cmd: list[str], env: dict[str, str] | None = None, stage: str = "") -> N
 
 
 def summary(out: Path, run_dir: Path, export_dir: Path) -> str:
-    """Where everything is, the evaluation figures (OUT/eval/report.json of pretrain.evaluate) and the
+    """Where everything is, the evaluation figures (OUT/eval/report.json of pretrain.evaluation.evaluate) and the
     wall time of each stage."""
     ev = out / "eval"
     lines = ["", "demo done:",
@@ -62,7 +62,7 @@ def summary(out: Path, run_dir: Path, export_dir: Path) -> str:
     pngs = sorted(ev.glob("*.png"))
     lines.append(f"  sample PNGs     {len(pngs)} in {ev}" + "".join(f"\n                  {p.name}" for p in pngs))
     if (ev / "report.json").is_file():
-        from pretrain.evaluate import flat_scalars
+        from pretrain.evaluation.evaluate import flat_scalars
 
         figures = flat_scalars(json.loads((ev / "report.json").read_text()))
         lines.append(f"  evaluation      {ev / 'report.json'}" + "".join(f"\n                  {k} {v:.4g}" for k, v in figures.items()))
@@ -144,10 +144,10 @@ def main(argv: list[str] | None = None) -> int:
         f"checkpoint.resume={resume}", f"checkpoint.every={max(steps // 3, 1)}",
         f"logging.val_every={max(steps // 6, 1)}", "logging.sample_every=0",  # the demo's overheads: few pauses
     ], env, stage="train")
-    run([py, "-m", "pretrain.export", "--run-dir", str(run_dir), "--out", str(export_dir)], stage="export")
+    run([py, "-m", "pretrain.artifacts.export", "--run-dir", str(run_dir), "--out", str(export_dir)], stage="export")
     # 3 samples per combination (462 prompts) and 243 captions: at 80% a standard error of 1.9 points, where
-    # pretrain.evaluate's default 154 prompts leave 3.2, as wide as the margins to the targets (docs/quality.md)
-    run([py, "-m", "pretrain.evaluate", "--model", str(export_dir), "--out", str(out / "eval"),
+    # pretrain.evaluation.evaluate's default 154 prompts leave 3.2, as wide as the margins to the targets (docs/quality.md)
+    run([py, "-m", "pretrain.evaluation.evaluate", "--model", str(export_dir), "--out", str(out / "eval"),
          "--per-combo", str(EVAL_PER_COMBO), "--captions", str(EVAL_CAPTIONS)], stage="evaluate")
     print(summary(out, run_dir, export_dir), flush=True)
     return 0

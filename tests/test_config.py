@@ -11,7 +11,7 @@ import yaml
 
 from pretrain.config import Config, ModelConfig, load_config, save_config
 from pretrain.configlib import ConfigError
-from pretrain.estimate import count_parameters
+from pretrain.plan.estimate import count_parameters
 
 ROOT = Path(__file__).resolve().parents[1]
 PAPER = ["0.16b", "0.37b", "0.76b", "1.4b", "7b"]
@@ -81,7 +81,7 @@ def test_7b_matches_llama2_and_unet_adds_027b() -> None:
 
 def test_estimate_cli_prints_exact_count() -> None:
     out = subprocess.run(
-        [sys.executable, "-m", "pretrain.estimate", "--config", str(ROOT / "configs/tiny.yaml")],
+        [sys.executable, "-m", "pretrain.plan.estimate", "--config", str(ROOT / "configs/tiny.yaml")],
         capture_output=True, text=True, check=True, cwd=ROOT,
     ).stdout
     line = next(l for l in out.splitlines() if l.startswith("parameters: "))
@@ -96,7 +96,7 @@ def test_estimate_cli_prints_exact_count() -> None:
 
 def test_estimate_cli_rejects_bad_key() -> None:
     res = subprocess.run(
-        [sys.executable, "-m", "pretrain.estimate", "--config", str(ROOT / "configs/tiny.yaml"), "model.widht=3"],
+        [sys.executable, "-m", "pretrain.plan.estimate", "--config", str(ROOT / "configs/tiny.yaml"), "model.widht=3"],
         capture_output=True, text=True, cwd=ROOT,
     )
     assert res.returncode == 2 and "model.widht" in res.stderr
@@ -148,7 +148,7 @@ def test_image_must_fit_the_sequence_length() -> None:
 
 
 def test_vocab_size_comes_from_the_tokenizer_in_every_entry_point(demo_data) -> None:
-    """One source: the tokenizer's metadata when data.tokenizer is set (also for pretrain.estimate)."""
+    """One source: the tokenizer's metadata when data.tokenizer is set (also for pretrain.plan.estimate)."""
     cfg = load_config([ROOT / "configs/tiny.yaml", demo_data.config_path])
     assert cfg.model.vocab_size == demo_data.vocab_size != ModelConfig().vocab_size
     assert load_config([ROOT / "configs/tiny.yaml", demo_data.config_path], [f"model.vocab_size={demo_data.vocab_size}"])
@@ -157,7 +157,7 @@ def test_vocab_size_comes_from_the_tokenizer_in_every_entry_point(demo_data) -> 
     with pytest.raises(ConfigError, match=r"data.tokenizer=/nope.model.*tokenizer metadata missing"):
         load_config(None, ["data.tokenizer=/nope.model"])
     out = subprocess.run(
-        [sys.executable, "-m", "pretrain.estimate", "--config", f"{ROOT / 'configs/tiny.yaml'},{demo_data.config_path}"],
+        [sys.executable, "-m", "pretrain.plan.estimate", "--config", f"{ROOT / 'configs/tiny.yaml'},{demo_data.config_path}"],
         capture_output=True, text=True, check=True, cwd=ROOT,
     ).stdout
     assert int(next(l for l in out.splitlines() if l.startswith("parameters: ")).split()[1]) == \

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from pretrain.train import main
+from pretrain.train.loop import main
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -47,7 +47,7 @@ def test_tokenizer_check_follows_the_content_not_the_path(tmp_path) -> None:
     import hashlib
     import json
 
-    from pretrain.dry_run import _check_tokenizer
+    from pretrain.plan.dry_run import _check_tokenizer
 
     spm = tmp_path / "a" / "spm.model"
     spm.parent.mkdir()

@@ -1,4 +1,4 @@
-"""pretrain.estimate against independent references: DeepSpeed's own ZeRO-3 estimator and FLOPs
+"""pretrain.plan.estimate against independent references: DeepSpeed's own ZeRO-3 estimator and FLOPs
 counted by hand for the 0.16B and 7B configs, and a U-Net whose convolutions are counted by hand."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from pretrain.config import ModelConfig, load_config
-from pretrain.estimate import (
+from pretrain.plan.estimate import (
     DocMix,
     count_parameters,
     default_mix,
@@ -23,7 +23,7 @@ from pretrain.estimate import (
     model_state_bytes,
     patching_cost,
 )
-from pretrain.hardware import GPUS, detect_gpu
+from pretrain.plan.hardware import GPUS, detect_gpu
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -146,7 +146,7 @@ def test_gpu_table_lookup() -> None:
 
 def test_estimate_cli_prints_plan() -> None:
     out = subprocess.run(
-        [sys.executable, "-m", "pretrain.estimate", "--config", str(ROOT / "configs/transfusion_7b.yaml"),
+        [sys.executable, "-m", "pretrain.plan.estimate", "--config", str(ROOT / "configs/transfusion_7b.yaml"),
          "--nodes", "16", "--gpus-per-node", "8", "--gpu", "h100-80gb"],
         capture_output=True, text=True, check=True, cwd=ROOT,
     ).stdout

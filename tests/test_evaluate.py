@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from data_pipeline import synthetic
-from pretrain.evaluate import CHANCE, combos, score, score_captions
-from pretrain.judge import connected_components, judge, parse_caption
+from pretrain.evaluation.evaluate import CHANCE, combos, score, score_captions
+from pretrain.evaluation.judge import connected_components, judge, parse_caption
 
 
 def _generator_images(draws: int, seed: int) -> tuple[list[np.ndarray], list[tuple[str, str, str]]]:
@@ -145,9 +145,9 @@ def test_evaluate_report_grid_and_tensorboard_scalars(demo_data, tmp_path) -> No
     from contract.special_ids import load_special_ids
     from data_pipeline.tokenizer import Tokenizer
     from data_pipeline.vae import load_vae
-    from pretrain import evaluate
+    from pretrain.evaluation import evaluate
     from pretrain.config import load_config
-    from pretrain.metrics import MetricsWriter
+    from pretrain.train.metrics import MetricsWriter
     from pretrain.model import Transfusion
 
     cfg = load_config(["configs/tiny.yaml", str(demo_data.config_path)])
@@ -177,25 +177,21 @@ def test_evaluate_report_grid_and_tensorboard_scalars(demo_data, tmp_path) -> No
 
 
 def test_trainer_hook_writes_report_and_scalars(demo_data, tmp_path) -> None:
-    """pretrain.train.maybe_evaluate on a (single-process) model: report and grid under RUN_DIR/eval/step_N,
+    """pretrain.evaluation.hooks.periodic_evaluation, the trainer's hook, on a (single-process) model: report and grid under RUN_DIR/eval/step_N,
     eval/* scalars in TensorBoard (the 2-rank ZeRO-3 path is tests/test_train_e2e.py)."""
-    from types import SimpleNamespace
-
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from contract.dist_env import DistEnv
     from pretrain.config import load_config
-    from pretrain.metrics import MetricsWriter
+    from pretrain.evaluation.hooks import periodic_evaluation
     from pretrain.model import Transfusion
-    from pretrain.train import maybe_evaluate
+    from pretrain.train.hooks import HookContext
+    from pretrain.train.metrics import MetricsWriter
 
     cfg = load_config(["configs/tiny.yaml", str(demo_data.config_path)], [f"train.run_dir={tmp_path}",
                                                                           "logging.sample_steps=2"])
     torch.manual_seed(0)
     writer = MetricsWriter(tmp_path, True, True, 1.0, None, 1, cfg.model.patches_per_image)
-    env = DistEnv(0, 0, 1, 1, "127.0.0.1", 0, "single")
-    run = SimpleNamespace(cfg=cfg, engine=SimpleNamespace(module=Transfusion(cfg.model)), writer=writer, env=env, step=20)
-    maybe_evaluate(run)
+    periodic_evaluation(HookContext(Transfusion(cfg.model), cfg, writer, 20, is_main=True))
     writer.close()
     report = json.loads((tmp_path / "eval" / "step_0000020" / "report.json").read_text())
     assert (tmp_path / "eval" / "step_0000020" / "grid.png").stat().st_size > 0

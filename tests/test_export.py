@@ -41,7 +41,7 @@ def trained_run(demo_data, tmp_path_factory) -> Path:
 
 
 def _export(run_dir: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pretrain.export", "--run-dir", str(run_dir), "--out", str(out), *extra],
+    return subprocess.run([sys.executable, "-m", "pretrain.artifacts.export", "--run-dir", str(run_dir), "--out", str(out), *extra],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
 
 
@@ -84,7 +84,7 @@ def test_generate_cli_writes_pngs_and_captions(trained_run: Path, demo_data, tmp
     assert _export(trained_run, tmp_path / "exp").returncode == 0
     image = next((demo_data.root / "raw").glob("**/*.png"))
     res = subprocess.run(
-        [sys.executable, "-m", "pretrain.generate", "--model", str(tmp_path / "exp"), "--out", str(tmp_path / "png"),
+        [sys.executable, "-m", "pretrain.inference.generate", "--model", str(tmp_path / "exp"), "--out", str(tmp_path / "png"),
          "--steps", "4", "--prompt", "a red circle at the top left", "--prompt", "a blue square",
          "--caption", str(image), "--text", "The", "--max-new-tokens", "5"],
         cwd=ROOT, capture_output=True, text=True, timeout=300,
@@ -96,7 +96,7 @@ def test_generate_cli_writes_pngs_and_captions(trained_run: Path, demo_data, tmp
         assert im.format == "PNG" and im.size == (64, 64)
     assert f"{image} -> " in res.stdout and "'The' -> " in res.stdout
     only_prompt = subprocess.run(  # images alone: no caption or text requests
-        [sys.executable, "-m", "pretrain.generate", "--model", str(tmp_path / "exp"), "--out", str(tmp_path / "png2"),
+        [sys.executable, "-m", "pretrain.inference.generate", "--model", str(tmp_path / "exp"), "--out", str(tmp_path / "png2"),
          "--steps", "2", "--prompt", "a red circle at the top left"],
         cwd=ROOT, capture_output=True, text=True, timeout=300,
     )
@@ -114,8 +114,8 @@ def test_rank_file_checks_name_the_missing_or_truncated_file(tmp_path: Path) -> 
     import io
     import zipfile
 
-    from pretrain import checkpoint
-    from pretrain.export import ExportError, check_rank_files
+    from pretrain.train import checkpoint
+    from pretrain.artifacts.export import ExportError, check_rank_files
 
     ckpt = tmp_path / "step_00000004"
     ckpt.mkdir()
@@ -137,7 +137,7 @@ def test_rank_file_checks_name_the_missing_or_truncated_file(tmp_path: Path) -> 
 
 def test_shard_names_follow_the_zero_stage_and_stage0_raw_export_is_refused(tmp_path: Path) -> None:
     """What DeepSpeed writes per ZeRO stage; a stage-0 checkpoint has no unpickled home for its weights."""
-    from pretrain.export import ExportError, lazy_tensors, shard_names
+    from pretrain.artifacts.export import ExportError, lazy_tensors, shard_names
 
     assert shard_names(tmp_path, 3, 2) == [f"zero_pp_rank_{r}_mp_rank_00_{k}_states.pt" for r in (0, 1)
                                            for k in ("model", "optim")]
@@ -152,7 +152,7 @@ def test_shard_names_follow_the_zero_stage_and_stage0_raw_export_is_refused(tmp_
 
 
 def test_atomic_write_replaces_exports_whole_and_refuses_other_dirs(tmp_path: Path) -> None:
-    from pretrain.export import ExportError, write_atomically
+    from pretrain.artifacts.export import ExportError, write_atomically
 
     out = tmp_path / "out"
 
@@ -191,7 +191,7 @@ def test_atomic_write_replaces_exports_whole_and_refuses_other_dirs(tmp_path: Pa
 def test_from_pretrained_reads_a_sharded_export_exactly(tmp_path: Path) -> None:
     """Transfusion.from_pretrained on shards + index + config.yaml gives the saved tensors and the same losses."""
     from pretrain.config import load_config, save_config
-    from pretrain.export import write_shards
+    from pretrain.artifacts.export import write_shards
     from pretrain.model import Transfusion
     from batches import random_batch
 
@@ -214,7 +214,7 @@ def test_from_pretrained_reads_a_sharded_export_exactly(tmp_path: Path) -> None:
 def test_streamed_shards_read_back_with_safetensors_in_every_dtype(tmp_path: Path) -> None:
     """write_shards' own safetensors writer (header from the shapes, then one tensor at a time): safetensors'
     reader gives back each tensor cast to the export dtype bit for bit, 0-d and empty tensors included."""
-    from pretrain.export import write_shards
+    from pretrain.artifacts.export import write_shards
 
     g = torch.Generator().manual_seed(0)
     tensors = {"a.weight": torch.randn(7, 5, generator=g), "b.scalar": torch.tensor(3.25), "c.empty": torch.zeros(0, 4),
@@ -237,7 +237,7 @@ def test_dropping_mapped_checkpoint_pages_frees_rss_and_keeps_the_data(tmp_path:
     """Pages of a memory-mapped CKPT/*_optim_states.pt that were read leave the process's RSS (RssFile in
     /proc/self/status) after _drop_mapped_pages(CKPT), not after another directory's, and the tensor still
     reads the same values."""
-    from pretrain.export import _drop_mapped_pages
+    from pretrain.artifacts.export import _drop_mapped_pages
 
     def rss_file_mib() -> float:
         line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith("RssFile:"))

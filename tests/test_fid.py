@@ -10,7 +10,7 @@ from PIL import Image
 import torch_fidelity  # the optional extra [fid]; pinned in ci/requirements.txt
 from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 
-from pretrain.fid import fid
+from pretrain.evaluation.fid import fid
 
 
 class ChannelStats(FeatureExtractorBase):

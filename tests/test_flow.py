@@ -14,7 +14,7 @@ import torch
 from contract.special_ids import SpecialIds
 from pretrain.config import load_config
 from pretrain.configlib import ConfigError
-from pretrain.generate import _batch, generate_images
+from pretrain.inference.generate import packed_batch, generate_images
 from pretrain.model import ModelConfig, Transfusion
 from pretrain.model.diffusion import euler_sample, flow_time, sample_latents, shift_time
 from batches import random_batch
@@ -154,7 +154,7 @@ def test_cached_flow_generation_equals_uncached_euler() -> None:
     with torch.no_grad():
         for i in range(steps):
             xs, ss = x.repeat(2, 1, 1, 1), torch.full((4,), float(grid[i]))
-            _, v = model.hidden_and_eps(_batch(model, rows, xs, ss, SP.pad_id), xs, ss)
+            _, v = model.hidden_and_eps(packed_batch(model, rows, xs, ss, SP.pad_id), xs, ss)
             cond, uncond = v.chunk(2)
             x = x + float(grid[i + 1] - grid[i]) * (uncond + scale * (cond - uncond))
     torch.testing.assert_close(got, x, atol=1e-5, rtol=1e-4)

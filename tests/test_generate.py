@@ -7,7 +7,7 @@ import torch
 import pytest
 
 from contract.special_ids import SpecialIds
-from pretrain.generate import (ImageSampling, TextSampling, _batch, cfg_combine, generate, generate_images,
+from pretrain.inference.generate import (ImageSampling, TextSampling, packed_batch, cfg_combine, generate, generate_images,
                                generate_text, sample_tokens)
 from pretrain.model import Transfusion
 from pretrain.model.diffusion import add_noise, cosine_alpha_bar, ddim_sample, diffusion_sample, make_scheduler
@@ -44,7 +44,7 @@ def test_greedy_text_matches_teacher_forcing() -> None:
     new = generate_text(model, prompts, SP, max_new_tokens=5)
     for prompt, gen in zip(prompts, new):
         seq = [SP.bos_id, *prompt, *gen]
-        batch = _batch(model, [seq], torch.zeros(0, 8, 8, 8), torch.zeros(0, dtype=torch.long), SP.pad_id)
+        batch = packed_batch(model, [seq], torch.zeros(0, 8, 8, 8), torch.zeros(0, dtype=torch.long), SP.pad_id)
         with torch.no_grad():
             h, _ = model.hidden_and_eps(batch, torch.zeros(1, 8, 8, 8), torch.zeros(1, dtype=torch.long))
         pred = model.lm_logits(h).argmax(-1)  # (L,)
@@ -72,8 +72,9 @@ def test_tensorboard_samples_writes_png_grid_image_and_captions(demo_data, tmp_p
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     from pretrain.config import load_config
-    from pretrain.generate import tensorboard_samples
-    from pretrain.metrics import MetricsWriter
+    from pretrain.inference.hooks import tensorboard_samples
+    from pretrain.train.hooks import HookContext
+    from pretrain.train.metrics import MetricsWriter
 
     cfg = load_config(["configs/tiny.yaml", str(demo_data.config_path)],
                       [f"train.run_dir={tmp_path}", "logging.sample_steps=3", f"data.vae={demo_data.vae}"])
@@ -82,7 +83,7 @@ def test_tensorboard_samples_writes_png_grid_image_and_captions(demo_data, tmp_p
 
     model = Transfusion(cfg.model)
     writer = MetricsWriter(tmp_path, True, True, 1.0, None, 1, cfg.model.patches_per_image)
-    tensorboard_samples(model, cfg, writer, step=7)
+    tensorboard_samples(HookContext(model, cfg, writer, 7, is_main=True))
     writer.close()
     assert (tmp_path / "samples" / "step_0000007.png").stat().st_size > 0
     acc = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"images": 0, "tensors": 0}).Reload()
@@ -198,7 +199,7 @@ def _after_image(model, latent: torch.Tensor) -> list[int]:
     P = model.cfg.patches_per_image
     row, new = [SP.bos_id, 5, 6, 7, SP.boi_id, *[None] * P, SP.eoi_id], []
     for _ in range(3):
-        batch = _batch(model, [row + new], latent[None], torch.zeros(1, dtype=torch.long), SP.pad_id)
+        batch = packed_batch(model, [row + new], latent[None], torch.zeros(1, dtype=torch.long), SP.pad_id)
         with torch.no_grad():
             h, _ = model.hidden_and_eps(batch, latent[None], torch.zeros(1, dtype=torch.long))
         logits = model.lm_logits(h[len(row) + len(new) - 1])
@@ -212,7 +213,7 @@ def _after_image(model, latent: torch.Tensor) -> list[int]:
 
 @pytest.fixture
 def random_export(demo_data, tmp_path):
-    """An export directory (pretrain.export's layout) of a randomly initialised tiny model."""
+    """An export directory (pretrain.artifacts.export's layout) of a randomly initialised tiny model."""
     import shutil
 
     from safetensors.torch import save_file
@@ -234,7 +235,7 @@ def random_export(demo_data, tmp_path):
 def test_cli_mixed_modal_writes_pngs(random_export, tmp_path, capsys) -> None:
     from PIL import Image
 
-    from pretrain.generate import main
+    from pretrain.inference.generate import main
 
     main(["--model", str(random_export), "--out", str(tmp_path / "png"), "--mixed", "a red circle", "--mixed", "a",
           "--force-image", "--steps", "2", "--max-new-tokens", "3", "--temperature", "0.8", "--top-p", "0.9"])
@@ -250,13 +251,13 @@ def test_cli_mixed_modal_writes_pngs(random_export, tmp_path, capsys) -> None:
 def test_cli_bad_input_gets_a_message(random_export, tmp_path) -> None:
     from PIL import Image
 
-    from pretrain.generate import main
+    from pretrain.inference.generate import main
 
     tiny, junk = tmp_path / "tiny.png", tmp_path / "junk.png"
     Image.new("RGB", (4, 4)).save(tiny)
     junk.write_bytes(b"not an image")
     cases = [
-        (["--model", str(tmp_path / "nope"), "--text", "a"], ["nope", "config.yaml missing", "pretrain.export"]),
+        (["--model", str(tmp_path / "nope"), "--text", "a"], ["nope", "config.yaml missing", "pretrain.artifacts.export"]),
         (["--model", str(random_export), "--caption", str(tiny)], [str(tiny), "too_small", "at least 8x8"]),
         (["--model", str(random_export), "--caption", str(junk)], [str(junk), "not a usable image"]),
         (["--model", str(random_export), "--caption", str(tmp_path / "gone.png")], ["gone.png", "cannot read"]),

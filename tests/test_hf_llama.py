@@ -18,9 +18,10 @@ import torch
 import transformers  # the optional extra [hf]; CI pins it (ci/requirements.txt)
 
 from pretrain.config import Config, ModelConfig
-from pretrain.engine import initial_tensors
-from pretrain.export import write_shards
-from pretrain.hf_llama import HFConversionError, copy_into, hf_config_dict, hf_tensors, permute, unpermute
+from pretrain.artifacts.init_from import initial_tensors
+from pretrain.train.engine import copy_into
+from pretrain.artifacts.export import write_shards
+from pretrain.artifacts.hf_llama import HFConversionError, hf_config_dict, hf_tensors, permute, unpermute
 from pretrain.model import IGNORE_INDEX, Transfusion, TransfusionBatch
 
 HF_VOCAB, OUR_VOCAB = 96, 100  # ours = HF's + 4 special tokens

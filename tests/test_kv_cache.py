@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from contract.special_ids import SpecialIds
-from pretrain.generate import TextSampling, _batch, generate, generate_images, generate_text
+from pretrain.inference.generate import TextSampling, packed_batch, generate, generate_images, generate_text
 from pretrain.model import KVCache, Transfusion
 from pretrain.model.diffusion import diffusion_sample
 from test_model import build, tiny_cfg
@@ -30,7 +30,7 @@ def _model(attention: str = "sdpa") -> Transfusion:
 
 def _uncached(model: Transfusion, rows: list[list[int | None]], x_t: torch.Tensor, t: torch.Tensor):
     """Hidden states (B, L, D) and epsilon from one full forward over right-padded rows."""
-    batch = _batch(model, rows, x_t, t, SP.pad_id)
+    batch = packed_batch(model, rows, x_t, t, SP.pad_id)
     with torch.no_grad():
         h, eps = model.hidden_and_eps(batch, x_t, t)
     return h.view(len(rows), -1, model.cfg.dim), eps
@@ -78,7 +78,7 @@ def _greedy_uncached(model: Transfusion, row: list[int | None], image: torch.Ten
     t = torch.zeros(lat.shape[0], dtype=torch.long)
     out: list[int] = []
     for _ in range(n):
-        batch = _batch(model, [row + out], lat, t, SP.pad_id)
+        batch = packed_batch(model, [row + out], lat, t, SP.pad_id)
         x_t, tt = (lat, t) if lat.shape[0] else (torch.zeros(1, 8, 8, 8), torch.zeros(1, dtype=torch.long))
         with torch.no_grad():
             h, _ = model.hidden_and_eps(batch, x_t, tt)

@@ -140,7 +140,7 @@ def test_cached_step_of_tied_experts_equals_dense() -> None:
 
 def test_cached_step_of_untied_experts_equals_full_forward() -> None:
     """With distinct experts, the cached chunks route rows as the training forward does."""
-    from pretrain.generate import _batch
+    from pretrain.inference.generate import packed_batch
 
     model = build(tiny_cfg(modality_experts=True), seed=1).eval()
     with torch.no_grad():
@@ -149,7 +149,7 @@ def test_cached_step_of_untied_experts_equals_full_forward() -> None:
     x_t, t = torch.randn(1, 8, 8, 8, generator=torch.Generator().manual_seed(2)), torch.tensor([400])
     prefix, suffix = [1, 5, 6, 3], [4, 9, 10]
     with torch.no_grad():
-        h_ref, eps_ref = model.hidden_and_eps(_batch(model, [prefix + [None] * P + suffix], x_t, t, 0), x_t, t)
+        h_ref, eps_ref = model.hidden_and_eps(packed_batch(model, [prefix + [None] * P + suffix], x_t, t, 0), x_t, t)
         cache = KVCache(model.cfg, 1)
         tokens = torch.tensor([prefix])
         model.step(cache, tokens, torch.full_like(tokens, -1), torch.ones_like(tokens, dtype=torch.bool))
@@ -178,7 +178,7 @@ def test_config_key_from_yaml_and_parameter_count(tmp_path) -> None:
     the image experts are one more block per layer plus a final norm, and FLOPs per position do not grow."""
     from pretrain.config import load_config
     from pretrain.configlib import ConfigError
-    from pretrain.estimate import count_parameters, default_mix, flops_breakdown
+    from pretrain.plan.estimate import count_parameters, default_mix, flops_breakdown
 
     (tmp_path / "mot.yaml").write_text("model:\n  dim: 64\n  n_layers: 3\n  n_heads: 4\n  vocab_size: 97\n"
                                        "  latent_size: 8\n  modality_experts: true\n")
@@ -200,7 +200,7 @@ def test_config_key_from_yaml_and_parameter_count(tmp_path) -> None:
 
 
 def test_hf_llama_export_of_experts_is_an_error() -> None:
-    from pretrain.hf_llama import HFConversionError, hf_tensors
+    from pretrain.artifacts.hf_llama import HFConversionError, hf_tensors
 
     model = build(tiny_cfg(modality_experts=True))
     with pytest.raises(HFConversionError, match=r"layers\.0\.image\.attention_norm\.weight.*modality_experts"):
@@ -225,8 +225,8 @@ def test_export_directory_round_trip(tmp_path) -> None:
 
 
 def test_activation_checkpointing_recomputes_experts_exactly() -> None:
-    """The trainer's per-block checkpointing (pretrain.engine) wraps the expert blocks: same loss and gradients."""
-    from pretrain.engine import apply_activation_checkpointing
+    """The trainer's per-block checkpointing (pretrain.train.engine) wraps the expert blocks: same loss and gradients."""
+    from pretrain.train.engine import apply_activation_checkpointing
 
     cfg = tiny_cfg(modality_experts=True)
     batch = random_batch(cfg, 2, L, seed=8)

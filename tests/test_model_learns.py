@@ -1,6 +1,6 @@
 """The model learns the synthetic task: the demo's data recipe (a trained VAE) and training recipe
 (configs/demo.yaml) for a few hundred steps of the real 2-rank DeepSpeed trainer (ZeRO-2, the demo's stage), exported, then judged
-by `python -m pretrain.evaluate` on fresh draws (pixels and caption words, not the model's own claims).
+by `python -m pretrain.evaluation.evaluate` on fresh draws (pixels and caption words, not the model's own claims).
 
 Floors and why luck cannot pass them: each is far above chance for its sample size. With n judged
 items and chance p, the binomial tail P(X >= floor * n) is given next to each floor; the untrained
@@ -50,7 +50,7 @@ def test_demo_vae_keeps_what_the_judge_checks_also_under_latent_noise(trained_va
     86.4%, the decoder fault that cost the model a tenth of its shapes: this floor fails on it.
     """
     from data_pipeline.vae import load_vae
-    from pretrain.evaluate import vae_ceiling
+    from pretrain.evaluation.evaluate import vae_ceiling
 
     vae = load_vae(trained_vae_data.vae)
     s = vae_ceiling(vae, 162, 64, seed=0)["seen"]
@@ -68,8 +68,8 @@ def test_demo_recipe_learns_to_caption_and_to_place(trained_vae_data: DemoData, 
              "-m", "pretrain.train", "--config", config, f"train.run_dir={run_dir}", f"train.steps={STEPS}",
              f"checkpoint.every={STEPS}", "logging.val_every=0", "logging.sample_every=0", "logging.every=100",
              f"data.cache_dir={tmp_path / 'cache'}"]
-    for cmd in (train, [py, "-m", "pretrain.export", "--run-dir", str(run_dir), "--out", str(export)],
-                [py, "-m", "pretrain.evaluate", "--model", str(export), "--out", str(ev), "--captions", "81"]):
+    for cmd in (train, [py, "-m", "pretrain.artifacts.export", "--run-dir", str(run_dir), "--out", str(export)],
+                [py, "-m", "pretrain.evaluation.evaluate", "--model", str(export), "--out", str(ev), "--captions", "81"]):
         done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=1500,
                               env={"OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "PATH": str(Path(py).parent) + ":/usr/bin:/bin"})
         assert done.returncode == 0, f"{cmd[2:5]} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"

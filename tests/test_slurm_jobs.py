@@ -245,7 +245,7 @@ def test_export_job_writes_safetensors(slurm: Slurm, reference_run: Job, tmp_pat
     from safetensors import safe_open
 
     from pretrain.config import load_config
-    from pretrain.estimate import count_parameters
+    from pretrain.plan.estimate import count_parameters
 
     log, out = tmp_path / "job.out", tmp_path / "export"
     jid = slurm.sbatch("cluster/export.slurm", ["--run-dir", str(reference_run.run_dir), "--out", str(out)],

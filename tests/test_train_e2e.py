@@ -113,7 +113,7 @@ def test_two_ranks_train_loss_falls_and_tensorboard_has_everything(straight):
     img = ea.Images("samples/images")[-1]
     assert img.step == 10 and img.width > 0 and img.encoded_image_string[:4] == b"\x89PNG"
     assert (straight / "samples" / "step_0000010.png").is_file()
-    # the synthetic-task evaluation (pretrain.evaluate) ran on both ranks at step 10; rank 0 logged it
+    # the synthetic-task evaluation (pretrain.evaluation.evaluate) ran on both ranks at step 10; rank 0 logged it
     evals = {"eval/text_to_image/seen/color", "eval/text_to_image/held_out/all_three", "eval/captions/seen/place",
              "eval/vae/seen/all_three", "eval/text/perplexity"}
     assert evals <= set(tags["scalars"]), evals - set(tags["scalars"])
@@ -154,7 +154,7 @@ def test_exact_resume_after_kill_9_and_requeue_signal(straight, demo_data, tmp_p
         assert abs(got[s]["grad_norm"] - ref[s]["grad_norm"]) <= 1e-6 * ref[s]["grad_norm"]
     # the EMA (train.ema_decay) was saved at steps 5 and 8 and restored by each resume: a restarted EMA
     # would differ by far more (its decay warm-up starts again at 0.1)
-    from pretrain.ema import load_full
+    from pretrain.train.ema import load_full
 
     ema_ref, ema_got = load_full(straight / "checkpoints/step_00000010"), load_full(tmp_path / "checkpoints/step_00000010")
     for n, e in ema_ref.items():
@@ -187,7 +187,7 @@ def test_resume_on_one_rank_then_two_then_one(straight, demo_data, tmp_path):
         assert got[s]["sequences"] == ref[s]["sequences"], f"step {s} consumed different sequences"
         assert abs(got[s]["loss"] - ref[s]["loss"]) <= 2e-6, f"step {s}: {got[s]['loss']!r} != {ref[s]['loss']!r}"
         assert abs(got[s]["grad_norm"] - ref[s]["grad_norm"]) <= 1e-5 * ref[s]["grad_norm"], s
-    from pretrain.ema import load_full
+    from pretrain.train.ema import load_full
 
     ema_ref, ema_got = load_full(straight / "checkpoints/step_00000010"), load_full(tmp_path / "checkpoints/step_00000010")
     for n, e in ema_ref.items():
@@ -195,12 +195,12 @@ def test_resume_on_one_rank_then_two_then_one(straight, demo_data, tmp_path):
 
 
 def test_export_writes_the_ema_weights(straight, tmp_path):
-    """`pretrain.export` of a run with train.ema_decay writes the EMA (joined from both ranks' partitions),
+    """`pretrain.artifacts.export` of a run with train.ema_decay writes the EMA (joined from both ranks' partitions),
     `--weights raw` the trained weights (DeepSpeed's zero_to_fp32); they differ."""
     from safetensors.torch import load_file
 
-    from pretrain.ema import load_full
-    from pretrain.export import export
+    from pretrain.train.ema import load_full
+    from pretrain.artifacts.export import export
 
     ema = load_full(straight / "checkpoints/step_00000010")
     out_ema = export(straight, tmp_path / "ema", None, "fp32", 1.0, None)
@@ -239,8 +239,8 @@ def test_zero2_follows_zero3_resumes_exactly_and_exports(straight, demo_data, tm
     assert_follows_straight(straight, tmp_path)
     from safetensors.torch import load_file
 
-    from pretrain.ema import load_full
-    from pretrain.export import export
+    from pretrain.train.ema import load_full
+    from pretrain.artifacts.export import export
 
     ckpt = tmp_path / "checkpoints/step_00000010"
     assert not list(ckpt.glob("zero_pp_rank_*_model_states.pt"))  # really stage 2: no parameter partitions
@@ -264,8 +264,8 @@ def test_zero0_logs_the_gradient_norm_and_exports_its_ema(straight, demo_data, t
     assert p.returncode == 0, log_tail(tmp_path, "torchrun")
     assert all(math.isfinite(r["grad_norm"]) for r in train_rows(tmp_path).values())  # NaN before the trainer measured it
     assert_follows_straight(straight, tmp_path)
-    from pretrain.ema import load_full
-    from pretrain.export import ExportError, export
+    from pretrain.train.ema import load_full
+    from pretrain.artifacts.export import ExportError, export
 
     out = export(tmp_path, tmp_path / "ema", None, "fp32", 1.0, None)
     assert json.loads((out / "export.json").read_text())["weights"] == "ema"
@@ -332,13 +332,15 @@ def init_worker(config: str, batch_path: str, out_path: str, *overrides: str) ->
     import deepspeed
 
     from contract.batch import TransfusionBatch
-    from pretrain import distributed
+    from pretrain.train import distributed
     from pretrain.config import load_config
-    from pretrain.engine import build_engine, plan_batch
+    from pretrain.plan.batch import plan_batch
+    from pretrain.train.engine import build_engine
+    from pretrain.artifacts.init_from import initial_tensors
 
     env = distributed.init_distributed("gloo", timeout_minutes=3)
     cfg = load_config(config, [*RUN_OVERRIDES, *overrides])
-    engine, _ = build_engine(cfg, plan_batch(cfg, env.world_size))
+    engine, _ = build_engine(cfg, plan_batch(cfg, env.world_size), init_weights=initial_tensors)
     model = engine.module.eval()
     params = list(model.parameters())
     with deepspeed.zero.GatheredParameters(params):
@@ -373,9 +375,9 @@ def test_init_from_export_under_zero3_matches_from_pretrained(straight, demo_dat
     from dataclasses import asdict
 
     from pretrain.config import load_config
-    from pretrain.export import export, export_tensors
+    from pretrain.artifacts.export import export, export_tensors
     from pretrain.model import Transfusion
-    from pretrain.schedule import lr_at
+    from pretrain.train.schedule import lr_at
 
     exp = export(straight, tmp_path / "export", None, "fp32", 1.0, None)  # the EMA weights of step 10
     cfg = load_config(config_arg(demo_data), RUN_OVERRIDES)

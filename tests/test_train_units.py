@@ -7,11 +7,11 @@ import math
 import pytest
 import torch
 
-from pretrain import checkpoint
+from pretrain.train import checkpoint
 from pretrain.config import load_config
 from contract.dist_env import detect_env, expand_nodelist, tasks_per_node
-from pretrain.engine import BatchSizeError, derive_ds_config, plan_batch
-from pretrain.schedule import lr_at
+from pretrain.plan.batch import BatchSizeError, derive_ds_config, plan_batch
+from pretrain.train.schedule import lr_at
 
 
 @pytest.mark.parametrize(
@@ -136,8 +136,8 @@ def test_bad_steps_are_counted_and_too_many_in_a_row_stop_with_advice():
     from dataclasses import replace
     from types import SimpleNamespace
 
-    from pretrain.metrics import StepStats
-    from pretrain.train import TrainingDiverged, check_bad_step
+    from pretrain.train.metrics import StepStats
+    from pretrain.train.loop import TrainingDiverged, check_bad_step
 
     run = SimpleNamespace(cfg=load_config("configs/tiny.yaml", ["train.max_bad_steps=2"]), bad_in_row=0, bad_total=0)
     ok = StepStats(step=1, loss=3.0, lm_loss=2.0, diffusion_loss=0.2, lr=1e-3, grad_norm=1.0, text_tokens=10,
@@ -164,8 +164,8 @@ def _checkpoint_with_config(run_dir, step, cfg):
 
 def test_resume_refuses_changed_model_or_data_keys_and_logs_schedule_changes(tmp_path, caplog):
     """The checkpoint's own config.yaml decides; the error lists every fixed key with both values."""
-    from pretrain.distributed import DistEnv
-    from pretrain.train import ResumeError, check_resume
+    from pretrain.train.distributed import DistEnv
+    from pretrain.train.loop import ResumeError, check_resume
 
     saved = load_config("configs/tiny.yaml", [f"train.run_dir={tmp_path}"])
     ckpt = _checkpoint_with_config(tmp_path, 4, saved)
@@ -191,8 +191,8 @@ def test_resume_refuses_changed_model_or_data_keys_and_logs_schedule_changes(tmp
 def test_resume_on_another_world_size_keeps_the_global_batch_or_says_what_to_set(tmp_path, caplog):
     """A checkpoint saved by 2 ranks resumes on 4 (accumulation 4 -> 2: the global batch of 8 stays); on 3 ranks
     the fixed global batch of 8 cannot split, and the error names the micro-batch sizes that would."""
-    from pretrain.distributed import DistEnv
-    from pretrain.train import ResumeError, check_resume, plan_for
+    from pretrain.train.distributed import DistEnv
+    from pretrain.train.loop import ResumeError, check_resume, plan_for
 
     cfg = load_config("configs/tiny.yaml", [f"train.run_dir={tmp_path}", "train.micro_batch_size=1"])
     ckpt = _checkpoint_with_config(tmp_path, 4, cfg)
@@ -242,7 +242,7 @@ def test_config_changes_splits_fixed_and_free_keys():
 def test_ema_saved_by_two_ranks_resumes_on_one_and_three(tmp_path):
     """An EMA saved as 2 ZeRO-3 ranks' partitions (ceil(numel/2) per rank, the last zero-padded) loads on
     1 rank as the whole parameter and on 3 ranks as DeepSpeed's 3-way partitions of it."""
-    from pretrain.ema import ShardedEMA
+    from pretrain.train.ema import ShardedEMA
 
     torch.manual_seed(0)
     full = {"a": torch.randn(5, 3), "b": torch.randn(7)}  # 15 and 7 elements: both padded on 2 and on 3 ranks
@@ -278,9 +278,9 @@ def test_ema_saved_by_two_ranks_resumes_on_one_and_three(tmp_path):
 
 
 def test_ema_update_save_and_resume_against_the_formula(tmp_path):
-    """pretrain.ema on a plain module: the EMA follows d_t = min(decay, (1+t)/(10+t)) written out here;
+    """pretrain.train.ema on a plain module: the EMA follows d_t = min(decay, (1+t)/(10+t)) written out here;
     a saved EMA restores exactly (shadows and update count) and joins back to the full shapes."""
-    from pretrain.ema import ShardedEMA, load_full
+    from pretrain.train.ema import ShardedEMA, load_full
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))

@@ -50,14 +50,15 @@ def worker(config: str, batches_path: str, out_path: str, *extra: str) -> None:
     """Runs on every rank under torchrun; rank 0 writes the results."""
     import deepspeed
 
-    from pretrain import distributed
+    from pretrain.train import distributed
     from pretrain.config import load_config
-    from pretrain.engine import build_engine, plan_batch
-    from pretrain.metrics import StepTimer
+    from pretrain.plan.batch import plan_batch
+    from pretrain.train.engine import build_engine
+    from pretrain.train.metrics import StepTimer
     from contract.batch import TransfusionBatch
-    from pretrain.schedule import lr_at, set_lr
-    from pretrain.ema import ShardedEMA
-    from pretrain.train import forward_backward, global_denominators
+    from pretrain.train.schedule import lr_at, set_lr
+    from pretrain.train.ema import ShardedEMA
+    from pretrain.train.loop import forward_backward, global_denominators
 
     env = distributed.init_distributed("gloo", timeout_minutes=3)
     cfg = load_config(config, _overrides(env.world_size) + list(extra))
@@ -79,7 +80,7 @@ def worker(config: str, batches_path: str, out_path: str, *extra: str) -> None:
         lm_g, diff_g = distributed.all_reduce_sum([lm, diff])
         res["losses"].append(lm_g / g_text + cfg.model.diffusion_loss_weight * diff_g / max(g_img, 1))
         res["grad_norms"].append(float(engine.get_global_grad_norm()))
-        if engine.was_step_applied():  # as pretrain.train.train_step
+        if engine.was_step_applied():  # as pretrain.train.loop.train_step
             ema.update()
 
     for step in range(STEPS):
@@ -149,9 +150,9 @@ def _cut_batches(demo_data, cfg) -> list[list]:
 def _reference(cfg, steps: list[list]) -> tuple[dict, list[float], list[float], dict, dict]:
     """Single-process PyTorch: same init, loss = sum / global count over all micro-batches, AdamW, clip 1.0;
     returns (init, losses, grad norms, final weights, EMA of the weights with EMA_DECAY)."""
-    from pretrain.engine import param_groups
+    from pretrain.train.engine import param_groups
     from pretrain.model import Transfusion, TransfusionBatch
-    from pretrain.schedule import lr_at, set_lr
+    from pretrain.train.schedule import lr_at, set_lr
 
     torch.manual_seed(cfg.train.seed)
     model = Transfusion(cfg.model)
@@ -229,9 +230,9 @@ def test_zero3_two_ranks_match_plain_pytorch_and_one_rank(zero3_results):
 
 
 def test_ema_of_zero3_partitions_matches_plain_pytorch_ema(zero3_results, tmp_path):
-    """Each rank's EMA of its own partitions, written per rank and joined by pretrain.ema.load_full (what
+    """Each rank's EMA of its own partitions, written per rank and joined by pretrain.train.ema.load_full (what
     export writes), equals an EMA of the plain PyTorch loop's full weights; the NaN step did not move it."""
-    from pretrain.ema import load_full
+    from pretrain.train.ema import load_full
 
     cfg, steps, one, two = zero3_results
     _, _, _, ref_final, ref_ema = _reference(cfg, steps)

@@ -61,7 +61,7 @@ class Transfusion(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> "Transfusion":
-        """The model of an export directory (`python -m pretrain.export`), in eval mode.
+        """The model of an export directory (`python -m pretrain.artifacts.export`), in eval mode.
 
         Reads `config.yaml` (its `model` section) and the safetensors weights (one file or sharded
         with an index). `dtype` None keeps fp32 (bf16 exports are upcast). Raises FileNotFoundError
@@ -72,7 +72,7 @@ class Transfusion(nn.Module):
 
         root = Path(path)
         if not (root / "config.yaml").is_file():
-            raise FileNotFoundError(f"{root / 'config.yaml'} missing: point at a directory written by pretrain.export")
+            raise FileNotFoundError(f"{root / 'config.yaml'} missing: point at a directory written by pretrain.artifacts.export")
         section = yaml.safe_load((root / "config.yaml").read_text())["model"]  # the dumped run config's model keys
         cfg = ModelConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in section.items()})
         state: dict[str, torch.Tensor] = {}

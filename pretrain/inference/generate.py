@@ -9,10 +9,10 @@ prompts and seed, so control flow (and so parameter gathering) is identical ever
 training data: caption-first `BOS caption BOI patches EOI EOS`, dropped caption `BOS BOI patches EOI`,
 image-first `BOS BOI patches EOI caption EOS`.
 
-    python -m pretrain.generate --model EXPORT_DIR --prompt "a red circle at the top left" --out samples/
-    python -m pretrain.generate --model EXPORT_DIR --caption image.png
-    python -m pretrain.generate --model EXPORT_DIR --text "Once upon a time"
-    python -m pretrain.generate --model EXPORT_DIR --mixed "A picture of a red circle:" --force-image
+    python -m pretrain.inference.generate --model EXPORT_DIR --prompt "a red circle at the top left" --out samples/
+    python -m pretrain.inference.generate --model EXPORT_DIR --caption image.png
+    python -m pretrain.inference.generate --model EXPORT_DIR --text "Once upon a time"
+    python -m pretrain.inference.generate --model EXPORT_DIR --mixed "A picture of a red circle:" --force-image
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from pretrain.model.config import Sampler, check_sampler, default_sampler
 TokenSeq = list[int | None]  # one sequence being generated: token ids, None at the patch positions of its image
 
 
-def _batch(model: Transfusion, rows: list[TokenSeq], latents: torch.Tensor, t: torch.Tensor, pad: int) -> TransfusionBatch:
+def packed_batch(model: Transfusion, rows: list[TokenSeq], latents: torch.Tensor, t: torch.Tensor, pad: int) -> TransfusionBatch:
     """Right-padded batch of rows (each one document, at most one image) in the model's contract."""
     L = max(len(r) for r in rows)
     B, device = len(rows), latents.device
@@ -305,51 +305,15 @@ def generate_text(
     return [[tok for seg in o for tok in seg] for o in outs]
 
 
-def tensorboard_samples(model: Transfusion, cfg: Config, writer: object, step: int) -> None:
-    """Generate images for cfg.logging.sample_prompts, caption them back, log a PNG grid and the text.
-
-    Every rank must call this (ZeRO-3 forwards are collective); only the writer of rank 0 writes.
-    """
-    from torchvision.utils import make_grid, save_image
-
-    lg = cfg.logging
-    tok = Tokenizer(cfg.data.tokenizer)
-    ids = tok.ids
-    was_training = model.training
-    model.eval()
-    latents = generate_images(model, [tok.encode(p) for p in lg.sample_prompts], ids, lg.sample_steps,
-                              lg.sample_cfg_scale, seed=step, sampler=lg.sample_sampler)
-    captions = generate_text(model, [[] for _ in lg.sample_prompts], ids, 24, images=latents)
-    model.train(was_training)
-    pixels = _to_pixels(latents, cfg.data.vae)  # (N, 3, H, W) in [0, 1]
-    grid = make_grid(pixels, nrow=min(4, len(pixels)), padding=2)  # (3, H', W')
-    if getattr(writer, "enabled", False):
-        out = Path(cfg.train.run_dir) / "samples" / f"step_{step:07d}.png"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        save_image(grid, out)
-        writer.images("samples/images", grid, step)
-        lines = [f"{p!r} -> {tok.decode(c)!r}" for p, c in zip(lg.sample_prompts, captions)]
-        writer.text("samples/captions", "  \n".join(lines), step)
-
-
-def _to_pixels(latents: torch.Tensor, vae_dir: str) -> torch.Tensor:
-    """Decode with the VAE when one is configured, else show latent channels 0-2 rescaled; (N, 3, H, W) in [0, 1]."""
-    if vae_dir:
-        return (decode(load_vae(vae_dir, device=latents.device), latents.float()) + 1) / 2
-    x = latents[:, :3].float()
-    x = x - x.amin(dim=(1, 2, 3), keepdim=True)
-    return x / x.amax(dim=(1, 2, 3), keepdim=True).clamp_min(1e-6)
-
-
 def load_exported(path: str | Path, device: str = "cpu") -> tuple[Transfusion, SpecialIds, Path]:
-    """Model (`Transfusion.from_pretrained`), special ids and the export directory of `pretrain.export` output.
+    """Model (`Transfusion.from_pretrained`), special ids and the export directory of `pretrain.artifacts.export` output.
 
     Raises FileNotFoundError naming a missing file.
     """
     root = Path(path)
     for name in ("config.yaml", "tokenizer.json"):
         if not (root / name).is_file():
-            raise FileNotFoundError(f"{root / name} missing: point --model at a directory written by pretrain.export")
+            raise FileNotFoundError(f"{root / name} missing: point --model at a directory written by pretrain.artifacts.export")
     model = Transfusion.from_pretrained(root, device=device)
     return model, load_special_ids(root / "tokenizer.json"), root
 
@@ -372,7 +336,7 @@ class BadInput(ValueError):
 
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", required=True, help="export directory (pretrain.export)")
+    ap.add_argument("--model", required=True, help="export directory (pretrain.artifacts.export)")
     ap.add_argument("--prompt", action="append", default=[], help="caption to draw (repeatable)")
     ap.add_argument("--caption", action="append", default=[], help="PNG/JPEG image to caption (repeatable)")
     ap.add_argument("--text", action="append", default=[], help="text prompt to continue (repeatable)")

@@ -4,7 +4,7 @@ One process, no process group, no weights: it reads the config, checks the batch
 cluster shape (`--nodes/--gpus-per-node/--gpu`, else the Slurm allocation), checks the data (shards
 exist, were packed for this seq_len, patch size and latent shape with this tokenizer), builds the
 model on the meta device (what `zero.Init` would partition, without allocating it), derives the
-full DeepSpeed config, prints the memory plan of `pretrain.estimate` and exits: 0 when the job can
+full DeepSpeed config, prints the memory plan of `pretrain.plan.estimate` and exits: 0 when the job can
 start, 2 with every problem listed otherwise. About a minute for 7B on a laptop CPU.
 """
 
@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from pretrain.config import Config
-from pretrain.hardware import GPUS, Gpu, detect_gpu
+from pretrain.plan.hardware import GPUS, Gpu, detect_gpu
 
 
 @dataclass(frozen=True)
@@ -102,8 +102,8 @@ def _check_tokenizer(where: str, local: str, tokenizer: str) -> list[str]:
 
 def dry_run(cfg: Config, shape: ClusterShape) -> int:
     """Run every start-up check and print the plan; 0 = the job can start, 2 = problems (listed)."""
-    from pretrain.engine import BatchSizeError, derive_ds_config, plan_batch
-    from pretrain.estimate import format_plan, make_plan, mix_for
+    from pretrain.plan.batch import BatchSizeError, derive_ds_config, plan_batch
+    from pretrain.plan.estimate import format_plan, make_plan, mix_for
     from pretrain.model import Transfusion
 
     problems: list[str] = []

@@ -8,12 +8,12 @@ about one full tensor beside the interpreter, not one shard (`--max-shard-gb`) n
 are read the same way, one parameter at a time (`ema.iter_lazy`); `--hf-llama` comes as whole
 tensors, held per shard.
 
-    python -m pretrain.export --run-dir runs/tiny --out exports/tiny [--step N] [--dtype bf16] [--vae DIR]
+    python -m pretrain.artifacts.export --run-dir runs/tiny --out exports/tiny [--step N] [--dtype bf16] [--vae DIR]
 
 Output: `model.safetensors` (or `model-0000i-of-0000n.safetensors` + `model.safetensors.index.json`),
 `config.yaml` (the config the checkpoint was trained with), `tokenizer.model` + `tokenizer.json`
 (special ids), `vae/`, `export.json`. With `--hf-llama` the output is instead the text tower as a
-Hugging Face `LlamaForCausalLM` directory (see pretrain/hf_llama.py).
+Hugging Face `LlamaForCausalLM` directory (see pretrain/artifacts/hf_llama.py).
 
 Safe: everything is written into a temporary directory beside `--out` and renamed into place at
 the end, so a failure half-way leaves no directory that looks like an export, and re-exporting
@@ -37,7 +37,8 @@ from typing import Callable, Iterator
 
 import torch
 
-from pretrain import checkpoint, ema
+from pretrain.train import checkpoint
+from pretrain.train import ema
 from pretrain.config import load_config, save_config
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -268,7 +269,7 @@ def export(run_dir: Path, out: Path, step: int | None, dtype: str, max_shard_gb:
            force: bool = False, weights: str = "auto") -> Path:
     """Export the run's checkpoint to `out` (atomically); returns `out`. Raises ExportError / FileNotFoundError.
 
-    weights: "ema" (the EMA of train.ema_decay, pretrain/ema.py), "raw" (the trained weights), or "auto"
+    weights: "ema" (the EMA of train.ema_decay, pretrain/train/ema.py), "raw" (the trained weights), or "auto"
     (the EMA when the checkpoint holds one).
     """
     ckpt = pick_checkpoint(run_dir, step)
@@ -313,7 +314,7 @@ def export_tensors(src: Path) -> Iterator[tuple[str, torch.Tensor]]:
 
 def export_hf_llama(src: Path, out: Path, step: int | None, dtype: str, max_shard_gb: float, force: bool = False) -> Path:
     """The text tower of a run's checkpoint, or of an export dir, as a Hugging Face LlamaForCausalLM dir."""
-    from pretrain.hf_llama import hf_config_dict, hf_tensors
+    from pretrain.artifacts.hf_llama import hf_config_dict, hf_tensors
 
     if is_export(src):
         cfg = load_config(src / "config.yaml", [f"data.tokenizer={src / 'tokenizer.model'}"])

@@ -133,19 +133,12 @@ def _layer_from_hf(read: Reader, cfg: ModelConfig, i: int) -> Iterator[tuple[str
 
 def from_hf(read: Reader, hf: dict, cfg: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
     """Our text-tower tensors from HF ones, one at a time. The embedding and LM head come as
-    (hf_vocab, D): copy them into the first rows only (see `copy_into`)."""
+    (hf_vocab, D): copy them into the first rows only (see `pretrain.train.engine.copy_into`)."""
     yield "tok_embeddings.weight", read("model.embed_tokens.weight")
     for i in range(cfg.n_layers):
         yield from _layer_from_hf(read, cfg, i)
     yield "norm.weight", read("model.norm.weight")
     yield "output.weight", read("model.embed_tokens.weight" if hf.get("tie_word_embeddings") else "lm_head.weight")
-
-
-def copy_into(param: torch.Tensor, src: torch.Tensor, name: str) -> None:
-    """param[:len(src)] = src (all of it when shapes agree); error naming `name` on any other mismatch."""
-    if src.shape[1:] != param.shape[1:] or src.shape[0] > param.shape[0]:
-        raise HFConversionError(f"{name}: checkpoint shape {tuple(src.shape)} does not fit ours {tuple(param.shape)}")
-    param.data[: src.shape[0]].copy_(src.to(param.dtype))
 
 
 def to_hf(name: str, t: torch.Tensor, cfg: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
@@ -154,7 +147,7 @@ def to_hf(name: str, t: torch.Tensor, cfg: ModelConfig) -> Iterator[tuple[str, t
     if name == "image_norm.weight" or name.startswith("layers.") and name.split(".", 3)[2] == "image":
         raise HFConversionError(f"{name}: an image expert of model.modality_experts=true; a Hugging Face Llama has "
                                 "no modality experts, so this model cannot be exported as one (export it with "
-                                "pretrain.export and load it with Transfusion.from_pretrained)")
+                                "pretrain.artifacts.export and load it with Transfusion.from_pretrained)")
     if name == "tok_embeddings.weight":
         yield "model.embed_tokens.weight", t
     elif name == "norm.weight":

@@ -11,7 +11,7 @@ A checkpoint's ZeRO-3 shards are tied to the world size that wrote them. Resumin
 number of ranks goes through DeepSpeed's universal checkpoint: `to_universal` runs DeepSpeed's
 `ds_to_universal` once into `step_N/universal/` (per-parameter fp32 weights and Adam moments), and
 the engine re-partitions them on load (`"checkpoint": {"load_universal": true}`; DeepSpeed docs,
-"Universal Checkpointing"). `python -m pretrain.checkpoint to-universal CKPT` does the conversion
+"Universal Checkpointing"). `python -m pretrain.train.checkpoint to-universal CKPT` does the conversion
 ahead of a resume (a large model's conversion is better done once on a CPU node than at start-up).
 """
 
@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from pretrain.config import Config, load_config, save_config
-from pretrain.distributed import barrier
+from pretrain.train.distributed import barrier
 
 MARKER = "COMPLETE"
 CONFIG = "config.yaml"  # inside each checkpoint directory
@@ -222,10 +222,10 @@ def load(engine, path: Path, universal: bool = False) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m pretrain.checkpoint to-universal CKPT`: convert ahead of a resume on another world size."""
+    """`python -m pretrain.train.checkpoint to-universal CKPT`: convert ahead of a resume on another world size."""
     import argparse
 
-    p = argparse.ArgumentParser(prog="python -m pretrain.checkpoint", description=main.__doc__)
+    p = argparse.ArgumentParser(prog="python -m pretrain.train.checkpoint", description=main.__doc__)
     p.add_argument("command", choices=["to-universal"])
     p.add_argument("ckpt", type=Path, help="a complete checkpoint, e.g. RUN_DIR/checkpoints/step_00001000")
     p.add_argument("--workers", type=int, default=2, help="DeepSpeed's extract/merge worker processes")

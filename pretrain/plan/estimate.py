@@ -1,6 +1,6 @@
 """Plan a run before the queue: exact parameters, training FLOPs, per-GPU memory, time to a budget.
 
-    python -m pretrain.estimate --config configs/transfusion_7b.yaml --nodes 16 --gpus-per-node 8 \\
+    python -m pretrain.plan.estimate --config configs/transfusion_7b.yaml --nodes 16 --gpus-per-node 8 \\
         --gpu h100-80gb [--mfu 0.35,0.45] [--positions 2e12] [key.sub=value ...]
 
 Everything runs on the meta device (no weights are allocated), in seconds even for 7B:
@@ -36,7 +36,7 @@ import torch
 
 from pretrain.config import Config, load_config
 from pretrain.configlib import ConfigError
-from pretrain.hardware import GIB, GPUS, Gpu
+from pretrain.plan.hardware import GIB, GPUS, Gpu
 from pretrain.model import ModelConfig, Transfusion, TransfusionBatch
 from pretrain.model.patching import build_patching
 

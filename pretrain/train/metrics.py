@@ -19,7 +19,7 @@ from typing import Any, Iterator
 import psutil
 import torch
 
-from pretrain.hardware import detect_gpu
+from pretrain.plan.hardware import detect_gpu
 
 log = logging.getLogger("pretrain")
 

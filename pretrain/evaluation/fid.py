@@ -7,7 +7,7 @@ Nothing is downloaded: the user supplies the Inception weights file locally (tor
 pickle, so it is first opened here with `torch.load(weights_only=True)`, which refuses any file
 that holds more than tensors.
 
-    python -m pretrain.fid --generated samples/ --reference coco_val/ --inception-weights pt_inception.pth
+    python -m pretrain.evaluation.fid --generated samples/ --reference coco_val/ --inception-weights pt_inception.pth
 """
 
 from __future__ import annotations

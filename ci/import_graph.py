@@ -1,11 +1,16 @@
-"""Which package imports which: the import graph between the layers of this repository, from the source.
+"""Which room imports which: the import graph between the layers of this repository, from the source.
 
-Layers: `contract` (the shared leaf), `data_pipeline`, `pretrain.model` (the single-device model) and
-`pretrain` (the trainer, everything else under pretrain/). The allowed direction is
-contract <- data_pipeline, contract <- pretrain.model, and pretrain <- all of them. Every import
-statement counts, also those inside functions (a lazy import is still a dependency).
+Layers, lowest first: `contract` (the shared leaf); `data_pipeline` and `pretrain.model` (the
+single-device model), which know only the contract; `pretrain.config` (config + configlib, which
+holds data_pipeline's DataConfig); then
+the rooms of pretrain/ by job, each allowed to import the rooms before it:
+`pretrain.plan` (batch plan, estimates, dry run) <- `pretrain.train` (loop, engine, checkpoints)
+<- `pretrain.artifacts` (export, HF Llama, init_from) <- `pretrain.inference` (generation)
+<- `pretrain.evaluation` (evaluate, judge, FID). The apps (`pretrain.demo` and every `__main__`
+module, e.g. pretrain/train/__main__.py that joins the trainer's hooks) may import any room.
+Every import statement counts, also those inside functions (a lazy import is still a dependency).
 
-    python bench/import_graph.py [--root CHECKOUT] [--check]
+    python ci/import_graph.py [--root CHECKOUT] [--check]
 
 Reads files as text (ast), imports nothing, so it runs on any checkout, old or new: give `--root`.
 Prints a table of layer -> layer edges (module-level and local imports) and every import that
@@ -20,17 +25,26 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-LAYERS = ("contract", "data_pipeline", "pretrain.model", "pretrain")
-ALLOWED = {
+ROOMS = ("pretrain.plan", "pretrain.train", "pretrain.artifacts", "pretrain.inference", "pretrain.evaluation")
+LAYERS = ("contract", "data_pipeline", "pretrain.model", "pretrain.config", *ROOMS, "apps")
+BASE = {"contract", "data_pipeline", "pretrain.model", "pretrain.config"}
+ALLOWED: dict[str, set[str]] = {
     "contract": set(),
     "data_pipeline": {"contract"},
     "pretrain.model": {"contract"},
-    "pretrain": {"contract", "data_pipeline", "pretrain.model"},
+    "pretrain.config": {"contract", "data_pipeline", "pretrain.model"},
+    **{room: BASE | set(ROOMS[:i]) for i, room in enumerate(ROOMS)},
+    "apps": set(LAYERS) - {"apps"},
 }
+APPS = ("pretrain.demo",)
 
 
 def layer_of(module: str) -> str | None:
     """The layer a dotted module name belongs to (None: not ours)."""
+    if module in APPS or module.endswith(".__main__"):
+        return "apps"
+    if module in ("pretrain", "pretrain.config", "pretrain.configlib"):
+        return "pretrain.config"
     for layer in LAYERS:
         if module == layer or module.startswith(layer + "."):
             return layer

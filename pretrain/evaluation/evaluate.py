@@ -1,13 +1,13 @@
 """Evaluate a model on the synthetic shapes task, judged by pixels and words, never by the model itself.
 
-    python -m pretrain.evaluate --model EXPORT_DIR --out DIR [--per-combo 1] [--steps 100] [--cfg-scale 3]
+    python -m pretrain.evaluation.evaluate --model EXPORT_DIR --out DIR [--per-combo 1] [--steps 100] [--cfg-scale 3]
 
 Writes DIR/report.json, DIR/grid.png (prompts over their samples) and prints a table:
 
 - **vae**: fresh generator draws, encoded and decoded by the VAE, judged (the ceiling of the rest);
 - **text_to_image**: one prompt per (colour, shape, place) combination (x `per_combo`), sampled with
   the export's sampler (DDPM ancestral, 100 steps, by default) and classifier-free guidance,
-  decoded, judged by `pretrain.judge` (colour, shape, place, exactly one object, all three right);
+  decoded, judged by `pretrain.evaluation.judge` (colour, shape, place, exactly one object, all three right);
 - **captions**: fresh draws encoded, captioned greedily, the caption's words checked;
 - **text**: LM loss and perplexity on fresh synthetic text documents;
 
@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from data_pipeline import synthetic
-from pretrain.judge import Verdict, judge, parse_caption
+from pretrain.evaluation.judge import Verdict, judge, parse_caption
 from pretrain.model.config import Sampler
 
 EVAL_SEED = 1_000_003  # the generator's seed for evaluation draws (training data uses train.seed-derived seeds)
@@ -120,7 +120,7 @@ def vae_ceiling(vae: Any, n: int, size: int, seed: int, latent_noise: float = 0.
 def text_to_image(model: Any, sp: Any, tok: Any, vae: Any, st: EvalSettings) -> tuple[dict, np.ndarray, list]:
     """Generate one image per prompt (every combination x per_combo), judge; (scores, pixels (N,H,W,3), prompts)."""
     from data_pipeline.vae import decode
-    from pretrain.generate import generate_images
+    from pretrain.inference.generate import generate_images
 
     out, pix, prompts = {}, [], []
     for name in ("seen", "held_out"):
@@ -138,7 +138,7 @@ def text_to_image(model: Any, sp: Any, tok: Any, vae: Any, st: EvalSettings) -> 
 def image_to_caption(model: Any, sp: Any, tok: Any, vae: Any, st: EvalSettings) -> tuple[dict, list[list[str]]]:
     """Caption fresh draws greedily; word accuracies per split and a few (truth, caption) examples."""
     from data_pipeline.vae import encode
-    from pretrain.generate import generate_text
+    from pretrain.inference.generate import generate_text
 
     rng = np.random.default_rng([EVAL_SEED, st.seed, 2])
     size = model.cfg.latent_size * vae.downsample
@@ -155,14 +155,14 @@ def image_to_caption(model: Any, sp: Any, tok: Any, vae: Any, st: EvalSettings) 
 @torch.no_grad()
 def text_loss(model: Any, sp: Any, tok: Any, n_docs: int, seed: int, max_len: int = 128) -> dict[str, float]:
     """Mean next-token loss (nats) and perplexity on n_docs fresh synthetic text documents (BOS doc EOS)."""
-    from pretrain.generate import _batch
+    from pretrain.inference.generate import packed_batch
     from contract.batch import IGNORE_INDEX
 
     rng = np.random.default_rng([EVAL_SEED, seed, 3])
     rows = [[sp.bos_id, *tok.encode(synthetic.text_document(rng))][: max_len - 1] + [sp.eos_id] for _ in range(n_docs)]
     device = next(model.parameters()).device
     C, S = model.cfg.latent_channels, model.cfg.latent_size
-    batch = _batch(model, rows, torch.zeros(0, C, S, S, device=device), torch.zeros(0, dtype=torch.long, device=device),
+    batch = packed_batch(model, rows, torch.zeros(0, C, S, S, device=device), torch.zeros(0, dtype=torch.long, device=device),
                    sp.pad_id)
     targets = torch.full_like(batch.tokens, IGNORE_INDEX)
     for b, r in enumerate(rows):
@@ -268,12 +268,12 @@ def main(argv: list[str] | None = None) -> dict:
     """CLI: evaluate an export directory; print the table; write report.json and grid.png."""
     from data_pipeline.tokenizer import Tokenizer
     from data_pipeline.vae import load_vae
-    from pretrain.generate import load_exported
+    from pretrain.inference.generate import load_exported
     from pretrain.model.config import check_sampler
 
-    ap = argparse.ArgumentParser(prog="python -m pretrain.evaluate", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m pretrain.evaluation.evaluate", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", required=True, help="export directory (pretrain.export)")
+    ap.add_argument("--model", required=True, help="export directory (pretrain.artifacts.export)")
     ap.add_argument("--out", required=True, help="directory for report.json and grid.png")
     d = EvalSettings()
     ap.add_argument("--per-combo", type=int, default=d.per_combo, help="text->image samples per combination")

@@ -1,4 +1,4 @@
-"""Train a Transfusion model with DeepSpeed ZeRO-3: `python -m pretrain.train --config PATH [key=value ...]`.
+"""The training loop of `python -m pretrain.train --config PATH [key=value ...]` (entry: pretrain/train/__main__.py).
 
 The same code path runs under `deepspeed`, `torchrun`, `accelerate launch`, plain `srun` and a
 bare `python`. Exit codes: 0 done; 75 (EX_TEMPFAIL) stopped on SIGUSR1/SIGTERM after saving a
@@ -22,12 +22,16 @@ import torch
 from contract.batch import TransfusionBatch
 from contract.dist_env import DistEnv
 from data_pipeline.loader import build_loader
-from pretrain import checkpoint, configlib, distributed, generate
+from pretrain.train import checkpoint
+from pretrain import configlib
+from pretrain.train import distributed
 from pretrain.config import Config, config_changes, load_config, save_config
-from pretrain.ema import ShardedEMA
-from pretrain.engine import BatchPlan, BatchSizeError, build_engine, plan_batch
-from pretrain.metrics import MetricsWriter, StepStats, StepTimer, detect_peak_flops
-from pretrain.schedule import lr_at, set_lr
+from pretrain.train.ema import ShardedEMA
+from pretrain.plan.batch import BatchPlan, BatchSizeError, plan_batch
+from pretrain.train.engine import build_engine
+from pretrain.train.hooks import HookContext, TrainHooks, check_hooks
+from pretrain.train.metrics import MetricsWriter, StepStats, StepTimer, detect_peak_flops
+from pretrain.train.schedule import lr_at, set_lr
 
 log = logging.getLogger("pretrain")
 
@@ -69,6 +73,7 @@ class Run:
     prefetch: "StepPrefetcher | None" = None
     loader_state: dict = field(default_factory=dict)  # loader position after the last step's batches
     ema: "ShardedEMA | None" = None  # train.ema_decay > 0: this rank's EMA partitions
+    hooks: TrainHooks = field(default_factory=TrainHooks)  # sampling, evaluation, train.init_from
 
 
 def parse_args(argv: list[str] | None) -> tuple[str, list[str], dict[str, Any]]:
@@ -80,7 +85,7 @@ def parse_args(argv: list[str] | None) -> tuple[str, list[str], dict[str, Any]]:
     p.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.steps=100")
     p.add_argument("--nodes", type=int, default=None, help="dry run: nodes (default: the Slurm allocation, else 1)")
     p.add_argument("--gpus-per-node", type=int, default=None, help="dry run: GPUs per node (default: Slurm, else 8)")
-    p.add_argument("--gpu", default=None, help="dry run: GPU kind, e.g. h100-80gb (python -m pretrain.estimate --list-gpus)")
+    p.add_argument("--gpu", default=None, help="dry run: GPU kind, e.g. h100-80gb (python -m pretrain.plan.estimate --list-gpus)")
     a = p.parse_args(argv)
     return a.config, a.overrides, {"nodes": a.nodes, "gpus_per_node": a.gpus_per_node, "gpu": a.gpu}
 
@@ -383,34 +388,11 @@ def resume(run: Run, path: Path) -> None:
     log.info("resumed from %s at step %d", path, run.step)
 
 
-def maybe_sample(run: Run) -> None:
-    """Every logging.sample_every steps: generated images and captions to TensorBoard (every rank calls it)."""
-    generate.tensorboard_samples(run.engine.module, run.cfg, run.writer, run.step)
+def hook_context(run: Run) -> HookContext:
+    return HookContext(run.engine.module, run.cfg, run.writer, run.step, run.env.is_main)
 
 
-def maybe_evaluate(run: Run) -> None:
-    """Every logging.eval_every steps: the synthetic-task evaluation (pretrain.evaluate) to TensorBoard.
-
-    Every rank runs it (ZeRO-3 forwards are collective); rank 0 writes the scalars, the report
-    (RUN_DIR/eval/step_N/report.json) and the sample grid.
-    """
-    from contract.special_ids import load_special_ids
-    from data_pipeline.tokenizer import Tokenizer
-    from data_pipeline.vae import load_vae
-    from pretrain import evaluate
-
-    cfg, lg = run.cfg, run.cfg.logging
-    st = evaluate.EvalSettings(steps=lg.sample_steps, cfg_scale=lg.sample_cfg_scale, sampler=lg.sample_sampler,
-                               seed=cfg.train.seed)
-    report, pixels, prompts = evaluate.evaluate(run.engine.module, load_special_ids(cfg.data.tokenizer),
-                                                Tokenizer(cfg.data.tokenizer), load_vae(cfg.data.vae), st)
-    run.writer.scalars(evaluate.flat_scalars(report), run.step)
-    if run.env.is_main:
-        out = evaluate.write_report(report, pixels, prompts, Path(cfg.train.run_dir) / "eval" / f"step_{run.step:07d}")
-        log.info("evaluation at step %d (%s):\n%s", run.step, out, evaluate.table(report))
-
-
-def setup(argv: list[str] | None) -> Run:
+def setup(argv: list[str] | None, hooks: TrainHooks) -> Run:
     """Config, process group, checks, engine, loaders, resume, metrics; then (only then) RUN_DIR/config.yaml.
 
     A launch that fails here leaves the run directory and /dev/shm as it found them.
@@ -420,16 +402,17 @@ def setup(argv: list[str] | None) -> Run:
     if cfg.logging.eval_every > 0 and not (cfg.data.vae and cfg.data.tokenizer):
         raise configlib.ConfigError("logging.eval_every > 0 needs data.vae (the VAE that decodes samples) "
                                     "and data.tokenizer; set them or logging.eval_every=0")
+    check_hooks(cfg, hooks)
     env = distributed.init_distributed(cfg.distributed.backend, cfg.distributed.timeout_minutes)
     setup_logging(env.rank)
     try:
-        return _build_run(cfg, env)
+        return _build_run(cfg, env, hooks)
     except BaseException:
         distributed.remove_shm_buffer(env)
         raise
 
 
-def _build_run(cfg: Config, env: DistEnv) -> Run:
+def _build_run(cfg: Config, env: DistEnv, hooks: TrainHooks) -> Run:
     ckpt = check_resume(cfg, env)
     plan = plan_for(cfg, env, ckpt)
     log.info("launcher %s, %d ranks; global batch %d = micro %d x accumulation %d x ranks %d",
@@ -440,9 +423,10 @@ def _build_run(cfg: Config, env: DistEnv) -> Run:
             log.info("universal checkpoint: %s", checkpoint.to_universal(ckpt))
         distributed.barrier()
     # a checkpoint overrides train.init_from
-    engine, _ = build_engine(cfg, plan, init_weights=ckpt is None, load_universal=reshard)
+    engine, _ = build_engine(cfg, plan, init_weights=hooks.initial_tensors if ckpt is None else None,
+                             load_universal=reshard)
     loader, val_loaders = build_loaders(cfg, plan)
-    run = Run(cfg, env, plan, engine, loader, val_loaders, None, StopRequest())
+    run = Run(cfg, env, plan, engine, loader, val_loaders, None, StopRequest(), hooks=hooks)
     if cfg.train.ema_decay > 0:
         run.ema = ShardedEMA(engine.module.named_parameters(), cfg.train.ema_decay)
     if ckpt is not None:
@@ -456,8 +440,8 @@ def _build_run(cfg: Config, env: DistEnv) -> Run:
 
 
 def make_writer(cfg: Config, env: DistEnv, plan: BatchPlan, engine: Any) -> MetricsWriter:
-    """Rank 0's metrics sinks; FLOPs per step for MFU from pretrain.estimate (the shards' document mix)."""
-    from pretrain.estimate import flops_per_position, mix_for
+    """Rank 0's metrics sinks; FLOPs per step for MFU from pretrain.plan.estimate (the shards' document mix)."""
+    from pretrain.plan.estimate import flops_per_position, mix_for
 
     flops = flops_per_position(cfg.model, cfg.data.seq_len, mix_for(cfg)) * cfg.data.seq_len * plan.global_batch
     return MetricsWriter(cfg.train.run_dir, env.is_main, cfg.logging.tensorboard, flops,
@@ -473,9 +457,9 @@ def after_step(run: Run, s: StepStats) -> None:
     if run.val_loaders and lg.val_every > 0 and run.step % lg.val_every == 0:
         run.writer.scalars(validate(run), run.step)
     if lg.sample_every > 0 and run.step % lg.sample_every == 0:
-        maybe_sample(run)
+        run.hooks.sample(hook_context(run))
     if lg.eval_every > 0 and run.step % lg.eval_every == 0:
-        maybe_evaluate(run)
+        run.hooks.evaluate(hook_context(run))
     if ck.every > 0 and run.step % ck.every == 0 and run.step < run.cfg.train.steps:
         save(run)
     checkpoint.fault_point("kill_after_step", run.step)
@@ -502,7 +486,8 @@ def train(run: Run) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, hooks: TrainHooks | None = None) -> int:
+    """The trainer; `hooks` (sampling, evaluation, train.init_from) come from pretrain/train/__main__.py."""
     path, overrides, shape = parse_args(argv)
     try:
         cfg = load_config(path, overrides)
@@ -512,10 +497,10 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         raise
     if cfg.train.dry_run:
-        from pretrain.dry_run import cluster_shape, dry_run
+        from pretrain.plan.dry_run import cluster_shape, dry_run
 
         return dry_run(cfg, cluster_shape(**shape))
-    run = setup(argv)
+    run = setup(argv, hooks or TrainHooks())
     try:
         return train(run)
     except TrainingDiverged as e:
@@ -528,5 +513,3 @@ def main(argv: list[str] | None = None) -> int:
             distributed.remove_shm_buffer(run.env)  # peers keep their mappings; only the name goes
 
 
-if __name__ == "__main__":
-    sys.exit(main())

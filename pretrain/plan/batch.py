@@ -1,0 +1,88 @@
+"""The batch plan and the DeepSpeed config derived from ours: the one home of both, for the trainer and the planners.
+
+Our `Config` is the one source of truth; the DeepSpeed JSON is derived from it and the user's
+`distributed.deepspeed` mapping is merged on top (for knobs we do not expose). Importing this
+module does not import DeepSpeed, so the estimate and the dry run use it without a GPU stack.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from pretrain.config import Config
+from pretrain.configlib import deep_merge
+
+
+class BatchSizeError(ValueError):
+    """The global batch does not split into micro-batches x accumulation x ranks."""
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """How one optimizer step's global batch (in sequences) is split."""
+
+    global_batch: int
+    micro_batch: int
+    grad_accum: int
+    world_size: int
+
+
+def plan_batch(cfg: Config, world_size: int) -> BatchPlan:
+    """global = micro x accumulation x ranks; raise an error that says what to change if it does not divide."""
+    g, m = cfg.train.global_batch_size, cfg.train.micro_batch_size
+    per_step = m * world_size
+    if g <= 0 or m <= 0 or g % per_step:
+        lo, hi = max(per_step, (g // per_step) * per_step), (g // per_step + 1) * per_step
+        divisors = [d for d in range(1, g + 1) if g % (d * world_size) == 0][:8]
+        raise BatchSizeError(
+            f"train.global_batch_size={g} is not a multiple of train.micro_batch_size={m} x {world_size} ranks "
+            f"= {per_step}. Set train.global_batch_size to {lo} or {hi}, or train.micro_batch_size to one of "
+            f"{divisors or 'none (change the number of ranks)'}."
+        )
+    return BatchPlan(g, m, g // per_step, world_size)
+
+
+def use_bf16(cfg: Config, on_gpu: bool) -> bool:
+    """DeepSpeed's bf16 mode: on GPU under `auto`, or when train.precision=bf16 (bf16_autocast keeps fp32 weights)."""
+    if cfg.train.precision == "auto":
+        return on_gpu
+    return cfg.train.precision == "bf16"
+
+
+def derive_ds_config(cfg: Config, plan: BatchPlan, on_gpu: bool) -> dict[str, Any]:
+    """The DeepSpeed JSON for this run: ZeRO stage, precision, batch plan, clipping, offload, user extras."""
+    d = cfg.distributed
+    zero: dict[str, Any] = {
+        "stage": d.zero_stage,
+        "contiguous_gradients": True,
+        "overlap_comm": on_gpu,
+        "stage3_gather_16bit_weights_on_model_save": False,  # export streams from the shards instead
+    }
+    if d.offload_optimizer and on_gpu:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+    if d.offload_params and on_gpu:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": True}
+    ds = {
+        "train_batch_size": plan.global_batch,
+        "train_micro_batch_size_per_gpu": plan.micro_batch,
+        "gradient_accumulation_steps": plan.grad_accum,
+        "gradient_clipping": cfg.optim.grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": use_bf16(cfg, on_gpu)},
+        "fp16": {"enabled": False},
+        # fp32 weights, bf16 matmuls; no module's gradients are reduced in bf16 (empty list)
+        "torch_autocast": {"enabled": cfg.train.precision == "bf16_autocast", "dtype": "bfloat16",
+                           "lower_precision_safe_modules": []},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,  # we log ourselves
+        "wall_clock_breakdown": False,
+    }
+    merged = deep_merge(ds, d.deepspeed)
+    for key in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
+        if merged[key] != ds[key]:
+            raise BatchSizeError(
+                f"distributed.deepspeed.{key}={merged[key]} conflicts with the batch plan ({ds[key]}); "
+                "set train.global_batch_size / train.micro_batch_size instead"
+            )
+    return merged
