@@ -121,3 +121,31 @@ def test_mismatched_llama_config_names_the_fields(tmp_path: Path) -> None:
     cfg.model.ffn_dim = 128
     with pytest.raises(HFConversionError, match=r"num_key_value_heads=2 \(ours 4\).*intermediate_size=96 \(ours 128\)"):
         list(initial_tensors(hf_dir, cfg))
+
+
+def test_llama2_config_without_rope_theta_takes_transformers_defaults(tmp_path: Path) -> None:
+    """A config.json as Meta's Llama-2 releases ship it (no rope_theta, no head_dim; the early ones no
+    num_key_value_heads either): the missing keys take transformers' LlamaConfig defaults, the import gives
+    the logits of transformers loading the same directory, and a mismatch names the key and the default."""
+    from pretrain.artifacts.hf_llama import LLAMA_DEFAULTS
+
+    reference = transformers.LlamaConfig().to_dict()  # the independent reference for the defaults
+    assert {k: reference[k] for k in LLAMA_DEFAULTS} == LLAMA_DEFAULTS
+    hf_dir, _ = _hf_model(tmp_path, 4)
+    hf = json.loads((hf_dir / "config.json").read_text())
+    for key in ("rope_theta", "head_dim", "num_key_value_heads", "rope_parameters"):
+        hf.pop(key, None)
+    (hf_dir / "config.json").write_text(json.dumps(hf))
+    hf_model = transformers.LlamaForCausalLM.from_pretrained(hf_dir).eval()
+    cfg = _our_config(4)
+    ours = Transfusion(cfg.model).eval()
+    params = dict(ours.named_parameters())
+    for name, t in initial_tensors(hf_dir, cfg):
+        copy_into(params[name], t, name)
+    tokens = torch.randint(0, HF_VOCAB, (2, 24))
+    with torch.no_grad():
+        assert (hf_model(tokens).logits - _text_logits(ours, tokens)[..., :HF_VOCAB]).abs().max() <= TOL
+    cfg.model.rope_theta = 500000.0
+    with pytest.raises(HFConversionError, match=r"rope_theta missing from config\.json, transformers' default "
+                                                r"10000\.0 \(ours 500000\.0\)"):
+        list(initial_tensors(hf_dir, cfg))

@@ -68,17 +68,63 @@ def hf_config_dict(cfg: ModelConfig, max_positions: int = 4096) -> dict:
     }
 
 
+# transformers' `LlamaConfig.__init__` defaults (models/llama/configuration_llama.py, 4.45-4.57) for the keys we
+# check: a config.json may omit any of them (the released Llama-2 configs have no rope_theta) and
+# transformers then uses these. `llama_defaults` reads them from transformers when it is installed.
+LLAMA_DEFAULTS: dict[str, object] = {
+    "vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
+    "num_attention_heads": 32, "hidden_act": "silu", "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
+    "rope_scaling": None, "attention_bias": False, "mlp_bias": False, "tie_word_embeddings": False,
+}
+
+
+def llama_defaults() -> dict[str, object]:
+    """What transformers assumes for a key missing from a Llama config.json (`LLAMA_DEFAULTS` without transformers).
+
+    num_key_value_heads defaults to num_attention_heads and head_dim to hidden_size // num_attention_heads
+    (both derived, see `with_llama_defaults`)."""
+    try:
+        from transformers import LlamaConfig
+    except ImportError:
+        return dict(LLAMA_DEFAULTS)
+    d = LlamaConfig().to_dict()
+    return {k: d.get(k, v) for k, v in LLAMA_DEFAULTS.items()}
+
+
+def with_llama_defaults(hf: dict) -> tuple[dict, dict[str, object]]:
+    """(`hf` completed with transformers' defaults for missing keys, {key: default used} for those keys)."""
+    filled: dict[str, object] = {}
+    out = dict(hf)
+    for k, v in llama_defaults().items():
+        if k not in out:
+            out[k] = filled[k] = v
+    if out.get("num_key_value_heads") is None:
+        filled["num_key_value_heads"] = out["num_key_value_heads"] = out["num_attention_heads"]
+    if out.get("head_dim") is None:
+        filled["head_dim"] = out["head_dim"] = out["hidden_size"] // out["num_attention_heads"]
+    return out, filled
+
+
 def check_hf_config(hf: dict, cfg: ModelConfig, where: str) -> int:
-    """Raise HFConversionError naming every HF field that does not match `cfg`; returns HF's vocab size."""
+    """Raise HFConversionError naming every HF field that does not match `cfg`; returns HF's vocab size.
+
+    Keys missing from `hf` take transformers' LlamaConfig defaults (`with_llama_defaults`); an error about
+    such a key says it was missing and which default was used."""
     want = hf_config_dict(cfg)
+    hf, filled = with_llama_defaults(hf)
+
+    def shown(key: str) -> str:
+        return (f"{key} missing from config.json, transformers' default {hf[key]!r}" if key in filled
+                else f"{key}={hf[key]!r}")
+
     wrong = []
     for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
                 "intermediate_size", "rms_norm_eps", "rope_theta", "hidden_act"):
-        got = hf.get(key, hf.get("num_attention_heads") if key == "num_key_value_heads" else None)
+        got = hf[key]
         if got != want[key] and not (isinstance(got, float) and abs(got - want[key]) < 1e-12):
-            wrong.append(f"{key}={got!r} (ours {want[key]!r})")
-    if hf.get("head_dim") not in (None, cfg.head_dim):
-        wrong.append(f"head_dim={hf['head_dim']} (ours {cfg.head_dim})")
+            wrong.append(f"{shown(key)} (ours {want[key]!r})")
+    if hf["head_dim"] != cfg.head_dim:
+        wrong.append(f"{shown('head_dim')} (ours {cfg.head_dim})")
     for key in ("rope_scaling", "attention_bias", "mlp_bias"):
         if hf.get(key):
             wrong.append(f"{key}={hf[key]!r} (we support none)")
@@ -87,7 +133,7 @@ def check_hf_config(hf: dict, cfg: ModelConfig, where: str) -> int:
                                 + ". Set the model keys to the checkpoint's (model.dim, n_layers, n_heads, "
                                 "n_kv_heads, ffn_dim, norm_eps, rope_theta).")
     if hf["vocab_size"] > cfg.vocab_size:
-        raise HFConversionError(f"{where}: vocab_size={hf['vocab_size']} exceeds ours ({cfg.vocab_size}); train with "
+        raise HFConversionError(f"{where}: {shown('vocab_size')} exceeds ours ({cfg.vocab_size}); train with "
                                 "the checkpoint's tokenizer (data.tokenizer wrapping its tokenizer.model)")
     return int(hf["vocab_size"])
 
