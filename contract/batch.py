@@ -14,6 +14,8 @@ from dataclasses import dataclass, fields, replace
 
 import torch
 
+from contract.positions import patches_per_image
+
 #: target id of positions without an LM loss (torch.nn.functional.cross_entropy's default ignore_index)
 IGNORE_INDEX = -100
 
@@ -90,7 +92,7 @@ class TransfusionBatch:
                 raise ValueError("batch.image_ids marks patch positions but the batch holds no latents")
             return
         H, W = self.latents.shape[-2:]
-        P = (H // patch_size) * (W // patch_size)
+        P = patches_per_image(H, W, patch_size)
         flat = self.image_ids.reshape(-1)
         ids = flat[flat >= 0]
         expected = torch.arange(N, device=ids.device).repeat_interleave(P)

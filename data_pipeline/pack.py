@@ -29,6 +29,7 @@ from streaming.base.format import reader_from_json
 from tqdm import tqdm
 
 from contract import latents as latent_codec
+from contract.positions import patches_per_image
 from data_pipeline import sources
 from data_pipeline.packing import IMAGE, PAIR, TEXT, Packer, Unit, row_arrays
 from data_pipeline.tokenizer import Tokenizer
@@ -225,7 +226,7 @@ def run(opts: PackOptions) -> dict:
         C, h, w = im["latent_shape"]
         if h % opts.patch_size or w % opts.patch_size:
             raise ValueError(f"latent {h}x{w} is not divisible by --patch-size {opts.patch_size}")
-        P = (h // opts.patch_size) * (w // opts.patch_size)
+        P = patches_per_image(h, w, opts.patch_size)
         meta.update(latent_shape=[C, h, w], dtype=im["dtype"])
 
     skips = sources.SkipLog()

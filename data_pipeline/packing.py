@@ -17,6 +17,8 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
+from contract.positions import image_positions, pair_positions
+
 TEXT, IMAGE, PAIR = 0, 1, 2
 
 
@@ -64,7 +66,9 @@ def unit_len(u: Unit, P: int) -> int:
 
 def positions_of(kind: int, ntok: int, P: int) -> int:
     """Positions of a unit of `kind` with `ntok` text tokens (see unit_len)."""
-    return ntok if kind == TEXT else ntok + P + (2 if kind == IMAGE else 4)
+    if kind == TEXT:
+        return ntok
+    return ntok + image_positions(P) if kind == IMAGE else pair_positions(P, ntok)
 
 
 def doc_len(doc: list[Unit], P: int) -> int:
@@ -117,8 +121,8 @@ class Packer:
     """Streams documents in, rows out; `efficiency` = real positions / all positions so far."""
 
     def __init__(self, seq_len: int, patches_per_image: int, lookahead: int = 64):
-        if patches_per_image + 4 > seq_len:
-            raise ValueError(f"an image needs {patches_per_image + 4} positions, more than seq_len={seq_len}")
+        if pair_positions(patches_per_image) > seq_len:
+            raise ValueError(f"an image needs {pair_positions(patches_per_image)} positions, more than seq_len={seq_len}")
         self.seq_len, self.P, self.lookahead = seq_len, patches_per_image, lookahead
         self.buffer: deque[list[Unit]] = deque()
         self.pending: deque[list[Unit]] = deque()
@@ -142,7 +146,7 @@ class Packer:
 
     def _clip(self, doc: list[Unit]) -> list[Unit]:
         """Truncate pair captions that would not fit in a row with their image."""
-        cap = self.seq_len - self.P - 4
+        cap = self.seq_len - pair_positions(self.P)
         return [Unit(u.kind, u.tokens[:cap], u.latent) if u.kind == PAIR else u for u in doc]
 
     def _fill(self) -> Row:

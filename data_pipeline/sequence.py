@@ -12,6 +12,7 @@ import numpy as np
 
 from contract import latents as latent_codec
 from contract.batch import IGNORE_INDEX
+from contract.positions import patches_per_image
 from contract.special_ids import SpecialIds
 from data_pipeline.packing import IMAGE, PAIR, TEXT
 
@@ -32,7 +33,7 @@ class RowSpec:
     @property
     def patches(self) -> int:
         C, H, W = self.latent_shape
-        return (H // self.patch_size) * (W // self.patch_size)
+        return patches_per_image(H, W, self.patch_size)
 
 
 class _Layout:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
+from contract.positions import pair_positions
 from contract.special_ids import load_special_ids
 from data_pipeline.config import DataConfig
 from pretrain import configlib
@@ -96,6 +97,9 @@ class LoggingConfig:
     eval_every: int = 0  # synthetic-task evaluation (pretrain.evaluation.evaluate) every N steps; 0 = never; needs data.vae
     tensorboard: bool = True
     peak_flops: float | None = None  # per device; None = detect the GPU (unknown: MFU not shown)
+    # step-time breakdown: events = CUDA events, one wait per step (no effect on the step); sync = the old
+    # timer, torch.cuda.synchronize() around every phase (serialises the step; for comparison). CPU: same
+    timer: Literal["events", "sync"] = "events"
 
 
 @dataclass
@@ -124,8 +128,8 @@ class Config:
 
     def __post_init__(self) -> None:
         P = self.model.patches_per_image
-        if P + 4 > self.data.seq_len:  # a caption-image pair: BOS, BOI, P patches, EOI, EOS
-            raise ValueError(f"an image takes {P} patches + BOS/BOI/EOI/EOS = {P + 4} positions, more than "
+        if pair_positions(P) > self.data.seq_len:  # a caption-image pair: BOS, BOI, P patches, EOI, EOS
+            raise ValueError(f"an image takes {P} patches + BOS/BOI/EOI/EOS = {pair_positions(P)} positions, more than "
                              f"data.seq_len={self.data.seq_len}; raise data.seq_len or model.patch_size")
         check_sampler(self.model.objective, self.logging.sample_sampler, "logging.sample_sampler")
 

@@ -10,6 +10,8 @@ import math
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
+from contract import positions
+
 PatchEncoder = Literal["linear", "unet"]
 AttentionImpl = Literal["flex", "sdpa", "sdpa_varlen"]
 LossWeighting = Literal["eps", "v_trunc"]
@@ -150,7 +152,8 @@ class ModelConfig:
 
     @property
     def patches_per_image(self) -> int:
-        return (self.latent_size // self.patch_size) ** 2
+        """P, the positions of one image's patches (contract.positions)."""
+        return positions.patches_per_image(self.latent_size, self.latent_size, self.patch_size)
 
     @property
     def patch_dim(self) -> int:

@@ -34,6 +34,7 @@ from typing import Any
 
 import torch
 
+from contract.positions import pair_positions
 from pretrain.config import Config, load_config
 from pretrain.configlib import ConfigError
 from pretrain.plan.hardware import GIB, GPUS, Gpu
@@ -97,7 +98,7 @@ def default_mix(seq_len: int, patches_per_image: int, image_share: float = 0.5,
     sequence (the attention upper bound for text); image sequences hold as many whole
     caption+image documents (caption + BOS/EOS + BOI + P + EOI positions) as fit, rest padding."""
     P, S = patches_per_image, seq_len
-    doc = caption_tokens + P + 4
+    doc = pair_positions(P, caption_tokens)
     k = S // doc  # image documents per image sequence
     pad = S - k * doc
     r = min(1.0, image_share * S / (k * P))  # share of sequences that are image sequences
