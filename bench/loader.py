@@ -22,7 +22,7 @@ from contract.special_ids import SpecialIds, save_special_ids  # noqa: E402
 from data_pipeline.config import DataConfig, StreamConfig  # noqa: E402
 from data_pipeline.loader import build_loader  # noqa: E402
 from data_pipeline.pack import write_rows  # noqa: E402
-from data_pipeline.packing import IMAGE, PAIR, TEXT, Packer, Unit  # noqa: E402
+from data_pipeline.packer import IMAGE, PAIR, TEXT, Packer, Unit  # noqa: E402
 
 SEQ, C, H, PATCH = 4096, 8, 32, 2
 P = (H // PATCH) ** 2

@@ -42,7 +42,7 @@ sys.path.insert(0, str(ROOT))
 from contract.dist_env import free_port  # noqa: E402
 from contract.special_ids import SpecialIds, save_special_ids  # noqa: E402
 from data_pipeline.pack import pack_split  # noqa: E402
-from data_pipeline.packing import PAIR, TEXT, Packer, Unit  # noqa: E402
+from data_pipeline.packer import PAIR, TEXT, Packer, Unit  # noqa: E402
 from pretrain.plan.hardware import GIB  # noqa: E402
 
 SEQ, C, S, PATCH = 4096, 8, 32, 2

@@ -31,7 +31,7 @@ from tqdm import tqdm
 from contract import latents as latent_codec
 from contract.positions import patches_per_image
 from data_pipeline import sources
-from data_pipeline.packing import IMAGE, PAIR, TEXT, Packer, Unit, row_arrays
+from data_pipeline.packer import IMAGE, PAIR, TEXT, Packer, Unit, row_arrays
 from data_pipeline.tokenizer import Tokenizer
 
 PACKED_COLUMNS = {"tokens": "ndarray:int32", "segs": "ndarray:int32", "n_real": "int"}

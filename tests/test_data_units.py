@@ -12,7 +12,7 @@ import sentencepiece as spm
 from PIL import Image, ImageOps
 
 from data_pipeline import images, sources, tokenizer
-from data_pipeline.packing import IMAGE, PAIR, TEXT, Packer, Unit, best_subset
+from data_pipeline.packer import IMAGE, PAIR, TEXT, Packer, Unit, best_subset
 
 WORDS = "red green blue circle square triangle top left right bottom center the a of and at is in".split()
 

@@ -1,4 +1,4 @@
-"""Pack documents into rows of exactly `seq_len` positions with a segment table.
+"""The bin-packing algorithm: documents into rows of exactly `seq_len` positions with a segment table.
 
 A document is a list of units: text (token ids, splittable anywhere), image (one latent,
 P+2 positions with BOI/EOI, never split) and pair (caption tokens + one latent, laid out caption-
