@@ -64,7 +64,7 @@ class Corpus:
 
     @property
     def patches_per_image(self) -> int:
-        return (self.latent_side // self.patch_size) ** 2
+        return patches_per_image(self.latent_side, self.latent_side, self.patch_size)
 
     @property
     def latent_bytes(self) -> int:
@@ -134,8 +134,7 @@ def make_data_plan(corpus: Corpus, positions_per_s_per_gpu: float, gpus_per_node
     """
     c = corpus
     P = c.patches_per_image
-    pair_positions = positions_of(PAIR, round(c.caption_tokens), P)
-    image_positions = c.images * pair_positions
+    image_positions = c.images * pair_positions(P, round(c.caption_tokens))
     positions = c.text_tokens + image_positions
     rows = positions / (c.seq_len * c.packing_efficiency)
     text_docs = c.text_tokens / c.text_doc_tokens
