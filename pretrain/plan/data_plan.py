@@ -6,7 +6,7 @@
 What it computes, and from what:
 
 - positions: text tokens as they are; each image-caption pair `caption + P + 4` positions
-  (`data_pipeline.packer.positions_of`: BOS, BOI, P patches, EOI, EOS), P = (latent side / patch)^2;
+  (`contract.positions.pair_positions`: BOS, BOI, P patches, EOI, EOS), P = (latent side / patch)^2;
   rows = positions / (seq_len x packing efficiency);
 - bytes of the packed MDS shards: 4 bytes per text token (int32 `tokens`), C x h x w x 2 bytes per
   latent (fp16 or bf16 bits, `contract.latents`), a 16-byte segment entry per document unit (int32 x 4
@@ -31,7 +31,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from data_pipeline.packer import PAIR, positions_of
+from contract.positions import pair_positions, patches_per_image
 from pretrain.config import load_config
 from pretrain.configlib import ConfigError
 from pretrain.plan.estimate import make_plan
