@@ -41,7 +41,7 @@ COLUMNS = {"key": "str", "kind": "str", "doc": "json"}
 
 
 _COUNTS = ("records_read", "records_written", "images_read", "encoded")
-_COUNTERS = ("skipped", "repaired")
+_COUNTERS = ("skipped", "repaired", "converted")
 
 
 @dataclass
@@ -49,7 +49,9 @@ class Stats:
     """Counters of one part (or of all parts, summed), and the skips by name.
 
     `skipped`: images per reason; `records_skipped`: unparseable records per reason (see sources);
-    `repaired`: records repaired per kind of repair; `named`: the first sources.NAMED_MAX skipped
+    `repaired`: records repaired per kind of repair; `converted`: images decoded with a conversion
+    (`icc_to_srgb`: an embedded ICC profile; `animated_frame`: the chosen frame of an animated image,
+    see data_pipeline.images); `named`: the first sources.NAMED_MAX skipped
     records and images as [{"record", "reason", "detail"?}].
     """
 
@@ -59,6 +61,7 @@ class Stats:
     encoded: int = 0
     skipped: Counter = field(default_factory=Counter)
     repaired: Counter = field(default_factory=Counter)
+    converted: Counter = field(default_factory=Counter)
     records: sources.SkipLog = field(default_factory=sources.SkipLog)
 
     def to_json(self) -> dict:
@@ -80,11 +83,13 @@ class Decoded:
 
     rec: sources.Record
     pixels: list[np.ndarray | str]  # one per image segment: (3, S, S) array or a BadImage reason
+    converted: Counter = field(default_factory=Counter)  # conversions applied to its images (images.load_image)
 
 
-def decode_record(rec: sources.Record, size: int) -> Decoded:
-    """Decode every image of `rec`; a bad image becomes its reason string."""
-    return Decoded(rec, imglib.decode_images(rec.segments, size))
+def decode_record(rec: sources.Record, size: int, animated_frame: int | None = None) -> Decoded:
+    """Decode every image of `rec`; a bad image becomes its reason string (animated ones unless `animated_frame`)."""
+    notes: Counter = Counter()
+    return Decoded(rec, imglib.decode_images(rec.segments, size, animated_frame, notes), notes)
 
 
 def to_sample(d: Decoded, latents: list[np.ndarray], dtype: latent_codec.LatentDtype) -> dict | None:
@@ -158,6 +163,7 @@ def _count(stats: Stats, d: Decoded, strict: bool) -> None:
     stats.images_read += len(d.pixels)
     stats.encoded += sum(isinstance(p, np.ndarray) for p in d.pixels)
     stats.skipped.update(p for p in d.pixels if isinstance(p, str))
+    stats.converted.update(d.converted)
     for reason, detail in bad:  # a skipped record is counted per reason; bad images are counted in `skipped`
         stats.records.add(rec.key, reason, detail if rec.skipped else "", count=bool(rec.skipped))
 
@@ -174,7 +180,7 @@ def process_part(part: sources.Part, kind: sources.SourceKind, vae: vaelib.Vae, 
         out=str(out_dir), columns={**COLUMNS, latent_codec.column(opts.dtype): latent_codec.COLUMNS[opts.dtype][1]},
         size_limit=opts.shard_size
     ) as w:
-        decoded = _prefetch(pool, lambda r: decode_record(r, opts.image_size), records,
+        decoded = _prefetch(pool, lambda r: decode_record(r, opts.image_size, opts.animated_frame), records,
                             depth=2 * opts.batch_size)
         for group in _chunks(decoded, opts.batch_size):
             lats = encode_group(vae, group, opts.batch_size)
@@ -215,6 +221,7 @@ def output_options(opts: PrecomputeOptions) -> dict:
     """The options that shape a part's output (its records, latents and shard files)."""
     return {"kind": opts.kind, "image_size": opts.image_size, "dtype": opts.dtype, "batch_size": opts.batch_size,
             "shard_size": opts.shard_size, "caption_fallback_encoding": opts.caption_fallback_encoding,
+            "animated_frame": opts.animated_frame, "pixels_version": imglib.PIXELS_VERSION,
             "vae_sha256": vae_fingerprint(opts.vae)}
 
 
@@ -282,6 +289,7 @@ class PrecomputeOptions:
     merge_only: bool = False  # only merge finished parts and write the reports
     strict: bool = False  # stop at the first skipped record or image
     caption_fallback_encoding: str | None = None  # repair non-UTF-8 caption files with this encoding
+    animated_frame: int | None = None  # animated GIF/WebP/APNG: None = skip as `animated`, K = use frame K (0-based)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -308,6 +316,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--caption-fallback-encoding", default=None, metavar="ENC",
                     help="repair caption files that are not UTF-8 by decoding them as ENC (e.g. cp1252, latin-1) "
                          "and count them under `repaired`; default: skip them as caption_not_utf8")
+    ap.add_argument("--animated-frame", type=int, default=d.animated_frame, metavar="K",
+                    help="animated GIF/WebP/APNG: encode frame K (0-based, composited over the earlier frames) and "
+                         "count it under `converted`; default: skip them as `animated`")
     return ap
 
 

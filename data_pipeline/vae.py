@@ -108,12 +108,13 @@ def decode(vae: Vae, z: torch.Tensor) -> torch.Tensor:
 
 
 def load_images(inputs: list[str], size: int, limit: int | None = None, kind: str = "pairs",
-                skips: sources.SkipLog | None = None) -> torch.Tensor:
+                skips: sources.SkipLog | None = None, animated_frame: int | None = None) -> torch.Tensor:
     """Every good image of pair/folder/tar inputs as a (N, 3, size, size) float32 tensor in [-1, 1].
 
     Unusable records (`sources` reasons: `bad_json`, `no_image_field`, ...) and images (`missing_file`,
     `images.BadImage` reasons) are skipped and, when `skips` is given, counted and named by reason, as
-    precompute does. At most `limit` images. Raises ValueError when no image is readable.
+    precompute does; animated images are skipped unless `animated_frame` picks a frame (images.load_image).
+    At most `limit` images. Raises ValueError when no image is readable.
     """
     skips = skips if skips is not None else sources.SkipLog()
     out: list[np.ndarray] = []
@@ -122,7 +123,7 @@ def load_images(inputs: list[str], size: int, limit: int | None = None, kind: st
             if rec.skipped:
                 skips.add(rec.key, rec.skipped, rec.detail)
                 continue
-            for px in imglib.decode_images(rec.segments, size):
+            for px in imglib.decode_images(rec.segments, size, animated_frame):
                 if isinstance(px, str):
                     skips.add(rec.key, px)
                     continue
@@ -295,10 +296,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--latent-noise", type=float, default=0.0,
                     help="train the decoder on latents noised by up to this many latent stds (robust decoding)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--animated-frame", type=int, default=None, metavar="K",
+                    help="animated GIF/WebP/APNG: train on frame K (0-based); default: skip them as `animated`")
     a = ap.parse_args(argv)
     t0 = time.time()
     skips = sources.SkipLog()
-    data = load_images(a.input, a.image_size, a.max_images, a.kind, skips)
+    data = load_images(a.input, a.image_size, a.max_images, a.kind, skips, a.animated_frame)
     if skips.counts:
         print(skips.summary("[vae] inputs") + f"; all named in {Path(a.out) / 'latent_stats.json'}", file=sys.stderr)
     train_vae(data, a.out, a.steps, a.batch_size, a.lr, a.kl_weight, a.gan_weight, a.gan_start,
