@@ -11,7 +11,7 @@ class StreamConfig:
 
     name: str = "text"
     remote: str | None = None  # s3://, gs://, or a local directory used as a remote
-    local: str = ""  # local directory with shards (or cache dir when remote is set)
+    local: str = ""  # local directory with shards (ignored when remote is set: data.cache_dir holds the cache)
     proportion: float | None = None  # share of sequences drawn from this stream
 
 
@@ -24,7 +24,8 @@ class DataConfig:
     seq_len: int = 4096  # positions per packed training sequence
     streams: list[StreamConfig] = field(default_factory=list)
     val_streams: list[StreamConfig] = field(default_factory=list)
-    cache_dir: str = ""  # streaming local cache root; one subdirectory per job
+    cache_dir: str = ""  # local cache root for remote streams; one subdirectory per (remote, index.json, pack.json)
+    cache_limit: str | None = None  # e.g. "50gb": streaming evicts shards past it and re-downloads them; None = keep all
     num_workers: int = 2
     prefetch_factor: int = 2
     shuffle: bool = True
@@ -45,6 +46,15 @@ class DataConfig:
                 raise ValueError(f"data.{name} must lie in [0, 1], got {v}")
         if self.image_first_max_timestep < 0:
             raise ValueError(f"data.image_first_max_timestep must be >= 0, got {self.image_first_max_timestep}")
+        if self.cache_limit is not None:
+            from streaming.base.util import bytes_to_int  # noqa: PLC0415
+
+            try:
+                if bytes_to_int(self.cache_limit) <= 0:
+                    raise ValueError("not positive")
+            except ValueError as e:
+                raise ValueError(f"data.cache_limit={self.cache_limit!r}: not a size ({e}); write it as e.g. \"50gb\" "
+                                 "or \"512mb\", or null to keep every shard") from e
         props = [s.proportion for s in self.streams]
         if any(p is None for p in props) and any(p is not None for p in props):
             raise ValueError("data.streams: set `proportion` on every stream or on none")

@@ -8,6 +8,7 @@ workers and several ranks (streaming's own sample accounting, fixed `num_canonic
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -23,6 +24,7 @@ from streaming.base.constant import BARRIER_FILELOCK, CACHE_FILELOCK, SHM_TO_CLE
 
 from contract.batch import TransfusionBatch
 from contract.special_ids import load_special_ids
+from data_pipeline import storage
 from data_pipeline.config import DataConfig, StreamConfig
 from data_pipeline.sequence import RowSpec, build_row
 
@@ -90,10 +92,39 @@ def _clean_once() -> None:
     _CLEANED = True
 
 
-def job_cache_dir(root: str) -> Path:
-    """One local cache directory per job (Slurm job id, torchrun run id, or the launcher's port)."""
-    job = os.environ.get("SLURM_JOB_ID") or os.environ.get("TORCHELASTIC_RUN_ID") or os.environ.get("MASTER_PORT")
-    return Path(root or ".cache/streaming") / f"job-{job or os.getpid()}"
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def stream_cache_dir(root: str | Path, name: str, remote: str) -> Path:
+    """The local cache of a remote stream, bound to what it caches (issue 27: a cache must never serve
+    another dataset).
+
+    The directory is `ROOT/NAME-KEY`, KEY = sha256 of (the remote URL, its index.json's bytes, the
+    pack report's bytes): a relaunch of the same job, or any later job on the same data, finds the
+    same directory and downloads nothing again (a folder per job or per launcher port re-downloaded
+    everything at every relaunch); another remote, or the same remote repacked in place, gets another
+    directory. The remote's index.json is written into it here (streaming never re-fetches a file that
+    is already local), and a local index.json that differs from the remote's (a tampered or older cache)
+    is replaced. `ROOT/NAME-KEY.json` records the remote and the hashes for humans. Raises
+    storage.StorageError when the remote's index.json cannot be read (its message names the URL).
+    """
+    index = storage.read_bytes(storage.join(remote, "index.json"))
+    info = pack_info(remote)
+    report = json.dumps(info, sort_keys=True).encode() if info else b""
+    key = _sha256(json.dumps([remote.rstrip("/"), _sha256(index), _sha256(report)]).encode())[:16]
+    d = Path(root or ".cache/streaming") / f"{name}-{key}"
+    d.mkdir(parents=True, exist_ok=True)
+    have = d / "index.json"
+    if not have.is_file() or _sha256(have.read_bytes()) != _sha256(index):
+        if have.is_file():
+            print(f"[data] {have}: differs from {storage.join(remote, 'index.json')}; replaced by the remote's")
+        storage.write_bytes(str(have), index)  # atomic: ranks sharing the node write the same bytes
+    meta = d.with_name(d.name + ".json")
+    if not meta.is_file():
+        storage.write_json(str(meta), {"remote": remote, "index_sha256": _sha256(index),
+                                       "pack_json_sha256": _sha256(report) if report else None})
+    return d
 
 
 class PackedDataset(StreamingDataset):
@@ -116,8 +147,16 @@ class PackedDataset(StreamingDataset):
             shard_id, _ = self.spanner[sample_id]
             shard = self.shards[shard_id]
             stream = self.streams[self.stream_per_shard[shard_id]]
-            where = Path(stream.local) / stream.split / shard.raw_data.basename
-            raise RuntimeError(f"{where}: corrupt or unreadable shard ({type(e).__name__}: {e}); "
+            name = shard.raw_data.basename
+            where = Path(stream.local) / stream.split / name
+            size = where.stat().st_size if where.is_file() else None
+            truncated = f"{size} of {shard.raw_data.bytes} bytes; " if size is not None and size != shard.raw_data.bytes else ""
+            if stream.remote:
+                url = storage.join(stream.remote, stream.split, name)
+                raise RuntimeError(f"{url}: corrupt or truncated shard ({truncated}{type(e).__name__}: {e}; cached "
+                                   f"at {where}); re-run data_pipeline.pack to that remote, then delete the cached "
+                                   "copy") from e
+            raise RuntimeError(f"{where}: corrupt or unreadable shard ({truncated}{type(e).__name__}: {e}); "
                                "re-run data_pipeline.pack for this stream or remove the shard") from e
 
 
@@ -144,12 +183,33 @@ class _Loader(StreamingDataLoader):
         return int(batch.tokens.shape[0]) if isinstance(batch, TransfusionBatch) else super()._get_batch_size(batch)
 
 
+def pack_info(root: str) -> dict | None:
+    """What data_pipeline.pack recorded for the packed stream at `root` (a local directory or a remote
+    URL such as `s3://bucket/text/train`); the one reader of pack.json (loader, dry run, estimate).
+
+    Returns the split's statistics (`root/pack.json`: kind, seq_len, patch_size, latent_shape, dtype,
+    rows, images, positions, real_positions, image_positions, efficiency, causal_pairs) with the pack
+    report's `tokenizer` and `identity` (from `root/../pack.json`, which also holds each split's
+    statistics under its name, used when the split's own file is absent); None when neither exists.
+    Raises storage.StorageError for an unreadable remote (missing bucket, wrong credentials).
+    """
+    split, report = None, None
+    if storage.exists(p := storage.join(root, "pack.json")):
+        split = storage.read_json(p)
+    if storage.exists(p := storage.join(storage.parent(root), "pack.json")):
+        report = storage.read_json(p)
+    if split is None and report is not None:
+        split = report.get(Path(str(root).rstrip("/")).name)
+    if split is None:
+        return None
+    if report is not None:
+        split = {**split, **{k: report[k] for k in ("tokenizer", "identity") if k in report}}
+    return split
+
+
 def _pack_stats(sc: StreamConfig) -> dict | None:
-    """The pack.json of a stream, when it can be read from the local filesystem."""
-    for root in (sc.local, sc.remote):
-        if root and "://" not in root and (Path(root) / "pack.json").is_file():
-            return json.loads((Path(root) / "pack.json").read_text())
-    return None
+    """The pack information of a stream, from its remote when it has one, else from its local directory."""
+    return pack_info(sc.remote or sc.local) if (sc.remote or sc.local) else None
 
 
 def mix_proportions(streams: list[StreamConfig], image_share: float | None) -> list[float | None]:
@@ -201,11 +261,10 @@ def _streams(cfg: DataConfig, split: str, spec: RowSpec) -> list[Stream]:
     if not scs:
         raise ValueError(f"data.{'streams' if split == 'train' else 'val_streams'} is empty: list the packed MDS directories")
     props = mix_proportions(scs, cfg.image_position_share) if split == "train" else [None] * len(scs)
-    cache = job_cache_dir(cfg.cache_dir)
     out = []
     for i, (sc, p) in enumerate(zip(scs, props)):
         check_stream(sc, cfg, spec)
-        local = str(cache / split / f"{i}-{sc.name}") if sc.remote else sc.local
+        local = str(stream_cache_dir(cfg.cache_dir, sc.name, sc.remote)) if sc.remote else sc.local
         if not sc.remote and not (Path(local) / "index.json").is_file():
             raise FileNotFoundError(f"data.{'streams' if split == 'train' else 'val_streams'}[{i}].local={local}: no index.json")
         out.append(Stream(remote=sc.remote, local=local, proportion=p))
@@ -223,6 +282,7 @@ class TransfusionLoader:
         self.dataset = PackedDataset(
             spec=spec, seed=seed, fixed_epoch=split == "val", streams=_streams(cfg, split, spec), batch_size=micro_batch_size,
             shuffle=cfg.shuffle and split == "train", shuffle_seed=seed, num_canonical_nodes=cfg.num_canonical_nodes,
+            cache_limit=cfg.cache_limit,
         )
         kw = {"prefetch_factor": cfg.prefetch_factor, "persistent_workers": False} if cfg.num_workers > 0 else {}
         self.loader = _Loader(self.dataset, batch_size=micro_batch_size, num_workers=cfg.num_workers,

@@ -7,12 +7,19 @@ bucket, and training from it through a bounded cache (see the tests below).
 
 from __future__ import annotations
 
+import dataclasses
+import gc
+import itertools
 import json
 import urllib.request
+from pathlib import Path
 
 import pytest
+import torch
 
 from data_pipeline import storage
+from data_pipeline.config import StreamConfig
+from data_pipeline.loader import build_loader
 
 
 def _moto_auth(endpoint: str, count: str) -> None:
@@ -60,3 +67,43 @@ def test_storage_errors_name_the_url_and_what_to_do(s3):
             assert storage.read_bytes(s3.url("a")) == b"x"
     finally:
         _moto_auth(s3.endpoint, "inf")
+
+
+def _first_batches(demo, cache: Path, n: int = 3, **stream) -> list:
+    """Token tensors of the first `n` micro-batches (2 rows, no shuffle) of one stream."""
+    cfg = dataclasses.replace(demo.data_config, cache_dir=str(cache), shuffle=False, num_workers=0,
+                              image_position_share=None, streams=[StreamConfig(name="s", **stream)])
+    ld = build_loader(cfg, "train", micro_batch_size=2, seed=0, patch_size=demo.patch_size,
+                      latent_shape=demo.latent_shape, diffusion_steps=1000)
+    out = [b.tokens.clone() for b in itertools.islice(ld, n)]
+    del ld
+    gc.collect()
+    return out
+
+
+def _cached_shards(cache: Path) -> dict[str, int]:
+    return {str(p): p.stat().st_mtime_ns for p in cache.rglob("*.mds")}
+
+
+def test_stream_cache_is_bound_to_what_it_caches(demo_data, tmp_path, monkeypatch):
+    """Issue 27 item 3. One data.cache_dir and stream name, two remotes: the second launch trains on its own
+    remote (it trained on the first remote's cached shards when the cache was named after the launcher's
+    port); a relaunch of the first (another port, another torchrun run id) downloads nothing again."""
+    remotes = {s.name: s.local for s in demo_data.data_config.streams}
+    a, b = remotes["pairs"], remotes["interleaved"]
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("MASTER_PORT", "29500")
+    first_a = _first_batches(demo_data, cache, remote=a)
+    before = _cached_shards(cache)
+    assert before
+    monkeypatch.setenv("MASTER_PORT", "29501")
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "relaunch")
+    again_a = _first_batches(demo_data, cache, remote=a)
+    assert all(torch.equal(x, y) for x, y in zip(first_a, again_a))
+    assert _cached_shards(cache) == before, "the relaunch downloaded the shards again into a new folder"
+    got_b = _first_batches(demo_data, cache, remote=b)
+    want_b = _first_batches(demo_data, tmp_path / "fresh", remote=b)
+    direct_b = _first_batches(demo_data, tmp_path / "unused", local=b)
+    assert all(torch.equal(x, y) for x, y in zip(want_b, direct_b))
+    assert not all(torch.equal(x, y) for x, y in zip(got_b, first_a)), "served the first remote's cached shards"
+    assert all(torch.equal(x, y) for x, y in zip(got_b, want_b))
