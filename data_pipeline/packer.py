@@ -137,10 +137,18 @@ class Packer:
     def pack(self, docs: Iterable[list[Unit]]) -> Iterator[Row]:
         """Rows of exactly seq_len positions (the last may be partly padding)."""
         for doc in docs:
-            if doc:
-                self.buffer.append(self._clip(doc))
-            if len(self.buffer) >= self.lookahead:
-                yield self._fill()
+            if (row := self.push(doc)) is not None:
+                yield row
+        yield from self.drain()
+
+    def push(self, doc: list[Unit]) -> Row | None:
+        """Take one document; return the row it completes, if any (the streaming form of `pack`)."""
+        if doc:
+            self.buffer.append(self._clip(doc))
+        return self._fill() if len(self.buffer) >= self.lookahead else None
+
+    def drain(self) -> Iterator[Row]:
+        """The rows left once every document has been pushed (the last may be partly padding)."""
         while self.buffer or self.pending:
             yield self._fill()
 

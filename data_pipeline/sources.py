@@ -1,12 +1,17 @@
 """Readers for the raw inputs users have: text (jsonl / txt), image-caption pairs (jsonl, a folder of
-images with caption side files, webdataset tars as img2dataset writes) and interleaved jsonl.
+images with caption side files, webdataset tars as img2dataset writes, parquet with an image column
+and a caption column as LAION / Hugging Face datasets write) and interleaved documents (jsonl, or
+OBELICS-style parquet with parallel `texts` / `images` lists).
 
-Image sources are split into deterministic *parts* (a jsonl line range, a folder file range, one
-tar) so that precompute can spread them over ranks and resume part by part.
+Image sources are split into deterministic *parts* (a jsonl line range, a folder file range, a parquet
+row range, one tar; a remote tar or parquet file is one part) so that precompute can spread them over
+ranks and resume part by part. Text sources are split into byte ranges (`text_pieces`) for pack.
+Inputs may be globs, brace ranges (`shards/{00000..00099}.tar`) and remote URLs (`s3://...`, read
+streamed through `data_pipeline.storage`).
 
 A malformed record never stops a reader: it is yielded as a `Record` with `skipped` set to a short
 reason (`bad_json`, `not_utf8`, `no_image_field`, `no_caption`, `empty_caption`, `caption_not_utf8`,
-`bad_segment`, `no_image`) and `detail`, which precompute counts and names in its report.
+`bad_segment`, `no_image`, `bad_row`) and `detail`, which precompute counts and names in its report.
 A caption that is not UTF-8 is repaired instead when `caption_fallback` names an encoding
 (e.g. "cp1252"); the record's `repaired` says so.
 """
@@ -16,12 +21,16 @@ from __future__ import annotations
 import glob
 import hashlib
 import json
+import io
 import os
+import re
 import tarfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Literal
+from typing import Any, Iterator, Literal
+
+from data_pipeline import storage
 
 SourceKind = Literal["pairs", "interleaved"]
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -114,14 +123,46 @@ class Part:
         return f"{Path(self.path).name}:{self.start}-{self.stop}"
 
 
+_BRACE = re.compile(r"\{([^{}]*)\}")
+
+
+def expand_braces(pattern: str) -> list[str]:
+    """Shell-style brace expansion, in order: `a{00000..00002}.tar` -> a00000.tar, a00001.tar, a00002.tar
+    (the width of zero-padded bounds is kept), `x.{tar,parquet}` -> x.tar, x.parquet; nested and
+    several groups expand left to right; `{5..3}` counts down; a group with neither stays literal."""
+    m = _BRACE.search(pattern)
+    if not m:
+        return [pattern]
+    body, head, tail = m.group(1), pattern[: m.start()], pattern[m.end() :]
+    rng = re.fullmatch(r"(-?\d+)\.\.(-?\d+)", body)
+    if rng:
+        a, b = rng.groups()
+        width = len(a) if a.lstrip("-").startswith("0") and len(a) > 1 else 0
+        step = 1 if int(b) >= int(a) else -1
+        items = [str(i).zfill(width) for i in range(int(a), int(b) + step, step)]
+    elif "," in body:
+        items = body.split(",")
+    else:
+        return [head + "{" + body + "}" + t for t in expand_braces(tail)]  # a literal {x}
+    return [x for it in items for x in expand_braces(head + it + tail)]
+
+
 def expand(inputs: list[str]) -> list[str]:
-    """Expand globs; each input must match something (error names it)."""
+    """Expand brace ranges and globs; each local input must match something (error names it).
+
+    Remote URLs (`s3://...`) are brace-expanded but not listed or checked here: a missing object is a
+    StorageError naming its URL when it is read.
+    """
     out: list[str] = []
-    for pat in inputs:
-        hits = sorted(glob.glob(pat)) if any(c in pat for c in "*?[") else ([pat] if os.path.exists(pat) else [])
-        if not hits:
-            raise FileNotFoundError(f"{pat}: no such input file or directory")
-        out += hits
+    for given in inputs:
+        for pat in expand_braces(given):
+            if storage.is_remote(pat):
+                out.append(pat)
+                continue
+            hits = sorted(glob.glob(pat)) if any(c in pat for c in "*?[") else ([pat] if os.path.exists(pat) else [])
+            if not hits:
+                raise FileNotFoundError(f"{pat}: no such input file or directory" + (f" (from {given})" if pat != given else ""))
+            out += hits
     return out
 
 
@@ -135,11 +176,22 @@ def _folder_images(path: str) -> list[str]:
 
 
 def list_parts(inputs: list[str], part_size: int = 1000) -> list[Part]:
-    """All parts of the given inputs, in a fixed order (independent of the number of ranks)."""
+    """All parts of the given inputs, in a fixed order (independent of the number of ranks).
+
+    A local parquet file is cut into row ranges of `part_size` (its row count comes from the footer); a
+    tar, and any remote file, is one part (read streamed, once).
+    """
     parts: list[Part] = []
     for path in expand(inputs):
-        if path.endswith(".tar"):
+        if storage.is_remote(path) and not path.endswith((".tar", ".parquet")):
+            raise ValueError(f"{path}: a remote image input must be a webdataset .tar or a .parquet file; "
+                             "copy jsonl inputs and their images to a local filesystem")
+        if path.endswith(".tar") or storage.is_remote(path):
             parts.append(Part(path, 0, -1))
+            continue
+        if path.endswith(".parquet"):
+            n = _parquet_rows(path)
+            parts += [Part(path, s, min(s + part_size, n)) for s in range(0, n, part_size)]
             continue
         n = len(_folder_images(path)) if os.path.isdir(path) else _count_lines(path)
         parts += [Part(path, s, min(s + part_size, n)) for s in range(0, n, part_size)]
@@ -157,8 +209,10 @@ def part_fingerprint(part: Part) -> str:
 
     A jsonl part hashes its own lines, so lines appended to the file leave earlier parts valid.
     """
+    if storage.is_remote(part.path):  # the URL names the object (a replaced object keeps it: use a new --out)
+        return hashlib.sha256(json.dumps([part.path, part.start, part.stop]).encode()).hexdigest()
     h = hashlib.sha256(json.dumps([str(Path(part.path).resolve()), part.start, part.stop]).encode())
-    if part.path.endswith(".tar"):
+    if part.path.endswith((".tar", ".parquet")):
         h.update(json.dumps(file_stamp(part.path)).encode())
     elif os.path.isdir(part.path):
         for p in _folder_images(part.path)[part.start : part.stop]:
@@ -282,7 +336,7 @@ def _read_tar(part: Part, fallback: str | None) -> Iterator[Record]:
     groups: dict[str, dict[str, bytes]] = {}
     order: list[str] = []
     try:
-        with tarfile.open(part.path) as tf:
+        with storage.open_read(part.path) as raw, tarfile.open(fileobj=raw, mode="r|*") as tf:
             for m in tf:
                 if not m.isfile():
                     continue
@@ -304,13 +358,136 @@ def _read_tar(part: Part, fallback: str | None) -> Iterator[Record]:
         yield _guarded(where, "pairs", lambda: _pair(where, where, g, img, fallback))
 
 
-def read_part(part: Part, kind: SourceKind, caption_fallback: str | None = None) -> Iterator[Record]:
+@dataclass(frozen=True)
+class Columns:
+    """Column names of parquet inputs (the CLI's --image-column & co.): pairs read `image` + `caption`,
+    interleaved rows read the parallel lists `texts` + `images`."""
+
+    image: str = "image"
+    caption: str = "caption"
+    texts: str = "texts"
+    images: str = "images"
+
+
+def _parquet_file(path: str) -> Any:
+    """A pyarrow ParquetFile of a local path, or of a remote object read whole into memory (parquet needs
+    its footer first, so a remote file is fetched as one streamed read, never to local disk)."""
+    import pyarrow as pa  # noqa: PLC0415 - only parquet inputs need it
+    import pyarrow.parquet as pq  # noqa: PLC0415
+
+    try:
+        src = pa.BufferReader(storage.read_bytes(path)) if storage.is_remote(path) else path
+        return pq.ParquetFile(src)
+    except (pa.ArrowException, OSError) as e:
+        raise ValueError(f"{path}: not a readable parquet file ({e}); re-download or drop this file") from e
+
+
+def _parquet_rows(path: str) -> int:
+    return _parquet_file(path).metadata.num_rows
+
+
+def _need_columns(pf: Any, path: str, want: dict[str, str]) -> None:
+    have = set(pf.schema_arrow.names)
+    for flag, col in want.items():
+        if col not in have:
+            raise ValueError(f"{path}: no column '{col}' (columns: {sorted(have)[:20]}); name the right one with {flag}")
+
+
+def _parquet_rows_of(part: Part, cols: list[str]) -> Iterator[tuple[int, dict]]:
+    """(row number in the file, {column: python value}) for the rows [start, stop) of a parquet part,
+    reading only the row groups that overlap it."""
+    pf = _parquet_file(part.path)
+    stop = pf.metadata.num_rows if part.stop < 0 else part.stop
+    first = 0
+    for g in range(pf.metadata.num_row_groups):
+        n = pf.metadata.row_group(g).num_rows
+        if first + n > part.start and first < stop:
+            table = pf.read_row_group(g, columns=cols)
+            lo, hi = max(part.start - first, 0), min(stop - first, n)
+            for i, row in enumerate(table.slice(lo, hi - lo).to_pylist()):
+                yield first + lo + i, row
+        first += n
+        if first >= stop:
+            return
+
+
+def _image_value(v: object, base: str, where: str) -> bytes | None:
+    """Image bytes from a parquet cell: bytes, a Hugging Face `{"bytes", "path"}` struct, or a local/remote path
+    (relative paths are relative to the parquet file's folder). None when a path cannot be read (counted as
+    `missing_file`); BadRecord `no_image` for a null cell or an empty struct, `bad_row` for another type."""
+    if isinstance(v, dict):
+        if v.get("bytes"):
+            return v["bytes"]
+        v = v.get("path")
+        if not v:
+            raise BadRecord("no_image", f"{where}: image struct holds neither bytes nor path")
+    if isinstance(v, (bytes, bytearray)):
+        return bytes(v)
+    if v is None:
+        raise BadRecord("no_image", f"{where}: the image cell is null")
+    if not isinstance(v, str):
+        raise BadRecord("bad_row", f"{where}: image cell of type {type(v).__name__}; want bytes, a path or a struct")
+    url = v if storage.is_remote(v) or os.path.isabs(v) else storage.join(storage.parent(base), v)
+    try:
+        return storage.read_bytes(url)
+    except Exception:  # noqa: BLE001 - any unreadable path or URL is a missing image, counted as `missing_file`
+        return None
+
+
+def _parquet_pair(row: dict, cols: Columns, path: str, where: str) -> Record:
+    cap = row.get(cols.caption)
+    if cap is None:
+        raise BadRecord("no_caption", f"{where}: column '{cols.caption}' is null")
+    if not isinstance(cap, str):
+        raise BadRecord("bad_row", f"{where}: column '{cols.caption}' holds {type(cap).__name__}, not a string")
+    if not cap.strip():
+        raise BadRecord("empty_caption", f"{where}: column '{cols.caption}' is empty")
+    return Record(where, "pairs", [("text", cap), ("image", _image_value(row.get(cols.image), path, where))])
+
+
+def _parquet_interleaved(row: dict, cols: Columns, path: str, where: str) -> Record:
+    texts, imgs = row.get(cols.texts), row.get(cols.images)
+    if not isinstance(texts, list) or not isinstance(imgs, list) or len(texts) != len(imgs):
+        lens = [len(x) if isinstance(x, list) else type(x).__name__ for x in (texts, imgs)]
+        raise BadRecord("bad_row", f"{where}: '{cols.texts}' and '{cols.images}' must be lists of one length (got {lens})")
+    segs: list[tuple[str, object]] = []
+    for j, (t, im) in enumerate(zip(texts, imgs)):
+        if t is not None and im is not None:
+            raise BadRecord("bad_segment", f"{where}: position {j} holds both a text and an image")
+        if t is not None:
+            if not isinstance(t, str):
+                raise BadRecord("bad_segment", f"{where}: text at position {j} is {type(t).__name__}")
+            segs.append(("text", t))
+        elif im is not None:
+            segs.append(("image", _image_value(im, path, f"{where}[{j}]")))
+    if not segs:
+        raise BadRecord("bad_row", f"{where}: every position is null")
+    return Record(where, "interleaved", segs)
+
+
+def _read_parquet(part: Part, kind: SourceKind, cols: Columns) -> Iterator[Record]:
+    """Rows of a parquet part as records (pairs: image + caption columns; interleaved: texts + images lists)."""
+    want = ({"--image-column": cols.image, "--caption-column": cols.caption} if kind == "pairs" else
+            {"--texts-column": cols.texts, "--images-column": cols.images})
+    _need_columns(_parquet_file(part.path), part.path, want)
+    make = _parquet_pair if kind == "pairs" else _parquet_interleaved
+    for i, row in _parquet_rows_of(part, list(want.values())):
+        where = f"{part.path}:row {i}"
+        yield _guarded(where, kind, lambda: make(row, cols, part.path, where))
+
+
+def read_part(part: Part, kind: SourceKind, caption_fallback: str | None = None,
+              columns: Columns | None = None) -> Iterator[Record]:
     """Records of one part, in order; malformed ones come as `Record.skipped` (see the module doc).
 
     `caption_fallback`: encoding used to repair a non-UTF-8 caption file (tar/folder), else it is skipped.
+    `columns`: parquet column names (default `Columns()`). A parquet file that lacks a named column is a
+    ValueError naming the file, the column and the flag to set.
     """
     if part.path.endswith(".tar"):
         return _read_tar(part, caption_fallback)
+    if part.path.endswith(".parquet"):
+        return _read_parquet(part, kind, columns or Columns())
     if os.path.isdir(part.path):
         return _read_folder(part, caption_fallback)
     return _read_jsonl(part, kind)
@@ -345,8 +522,78 @@ def text_files(inputs: list[str]) -> list[str]:
     """The text files of `inputs` in reading order (globs expanded, folders searched for .txt/.jsonl)."""
     out: list[str] = []
     for path in expand(inputs):
+        if storage.is_remote(path) and not path.endswith((".txt", ".jsonl")):
+            raise ValueError(f"{path}: a remote text input must be a .jsonl or .txt file (list them, or a brace range)")
         out += sorted(str(p) for p in Path(path).rglob("*") if p.suffix in (".txt", ".jsonl")) if os.path.isdir(path) else [path]
     return out
+
+
+def text_pieces(inputs: list[str], piece_bytes: int) -> list[Part]:
+    """The text inputs cut into byte ranges of at most `piece_bytes` (a .txt file, a remote file: whole, stop=-1).
+
+    A jsonl line belongs to the piece holding its first byte, so pieces are cut from file sizes alone
+    (nothing is read) and every line is in exactly one piece, whatever the number of ranks.
+    """
+    out: list[Part] = []
+    for fp in text_files(inputs):
+        if storage.is_remote(fp) or not fp.endswith(".jsonl"):
+            out.append(Part(fp, 0, -1))
+            continue
+        n = os.path.getsize(fp)
+        out += [Part(fp, s, min(s + piece_bytes, n)) for s in range(0, n, piece_bytes)]
+    return out
+
+
+def piece_bytes(part: Part) -> int:
+    """Bytes of input a text piece covers (a whole local file's size; 0 when unknown: remote)."""
+    if part.stop >= 0:
+        return part.stop - part.start
+    return 0 if storage.is_remote(part.path) else os.path.getsize(part.path)
+
+
+def _jsonl_lines(part: Part) -> Iterator[tuple[int, bytes]]:
+    """(byte offset, line) of each line starting in [start, stop) of a jsonl file (stop=-1: to the end)."""
+    with storage.open_read(part.path) as f:
+        pos = part.start
+        if pos > 0:
+            f.seek(pos - 1)
+            if f.read(1) != b"\n":  # a line begun in the previous piece: it belongs there
+                pos += len(f.readline())
+        while part.stop < 0 or pos < part.stop:
+            line = f.readline()
+            if not line:
+                return
+            yield pos, line
+            pos += len(line)
+
+
+def read_text_piece(part: Part, skips: SkipLog | None = None, strict: bool = False) -> Iterator[str]:
+    """Text documents of one piece (see text_pieces): the 'text' of each jsonl line, or a whole .txt file.
+
+    Records are named `FILE@OFFSET` (the byte offset of the line: `tail -c +$((OFFSET+1)) FILE | head -1`
+    prints it). Bad records as for iter_texts.
+    """
+    if part.path.endswith(".jsonl"):
+        items = ((f"{part.path}@{pos}", lambda line=line, pos=pos: _text_of(line, f"{part.path}@{pos}"))
+                 for pos, line in _jsonl_lines(part) if line.strip())
+    else:
+        items = iter([(part.path, lambda: _txt_bytes(storage.read_bytes(part.path), part.path))])
+    for where, get in items:
+        try:
+            text = get()
+        except BadRecord as e:
+            if strict or skips is None:
+                raise ValueError(f"{e.detail} ({e.reason}); fix or remove it") from e
+            skips.add(where, e.reason, e.detail)
+            continue
+        yield text
+
+
+def _txt_bytes(raw: bytes, fp: str) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise BadRecord("not_utf8", f"{fp}: {e}") from e
 
 
 def iter_texts(inputs: list[str], skips: SkipLog | None = None, strict: bool = False) -> Iterator[str]:
