@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 
 from pretrain.model.config import ModelConfig
+from pretrain.model import masks
 from pretrain.model.masks import additive
 
 
@@ -53,8 +54,8 @@ class KVCache:
         self._chunk = l
         positions = self.next_pos[:, None] + valid.long().cumsum(1) - 1  # (B, l)
         causal = torch.ones(l, l, dtype=torch.bool, device=valid.device).tril()  # (l, l)
-        same_img = (image_ids[:, :, None] == image_ids[:, None, :]) & (image_ids[:, :, None] >= 0)  # (B, l, l)
-        inner = (causal | same_img) & valid[:, None, :] & valid[:, :, None]  # (B, l, l)
+        real = valid[:, None, :] & valid[:, :, None]  # (B, l, l): one document, real query and key
+        inner = masks.allowed(real, causal, image_ids[:, :, None], image_ids[:, None, :])  # (B, l, l)
         inner |= torch.eye(l, dtype=torch.bool, device=valid.device)
         past = self.valid[:, None, : self.length].expand(B, l, self.length) & valid[:, :, None]  # (B, l, Lc)
         allowed = torch.cat([past, inner], dim=2)  # (B, l, Lc + l)

@@ -56,21 +56,31 @@ def additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, float("-inf"))
 
 
+def same_image(img_q: torch.Tensor, img_k: torch.Tensor) -> torch.Tensor:
+    """True where query and key are patches of one image: image ids equal and not -1 (text). Broadcasts."""
+    return (img_q == img_k) & (img_q >= 0)
+
+
+def allowed(same_doc: torch.Tensor, key_not_after_query: torch.Tensor, img_q: torch.Tensor,
+            img_k: torch.Tensor) -> torch.Tensor:
+    """The Transfusion rule, elementwise (broadcasts): same document AND (causal OR same image).
+
+    Every mask form below (dense, FlexAttention, per-document buckets, the KV cache's) calls this.
+    """
+    return same_doc & (key_not_after_query | same_image(img_q, img_k))
+
+
 def dense_mask(doc_ids: torch.Tensor, image_ids: torch.Tensor) -> torch.Tensor:
     """Boolean (B, 1, L, L) mask, True where attention is allowed."""
     L = doc_ids.shape[1]
     causal = torch.ones(L, L, dtype=torch.bool, device=doc_ids.device).tril()  # (L, L)
     same_doc = doc_ids[:, :, None] == doc_ids[:, None, :]  # (B, L, L)
-    same_img = (image_ids[:, :, None] == image_ids[:, None, :]) & (image_ids[:, :, None] >= 0)  # (B, L, L)
-    return (same_doc & (causal | same_img)).unsqueeze(1)  # (B, 1, L, L)
+    return allowed(same_doc, causal, image_ids[:, :, None], image_ids[:, None, :]).unsqueeze(1)  # (B, 1, L, L)
 
 
 def _mask_mod(doc_ids: torch.Tensor, image_ids: torch.Tensor) -> Callable:
     def mask_mod(b, h, q, kv):  # noqa: ANN001 - FlexAttention's signature
-        same_doc = doc_ids[b, q] == doc_ids[b, kv]
-        img_q = image_ids[b, q]
-        same_img = (img_q == image_ids[b, kv]) & (img_q >= 0)
-        return same_doc & ((kv <= q) | same_img)
+        return allowed(doc_ids[b, q] == doc_ids[b, kv], kv <= q, image_ids[b, q], image_ids[b, kv])
 
     return mask_mod
 
@@ -118,10 +128,10 @@ def document_blocks(doc_ids: torch.Tensor, image_ids: torch.Tensor, dtype: torch
         idx = torch.where(valid, st[:, None] + j[None, :], st[:, None])  # (n, S)
         img = torch.where(valid, img_flat[idx], -1)  # (n, S)
         causal = j[None, :] <= j[:, None]  # (S, S) key <= query
-        same_img = (img[:, :, None] == img[:, None, :]) & (img[:, :, None] >= 0)  # (n, S, S)
-        allowed = (causal | same_img) & valid[:, None, :]  # (n, S, S); key 0 keeps every query row non-empty
+        # one document per bucket row: same_doc is "the key is real" (key 0 keeps every query row non-empty)
+        ok = allowed(valid[:, None, :], causal, img[:, :, None], img[:, None, :])  # (n, S, S)
         index.append(idx)
-        mask.append(additive(allowed, dtype).unsqueeze(1))  # (n, 1, S, S)
+        mask.append(additive(ok, dtype).unsqueeze(1))  # (n, 1, S, S)
         slots = offset + torch.arange(idx.numel(), device=dev).view_as(idx)  # (n, S)
         inverse[idx[valid]] = slots[valid]
         offset += idx.numel()
