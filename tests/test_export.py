@@ -211,6 +211,32 @@ def test_from_pretrained_reads_a_sharded_export_exactly(tmp_path: Path) -> None:
     assert torch.equal(a.lm_loss_sum, b.lm_loss_sum) and torch.equal(a.diffusion_loss_sum, b.diffusion_loss_sum)
 
 
+def test_from_pretrained_names_the_keys_of_a_config_from_another_version(tmp_path: Path) -> None:
+    """A saved model section with a key this code does not know, or without one it needs, raises ValueError
+    naming those keys and the file (before: TypeError on unknown keys, silent defaults for missing ones)."""
+    import yaml
+
+    from pretrain.config import load_config, save_config
+    from pretrain.model import Transfusion
+
+    cfg = load_config(ROOT / "configs/tiny.yaml")
+    save_config(cfg, tmp_path / "config.yaml")
+    saved = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    saved["model"]["mystery_width"] = 3  # a key from a newer version
+    del saved["model"]["rope_theta"]  # a key an older version did not write
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(saved))
+    with pytest.raises(ValueError) as err:
+        Transfusion.from_pretrained(tmp_path)
+    msg = str(err.value)
+    assert "config.yaml" in msg and "unknown keys model.mystery_width" in msg and "missing keys model.rope_theta" in msg
+    saved["model"]["rope_theta"] = 10000.0
+    del saved["model"]["mystery_width"]
+    saved["model"]["max_seq_len"] = 256  # a key that moved: the error says where
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(saved))
+    with pytest.raises(ValueError, match=r"model\.max_seq_len is now data\.seq_len"):
+        Transfusion.from_pretrained(tmp_path)
+
+
 def test_streamed_shards_read_back_with_safetensors_in_every_dtype(tmp_path: Path) -> None:
     """write_shards' own safetensors writer (header from the shapes, then one tensor at a time): safetensors'
     reader gives back each tensor cast to the export dtype bit for bit, 0-d and empty tensors included."""

@@ -200,11 +200,11 @@ def test_export_writes_the_ema_weights(straight, tmp_path):
     from safetensors.torch import load_file
 
     from pretrain.train.ema import load_full
-    from pretrain.artifacts.export import export
+    from pretrain.artifacts.export import ExportOptions, export
 
     ema = load_full(straight / "checkpoints/step_00000010")
-    out_ema = export(straight, tmp_path / "ema", None, "fp32", 1.0, None)
-    out_raw = export(straight, tmp_path / "raw", None, "fp32", 1.0, None, weights="raw")
+    out_ema = export(straight, tmp_path / "ema")
+    out_raw = export(straight, tmp_path / "raw", ExportOptions(weights="raw"))
     got, raw = load_file(out_ema / "model.safetensors"), load_file(out_raw / "model.safetensors")
     assert json.loads((out_ema / "export.json").read_text())["weights"] == "ema"
     assert set(got) == set(raw) == set(ema)
@@ -240,15 +240,15 @@ def test_zero2_follows_zero3_resumes_exactly_and_exports(straight, demo_data, tm
     from safetensors.torch import load_file
 
     from pretrain.train.ema import load_full
-    from pretrain.artifacts.export import export
+    from pretrain.artifacts.export import ExportOptions, export
 
     ckpt = tmp_path / "checkpoints/step_00000010"
     assert not list(ckpt.glob("zero_pp_rank_*_model_states.pt"))  # really stage 2: no parameter partitions
     module = torch.load(ckpt / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
-    raw = load_file(export(tmp_path, tmp_path / "raw", None, "fp32", 1.0, None, weights="raw") / "model.safetensors")
+    raw = load_file(export(tmp_path, tmp_path / "raw", ExportOptions(weights="raw")) / "model.safetensors")
     assert set(raw) == set(module) and all(torch.equal(raw[n], module[n]) for n in raw)
     ema = load_full(ckpt)
-    got_ema = load_file(export(tmp_path, tmp_path / "ema", None, "fp32", 1.0, None) / "model.safetensors")
+    got_ema = load_file(export(tmp_path, tmp_path / "ema") / "model.safetensors")
     assert set(got_ema) == set(ema) and all(torch.equal(got_ema[n], ema[n]) for n in ema)
     assert any(not torch.equal(got_ema[n], raw[n]) for n in ema)
     ema_ref = load_full(straight / "checkpoints/step_00000010")
@@ -265,13 +265,13 @@ def test_zero0_logs_the_gradient_norm_and_exports_its_ema(straight, demo_data, t
     assert all(math.isfinite(r["grad_norm"]) for r in train_rows(tmp_path).values())  # NaN before the trainer measured it
     assert_follows_straight(straight, tmp_path)
     from pretrain.train.ema import load_full
-    from pretrain.artifacts.export import ExportError, export
+    from pretrain.artifacts.export import ExportError, ExportOptions, export
 
-    out = export(tmp_path, tmp_path / "ema", None, "fp32", 1.0, None)
+    out = export(tmp_path, tmp_path / "ema")
     assert json.loads((out / "export.json").read_text())["weights"] == "ema"
     assert set(load_full(tmp_path / "checkpoints/step_00000010")) == set(load_full(straight / "checkpoints/step_00000010"))
     with pytest.raises(ExportError, match="ZeRO stage 0"):
-        export(tmp_path, tmp_path / "raw", None, "fp32", 1.0, None, weights="raw")
+        export(tmp_path, tmp_path / "raw", ExportOptions(weights="raw"))
     assert not (tmp_path / "raw").exists()
 
 
@@ -379,7 +379,7 @@ def test_init_from_export_under_zero3_matches_from_pretrained(straight, demo_dat
     from pretrain.model import Transfusion
     from pretrain.train.schedule import lr_at
 
-    exp = export(straight, tmp_path / "export", None, "fp32", 1.0, None)  # the EMA weights of step 10
+    exp = export(straight, tmp_path / "export")  # the EMA weights of step 10
     cfg = load_config(config_arg(demo_data), RUN_OVERRIDES)
     batch = fixed_batch(demo_data, cfg)
     torch.save(asdict(batch), tmp_path / "batch.pt")

@@ -32,6 +32,7 @@ import shutil
 import struct
 import sys
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -39,7 +40,8 @@ import torch
 
 from pretrain.train import checkpoint
 from pretrain.train import ema
-from pretrain.config import load_config, save_config
+from pretrain.config import Config, load_config, save_config
+from pretrain.model import export_layout as layout
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -217,24 +219,24 @@ def _name_shards(paths: list[Path], out: Path) -> list[Path]:
     from safetensors import safe_open
 
     if len(paths) == 1:
-        final = out / "model.safetensors"
+        final = out / layout.WEIGHTS
         paths[0].replace(final)
         return [final]
     n = len(paths)
     final_paths, weight_map = [], {}
     for i, p in enumerate(paths):
-        final = out / f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+        final = out / layout.shard_name(i, n)
         p.replace(final)
         with safe_open(str(final), "pt") as f:
             weight_map.update({k: final.name for k in f.keys()})
         final_paths.append(final)
-    (out / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}, indent=1))
+    (out / layout.WEIGHTS_INDEX).write_text(json.dumps({"weight_map": weight_map}, indent=1))
     return final_paths
 
 
 def is_export(path: Path) -> bool:
     """A directory written by this module (either format): it holds export.json."""
-    return (path / "export.json").is_file()
+    return (path / layout.MANIFEST).is_file()
 
 
 def write_atomically(out: Path, force: bool, fill: Callable[[Path], None]) -> Path:
@@ -265,13 +267,24 @@ def write_atomically(out: Path, force: bool, fill: Callable[[Path], None]) -> Pa
     return out
 
 
-def export(run_dir: Path, out: Path, step: int | None, dtype: str, max_shard_gb: float, vae: str | None,
-           force: bool = False, weights: str = "auto") -> Path:
-    """Export the run's checkpoint to `out` (atomically); returns `out`. Raises ExportError / FileNotFoundError.
+@dataclass(frozen=True)
+class ExportOptions:
+    """What to export and how (the CLI's flags; see `main`)."""
 
-    weights: "ema" (the EMA of train.ema_decay, pretrain/train/ema.py), "raw" (the trained weights), or "auto"
-    (the EMA when the checkpoint holds one).
-    """
+    step: int | None = None  # checkpoint step; None = the newest complete one
+    dtype: str = "fp32"  # a key of DTYPES
+    max_shard_gb: float = 5.0  # largest safetensors file, GiB
+    vae: str | None = None  # VAE directory to ship; None = the run's data.vae (--hf-llama: unused)
+    force: bool = False  # replace a non-empty --out that is not an earlier export
+    # "ema" (the EMA of train.ema_decay, pretrain/train/ema.py), "raw" (the trained weights), or "auto"
+    # (the EMA when the checkpoint holds one); --hf-llama: unused
+    weights: str = "auto"
+
+
+def export(run_dir: Path, out: Path, opts: ExportOptions = ExportOptions()) -> Path:
+    """Export the run's checkpoint to `out` (atomically); returns `out`. Raises ExportError / FileNotFoundError."""
+    step, dtype, max_shard_gb, vae, force, weights = (opts.step, opts.dtype, opts.max_shard_gb, opts.vae,
+                                                      opts.force, opts.weights)
     ckpt = pick_checkpoint(run_dir, step)
     use_ema = weights == "ema" or (weights == "auto" and ema.has_ema(ckpt))
     if use_ema and not ema.has_ema(ckpt):
@@ -287,37 +300,47 @@ def export(run_dir: Path, out: Path, step: int | None, dtype: str, max_shard_gb:
 
     def fill(tmp: Path) -> None:
         write_shards(tensors, tmp, DTYPES[dtype], int(max_shard_gb * 2**30))
-        shutil.copyfile(tok, tmp / "tokenizer.model")
-        shutil.copyfile(tok.with_suffix(".json"), tmp / "tokenizer.json")
+        shutil.copyfile(tok, tmp / layout.TOKENIZER)
+        shutil.copyfile(tok.with_suffix(".json"), tmp / layout.SPECIAL_IDS)
         if vae_dir:
-            shutil.copytree(vae_dir, tmp / "vae")
-        cfg.data.tokenizer = str(out / "tokenizer.model")
-        cfg.data.vae = str(out / "vae") if vae_dir else ""
-        save_config(cfg, tmp / "config.yaml")
-        (tmp / "export.json").write_text(json.dumps({"format": "transfusion", "checkpoint": str(ckpt), "dtype": dtype,
+            shutil.copytree(vae_dir, tmp / layout.VAE)
+        cfg.data.tokenizer = str(out / layout.TOKENIZER)
+        cfg.data.vae = str(out / layout.VAE) if vae_dir else ""
+        save_config(cfg, tmp / layout.CONFIG)
+        (tmp / layout.MANIFEST).write_text(json.dumps({"format": "transfusion", "checkpoint": str(ckpt), "dtype": dtype,
                                                      "weights": "ema" if use_ema else "raw"}, indent=1))
 
     return write_atomically(out, force, fill)
+
+
+def read_export_config(src: Path) -> Config:
+    """The run config an export directory was written with, its tokenizer path pointed at the export's copy.
+
+    The one reader of a whole saved config (`pretrain.config.load_config`: unknown keys are errors naming
+    them); the model alone is read by `Transfusion.from_pretrained` (export_layout.read_model_config).
+    """
+    return load_config(src / layout.CONFIG, [f"data.tokenizer={src / layout.TOKENIZER}"])
 
 
 def export_tensors(src: Path) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, tensor) pairs of an export directory, one safetensors shard open at a time."""
     from safetensors import safe_open
 
-    from pretrain.model.transfusion import weight_files
-
-    for f in weight_files(src):
+    for f in layout.weight_files(src):
         with safe_open(str(f), "pt") as fh:
             for k in fh.keys():
                 yield k, fh.get_tensor(k)
 
 
-def export_hf_llama(src: Path, out: Path, step: int | None, dtype: str, max_shard_gb: float, force: bool = False) -> Path:
-    """The text tower of a run's checkpoint, or of an export dir, as a Hugging Face LlamaForCausalLM dir."""
+def export_hf_llama(src: Path, out: Path, opts: ExportOptions = ExportOptions()) -> Path:
+    """The text tower of a run's checkpoint, or of an export dir, as a Hugging Face LlamaForCausalLM dir.
+
+    Of `opts`, step (a run's checkpoint), dtype, max_shard_gb and force apply."""
     from pretrain.artifacts.hf_llama import hf_config_dict, hf_tensors
 
+    step, dtype, max_shard_gb, force = opts.step, opts.dtype, opts.max_shard_gb, opts.force
     if is_export(src):
-        cfg = load_config(src / "config.yaml", [f"data.tokenizer={src / 'tokenizer.model'}"])
+        cfg = read_export_config(src)
         tensors, origin = export_tensors(src), str(src)
     else:
         ckpt = pick_checkpoint(src, step)
@@ -334,10 +357,10 @@ def export_hf_llama(src: Path, out: Path, step: int | None, dtype: str, max_shar
         write_shards(hf_tensors(tensors, cfg.model), tmp, DTYPES[dtype], int(max_shard_gb * 2**30))
         hf = hf_config_dict(cfg.model, cfg.data.seq_len)
         hf["torch_dtype"] = str(DTYPES[dtype]).removeprefix("torch.")
-        (tmp / "config.json").write_text(json.dumps(hf, indent=1))
+        (tmp / layout.HF_CONFIG).write_text(json.dumps(hf, indent=1))
         if tok.is_file():
-            shutil.copyfile(tok, tmp / "tokenizer.model")
-        (tmp / "export.json").write_text(json.dumps({"format": "hf-llama", "source": origin, "dtype": dtype}, indent=1))
+            shutil.copyfile(tok, tmp / layout.TOKENIZER)
+        (tmp / layout.MANIFEST).write_text(json.dumps({"format": "hf-llama", "source": origin, "dtype": dtype}, indent=1))
 
     return write_atomically(out, force, fill)
 
@@ -357,11 +380,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="auto: the EMA weights when the run kept them (train.ema_decay > 0), else the trained ones")
     ap.add_argument("--hf-llama", action="store_true", help="write the text tower as a Hugging Face LlamaForCausalLM dir")
     a = ap.parse_args(argv)
+    opts = ExportOptions(step=a.step, dtype=a.dtype, max_shard_gb=a.max_shard_gb, vae=a.vae, force=a.force,
+                         weights=a.weights)
     try:
-        if a.hf_llama:
-            out = export_hf_llama(a.run_dir, a.out, a.step, a.dtype, a.max_shard_gb, a.force)
-        else:
-            out = export(a.run_dir, a.out, a.step, a.dtype, a.max_shard_gb, a.vae, a.force, a.weights)
+        out = export_hf_llama(a.run_dir, a.out, opts) if a.hf_llama else export(a.run_dir, a.out, opts)
     except (FileNotFoundError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -36,6 +36,7 @@ from typing import Callable, Iterator
 import torch
 
 from pretrain.model.config import ModelConfig
+from pretrain.model import export_layout as layout
 
 Reader = Callable[[str], torch.Tensor]
 
@@ -142,15 +143,15 @@ def read_hf_dir(path: Path) -> tuple[dict, Reader]:
     """config.json and a lazy tensor reader over the directory's safetensors (single file or index)."""
     from safetensors import safe_open
 
-    cfg_file = path / "config.json"
+    cfg_file = path / layout.HF_CONFIG
     if not cfg_file.is_file():
         raise HFConversionError(f"{cfg_file} missing: point at a Hugging Face Llama directory (config.json + safetensors)")
-    index = path / "model.safetensors.index.json"
+    index = path / layout.WEIGHTS_INDEX
     if index.is_file():
         where = {k: path / f for k, f in json.loads(index.read_text())["weight_map"].items()}
-    elif (path / "model.safetensors").is_file():
-        with safe_open(str(path / "model.safetensors"), "pt") as f:
-            where = {k: path / "model.safetensors" for k in f.keys()}
+    elif (path / layout.WEIGHTS).is_file():
+        with safe_open(str(path / layout.WEIGHTS), "pt") as f:
+            where = {k: path / layout.WEIGHTS for k in f.keys()}
     else:
         raise HFConversionError(f"{path}: no model.safetensors nor model.safetensors.index.json (pytorch_model.bin "
                                 "is pickle and not read; convert it with transformers' save_pretrained)")

@@ -11,8 +11,9 @@ from typing import Iterator
 
 import torch
 
-from pretrain.config import Config, config_changes, load_config
-from pretrain.artifacts.export import export_tensors, is_export
+from pretrain.config import Config, config_changes
+from pretrain.artifacts.export import export_tensors, is_export, read_export_config
+from pretrain.model import export_layout as layout
 from pretrain.artifacts.hf_llama import check_hf_config, from_hf, read_hf_dir
 
 
@@ -22,14 +23,14 @@ def initial_tensors(path: Path, cfg: Config) -> Iterator[tuple[str, torch.Tensor
     An export must have the same model.* keys (model.attention aside) as this run; a HF Llama dir
     must match the backbone shape (pretrain.artifacts.hf_llama.check_hf_config). Errors name the differing keys.
     """
-    if is_export(path) and (path / "config.yaml").is_file():
-        fixed, _ = config_changes(load_config(path / "config.yaml", [f"data.tokenizer={path / 'tokenizer.model'}"]), cfg)
+    if is_export(path) and (path / layout.CONFIG).is_file():
+        fixed, _ = config_changes(read_export_config(path), cfg)
         wrong = {k: v for k, v in fixed.items() if k.startswith("model.")}
         if wrong:
             raise ValueError(f"train.init_from={path}: the export's model differs from this run's: "
                              + "; ".join(f"{k} export {a!r}, run {b!r}" for k, (a, b) in wrong.items()))
         yield from export_tensors(path)
-    elif (path / "config.json").is_file():
+    elif (path / layout.HF_CONFIG).is_file():
         hf, read = read_hf_dir(path)
         check_hf_config(hf, cfg.model, f"train.init_from={path}")
         yield from from_hf(read, hf, cfg.model)

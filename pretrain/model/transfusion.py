@@ -10,7 +10,6 @@ decoder, so ZeRO-3 ranks always gather the same parameters.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import NamedTuple
 
@@ -24,6 +23,7 @@ from pretrain.model.backbone import ModalityExpertsBlock, ModalityRoute, Transfo
 from pretrain.model.config import ModelConfig, check_sampler
 from pretrain.model.diffusion import (EpsFn, add_flow_noise, add_noise, cosine_alpha_bar, flow_time, sample_latents,
                                       timestep_loss_weights)
+from pretrain.model.export_layout import read_model_config, weight_files
 from pretrain.model.kv_cache import KVCache
 from pretrain.model.layers import Embedding, Linear, RMSNorm
 from pretrain.model.patching import build_patching
@@ -63,18 +63,15 @@ class Transfusion(nn.Module):
     def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> "Transfusion":
         """The model of an export directory (`python -m pretrain.artifacts.export`), in eval mode.
 
-        Reads `config.yaml` (its `model` section) and the safetensors weights (one file or sharded
-        with an index). `dtype` None keeps fp32 (bf16 exports are upcast). Raises FileNotFoundError
-        naming the missing file.
+        Reads `config.yaml` (its `model` section, export_layout.read_model_config) and the safetensors
+        weights (one file or sharded with an index). `dtype` None keeps fp32 (bf16 exports are upcast).
+        Raises FileNotFoundError naming the missing file, ValueError naming the model keys of a config
+        written by another version of the code (unknown or missing).
         """
-        import yaml
         from safetensors.torch import load_file
 
         root = Path(path)
-        if not (root / "config.yaml").is_file():
-            raise FileNotFoundError(f"{root / 'config.yaml'} missing: point at a directory written by pretrain.artifacts.export")
-        section = yaml.safe_load((root / "config.yaml").read_text())["model"]  # the dumped run config's model keys
-        cfg = ModelConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in section.items()})
+        cfg = read_model_config(root)
         state: dict[str, torch.Tensor] = {}
         for f in weight_files(root):
             state.update(load_file(f, device=str(device)))
@@ -308,12 +305,3 @@ class Transfusion(nn.Module):
         lm_sum = F.cross_entropy(logits.float(), batch.targets.view(-1)[sel], reduction="sum")
         return lm_sum, sel.numel()
 
-
-def weight_files(root: Path) -> list[Path]:
-    """The safetensors files of an export or Hugging Face directory: the index's shards, or model.safetensors."""
-    index = root / "model.safetensors.index.json"
-    names = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else ["model.safetensors"]
-    for n in names:
-        if not (root / n).is_file():
-            raise FileNotFoundError(f"{root / n} missing: the export is incomplete; export again")
-    return [root / n for n in names]
