@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import shutil
 import sys
 import time
@@ -33,6 +32,7 @@ from tqdm import tqdm
 
 from contract import latents as latent_codec
 from contract.dist_env import detect_env
+from contract.fileio import write_json_atomic
 from data_pipeline import images as imglib
 from data_pipeline import sources, vae as vaelib
 
@@ -195,9 +195,7 @@ def process_part(part: sources.Part, kind: sources.SourceKind, vae: vaelib.Vae, 
                     stats.records_written += 1
             bar.update(sum(len(d.pixels) for d in group))
     report = {"part": part.name, **stats.to_json(), "seconds": round(time.time() - t0, 3), "identity": identity}
-    tmp = out_dir / "report.json.tmp"
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-    os.replace(tmp, out_dir / "report.json")
+    write_json_atomic(out_dir / "report.json", report)
     return report
 
 

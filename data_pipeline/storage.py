@@ -27,6 +27,8 @@ import urllib.parse
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from contract.fileio import write_atomic
+
 __all__ = ["StorageError", "is_remote", "scheme", "join", "parent", "open_read", "read_bytes", "read_json",
            "exists", "list_dir", "write_bytes", "write_json", "upload_file", "delete"]
 
@@ -303,9 +305,7 @@ def write_bytes(url: str | Path, data: bytes) -> None:
     if not is_remote(u):
         p = _local(u)
         p.parent.mkdir(parents=True, exist_ok=True)
-        tmp = p.with_name(p.name + f".tmp{os.getpid()}")
-        tmp.write_bytes(data)
-        os.replace(tmp, p)
+        write_atomic(p, data)
         return
     if scheme(u) == "s3":
         bucket, key = _bucket_key(u)

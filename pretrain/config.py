@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
+from contract.fileio import write_atomic
 from contract.positions import pair_positions
 from contract.special_ids import load_special_ids
 from data_pipeline.config import DataConfig
@@ -175,10 +176,7 @@ def set_vocab_size(cfg: Config, explicit: bool) -> Config:
 
 def save_config(cfg: Config, path: str | Path) -> None:
     """Write the merged config as YAML (via a temp file and a rename: never a half-written file)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    configlib.dump(cfg, tmp)
-    tmp.replace(path)
+    write_atomic(path, configlib.dumps(cfg))
 
 
 #: Keys a resumed run may not change: the model's shape and what decides which sequences come next

@@ -236,6 +236,11 @@ def load(cls: type[T], path: str | Path | list[str | Path] | None = None, overri
     return load_data(cls, merged_data(cls, path, overrides), path)
 
 
+def dumps(obj: Any) -> str:
+    """The merged config as YAML text (so a run directory records exactly what ran)."""
+    return yaml.safe_dump(to_dict(obj), sort_keys=False)
+
+
 def dump(obj: Any, path: str | Path) -> None:
-    """Write the merged config as YAML (so a run directory records exactly what ran)."""
-    Path(path).write_text(yaml.safe_dump(to_dict(obj), sort_keys=False))
+    """Write the merged config as YAML (not atomic; pretrain.config.save_config is)."""
+    Path(path).write_text(dumps(obj))

@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from contract.fileio import write_atomic
 from pretrain.config import Config, load_config, save_config
 from pretrain.train.distributed import barrier
 
@@ -78,18 +79,8 @@ def find_resume(resume: str, run_dir: str | Path) -> Path | None:
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    """Write via a temp file, fsync, rename: readers see the old file or the whole new one."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    """Write via a temp file, fsync, rename: readers see the old file or the whole new one (contract.fileio)."""
+    write_atomic(path, text, durable=True)
 
 
 def fault_point(name: str, step: int) -> None:
