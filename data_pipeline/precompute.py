@@ -175,7 +175,7 @@ def process_part(part: sources.Part, kind: sources.SourceKind, vae: vaelib.Vae, 
         shutil.rmtree(out_dir)  # a crashed, unfinished part
     stats = Stats()
     t0 = time.time()
-    records = sources.read_part(part, kind, opts.caption_fallback_encoding)
+    records = sources.read_part(part, kind, opts.caption_fallback_encoding, parquet_columns(opts))
     with ThreadPoolExecutor(opts.decode_threads) as pool, MDSWriter(
         out=str(out_dir), columns={**COLUMNS, latent_codec.column(opts.dtype): latent_codec.COLUMNS[opts.dtype][1]},
         size_limit=opts.shard_size
@@ -220,7 +220,12 @@ def output_options(opts: PrecomputeOptions) -> dict:
     return {"kind": opts.kind, "image_size": opts.image_size, "dtype": opts.dtype, "batch_size": opts.batch_size,
             "shard_size": opts.shard_size, "caption_fallback_encoding": opts.caption_fallback_encoding,
             "animated_frame": opts.animated_frame, "pixels_version": imglib.PIXELS_VERSION,
-            "vae_sha256": vae_fingerprint(opts.vae)}
+            "vae_sha256": vae_fingerprint(opts.vae), "parquet_columns": list(vars(parquet_columns(opts)).values())}
+
+
+def parquet_columns(opts: PrecomputeOptions) -> sources.Columns:
+    """The parquet column names the options give (pairs: image + caption; interleaved: texts + images lists)."""
+    return sources.Columns(opts.image_column, opts.caption_column, opts.texts_column, opts.images_column)
 
 
 def part_identity(part: sources.Part, options: dict) -> dict:
@@ -272,7 +277,7 @@ def wait_for_parts(out: Path, idents: list[dict], timeout: float) -> None:
 class PrecomputeOptions:
     """What `run` encodes and how (the CLI flags, typed); Python callers build it directly."""
 
-    inputs: list[str]  # pairs/interleaved .jsonl, image folders, webdataset .tar (globs ok)
+    inputs: list[str]  # pairs/interleaved .jsonl, image folders, webdataset .tar, .parquet (globs, brace ranges, s3:// for tar/parquet)
     vae: str  # local diffusers AutoencoderKL directory
     out: str  # output directory (MDS dataset)
     kind: sources.SourceKind = "pairs"  # layout of .jsonl inputs
@@ -288,6 +293,10 @@ class PrecomputeOptions:
     strict: bool = False  # stop at the first skipped record or image
     caption_fallback_encoding: str | None = None  # repair non-UTF-8 caption files with this encoding
     animated_frame: int | None = None  # animated GIF/WebP/APNG: None = skip as `animated`, K = use frame K (0-based)
+    image_column: str = "image"  # parquet pairs: image bytes, a {"bytes", "path"} struct or a path/URL
+    caption_column: str = "caption"  # parquet pairs: the caption string
+    texts_column: str = "texts"  # parquet interleaved: list of text-or-null
+    images_column: str = "images"  # parquet interleaved: list of image-or-null (bytes, struct or path/URL)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -296,8 +305,14 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m data_pipeline.precompute", description=__doc__,
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--input", dest="inputs", nargs="+", required=True,
-                    help="pairs/interleaved .jsonl, image folders, webdataset .tar (globs ok)")
-    ap.add_argument("--kind", choices=("pairs", "interleaved"), default=d.kind, help="layout of .jsonl inputs")
+                    help="pairs/interleaved .jsonl, image folders, webdataset .tar, .parquet (globs and brace "
+                         "ranges ok; .tar and .parquet may be s3:// URLs, read streamed)")
+    ap.add_argument("--kind", choices=("pairs", "interleaved"), default=d.kind, help="layout of .jsonl and .parquet inputs")
+    ap.add_argument("--image-column", default=d.image_column,
+                    help="parquet pairs: column of image bytes, a {bytes, path} struct or a path/URL")
+    ap.add_argument("--caption-column", default=d.caption_column, help="parquet pairs: caption column")
+    ap.add_argument("--texts-column", default=d.texts_column, help="parquet interleaved: list of texts (null at images)")
+    ap.add_argument("--images-column", default=d.images_column, help="parquet interleaved: list of images (null at texts)")
     ap.add_argument("--vae", required=True, help="local diffusers AutoencoderKL directory")
     ap.add_argument("--out", required=True, help="output directory (MDS dataset)")
     ap.add_argument("--image-size", type=int, default=d.image_size)
