@@ -56,6 +56,18 @@ def test_model_states_equal_deepspeed_estimator() -> None:
         assert line.split("|")[0].strip() == f"{ours['cpu_per_node'] / 2**30:.2f}GB", (line, ours)
 
 
+def test_deepspeed_zero_defaults_are_the_installed_deepspeeds() -> None:
+    """The defaults the planners assume for unset ZeRO knobs are DeepSpeed's own (DeepSpeedZeroConfig)."""
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+
+    from pretrain.plan.batch import DEEPSPEED_ZERO_DEFAULTS, zero_setting
+
+    theirs = DeepSpeedZeroConfig()
+    by_key = {(f.alias or name): getattr(theirs, name) for name, f in DeepSpeedZeroConfig.model_fields.items()}
+    assert {k: by_key[k] for k in DEEPSPEED_ZERO_DEFAULTS} == DEEPSPEED_ZERO_DEFAULTS
+    assert zero_setting({"reduce_bucket_size": 7}, "reduce_bucket_size") == 7
+
+
 def test_flops_of_paper_configs_by_hand() -> None:
     """0.16B and 7B (linear patching, default mix) against FLOPs written out by hand."""
     # default mix, seq 4096, P = 256: caption+image documents of 30 + 4 + 256 = 290 positions,

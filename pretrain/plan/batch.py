@@ -14,6 +14,23 @@ from pretrain.config import Config
 from pretrain.configlib import deep_merge
 
 
+#: DeepSpeed's ZeRO defaults for the knobs the planners read when the derived config leaves them unset
+#: (deepspeed.runtime.zero.config.DeepSpeedZeroConfig; tests/test_estimate.py checks them against the
+#: installed DeepSpeed). Elements, not bytes.
+DEEPSPEED_ZERO_DEFAULTS: dict[str, int] = {
+    "reduce_bucket_size": 500_000_000,
+    "stage3_prefetch_bucket_size": 50_000_000,
+    "stage3_max_live_parameters": 1_000_000_000,
+    "stage3_max_reuse_distance": 1_000_000_000,
+    "stage3_param_persistence_threshold": 100_000,
+}
+
+
+def zero_setting(zero: dict[str, Any], key: str) -> int:
+    """`key` of a DeepSpeed `zero_optimization` mapping, or DeepSpeed's default (DEEPSPEED_ZERO_DEFAULTS)."""
+    return int(zero.get(key, DEEPSPEED_ZERO_DEFAULTS[key]))
+
+
 class BatchSizeError(ValueError):
     """The global batch does not split into micro-batches x accumulation x ranks."""
 
@@ -34,13 +51,24 @@ def plan_batch(cfg: Config, world_size: int) -> BatchPlan:
     per_step = m * world_size
     if g <= 0 or m <= 0 or g % per_step:
         lo, hi = max(per_step, (g // per_step) * per_step), (g // per_step + 1) * per_step
-        divisors = [d for d in range(1, g + 1) if g % (d * world_size) == 0][:8]
+        divisors = micro_batch_sizes(g, world_size)[:8]
         raise BatchSizeError(
             f"train.global_batch_size={g} is not a multiple of train.micro_batch_size={m} x {world_size} ranks "
             f"= {per_step}. Set train.global_batch_size to {lo} or {hi}, or train.micro_batch_size to one of "
             f"{divisors or 'none (change the number of ranks)'}."
         )
     return BatchPlan(g, m, g // per_step, world_size)
+
+
+def micro_batch_sizes(global_batch: int, world_size: int) -> list[int]:
+    """Every micro-batch size m with global_batch = m x accumulation x world_size (ascending; [] if none)."""
+    return [m for m in range(1, global_batch + 1) if global_batch % (m * world_size) == 0]
+
+
+def weight_bytes(cfg: Config) -> int:
+    """Bytes per parameter and gradient element on a GPU: 2 under DeepSpeed's bf16 mode (`use_bf16`), else 4
+    (fp32, and bf16_autocast: fp32 weights and gradients, bf16 matmuls)."""
+    return 2 if use_bf16(cfg, on_gpu=True) else 4
 
 
 def use_bf16(cfg: Config, on_gpu: bool) -> bool:

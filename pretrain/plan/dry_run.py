@@ -103,7 +103,7 @@ def _check_tokenizer(where: str, local: str, tokenizer: str) -> list[str]:
 def dry_run(cfg: Config, shape: ClusterShape) -> int:
     """Run every start-up check and print the plan; 0 = the job can start, 2 = problems (listed)."""
     from pretrain.plan.batch import BatchSizeError, derive_ds_config, plan_batch
-    from pretrain.plan.estimate import format_plan, make_plan, mix_for
+    from pretrain.plan.estimate import DOES_NOT_FIT_ADVICE, format_plan, make_plan, mix_for
     from pretrain.model import Transfusion
 
     problems: list[str] = []
@@ -129,8 +129,7 @@ def dry_run(cfg: Config, shape: ClusterShape) -> int:
     if not est.fits:
         problems.append(
             f"train.micro_batch_size={cfg.train.micro_batch_size}: {est.gpu_bytes / 2**30:.1f} GiB per GPU does not fit "
-            f"in {shape.gpu.key} ({shape.gpu.memory_bytes / 2**30:.1f} GiB); lower train.micro_batch_size, set "
-            "train.activation_checkpointing=true or distributed.offload_optimizer=true")
+            f"in {shape.gpu.key} ({shape.gpu.memory_bytes / 2**30:.1f} GiB); {DOES_NOT_FIT_ADVICE}")
     if problems:
         print(f"dry run FAILED: {len(problems)} problem(s)")
         for p in problems:

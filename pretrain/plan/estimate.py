@@ -37,6 +37,7 @@ import torch
 from contract.positions import pair_positions
 from pretrain.config import Config, load_config
 from pretrain.configlib import ConfigError
+from pretrain.plan.batch import weight_bytes, zero_setting
 from pretrain.plan.hardware import GIB, GPUS, Gpu
 from pretrain.model import ModelConfig, Transfusion, TransfusionBatch
 from pretrain.model.patching import build_patching
@@ -47,6 +48,9 @@ PAPER_POSITIONS = 2e12
 DEFAULT_CAPTION_TOKENS = 30
 #: CUDA context, NCCL communicators and allocator slack per GPU (typical; measure on your cluster)
 RUNTIME_OVERHEAD_BYTES = 2 * GIB
+#: what to change when a plan does not fit a GPU's memory (the estimate's verdict and the dry run's problem)
+DOES_NOT_FIT_ADVICE = ("lower train.micro_batch_size, set train.activation_checkpointing=true, or offload "
+                       "(distributed.offload_optimizer=true)")
 
 
 def count_parameters(cfg: ModelConfig) -> dict[str, int]:
@@ -266,12 +270,13 @@ def deepspeed_buffer_bytes(ds_zero: dict[str, Any], total: int, bytes_per_el: in
     """ZeRO-3 communication buffers at the derived DeepSpeed config (DeepSpeed's defaults otherwise):
     the gradient reduce bucket, the parameter prefetch bucket, and up to `stage3_max_live_parameters`
     gathered parameters (an upper bound: DeepSpeed releases them as it goes)."""
+    reduce = {"reduce_bucket": float(bytes_per_el * zero_setting(ds_zero, "reduce_bucket_size"))}
     if ds_zero.get("stage", 0) != 3:
-        return {"reduce_bucket": float(bytes_per_el * int(ds_zero.get("reduce_bucket_size", 5e8)))}
+        return reduce
     return {
-        "reduce_bucket": float(bytes_per_el * int(ds_zero.get("reduce_bucket_size", 5e8))),
-        "prefetch_bucket": float(bytes_per_el * int(ds_zero.get("stage3_prefetch_bucket_size", 5e7))),
-        "live_parameters": float(bytes_per_el * min(total, int(ds_zero.get("stage3_max_live_parameters", 1e9)))),
+        **reduce,
+        "prefetch_bucket": float(bytes_per_el * zero_setting(ds_zero, "stage3_prefetch_bucket_size")),
+        "live_parameters": float(bytes_per_el * min(total, zero_setting(ds_zero, "stage3_max_live_parameters"))),
     }
 
 
@@ -337,7 +342,7 @@ def make_plan(cfg: Config, nodes: int, gpus_per_node: int, gpu: Gpu, ds_config: 
     counts = count_parameters(m)
     mix = mix or mix_for(cfg)
     patch_flops, patch_act = patching_cost(m)
-    el = 2 if cfg.train.precision in ("auto", "bf16") else 4  # bf16_autocast: fp32 weights and gradients
+    el = weight_bytes(cfg)
     zero = (ds_config or {}).get("zero_optimization", {"stage": d.zero_stage})
     states = model_state_bytes(counts["total"], counts["largest_layer"], gpus_per_node, nodes, d.zero_stage,
                                d.offload_optimizer, d.offload_params)
@@ -404,15 +409,15 @@ def host_memory_plan(cfg: Config, mix: DocMix, world_size: int, ds_config: dict[
     m, mb = cfg.model, cfg.train.micro_batch_size
     counts = count_parameters(m)
     n = counts["total"]
-    persist = persistent_parameters(m, int(zero.get("stage3_param_persistence_threshold", 1e5)))
+    persist = persistent_parameters(m, zero_setting(zero, "stage3_param_persistence_threshold"))
     acts = activation_bytes(m, mix, mb, cfg.train.activation_checkpointing, 4)
     acts["lm_head"] = 16.0 * m.vocab_size * mix.text_targets * mb
-    live = int(zero.get("stage3_max_live_parameters", 1e9)) + int(zero.get("stage3_max_reuse_distance", 1e9))
+    live = zero_setting(zero, "stage3_max_live_parameters") + zero_setting(zero, "stage3_max_reuse_distance")
     terms = {
         "runtime (python, torch, deepspeed, compiled kernels; measured)": float(baseline_bytes),
         "model states (fp32 params + grads + Adam m, v) / world": 16.0 * n / world_size,
         "persistent parameters (gathered whole)": 4.0 * persist * (1 - 1 / world_size),
-        "deepspeed / reduce bucket": 4.0 * min(int(zero.get("reduce_bucket_size", 5e8)), n),
+        "deepspeed / reduce bucket": 4.0 * min(zero_setting(zero, "reduce_bucket_size"), n),
         "deepspeed / gathered parameters (live + reuse distance)": 4.0 * min(live, n),
         **{f"activations / {k}": v for k, v in acts.items()},
         "activations / dense attention mask (CPU backward)": float(mb * mix.seq_len**2),
@@ -468,8 +473,7 @@ def format_plan(plan: Plan, cfg: Config, mfus: list[float], positions: float) ->
     verdict = "FITS" if plan.fits else "DOES NOT FIT"
     out.append(f"verdict: {verdict} ({plan.gpu_bytes / g.memory_bytes:.0%} of {g.key} memory)")
     if not plan.fits:
-        out.append("  lower train.micro_batch_size, set train.activation_checkpointing=true, or offload "
-                   "(distributed.offload_optimizer=true)")
+        out.append(f"  {DOES_NOT_FIT_ADVICE}")
     out.append(f"throughput ({g.key}: {g.bf16_flops / 1e12:.0f} TFLOP/s dense bf16 peak):")
     for mfu in mfus:
         per_gpu = mfu * g.bf16_flops / f.total

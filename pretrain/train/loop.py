@@ -27,7 +27,7 @@ from pretrain import configlib
 from pretrain.train import distributed
 from pretrain.config import Config, config_changes, load_config, save_config
 from pretrain.train.ema import ShardedEMA
-from pretrain.plan.batch import BatchPlan, BatchSizeError, plan_batch
+from pretrain.plan.batch import BatchPlan, BatchSizeError, micro_batch_sizes, plan_batch
 from pretrain.train.engine import build_engine
 from pretrain.train.hooks import HookContext, TrainHooks, check_hooks
 from pretrain.train.metrics import MetricsWriter, StepStats, StepTimer, detect_peak_flops
@@ -355,7 +355,7 @@ def plan_for(cfg: Config, env: DistEnv, ckpt: Path | None) -> BatchPlan:
         if ckpt is None or checkpoint.saved_world_size(ckpt) == env.world_size:
             raise
         g = cfg.train.global_batch_size
-        micro = [m for m in range(1, g + 1) if g % (m * env.world_size) == 0]
+        micro = micro_batch_sizes(g, env.world_size)
         raise ResumeError(
             f"{ckpt} was trained with train.global_batch_size={g}, which a resume keeps, and {g} sequences do not "
             f"split over {env.world_size} ranks x train.micro_batch_size={cfg.train.micro_batch_size}. Set "
