@@ -190,7 +190,8 @@ def pack_info(root: str) -> dict | None:
     Returns the split's statistics (`root/pack.json`: kind, seq_len, patch_size, latent_shape, dtype,
     rows, images, positions, real_positions, image_positions, efficiency, causal_pairs) with the pack
     report's `tokenizer` and `identity` (from `root/../pack.json`, which also holds each split's
-    statistics under its name, used when the split's own file is absent); None when neither exists.
+    statistics under its name, used when the split's own file is absent; when neither has the split's
+    statistics, only `tokenizer` and `identity`); None when neither file exists.
     Raises storage.StorageError for an unreadable remote (missing bucket, wrong credentials).
     """
     split, report = None, None
@@ -199,7 +200,7 @@ def pack_info(root: str) -> dict | None:
     if storage.exists(p := storage.join(storage.parent(root), "pack.json")):
         report = storage.read_json(p)
     if split is None and report is not None:
-        split = report.get(Path(str(root).rstrip("/")).name)
+        split = report.get(Path(str(root).rstrip("/")).name) or {}  # {}: only the report's tokenizer/identity
     if split is None:
         return None
     if report is not None:
@@ -222,8 +223,8 @@ def mix_proportions(streams: list[StreamConfig], image_share: float | None) -> l
     if any(s.proportion is not None for s in streams) or image_share is None or len(streams) < 2:
         return [s.proportion for s in streams]
     stats = [_pack_stats(s) for s in streams]
-    if any(st is None for st in stats):
-        missing = [s.name for s, st in zip(streams, stats) if st is None]
+    if any(not st or "rows" not in st for st in stats):
+        missing = [s.name for s, st in zip(streams, stats) if not st or "rows" not in st]
         raise ValueError(f"data.streams {missing}: no pack.json to derive the mix from; set `proportion` on every stream")
     rows = np.array([st["rows"] for st in stats], dtype=np.float64)
     share = np.array([st["image_positions"] / max(1, st["positions"]) for st in stats])

@@ -50,6 +50,7 @@ def cluster_shape(nodes: int | None, gpus_per_node: int | None, gpu: str | None)
 def check_data(cfg: Config) -> list[str]:
     """Every problem of the data section: missing tokenizer or shards, shards packed for another
     seq_len / patch size / latent shape / tokenizer. Empty list when all is well."""
+    from data_pipeline import storage
     from data_pipeline.loader import check_stream
     from data_pipeline.sequence import RowSpec
     from contract.special_ids import load_special_ids
@@ -68,35 +69,38 @@ def check_data(cfg: Config) -> list[str]:
     for section, streams in (("streams", cfg.data.streams), ("val_streams", cfg.data.val_streams)):
         for i, sc in enumerate(streams):
             where = f"data.{section}[{i}] ({sc.name})"
-            if sc.remote:
-                continue  # object storage: streaming checks it at start; nothing to read here
-            if not (Path(sc.local) / "index.json").is_file():
-                problems.append(f"{where}: {sc.local}/index.json not found; pack the source with data_pipeline.pack")
-                continue
+            root = sc.remote or sc.local  # a remote (s3://...) is read in place: its index.json and pack.json
             try:
+                if not storage.exists(storage.join(root, "index.json")):
+                    problems.append(f"{where}: {storage.join(root, 'index.json')} not found; pack the source with "
+                                    "data_pipeline.pack" + (" to that remote" if sc.remote else ""))
+                    continue
                 check_stream(sc, cfg.data, spec)
+                problems += _check_tokenizer(where, root, cfg.data.tokenizer)
+            except storage.StorageError as e:
+                problems.append(f"{where}: {e}")
             except ValueError as e:
                 problems.append(f"{where}: {e}")
-            problems += _check_tokenizer(where, sc.local, cfg.data.tokenizer)
     return problems
 
 
-def _check_tokenizer(where: str, local: str, tokenizer: str) -> list[str]:
+def _check_tokenizer(where: str, root: str, tokenizer: str) -> list[str]:
     """The shards were packed with data.tokenizer: the same file content (pack.json's
     identity.tokenizer_sha256), else, for packs that lack it, the same path. A data set copied to
-    another place (a cluster filesystem) keeps its checksum and passes."""
+    another place (a cluster filesystem, a bucket) keeps its checksum and passes. `root`: the stream's
+    directory or remote URL, read by `data_pipeline.loader.pack_info` (no pack.json: nothing to check)."""
+    from data_pipeline.loader import pack_info
     from data_pipeline.pack import file_sha256
 
-    for p in (Path(local) / "pack.json", Path(local).parent / "pack.json"):
-        if not p.is_file():
-            continue
-        report = json.loads(p.read_text())
-        packed, digest = report.get("tokenizer"), report.get("identity", {}).get("tokenizer_sha256")
-        same = (digest == file_sha256(Path(tokenizer)) if digest and Path(tokenizer).is_file()
-                else not packed or Path(packed).resolve() == Path(tokenizer).resolve())
-        if not same:
-            return [f"{where}: packed with tokenizer {packed} (sha256 {str(digest)[:12]}) but data.tokenizer={tokenizer} "
-                    "is another file; repack or point data.tokenizer at the packing tokenizer"]
+    info = pack_info(root)
+    if not info:
+        return []
+    packed, digest = info.get("tokenizer"), info.get("identity", {}).get("tokenizer_sha256")
+    same = (digest == file_sha256(Path(tokenizer)) if digest and Path(tokenizer).is_file()
+            else not packed or Path(packed).resolve() == Path(tokenizer).resolve())
+    if not same:
+        return [f"{where}: packed with tokenizer {packed} (sha256 {str(digest)[:12]}) but data.tokenizer={tokenizer} "
+                "is another file; repack or point data.tokenizer at the packing tokenizer"]
     return []
 
 

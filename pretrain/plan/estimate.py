@@ -25,11 +25,9 @@ shards' pack.json files when the config's streams point at them, else from `defa
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -120,18 +118,20 @@ def mix_from_pack(cfg: Config) -> DocMix | None:
     """The mix of the config's train streams from their pack.json files (None if one is unreadable,
     predates the `causal_pairs` field or was packed for another seq_len); streams are weighted as
     the loader weights them."""
-    from data_pipeline.loader import mix_proportions
+    from data_pipeline.loader import pack_info, mix_proportions
+    from data_pipeline.storage import StorageError
 
     streams = cfg.data.streams
     if not streams:
         return None
     stats = []
     for sc in streams:
-        path = Path(sc.local or "") / "pack.json"
-        if not sc.local or not path.is_file():
+        try:
+            st = pack_info(sc.remote or sc.local) if (sc.remote or sc.local) else None
+        except StorageError:
+            return None  # an unreadable remote (the dry run reports it)
+        if st is None:
             return None
-        st = json.loads(path.read_text())
-        st = st.get("train", st)
         if "causal_pairs" not in st or not st.get("rows") or st.get("seq_len") != cfg.data.seq_len:
             return None  # an older pack.json, or packed for another seq_len (the dry run reports that)
         stats.append(st)
@@ -147,7 +147,7 @@ def mix_from_pack(cfg: Config) -> DocMix | None:
         images=per_row("images"),
         text_targets=per_row("real_positions") - per_row("image_positions"),
         causal_pairs=per_row("causal_pairs"),
-        source="pack.json of " + ", ".join(sc.local for sc in streams),
+        source="pack.json of " + ", ".join(sc.remote or sc.local for sc in streams),
     )
 
 
