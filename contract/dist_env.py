@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import socket
+import subprocess
 import sys
 from dataclasses import dataclass
 from typing import Mapping, MutableMapping
@@ -122,10 +124,30 @@ def from_torch(env: Mapping[str, str]) -> DistEnv:
     )
 
 
-def from_slurm(env: Mapping[str, str]) -> DistEnv:
-    """A Slurm task's place from SLURM_* variables (of the job step when set); master = MASTER_ADDR or the first node.
+def node_addr(node: str, path: str | None = None) -> str:
+    """The address other nodes reach Slurm node `node` at: its NodeAddr (`scontrol show node`), else `node`.
 
-    The port is MASTER_PORT, else 20000 + job id mod 20000 (as cluster/common.sh's tf_rendezvous picks it).
+    Node names need not resolve (docs: DESIGN §6, a cluster of network namespaces), so the address
+    slurm.conf gives is the one to dial; without scontrol (on `path`, default PATH) or a NodeAddr, the
+    name itself. The same rule as cluster/common.sh's tf_rendezvous (tests/test_slurm_scripts.py
+    checks that both give the same master).
+    """
+    exe = shutil.which("scontrol", path=path)
+    if exe is None:
+        return node
+    try:
+        out = subprocess.run([exe, "show", "node", node], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return node
+    m = re.search(r"\bNodeAddr=(\S+)", out)
+    return m.group(1) if m else node
+
+
+def from_slurm(env: Mapping[str, str]) -> DistEnv:
+    """A Slurm task's place from SLURM_* variables (of the job step when set).
+
+    The master is MASTER_ADDR, else the first node's NodeAddr (`node_addr`, as cluster/common.sh's
+    tf_rendezvous takes it); the port is MASTER_PORT, else 20000 + job id mod 20000 (as tf_rendezvous).
     """
     rank = int(env["SLURM_PROCID"])
     nodes = expand_nodelist(env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST") or "127.0.0.1")
@@ -135,7 +157,7 @@ def from_slurm(env: Mapping[str, str]) -> DistEnv:
         local_rank=int(env.get("SLURM_LOCALID", "0")),
         world_size=int(env.get("SLURM_STEP_NUM_TASKS") or env["SLURM_NTASKS"]),
         local_world_size=_slurm_node_tasks(env, rank),
-        master_addr=env.get("MASTER_ADDR") or nodes[0],
+        master_addr=env.get("MASTER_ADDR") or node_addr(nodes[0], env.get("PATH")),
         master_port=int(env.get("MASTER_PORT") or 20000 + job % 20000),
         launcher="srun",
     )

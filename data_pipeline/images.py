@@ -219,8 +219,8 @@ def load_image(data: bytes, size: int, animated_frame: int | None = None, notes:
 
 
 def to_uint8(x: np.ndarray) -> np.ndarray:
-    """(3, H, W) in [-1, 1] -> (H, W, 3) uint8 for saving as PNG."""
-    return ((np.clip(x, -1, 1) + 1) * 127.5).round().astype(np.uint8).transpose(1, 2, 0)
+    """(..., 3, H, W) in [-1, 1] -> (..., H, W, 3) uint8 for saving as PNG or judging (one image or a batch)."""
+    return np.moveaxis(((np.clip(x, -1, 1) + 1) * 127.5).round().astype(np.uint8), -3, -1)
 
 
 def decode_images(segments: list[tuple[str, object]], size: int, animated_frame: int | None = None,

@@ -60,8 +60,16 @@ class TrainConfig:
     ema_decay: float = 0.0
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.ema_decay < 1.0:
-            raise ValueError(f"train.ema_decay={self.ema_decay} must lie in [0, 1): 0 = no EMA, e.g. 0.999")
+        check_ema_decay(self.ema_decay)
+
+
+def check_ema_decay(decay: float, enabled: bool = False) -> None:
+    """The one range check of train.ema_decay: [0, 1), 0 = no EMA; enabled=True (an EMA being built) excludes 0.
+
+    Raises ValueError naming the key and a usual value."""
+    if not 0.0 <= decay < 1.0 or (enabled and decay == 0.0):
+        raise ValueError(f"train.ema_decay={decay} must lie in [0, 1): 0 = no EMA"
+                         + (" (and an EMA is being built)" if enabled else "") + ", e.g. 0.999")
 
 
 @dataclass

@@ -20,6 +20,7 @@ import pytest
 
 from contract.dist_env import free_port
 from data_pipeline.demo_data import DemoData, DemoSizes, make_demo_data
+from pretrain.evaluation.evaluate import CHANCE
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -83,11 +84,11 @@ def test_demo_recipe_learns_to_caption_and_to_place(trained_vae_data: DemoData, 
     # text -> image colour 95.5, place 92.2, one object 85.7, shape 52.6 (no shape floor: 800 steps are
     # far from the shape the demo reaches)
     checks = {
-        "captions colour": (cap["color"], 0.75, 1 / 6, n_cap),  # P(X >= 61 of 81 | 1/6) ~ 5e-31
-        "captions place": (cap["place"], 0.75, 1 / 9, n_cap),  # P(X >= 61 of 81 | 1/9) ~ 3e-41
-        "captions all three": (cap["all_three"], 0.30, 1 / 162, n_cap),  # P(X >= 25 of 81 | 1/162) ~ 2e-35
-        "text->image colour": (t2i["color"], 0.40, 1 / 6, n_t2i),  # P(X >= 62 of 154 | 1/6) ~ 1e-12
-        "text->image place": (t2i["place"], 0.35, 1 / 9, n_t2i),  # P(X >= 54 of 154 | 1/9) ~ 1e-15
+        "captions colour": (cap["color"], 0.75, CHANCE["color"], n_cap),  # P(X >= 61 of 81 | 1/6) ~ 5e-31
+        "captions place": (cap["place"], 0.75, CHANCE["place"], n_cap),  # P(X >= 61 of 81 | 1/9) ~ 3e-41
+        "captions all three": (cap["all_three"], 0.30, CHANCE["all_three"], n_cap),  # P(X >= 25 of 81 | 1/162) ~ 2e-35
+        "text->image colour": (t2i["color"], 0.40, CHANCE["color"], n_t2i),  # P(X >= 62 of 154 | 1/6) ~ 1e-12
+        "text->image place": (t2i["place"], 0.35, CHANCE["place"], n_t2i),  # P(X >= 54 of 154 | 1/9) ~ 1e-15
     }
     low = {k: (v, floor, f"tail {binomial_tail(n, math.ceil(floor * n), p):.1e}")
            for k, (v, floor, p, n) in checks.items() if v < floor}

@@ -66,3 +66,26 @@ def test_srun_task_refuses_to_run_outside_a_task() -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
     r = subprocess.run(["bash", str(CLUSTER / "srun_task.sh"), "true"], env=env, capture_output=True, text=True)
     assert r.returncode != 0 and "SLURM_PROCID" in r.stderr
+
+
+@pytest.mark.parametrize("node_addr", ["10.200.0.11", ""])
+def test_master_addr_is_the_first_nodes_nodeaddr_in_both_shell_and_python(tmp_path: Path, node_addr: str) -> None:
+    """cluster/common.sh's tf_rendezvous and contract.dist_env.from_slurm (a task without MASTER_ADDR) take
+    the master from the same rule: the first node's NodeAddr from `scontrol show node`, else its name
+    (DESIGN §6: node names need not resolve). A stand-in `scontrol` prints what Slurm 22.05 prints."""
+    from contract.dist_env import from_slurm
+
+    line = f"   NodeAddr={node_addr} NodeHostName=$3 Version=22.05" if node_addr else "   NodeHostName=$3"
+    fake = tmp_path / "scontrol"
+    fake.write_text("#!/bin/sh\n"
+                    'if [ "$1 $2" = "show hostnames" ]; then echo n1; echo n2; exit 0; fi\n'
+                    f'if [ "$1 $2" = "show node" ]; then echo "NodeName=$3 Arch=x86_64 CoresPerSocket=1"; echo "{line}"; fi\n')
+    fake.chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "MASTER_"))}
+    env.update(PATH=f"{tmp_path}:{env['PATH']}", SLURM_JOB_NODELIST="n[1-2]", SLURM_JOB_ID="7", SLURM_PROCID="0",
+               SLURM_NTASKS="2", SLURM_TASKS_PER_NODE="1(x2)")
+    r = subprocess.run(["bash", "-c", f"source {CLUSTER / 'common.sh'}; tf_rendezvous; echo $MASTER_ADDR $MASTER_PORT"],
+                       env=env, capture_output=True, text=True, check=True)
+    shell_addr, shell_port = r.stdout.split()
+    d = from_slurm(env)
+    assert shell_addr == (node_addr or "n1") and (d.master_addr, d.master_port) == (shell_addr, int(shell_port))

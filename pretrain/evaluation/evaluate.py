@@ -32,12 +32,16 @@ from typing import Any, get_args
 import numpy as np
 import torch
 
+from data_pipeline import images as imglib
 from data_pipeline import synthetic
 from pretrain.evaluation.judge import Verdict, judge, parse_caption
 from pretrain.model.config import Sampler
 
 EVAL_SEED = 1_000_003  # the generator's seed for evaluation draws (training data uses train.seed-derived seeds)
-CHANCE = {"color": 1 / 6, "shape": 1 / 3, "place": 1 / 9, "all_three": 1 / 162}
+#: what a guess scores: 1 / the number of values of each attribute (data_pipeline.synthetic), all three at once
+#: the product (1/6, 1/3, 1/9 and 1/162 for the 6 colours, 3 shapes and 9 places)
+CHANCE = {"color": 1 / len(synthetic.COLORS), "shape": 1 / len(synthetic.SHAPES), "place": 1 / len(synthetic.PLACES),
+          "all_three": 1 / (len(synthetic.COLORS) * len(synthetic.SHAPES) * len(synthetic.PLACES))}
 
 
 @dataclass
@@ -87,8 +91,8 @@ def fresh_images(scenes: list[tuple[str, str, str]], size: int, rng: np.random.G
 
 
 def to_uint8(pixels: torch.Tensor) -> np.ndarray:
-    """(N, 3, H, W) in [-1, 1] -> (N, H, W, 3) uint8."""
-    return ((pixels.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+    """(N, 3, H, W) in [-1, 1] -> (N, H, W, 3) uint8 (data_pipeline.images.to_uint8 of the tensor)."""
+    return imglib.to_uint8(pixels.detach().float().cpu().numpy())
 
 
 def random_scenes(n: int, held_out: bool, rng: np.random.Generator) -> list[tuple[str, str, str]]:

@@ -22,6 +22,8 @@ from typing import Iterable, Iterator
 
 import torch
 
+from pretrain.config import check_ema_decay
+
 FILE = "ema_rank{rank}.safetensors"
 
 
@@ -40,8 +42,7 @@ class ShardedEMA:
     """fp32 EMA of this rank's partitions of `named_params` (name -> parameter); `update` after each applied step."""
 
     def __init__(self, named_params: Iterable[tuple[str, torch.nn.Parameter]], decay: float) -> None:
-        if not 0.0 < decay < 1.0:
-            raise ValueError(f"train.ema_decay={decay} must lie in (0, 1) (0 turns the EMA off)")
+        check_ema_decay(decay, enabled=True)
         self.decay = decay
         self.params = dict(named_params)
         self.shadow = {n: local_partition(p).detach().float().clone() for n, p in self.params.items()}
