@@ -46,7 +46,7 @@ def caption_recompute(model: Transfusion, image: torch.Tensor, n: int) -> list[i
     row, t = [SP.bos_id, SP.boi_id, *[None] * P, SP.eoi_id], torch.zeros(1, dtype=torch.long)
     new: list[int] = []
     for _ in range(n):
-        h, _ = model.hidden_and_eps(packed_batch(model, [row + new], image, t, SP.pad_id), image, t)  # (L, D)
+        h, _ = model.hidden_and_sampler_input(packed_batch(model, [row + new], image, t, SP.pad_id), image, t)  # (L, D)
         new.append(int(model.lm_logits(h[len(row) + len(new) - 1]).argmax()))
     return new
 
@@ -59,7 +59,7 @@ def image_recompute(model: Transfusion, prompts: list[list[int]], steps: int, sc
 
     def eps_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         xs, ts = x.repeat(2, 1, 1, 1), t.repeat(2)
-        _, eps = model.hidden_and_eps(packed_batch(model, rows, xs, ts, SP.pad_id), xs, ts)
+        _, eps = model.hidden_and_sampler_input(packed_batch(model, rows, xs, ts, SP.pad_id), xs, ts)
         return cfg_combine(*eps.chunk(2), scale)
 
     noise = torch.randn(len(prompts), cfg.latent_channels, cfg.latent_size, cfg.latent_size)

@@ -129,7 +129,7 @@ def test_model_diffusion_loss_uses_the_weighting() -> None:
         out = model(batch)
         cpu = torch.device("cpu")
         x_t = add_noise(batch.latents, batch.noise, batch.timesteps, model.alpha_bar(cpu))
-        _, eps = model.hidden_and_eps(batch, x_t, batch.timesteps)
+        _, eps = model.hidden_and_sampler_input(batch, x_t, batch.timesteps)
     mse = (eps - batch.noise).pow(2).mean(dim=(1, 2, 3))  # (N,)
     w = model.timestep_weights(cpu)[batch.timesteps]
     assert batch.num_images >= 2 and not torch.allclose(w, torch.ones_like(w))

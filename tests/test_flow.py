@@ -135,7 +135,7 @@ def test_flow_loss_is_the_velocity_mse_of_the_decoder_output(patching: dict) -> 
     model.patch_encoder.t_embed.register_forward_hook(lambda m, args, out: seen.append(args[0]))
     model(batch)
     torch.testing.assert_close(seen[-1], s.float() * 1000)
-    _, v = model.hidden_and_eps(batch, x_s, s.float())
+    _, v = model.hidden_and_sampler_input(batch, x_s, s.float())
     assert torch.equal(v, raw), "a flow model hands the sampler its velocity unchanged"
 
 
@@ -154,7 +154,7 @@ def test_cached_flow_generation_equals_uncached_euler() -> None:
     with torch.no_grad():
         for i in range(steps):
             xs, ss = x.repeat(2, 1, 1, 1), torch.full((4,), float(grid[i]))
-            _, v = model.hidden_and_eps(packed_batch(model, rows, xs, ss, SP.pad_id), xs, ss)
+            _, v = model.hidden_and_sampler_input(packed_batch(model, rows, xs, ss, SP.pad_id), xs, ss)
             cond, uncond = v.chunk(2)
             x = x + float(grid[i + 1] - grid[i]) * (uncond + scale * (cond - uncond))
     torch.testing.assert_close(got, x, atol=1e-5, rtol=1e-4)

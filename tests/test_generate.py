@@ -46,7 +46,7 @@ def test_greedy_text_matches_teacher_forcing() -> None:
         seq = [SP.bos_id, *prompt, *gen]
         batch = packed_batch(model, [seq], torch.zeros(0, 8, 8, 8), torch.zeros(0, dtype=torch.long), SP.pad_id)
         with torch.no_grad():
-            h, _ = model.hidden_and_eps(batch, torch.zeros(1, 8, 8, 8), torch.zeros(1, dtype=torch.long))
+            h, _ = model.hidden_and_sampler_input(batch, torch.zeros(1, 8, 8, 8), torch.zeros(1, dtype=torch.long))
         pred = model.lm_logits(h).argmax(-1)  # (L,)
         start = 1 + len(prompt)
         assert gen == pred[start - 1 : start - 1 + len(gen)].tolist()
@@ -201,7 +201,7 @@ def _after_image(model, latent: torch.Tensor) -> list[int]:
     for _ in range(3):
         batch = packed_batch(model, [row + new], latent[None], torch.zeros(1, dtype=torch.long), SP.pad_id)
         with torch.no_grad():
-            h, _ = model.hidden_and_eps(batch, latent[None], torch.zeros(1, dtype=torch.long))
+            h, _ = model.hidden_and_sampler_input(batch, latent[None], torch.zeros(1, dtype=torch.long))
         logits = model.lm_logits(h[len(row) + len(new) - 1])
         logits[SP.boi_id] = float("-inf")
         tok = int(logits.argmax())

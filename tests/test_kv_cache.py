@@ -32,7 +32,7 @@ def _uncached(model: Transfusion, rows: list[list[int | None]], x_t: torch.Tenso
     """Hidden states (B, L, D) and epsilon from one full forward over right-padded rows."""
     batch = packed_batch(model, rows, x_t, t, SP.pad_id)
     with torch.no_grad():
-        h, eps = model.hidden_and_eps(batch, x_t, t)
+        h, eps = model.hidden_and_sampler_input(batch, x_t, t)
     return h.view(len(rows), -1, model.cfg.dim), eps
 
 
@@ -81,7 +81,7 @@ def _greedy_uncached(model: Transfusion, row: list[int | None], image: torch.Ten
         batch = packed_batch(model, [row + out], lat, t, SP.pad_id)
         x_t, tt = (lat, t) if lat.shape[0] else (torch.zeros(1, 8, 8, 8), torch.zeros(1, dtype=torch.long))
         with torch.no_grad():
-            h, _ = model.hidden_and_eps(batch, x_t, tt)
+            h, _ = model.hidden_and_sampler_input(batch, x_t, tt)
         tok = int(model.lm_logits(h[len(row) + len(out) - 1]).argmax())
         if tok == SP.eos_id:
             break

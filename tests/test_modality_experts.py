@@ -43,7 +43,7 @@ def _outputs(model: Transfusion, batch: TransfusionBatch) -> tuple[torch.Tensor,
     out.loss.backward()
     x_t = torch.randn_like(batch.latents)
     with torch.no_grad():
-        h, eps = model.hidden_and_eps(batch, x_t, batch.timesteps)
+        h, eps = model.hidden_and_sampler_input(batch, x_t, batch.timesteps)
     return out.loss.detach(), model.lm_logits(h).detach(), eps
 
 
@@ -149,7 +149,7 @@ def test_cached_step_of_untied_experts_equals_full_forward() -> None:
     x_t, t = torch.randn(1, 8, 8, 8, generator=torch.Generator().manual_seed(2)), torch.tensor([400])
     prefix, suffix = [1, 5, 6, 3], [4, 9, 10]
     with torch.no_grad():
-        h_ref, eps_ref = model.hidden_and_eps(packed_batch(model, [prefix + [None] * P + suffix], x_t, t, 0), x_t, t)
+        h_ref, eps_ref = model.hidden_and_sampler_input(packed_batch(model, [prefix + [None] * P + suffix], x_t, t, 0), x_t, t)
         cache = KVCache(model.cfg, 1)
         tokens = torch.tensor([prefix])
         model.step(cache, tokens, torch.full_like(tokens, -1), torch.ones_like(tokens, dtype=torch.bool))

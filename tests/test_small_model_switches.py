@@ -54,7 +54,7 @@ def test_v_prediction_loss_is_the_v_mse_of_the_decoder_output() -> None:
     expected = (raw - v).pow(2).mean(dim=(1, 2, 3)).sum()
     assert torch.allclose(out.diffusion_loss_sum, expected, rtol=1e-5)
     # and the eps the samplers get is the eps this v implies
-    _, eps_hat = model.hidden_and_eps(batch, x_t, batch.timesteps)
+    _, eps_hat = model.hidden_and_sampler_input(batch, x_t, batch.timesteps)
     assert torch.allclose(eps_hat, (1 - ab).sqrt() * x_t + ab.sqrt() * raw, atol=1e-6)
 
 

@@ -322,7 +322,7 @@ def model_outputs(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
     with torch.no_grad():
         ab = model.alpha_bar(batch.latents.device)  # (T,)
         x_t = add_noise(batch.latents, batch.noise, batch.timesteps, ab)  # (N, C, H, W)
-        h, eps = model.hidden_and_eps(batch, x_t, batch.timesteps)  # (B*L, D), (N, C, H, W)
+        h, eps = model.hidden_and_sampler_input(batch, x_t, batch.timesteps)  # (B*L, D), (N, C, H, W)
         return model.lm_logits(h), eps
 
 

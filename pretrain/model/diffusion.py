@@ -65,7 +65,7 @@ class TimestepEmbedder(nn.Module):
         return self.fc2(nn.functional.silu(self.fc1(emb)))  # (N, dim)
 
 
-EpsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+DenoiserFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def make_scheduler(alpha_bar: torch.Tensor, sampler: Sampler, num_steps: int, clip_x0: float | None = 5.0) -> object:
@@ -95,7 +95,7 @@ def make_scheduler(alpha_bar: torch.Tensor, sampler: Sampler, num_steps: int, cl
 
 
 def diffusion_sample(
-    eps_fn: EpsFn,
+    eps_fn: DenoiserFn,
     noise: torch.Tensor,
     alpha_bar: torch.Tensor,
     num_steps: int,
@@ -118,7 +118,7 @@ def diffusion_sample(
 
 
 def ddim_sample(
-    eps_fn: EpsFn,
+    eps_fn: DenoiserFn,
     noise: torch.Tensor,
     alpha_bar: torch.Tensor,
     num_steps: int,
@@ -163,7 +163,7 @@ def add_flow_noise(x0: torch.Tensor, noise: torch.Tensor, s: torch.Tensor) -> to
     return (1 - s) * x0 + s * noise  # (N, C, H, W)
 
 
-def euler_sample(v_fn: EpsFn, noise: torch.Tensor, num_steps: int, shift: float = 1.0) -> torch.Tensor:
+def euler_sample(v_fn: DenoiserFn, noise: torch.Tensor, num_steps: int, shift: float = 1.0) -> torch.Tensor:
     """From pure noise (N, C, H, W) at s = 1 to x0 at s = 0 in `num_steps` Euler steps on the velocity.
 
     v_fn(x_s, s) predicts v = eps - x0 for flow times s (N,) in [0, 1]; classifier-free guidance belongs
@@ -183,7 +183,7 @@ def euler_sample(v_fn: EpsFn, noise: torch.Tensor, num_steps: int, shift: float 
     return x.to(noise.dtype)
 
 
-def euler_ancestral_sample(v_fn: EpsFn, noise: torch.Tensor, num_steps: int, shift: float = 1.0,
+def euler_ancestral_sample(v_fn: DenoiserFn, noise: torch.Tensor, num_steps: int, shift: float = 1.0,
                            generator: torch.Generator | None = None) -> torch.Tensor:
     """DDPM ancestral sampling on the rectified-flow path: from noise (N, C, H, W) at s = 1 to x0 at s = 0.
 
@@ -219,7 +219,7 @@ def euler_ancestral_step(x: torch.Tensor, v: torch.Tensor, s: float, s2: float,
 
 
 def sample_latents(
-    fn: EpsFn,
+    fn: DenoiserFn,
     noise: torch.Tensor,
     num_steps: int,
     sampler: Sampler,

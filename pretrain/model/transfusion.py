@@ -21,7 +21,7 @@ from contract.batch import TransfusionBatch
 from pretrain.model import masks
 from pretrain.model.backbone import ModalityExpertsBlock, ModalityRoute, TransformerBlock, rope_tables
 from pretrain.model.config import ModelConfig, check_sampler
-from pretrain.model.diffusion import (EpsFn, add_flow_noise, add_noise, cosine_alpha_bar, flow_time, sample_latents,
+from pretrain.model.diffusion import (DenoiserFn, add_flow_noise, add_noise, cosine_alpha_bar, flow_time, sample_latents,
                                       timestep_loss_weights)
 from pretrain.model.export_layout import read_model_config, weight_files
 from pretrain.model.kv_cache import KVCache
@@ -162,7 +162,7 @@ class Transfusion(nn.Module):
         loss = lm_sum / text_denom + self.cfg.diffusion_loss_weight * diff_sum / image_denom
         return TransfusionOutput(loss, lm_sum.detach(), diff_sum.detach(), n_text, n_img)
 
-    def hidden_and_eps(self, batch: TransfusionBatch, x_t: torch.Tensor,
+    def hidden_and_sampler_input(self, batch: TransfusionBatch, x_t: torch.Tensor,
                        t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The whole model over a batch: final hidden states (B*L, D) and predicted epsilon (N, C, H, W).
 
@@ -201,7 +201,7 @@ class Transfusion(nn.Module):
             return out
         return self.eps_from_output(out, x_t, t)
 
-    def sample_latents(self, fn: EpsFn, noise: torch.Tensor, steps: int, sampler: str,
+    def sample_latents(self, fn: DenoiserFn, noise: torch.Tensor, steps: int, sampler: str,
                        generator: torch.Generator | None = None) -> torch.Tensor:
         """Latents (N, C, H, W) from noise: fn(x, level) is the model's sampler input (with CFG) at noise
         levels in this model's units; DDPM/DDIM on the cosine schedule or Euler with model.flow_shift.
