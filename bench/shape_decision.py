@@ -29,7 +29,7 @@ from data_pipeline.tokenizer import Tokenizer  # noqa: E402
 from data_pipeline.vae import decode, encode, load_vae  # noqa: E402
 from pretrain.evaluation.evaluate import EVAL_SEED, fresh_images, random_scenes, to_uint8  # noqa: E402
 from pretrain.inference.generate import new_cache, prefill, cfg_combine, load_exported  # noqa: E402
-from pretrain.model import KVCache  # noqa: E402
+from pretrain.model import CachedChunk, KVCache  # noqa: E402
 from pretrain.model.diffusion import euler_ancestral_step  # noqa: E402
 from pretrain.evaluation.judge import judge  # noqa: E402
 
@@ -53,7 +53,8 @@ def velocity_fn(model, sp, prompts: list[list[int]], cfg_scale: float) -> VFn:
     valid = torch.ones(k * m, P, dtype=torch.bool)
 
     def v(x: torch.Tensor, s: float) -> torch.Tensor:
-        _, out = model.step(ctx, tokens, ids, valid, x.repeat(k, 1, 1, 1), torch.full((k * m,), s), commit=False)
+        _, out = model.forward_cached(ctx, CachedChunk(tokens, ids, valid, x.repeat(k, 1, 1, 1), torch.full((k * m,), s)),
+                                     commit=False)
         return out if k == 1 else cfg_combine(*out.chunk(2), cfg_scale)
 
     return v

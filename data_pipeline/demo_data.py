@@ -1,5 +1,5 @@
-"""Demo and test data in one call: synthetic images + captions + texts -> tokenizer -> VAE ->
-latents -> packed shards for text, image-caption and interleaved sources -> `data.yaml`.
+"""Demo and test data in one call: synthetic images + captions + texts, then `data_pipeline.prepare` on them
+(tokenizer -> VAE -> latents -> packed shards for text, image-caption and interleaved sources -> `data.yaml`).
 
 `python -m data_pipeline.demo_data --out DIR [--fast]`. `--fast` uses a small randomly initialised
 VAE (tests, seconds); without it a small VAE is trained on the images (a few minutes on CPU) so
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import shutil
 import time
 from dataclasses import dataclass
@@ -19,7 +18,8 @@ from pathlib import Path
 import torch
 import yaml
 
-from data_pipeline import pack, precompute, sources, tokenizer, vae as vaelib
+from contract.special_ids import load_special_ids
+from data_pipeline import prepare
 from data_pipeline.config import DataConfig, StreamConfig
 from data_pipeline.synthetic import write_demo_sources
 
@@ -79,68 +79,38 @@ FAST = DemoSizes(pairs=240, texts=300, interleaved=40, vae_steps=0, vae_downsamp
                  patch_size=2)
 
 
-def _vae(root: Path, raw: dict, sizes: DemoSizes, seed: int) -> Path:
-    """Train a small VAE (sizes.vae_steps > 0) or save a random one, with measured latent stats."""
-    out = root / "vae"
-    data = vaelib.load_images([str(raw["pairs"])], sizes.image_size, limit=2000)
-    ch, ds, w = sizes.latent_channels, sizes.vae_downsample, sizes.vae_width
-    if sizes.vae_steps > 0:
-        return vaelib.train_vae(data, out, steps=sizes.vae_steps, batch_size=16, lr=5e-3, latent_channels=ch,
-                                downsample=ds, width=w, seed=seed, sample_every=max(1, sizes.vae_steps // 3),
-                                fg_weight=10.0,  # keeps the colour of the small shapes
-                                latent_noise=sizes.vae_latent_noise)
-    model = vaelib.small_vae(ch, downsample=ds, width=w, seed=seed)
-    return vaelib.save_with_stats(model, data[:256], out, {"random_init": True})
-
-
-def _precompute(raw_file: Path, kind: sources.SourceKind, vae_dir: Path, out: Path, size: int) -> None:
-    opts = precompute.PrecomputeOptions([str(raw_file)], str(vae_dir), str(out), kind=kind, image_size=size,
-                                        batch_size=64, part_size=500, decode_threads=2)
-    precompute.run(opts, rank_and_world=(0, 1))
-
-
-def _pack(kind: str, inputs: list[str], tok: Path, out: Path, seq_len: int, patch: int) -> dict:
-    return pack.run(pack.PackOptions(kind, inputs, str(tok), str(out), seq_len=seq_len, patch_size=patch, val_every=10))
+def demo_recipe(sizes: DemoSizes) -> prepare.VaeRecipe:
+    """The demo's VAE recipe: a small 4x VAE whose foreground pixels weigh 10x (they keep the colour of the
+    small shapes), trained on latents noised by up to `vae_latent_noise` stds; steps=0: random init (--fast)."""
+    return prepare.VaeRecipe(steps=sizes.vae_steps, batch_size=16, lr=5e-3, latent_channels=sizes.latent_channels,
+                             downsample=sizes.vae_downsample, width=sizes.vae_width, fg_weight=10.0,
+                             latent_noise=sizes.vae_latent_noise, max_images=2000, patch_size=sizes.patch_size)
 
 
 def make_demo_data(out: str | Path, seed: int = 0, fast: bool = True, seq_len: int = 256,
                    vocab_size: int = DEMO_VOCAB, sizes: DemoSizes | None = None) -> DemoData:
-    """Generate everything under `out` (wiped first) deterministically from `seed`."""
+    """Generate everything under `out` (wiped first) deterministically from `seed`: the synthetic sources
+    (`out/raw`), then `data_pipeline.prepare` on them (tokenizer, VAE, latents, shards, data.yaml)."""
     root = Path(out).resolve()
     if root.exists():
         shutil.rmtree(root)
     sizes = sizes or (FAST if fast else DemoSizes())
-    patch_size, latent_channels = sizes.patch_size, sizes.latent_channels
     torch.manual_seed(seed)
     raw = write_demo_sources(root / "raw", seed, sizes.pairs, sizes.texts, sizes.interleaved, sizes.image_size)
-    tok_path = root / "tokenizer" / "spm.model"
-    corpus = list(sources.iter_texts([str(raw["texts"])]))
-    corpus += [json.loads(line)["caption"] for line in open(raw["pairs"])]
-    ids = tokenizer.train(corpus, tok_path, vocab_size=vocab_size, seed=seed)
-    vae_dir = _vae(root, raw, sizes, seed)
-    for kind in ("pairs", "interleaved"):
-        _precompute(raw[kind], kind, vae_dir, root / "latents" / kind, sizes.image_size)
-    shards = root / "shards"
-    _pack("text", [str(raw["texts"])], tok_path, shards / "text", seq_len, patch_size)
-    for kind in ("pairs", "interleaved"):
-        _pack(kind, [str(root / "latents" / kind)], tok_path, shards / kind, seq_len, patch_size)
-    h = sizes.image_size // sizes.vae_downsample
-    cfg = {  # model.vocab_size comes from the tokenizer; the one sequence length is data.seq_len
-        "data": {
-            "tokenizer": str(tok_path), "vae": str(vae_dir), "seq_len": seq_len, "cache_dir": str(root / "cache"),
-            "streams": [{"name": k, "local": str(shards / k / "train")} for k in ("text", "pairs", "interleaved")],
-            "val_streams": [{"name": k, "local": str(shards / k / "val")} for k in ("text", "pairs", "interleaved")],
-            "image_position_share": DEMO_IMAGE_SHARE,
-        },
-        "model": {"latent_channels": latent_channels, "latent_size": h, "patch_size": patch_size},
-    }
-    cfg_path = root / "data.yaml"
-    cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    cfg_path = prepare.run(prepare.PrepareOptions(
+        out=str(root), texts=[str(raw["texts"])], pairs=[str(raw["pairs"])], interleaved=[str(raw["interleaved"])],
+        image_size=sizes.image_size, seq_len=seq_len, vocab_size=vocab_size, recipe=demo_recipe(sizes),
+        val_every=10, image_position_share=DEMO_IMAGE_SHARE, seed=seed, part_size=500, batch_size=64,
+        decode_threads=2), rank_and_world=(0, 1))
+    cfg = yaml.safe_load(cfg_path.read_text())
     d = cfg["data"]
     dc = DataConfig(tokenizer=d["tokenizer"], vae=d["vae"], seq_len=seq_len, cache_dir=d["cache_dir"],
-                    image_position_share=DEMO_IMAGE_SHARE,
+                    image_position_share=d["image_position_share"],
                     streams=[StreamConfig(**s) for s in d["streams"]], val_streams=[StreamConfig(**s) for s in d["val_streams"]])
-    return DemoData(root, cfg_path, dc, tok_path, vae_dir, (latent_channels, h, h), patch_size, ids.vocab_size)
+    m = cfg["model"]
+    return DemoData(root, cfg_path, dc, Path(d["tokenizer"]), Path(d["vae"]),
+                    (m["latent_channels"], m["latent_size"], m["latent_size"]), m["patch_size"],
+                    load_special_ids(d["tokenizer"]).vocab_size)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -14,7 +14,7 @@ import torch
 
 from batches import random_batch
 from contract.batch import TransfusionBatch
-from pretrain.model import KVCache, ModelConfig, Transfusion
+from pretrain.model import CachedChunk, KVCache, ModelConfig, Transfusion
 from test_model import build, forward_noting_skipped_modules, tiny_cfg
 
 L = 128
@@ -128,11 +128,11 @@ def test_cached_step_of_tied_experts_equals_dense() -> None:
     for model in (dense, mot):
         cache, seen = KVCache(model.cfg, 2), []
         with torch.no_grad():
-            seen.append(model.step(cache, prompt, torch.full_like(prompt, -1), ones(4))[0])
-            seen += model.step(cache, pads, patch_ids, ones(P), x_t, t, commit=False)
-            seen += model.step(cache, pads, patch_ids, ones(P), x_t, t)
+            seen.append(model.forward_cached(cache, CachedChunk(prompt, torch.full_like(prompt, -1), ones(4)))[0])
+            seen += model.forward_cached(cache, CachedChunk(pads, patch_ids, ones(P), x_t, t), commit=False)
+            seen += model.forward_cached(cache, CachedChunk(pads, patch_ids, ones(P), x_t, t))
             tok = torch.tensor([[4], [4]])
-            seen.append(model.step(cache, tok, torch.full_like(tok, -1), ones(1))[0])
+            seen.append(model.forward_cached(cache, CachedChunk(tok, torch.full_like(tok, -1), ones(1)))[0])
         runs.append(seen)
     for i, (a, b) in enumerate(zip(*runs)):
         torch.testing.assert_close(b, a, **TOL, msg=f"output {i}")
@@ -152,11 +152,11 @@ def test_cached_step_of_untied_experts_equals_full_forward() -> None:
         h_ref, eps_ref = model.hidden_and_sampler_input(packed_batch(model, [prefix + [None] * P + suffix], x_t, t, 0), x_t, t)
         cache = KVCache(model.cfg, 1)
         tokens = torch.tensor([prefix])
-        model.step(cache, tokens, torch.full_like(tokens, -1), torch.ones_like(tokens, dtype=torch.bool))
+        model.forward_cached(cache, CachedChunk(tokens, torch.full_like(tokens, -1), torch.ones_like(tokens, dtype=torch.bool)))
         img = (torch.zeros(1, P, dtype=torch.long), torch.zeros(1, P, dtype=torch.long), torch.ones(1, P, dtype=torch.bool))
-        _, eps = model.step(cache, *img, x_t, t)
+        _, eps = model.forward_cached(cache, CachedChunk(*img, x_t, t))
         tokens = torch.tensor([suffix])
-        h, _ = model.step(cache, tokens, torch.full_like(tokens, -1), torch.ones_like(tokens, dtype=torch.bool))
+        h, _ = model.forward_cached(cache, CachedChunk(tokens, torch.full_like(tokens, -1), torch.ones_like(tokens, dtype=torch.bool)))
     torch.testing.assert_close(eps, eps_ref, **TOL)
     torch.testing.assert_close(h[0], h_ref[-len(suffix):], **TOL)
 

@@ -32,7 +32,7 @@ from data_pipeline.images import MIN_SIDE, BadImage, load_image, to_uint8
 from data_pipeline.tokenizer import Tokenizer
 from data_pipeline.vae import decode, encode, load_vae
 from pretrain.config import Config
-from pretrain.model import KVCache, Transfusion
+from pretrain.model import CachedChunk, KVCache, Transfusion
 from pretrain.model.config import Sampler, check_sampler, default_sampler
 
 
@@ -156,7 +156,7 @@ def prefill(model: Transfusion, cache: KVCache, rows: list[TokenSeq], images: li
         n += k // P
     x0 = torch.stack(images).to(device) if images else None
     t = torch.zeros(n, dtype=torch.long, device=device)  # clean images in context: t = 0
-    model.step(cache, tokens.to(device), image_ids.to(device), valid.to(device), x0, t if n else None)
+    model.forward_cached(cache, CachedChunk(tokens.to(device), image_ids.to(device), valid.to(device), x0, t if n else None))
 
 
 def new_cache(model: Transfusion, batch_size: int) -> KVCache:
@@ -183,7 +183,7 @@ def _denoise(model: Transfusion, cache: KVCache, rows: list[int], im: ImageSampl
 
     def eps_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         xs, ts = x.repeat(k, 1, 1, 1), t.repeat(k)  # (k*m, C, H, W)
-        _, eps = model.step(ctx, tokens, image_ids, valid, xs, ts, commit=False)  # (k*m, C, H, W)
+        _, eps = model.forward_cached(ctx, CachedChunk(tokens, image_ids, valid, xs, ts), commit=False)  # (k*m, C, H, W)
         return eps if k == 1 else cfg_combine(*eps.chunk(2), im.cfg_scale)
 
     sampler = im.sampler or default_sampler(cfg.objective)
@@ -249,7 +249,7 @@ def generate(
     while any(active):
         feed = torch.tensor([[tok if a else sp.pad_id] for tok, a in zip(pending, active)], device=device)  # (B, 1)
         valid = torch.tensor([[a] for a in active], device=device)  # (B, 1)
-        h, _ = model.step(cache, feed, torch.full_like(feed, -1), valid)  # (B, 1, D)
+        h, _ = model.forward_cached(cache, CachedChunk(feed, torch.full_like(feed, -1), valid))  # (B, 1, D)
         logits = model.lm_logits(h[:, -1]).float()  # (B, V)
         makes = [b for b in range(B) if active[b] and opens[b]]
         draw = [b for b in range(B) if active[b] and not opens[b]]
@@ -283,7 +283,7 @@ def _commit_images(model: Transfusion, cache: KVCache, rows: list[int], latents:
         image_ids[b], valid[b] = i, True
     tokens = torch.full((B, P), pad, dtype=torch.long, device=device)
     t = torch.zeros(len(rows), dtype=torch.long, device=device)
-    model.step(cache, tokens, image_ids, valid, latents, t)
+    model.forward_cached(cache, CachedChunk(tokens, image_ids, valid, latents, t))
 
 
 @torch.no_grad()

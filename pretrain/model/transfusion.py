@@ -42,6 +42,22 @@ class TransfusionOutput(NamedTuple):
     num_images: int
 
 
+class CachedChunk(NamedTuple):
+    """The l positions `Transfusion.forward_cached` runs after a KV cache, for B rows at once.
+
+    tokens, image_ids, valid: (B, l) token ids (ignored at patches), each position's image index 0..N-1
+    (row-major, P contiguous patches each) or -1 (text), and whether the slot holds a real position.
+    x_t (N, C, H, W), level (N,): the chunk's images and their noise level in the objective's units
+    (`Transfusion.noise_level`; 0 is a clean image for both objectives); None when the chunk has none.
+    """
+
+    tokens: torch.Tensor
+    image_ids: torch.Tensor
+    valid: torch.Tensor
+    x_t: torch.Tensor | None = None
+    level: torch.Tensor | None = None
+
+
 class Transfusion(nn.Module):
     """Llama backbone + text embedding/head + latent patch encoder/decoder."""
 
@@ -163,18 +179,19 @@ class Transfusion(nn.Module):
         return TransfusionOutput(loss, lm_sum.detach(), diff_sum.detach(), n_text, n_img)
 
     def hidden_and_sampler_input(self, batch: TransfusionBatch, x_t: torch.Tensor,
-                       t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The whole model over a batch: final hidden states (B*L, D) and predicted epsilon (N, C, H, W).
+                                 level: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The whole model over a batch: final hidden states (B*L, D) and the sampler input (N, C, H, W).
 
-        x_t (N, C, H, W) are the batch's latents noised at timesteps t (N,); the patch encoder puts them
-        at the batch's patch positions, the backbone runs over all positions, the patch decoder reads
-        the patch positions back. Text generation takes `lm_logits` of the hidden states, image
-        generation the epsilon (objective=flow: the velocity, and t is flow time s; see `noise_level`).
-        When the batch holds no image, x_t/t is one dummy image, which bypasses the backbone (its epsilon
-        is meaningless; ZeRO-3 still gathers every module).
+        x_t (N, C, H, W) are the batch's latents noised at noise levels `level` (N,) in the objective's
+        units (`noise_level`: timestep t for ddpm, flow time s for flow); the patch encoder puts them at
+        the batch's patch positions, the backbone runs over all positions, the patch decoder reads the
+        patch positions back. Text generation takes `lm_logits` of the hidden states, image generation
+        the sampler input (`sampler_input`: epsilon for ddpm, the velocity for flow). When the batch holds
+        no image, x_t/level is one dummy image, which bypasses the backbone (its output is meaningless;
+        ZeRO-3 still gathers every module).
         """
-        h, out = self._hidden_and_output(batch, x_t, t)  # (B*L, D), (N, C, H, W)
-        return h, self.sampler_input(out, x_t, t)
+        h, out = self._hidden_and_output(batch, x_t, level)  # (B*L, D), (N, C, H, W)
+        return h, self.sampler_input(out, x_t, level)
 
     def noise_level(self, t: torch.Tensor) -> torch.Tensor:
         """The loader's integer timesteps t (N,) in the objective's units, which every other method takes:
@@ -246,33 +263,25 @@ class Transfusion(nn.Module):
         h_img = h[patch_pos].view_as(patches) if batch.num_images > 0 else patches  # (N, P, D)
         return h, self.patch_decoder(h_img, t, ctx)  # (B*L, D), (N, C, H, W)
 
-    def step(
-        self,
-        cache: KVCache,
-        tokens: torch.Tensor,
-        image_ids: torch.Tensor,
-        valid: torch.Tensor,
-        x_t: torch.Tensor | None = None,
-        t: torch.Tensor | None = None,
-        commit: bool = True,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Run a chunk of positions after those in `cache`: hidden states (B, l, D), sampler input (N, C, H, W) or None.
+    def forward_cached(self, cache: KVCache, chunk: CachedChunk,
+                       commit: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Run a chunk of positions after those in `cache` (generation): hidden states (B, l, D) and the sampler
+        input (N, C, H, W) of the chunk's images, or None when it has none.
 
-        The sampler input is epsilon (objective ddpm) or the velocity (flow), see `sampler_input`; t (N,) is
-        the images' noise level in the objective's units (`noise_level`): 0 is a clean image for both.
-
-        tokens/image_ids/valid are (B, l): token ids (ignored at patches), the chunk's image index 0..N-1
-        (row-major, P contiguous patches each) or -1, and whether the slot holds a real position. x_t
-        (N, C, H, W) and t (N,) are the chunk's images. commit=False leaves the cache as it was (a
-        denoising step); see kv_cache.py for the mask. Attention always runs as SDPA here.
+        The sampler input is epsilon (objective ddpm) or the velocity (flow), see `sampler_input`.
+        commit=False leaves the cache as it was (a denoising step); see kv_cache.py for the mask.
+        Attention always runs as SDPA here.
         """
+        tokens, image_ids, valid, x_t = chunk.tokens, chunk.image_ids, chunk.valid, chunk.x_t
         B, l = tokens.shape
         D = self.cfg.dim
         x = self.tok_embeddings(tokens)  # (B, l, D)
         patch_pos = torch.nonzero(image_ids.reshape(-1) >= 0).squeeze(1)  # (N*P,)
         if x_t is not None:
-            level, t = t, self._time_input(t)  # (N,) the objective's units, the embedder's input
-            patches, ctx = self.patch_encoder(x_t.to(x.dtype), t)  # (N, P, D)
+            if chunk.level is None:
+                raise ValueError("CachedChunk.x_t needs its noise level (level, (N,))")
+            time_in = self._time_input(chunk.level)  # (N,) the embedder's input
+            patches, ctx = self.patch_encoder(x_t.to(x.dtype), time_in)  # (N, P, D)
             x = x.reshape(B * l, D).index_copy(0, patch_pos, patches.reshape(-1, D)).view(B, l, D)
         positions, mask = cache.begin(valid, image_ids)  # (B, l), (B, 1, l, Lc + l)
         rope = rope_tables(positions, self.cfg.head_dim, self.cfg.rope_theta)
@@ -281,8 +290,8 @@ class Transfusion(nn.Module):
             cache.commit(valid)
         if x_t is None:
             return h, None
-        out = self.patch_decoder(h.reshape(B * l, D)[patch_pos].view_as(patches), t, ctx)  # (N, C, H, W)
-        return h, self.sampler_input(out, x_t, level)  # eps (ddpm) or velocity (flow)
+        out = self.patch_decoder(h.reshape(B * l, D)[patch_pos].view_as(patches), time_in, ctx)  # (N, C, H, W)
+        return h, self.sampler_input(out, x_t, chunk.level)  # eps (ddpm) or velocity (flow)
 
     def lm_logits(self, h: torch.Tensor) -> torch.Tensor:
         """Next-token logits (..., V) from final hidden states (..., D)."""

@@ -66,6 +66,10 @@ def check_data(cfg: Config) -> list[str]:
                    caption_first_prob=0.0, image_first_max_timestep=0, caption_dropout=0.0)
     if not cfg.data.streams:
         problems.append("data.streams is empty: list the packed MDS directories")
+    from pretrain.plan.data_keys import data_key_problems
+
+    keys = data_key_problems(cfg)  # per key, naming the key to set; the checks below would repeat them vaguer
+    problems += keys
     for section, streams in (("streams", cfg.data.streams), ("val_streams", cfg.data.val_streams)):
         for i, sc in enumerate(streams):
             where = f"data.{section}[{i}] ({sc.name})"
@@ -74,6 +78,8 @@ def check_data(cfg: Config) -> list[str]:
                 if not storage.exists(storage.join(root, "index.json")):
                     problems.append(f"{where}: {storage.join(root, 'index.json')} not found; pack the source with "
                                     "data_pipeline.pack" + (" to that remote" if sc.remote else ""))
+                    continue
+                if keys:
                     continue
                 check_stream(sc, cfg.data, spec)
                 problems += _check_tokenizer(where, root, cfg.data.tokenizer)

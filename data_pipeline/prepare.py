@@ -1,0 +1,435 @@
+"""A user's data in one command: texts, image-caption pairs and interleaved documents -> tokenizer -> VAE ->
+latents -> packed shards -> `OUT/data.yaml`, everything `python -m pretrain.train` needs.
+
+    python -m data_pipeline.prepare --text 'texts/*.jsonl' --pairs pairs.jsonl --out DIR --image-size 256
+    python -m pretrain.train --config configs/tiny.yaml,DIR/data.yaml
+
+Stages, each skipped when its output is finished from the same inputs and options (the stages' own
+identity checks; a stage whose inputs changed is redone, and the packs that depend on it with it):
+
+1. tokenizer: a sentencepiece model trained on the texts AND the captions and interleaved texts
+   (`OUT/tokenizer/spm.model`), or `--tokenizer spm.model` copied there and wrapped with special ids;
+2. VAE: `--vae DIR` as given, or one trained on the images (`OUT/vae`) with the recipe for the image
+   size (`vae_recipe`; flags override single fields);
+3. precompute: every image encoded once (`OUT/latents/{pairs,interleaved}`), spread over ranks;
+4. pack: every source tokenized and packed into `--seq-len` rows (`OUT/shards/{text,pairs,interleaved}`),
+   every `--val-every`-th document to the validation split;
+5. `OUT/data.yaml`: the `data:` section (tokenizer, VAE, shards, mix), the `model:` keys the data fixes
+   (`latent_channels`, `latent_size`, `patch_size`; `vocab_size` follows `data.tokenizer`) and
+   `logging.sample_prompts` taken from the validation captions; written last.
+
+Many ranks: `torchrun --nproc_per_node N -m data_pipeline.prepare ...` (or srun): rank 0 trains the
+tokenizer and the VAE while the others wait for it, every rank encodes its share of the images, rank 0
+packs and writes data.yaml. Inputs and outputs are local paths.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Literal
+
+import yaml
+
+from contract.dist_env import detect_env
+from contract.fileio import write_json_atomic
+from data_pipeline import pack, precompute, sources, tokenizer, vae as vaelib
+
+KINDS = ("pairs", "interleaved")
+#: identity records of the stages prepare owns (the tokenizer and a trained VAE); written last
+DONE = "prepare.json"
+
+
+@dataclass
+class VaeRecipe:
+    """How the VAE is trained (`data_pipeline.vae.train_vae`) and the patch size its latents are cut into.
+
+    `steps=0` saves a randomly initialised VAE with measured latent statistics (tests: seconds).
+    """
+
+    steps: int = 2000
+    batch_size: int = 16
+    lr: float = 2e-3
+    latent_channels: int = 8
+    downsample: int = 8
+    width: int = 64
+    fg_weight: float = 1.0
+    latent_noise: float = 0.0
+    kl_weight: float = 1e-6
+    max_images: int = 20000  # images held in memory for training
+    patch_size: int = 2
+
+
+def vae_recipe(image_size: int) -> VaeRecipe:
+    """The VAE recipe for `image_size`: the one place a per-size recipe plugs in.
+
+    Uses `data_pipeline.vae.recipe_for(image_size)` when that module provides one (its fields that
+    VaeRecipe knows are taken), else VaeRecipe's defaults (8x downsampling, 8 channels, 2x2 patches:
+    `image_size / 16` squared patches per image).
+    """
+    recipe_for = getattr(vaelib, "recipe_for", None)
+    if recipe_for is None:
+        return VaeRecipe()
+    got = recipe_for(image_size)
+    got = got if isinstance(got, dict) else asdict(got)
+    known = {f.name for f in dataclasses.fields(VaeRecipe)}
+    return VaeRecipe(**{k: v for k, v in got.items() if k in known})
+
+
+@dataclass
+class PrepareOptions:
+    """What `run` prepares (the CLI flags, typed); Python callers build it directly."""
+
+    out: str
+    texts: list[str] = field(default_factory=list)  # .jsonl/.txt files, folders or globs
+    pairs: list[str] = field(default_factory=list)  # pairs .jsonl, image folders with caption files, webdataset .tar
+    interleaved: list[str] = field(default_factory=list)  # interleaved .jsonl ({"segments": [...]})
+    image_size: int = 256
+    seq_len: int = 4096
+    tokenizer: str = ""  # an existing sentencepiece .model to use (copied and wrapped); "" = train one
+    vocab_size: int = 8000
+    vae: str = ""  # an existing diffusers AutoencoderKL directory; "" = train one with `recipe`
+    recipe: VaeRecipe | None = None  # None = vae_recipe(image_size)
+    patch_size: int | None = None  # None = the recipe's
+    val_every: int = 10  # every N-th document of each source goes to its validation split
+    image_position_share: float | None | Literal["auto"] = "auto"  # auto: see image_share; None = mix streams by size
+    sample_prompts: int = 4  # validation captions written to logging.sample_prompts
+    seed: int = 0
+    part_size: int = 1000  # records per precompute part (the unit of work spread over ranks)
+    batch_size: int = 32  # images per VAE forward in precompute
+    decode_threads: int = 4
+    wait_timeout: float = 6 * 3600  # ranks > 0 wait this long for rank 0's tokenizer/VAE/precompute
+
+    def __post_init__(self) -> None:
+        if not (self.texts or self.pairs or self.interleaved):
+            raise ValueError("nothing to prepare: give --text, --pairs and/or --interleaved")
+        if self.val_every < 0:
+            raise ValueError(f"--val-every {self.val_every}: must be >= 0 (0: no validation split)")
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    write_json_atomic(path, obj)
+
+
+def _done(d: Path, identity: dict) -> bool:
+    """`d` holds a finished stage output of this identity."""
+    f = d / DONE
+    return f.is_file() and json.loads(f.read_text()).get("identity") == identity
+
+
+def _wait_for(d: Path, identity: dict, timeout: float, what: str) -> None:
+    t0 = time.time()
+    while not _done(d, identity):
+        if time.time() - t0 > timeout:
+            raise TimeoutError(f"{d}: rank 0 did not finish the {what} in {timeout:.0f}s; see rank 0's log")
+        time.sleep(1.0)
+
+
+def _image_parts_fingerprint(opts: PrepareOptions) -> list[list[str]]:
+    return [[kind, p.name, sources.part_fingerprint(p)] for kind in KINDS
+            for p in sources.list_parts(getattr(opts, kind), opts.part_size)]
+
+
+def caption_texts(inputs: list[str], kind: sources.SourceKind) -> Iterator[str]:
+    """The text segments of image sources (captions; interleaved texts); unparseable records are left to
+    precompute, which counts and names them."""
+    for part in sources.list_parts(inputs):
+        for rec in sources.read_part(part, kind):
+            for seg_kind, val in rec.segments:
+                if seg_kind == "text" and val:
+                    yield str(val)
+
+
+def tokenizer_stage(opts: PrepareOptions, root: Path) -> tuple[Path, dict]:
+    """OUT/tokenizer/spm.model: trained on texts + captions (+ interleaved texts), or the given one wrapped."""
+    d = root / "tokenizer"
+    model = d / "spm.model"
+    if opts.tokenizer:
+        identity = {"given": pack.file_sha256(Path(opts.tokenizer))}
+    else:
+        identity = {"texts": [sources.file_stamp(f) for f in sources.text_files(opts.texts)] if opts.texts else [],
+                    "images": _image_parts_fingerprint(opts), "vocab_size": opts.vocab_size, "seed": opts.seed}
+    if _done(d, identity):
+        print(f"[prepare] tokenizer: {model} is done from the same inputs; skipped")
+        return model, json.loads((d / DONE).read_text())
+    if d.exists():
+        shutil.rmtree(d)
+    d.mkdir(parents=True)
+    t0 = time.time()
+    if opts.tokenizer:
+        shutil.copyfile(opts.tokenizer, model)
+        ids = tokenizer.wrap(model)
+    else:
+        skips = sources.SkipLog()
+
+        def corpus() -> Iterator[str]:
+            if opts.texts:
+                yield from sources.iter_texts(opts.texts, skips)
+            for kind in KINDS:
+                yield from caption_texts(getattr(opts, kind), kind)
+
+        ids = tokenizer.train(corpus(), model, vocab_size=opts.vocab_size, seed=opts.seed, skips=skips)
+    rep = {"identity": identity, "vocab_size": ids.vocab_size, "seconds": round(time.time() - t0, 2)}
+    _write_json(d / DONE, rep)
+    print(f"[prepare] tokenizer: {model} ({ids.vocab_size} ids) in {rep['seconds']:.0f}s")
+    return model, rep
+
+
+def vae_stage(opts: PrepareOptions, root: Path, recipe: VaeRecipe, rank: int) -> Path:
+    """The VAE that encodes the images: --vae as given, else OUT/vae trained (rank 0) with `recipe`."""
+    if opts.vae:
+        return Path(opts.vae).resolve()
+    d = root / "vae"
+    image_inputs = opts.pairs or opts.interleaved
+    kind = "pairs" if opts.pairs else "interleaved"
+    identity = {"images": [[p.name, sources.part_fingerprint(p)] for p in sources.list_parts(image_inputs)],
+                "kind": kind, "image_size": opts.image_size, "recipe": asdict(recipe), "seed": opts.seed}
+    if _done(d, identity):
+        if rank == 0:
+            print(f"[prepare] vae: {d} is done from the same images and recipe; skipped")
+        return d
+    if rank != 0:
+        _wait_for(d, identity, opts.wait_timeout, "VAE")
+        return d
+    if d.exists():
+        shutil.rmtree(d)
+    t0 = time.time()
+    skips = sources.SkipLog()
+    data = vaelib.load_images(image_inputs, opts.image_size, recipe.max_images, kind, skips)  # (N, 3, S, S)
+    if recipe.steps > 0:
+        print(f"[prepare] vae: training {recipe.steps} steps on {len(data)} images of {opts.image_size} px "
+              f"({recipe.downsample}x, {recipe.latent_channels} channels, width {recipe.width})", flush=True)
+        vaelib.train_vae(data, d, steps=recipe.steps, batch_size=recipe.batch_size, lr=recipe.lr,
+                         kl_weight=recipe.kl_weight, latent_channels=recipe.latent_channels,
+                         downsample=recipe.downsample, width=recipe.width, seed=opts.seed,
+                         sample_every=max(1, recipe.steps // 3), fg_weight=recipe.fg_weight,
+                         latent_noise=recipe.latent_noise,
+                         report={"images_used": len(data), **skips.to_json("skipped")})
+    else:
+        model = vaelib.small_vae(recipe.latent_channels, downsample=recipe.downsample, width=recipe.width, seed=opts.seed)
+        vaelib.save_with_stats(model, data[:256], d, {"random_init": True})
+    _write_json(d / DONE, {"identity": identity, "seconds": round(time.time() - t0, 2), "images": len(data)})
+    print(f"[prepare] vae: {d} in {time.time() - t0:.0f}s")
+    return d
+
+
+def precompute_stage(opts: PrepareOptions, root: Path, vae_dir: Path, rank: int, world: int) -> None:
+    """OUT/latents/<kind>: every rank encodes its parts; finished parts are kept (precompute's identity)."""
+    for kind in KINDS:
+        inputs = getattr(opts, kind)
+        if not inputs:
+            continue
+        precompute.run(precompute.PrecomputeOptions(
+            inputs, str(vae_dir), str(root / "latents" / kind), kind=kind, image_size=opts.image_size,
+            batch_size=opts.batch_size, part_size=opts.part_size, decode_threads=opts.decode_threads,
+            wait_timeout=opts.wait_timeout), rank_and_world=(rank, world))
+
+
+def _pack_one(popts: pack.PackOptions) -> dict:
+    """pack.run, after removing a finished pack of other inputs (an upstream stage was redone)."""
+    out = Path(popts.out)
+    done = out / "pack.json"
+    if done.is_file() and json.loads(done.read_text()).get("identity") != pack.pack_identity(popts):
+        print(f"[prepare] {out}: packed from other inputs or options (an earlier stage was redone); repacking")
+        shutil.rmtree(out)
+    return pack.run(popts)
+
+
+def pack_stage(opts: PrepareOptions, root: Path, tok: Path, patch_size: int) -> dict[str, dict]:
+    """OUT/shards/<kind>: each source packed into seq_len rows (train + val); returns the pack reports."""
+    reports = {}
+    for kind, inputs in (("text", opts.texts), ("pairs", [str(root / "latents" / "pairs")] if opts.pairs else []),
+                         ("interleaved", [str(root / "latents" / "interleaved")] if opts.interleaved else [])):
+        if inputs:
+            reports[kind] = _pack_one(pack.PackOptions(kind, list(inputs), str(tok), str(root / "shards" / kind),
+                                                       seq_len=opts.seq_len, patch_size=patch_size,
+                                                       val_every=opts.val_every))
+    return reports
+
+
+def image_share(reports: dict[str, dict]) -> float | None:
+    """The data.image_position_share to aim for: the paper's 0.5 where the streams can reach it, else 90% of
+    the most image-heavy stream's share (a pair is its patches plus caption and markers: below 0.5 when the
+    caption is longer than 4 positions); None (mix by size) with one stream or no images."""
+    shares = [r["train"]["image_positions"] / max(1, r["train"]["positions"]) for r in reports.values()]
+    if len(shares) < 2 or max(shares) == 0:
+        return None
+    if min(shares) < 0.5 <= max(shares):
+        return 0.5
+    return round(0.9 * max(shares), 3) if min(shares) < 0.9 * max(shares) else None
+
+
+def val_captions(latents_dir: Path, val_every: int, n: int) -> list[str]:
+    """The captions of the first `n` validation pairs (the documents pack sends to the val split)."""
+    out: list[str] = []
+    if val_every <= 0 or n <= 0:
+        return out
+    for i, s in enumerate(pack.read_mds(latents_dir)):
+        if i % val_every == val_every - 1:
+            out.append(" ".join(seg["text"] for seg in s["doc"] if "text" in seg))
+            if len(out) >= n:
+                break
+    return out
+
+
+def data_yaml(opts: PrepareOptions, root: Path, tok: Path, vae_dir: Path, tok_rep: dict, reports: dict[str, dict],
+              patch_size: int) -> dict:
+    """The config fragment: `data:`, the `model:` keys the latents fix, `logging.sample_prompts` (model.vocab_size
+    is not written: the trainer takes it from data.tokenizer, one source)."""
+    names = list(reports)
+    share = image_share(reports) if opts.image_position_share == "auto" else opts.image_position_share
+    data: dict[str, Any] = {
+        "tokenizer": str(tok), "vae": str(vae_dir), "seq_len": opts.seq_len, "cache_dir": str(root / "cache"),
+        "streams": [{"name": k, "local": str(root / "shards" / k / "train")} for k in names],
+        "val_streams": [{"name": k, "local": str(root / "shards" / k / "val")} for k in names
+                        if opts.val_every > 0 and reports[k].get("val", {}).get("rows", 0) > 0],
+        "image_position_share": share,
+    }
+    cfg: dict[str, Any] = {"data": data}
+    image = next((r for r in reports.values() if r.get("latent_shape")), None)
+    if image is not None:
+        C, h, _ = image["latent_shape"]
+        cfg["model"] = {"latent_channels": C, "latent_size": h, "patch_size": patch_size}
+    if opts.pairs:
+        prompts = val_captions(root / "latents" / "pairs", opts.val_every, opts.sample_prompts)
+        if prompts:
+            cfg["logging"] = {"sample_prompts": prompts}
+    return cfg
+
+
+def val_warnings(reports: dict[str, dict], micro_batch: int = 2, ranks: int = 2) -> list[str]:
+    """Validation splits too small for one micro-batch per rank of a small run (`ranks` x `micro_batch` rows:
+    configs/tiny.yaml on 2 ranks); the trainer warns again with the run's own counts."""
+    need = micro_batch * ranks
+    return [f"{k}: its validation split holds {r['val']['rows']} rows, fewer than {ranks} ranks x micro-batch "
+            f"{micro_batch} = {need}: such a run validates nothing on it; lower --val-every (now every N-th "
+            "document) or give more documents" for k, r in reports.items() if 0 < r.get("val", {}).get("rows", need) < need]
+
+
+def run(opts: PrepareOptions, rank_and_world: tuple[int, int] | None = None) -> Path | None:
+    """Every stage for this rank; returns OUT/data.yaml on rank 0 (None on the others, which stop after
+    their share of the encoding). Raises ValueError/FileNotFoundError naming the bad input or flag."""
+    if rank_and_world is None:
+        env = detect_env()
+        rank, world = env.rank, env.world_size
+    else:
+        rank, world = rank_and_world
+    t0 = time.time()
+    root = Path(opts.out).resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    recipe = opts.recipe or vae_recipe(opts.image_size)
+    patch_size = opts.patch_size or recipe.patch_size
+    if opts.vae:
+        vae_meta = json.loads((Path(opts.vae) / "config.json").read_text())
+        ds = 2 ** (len(vae_meta.get("block_out_channels", [1])) - 1)
+    else:
+        ds = recipe.downsample
+    if (opts.pairs or opts.interleaved) and (opts.image_size % ds or (opts.image_size // ds) % patch_size):
+        raise ValueError(f"--image-size {opts.image_size}: the VAE's {ds}x downsampling gives a "
+                         f"{opts.image_size / ds:g}-wide latent, not divisible by --patch-size {patch_size}")
+    times: dict[str, float] = {}
+    tok, tok_rep = (None, None)
+    if rank == 0:
+        tok, tok_rep = tokenizer_stage(opts, root)
+        times["tokenizer"] = time.time() - t0
+    if opts.pairs or opts.interleaved:
+        t = time.time()
+        vae_dir = vae_stage(opts, root, recipe, rank)
+        times["vae"] = time.time() - t
+        t = time.time()
+        precompute_stage(opts, root, vae_dir, rank, world)
+        times["precompute"] = time.time() - t
+    else:
+        vae_dir = Path(opts.vae).resolve() if opts.vae else None
+    if rank != 0:
+        return None
+    t = time.time()
+    reports = pack_stage(opts, root, tok, patch_size)
+    times["pack"] = time.time() - t
+    cfg = data_yaml(opts, root, tok, vae_dir or "", tok_rep, reports, patch_size)
+    if vae_dir is None:
+        cfg["data"]["vae"] = ""
+    path = root / "data.yaml"
+    tmp = path.with_name("data.yaml.tmp")
+    cmd = " ".join(sys.argv) if sys.argv and sys.argv[0].endswith("prepare.py") else "data_pipeline.prepare"
+    tmp.write_text(f"# written by {cmd}\n# use: python -m pretrain.train --config configs/tiny.yaml,{path}\n"
+                   f"# model.vocab_size = {tok_rep['vocab_size']}: set by data.tokenizer (the trainer reads it there)\n"
+                   + yaml.safe_dump(cfg, sort_keys=False))
+    tmp.replace(path)
+    for w in val_warnings(reports):
+        print(f"[prepare] warning: {w}", file=sys.stderr)
+    summary = {k: {"rows": r["train"]["rows"], "val_rows": r.get("val", {}).get("rows", 0),
+                   "efficiency": r["train"]["efficiency"]} for k, r in reports.items()}
+    _write_json(root / "prepare.json", {"seconds": {k: round(v, 1) for k, v in times.items()}, "streams": summary})
+    print(f"[prepare] {path} in {time.time() - t0:.0f}s (stage seconds {json.dumps({k: round(v, 1) for k, v in times.items()})}; "
+          f"streams {json.dumps(summary)})")
+    return path
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The CLI; defaults are PrepareOptions' and VaeRecipe's (its flags override the image size's recipe)."""
+    d, r = PrepareOptions(out="", texts=["-"]), VaeRecipe()
+    ap = argparse.ArgumentParser(prog="python -m data_pipeline.prepare", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True, help="output directory (stages resume there)")
+    ap.add_argument("--text", dest="texts", nargs="+", default=[], help="text .jsonl/.txt files, folders or quoted globs")
+    ap.add_argument("--pairs", nargs="+", default=[],
+                    help="image-caption .jsonl ({'image': path, 'caption': str}), image folders with caption files, or .tar")
+    ap.add_argument("--interleaved", nargs="+", default=[], help="interleaved .jsonl ({'segments': [{'text'}|{'image'}]})")
+    ap.add_argument("--image-size", type=int, default=d.image_size, help=f"pixels (square) (default: {d.image_size})")
+    ap.add_argument("--seq-len", type=int, default=d.seq_len, help=f"positions per packed row (default: {d.seq_len})")
+    ap.add_argument("--tokenizer", default="", help="an existing sentencepiece .model (default: train one on texts + captions)")
+    ap.add_argument("--vocab-size", type=int, default=d.vocab_size, help=f"pieces of a trained tokenizer (default: {d.vocab_size})")
+    g = ap.add_mutually_exclusive_group()
+    g.add_argument("--vae", default="", help="an existing diffusers AutoencoderKL directory (default: train one)")
+    g.add_argument("--train-vae", action="store_true", help="train a VAE on the images (the default without --vae)")
+    ap.add_argument("--patch-size", type=int, default=None, help="latent patch size (default: the recipe's, 2)")
+    for name in ("steps", "latent_channels", "downsample", "width", "batch_size", "max_images"):
+        ap.add_argument(f"--vae-{name.replace('_', '-')}", type=int, default=None,
+                        help=f"VAE recipe override (default for this image size; generic: {getattr(r, name)})")
+    for name in ("lr", "fg_weight", "latent_noise"):
+        ap.add_argument(f"--vae-{name.replace('_', '-')}", type=float, default=None,
+                        help=f"VAE recipe override (generic default: {getattr(r, name)})")
+    ap.add_argument("--val-every", type=int, default=d.val_every,
+                    help=f"every N-th document of each source goes to validation; 0 = none (default: {d.val_every})")
+    ap.add_argument("--image-position-share", type=float, default=None,
+                    help="data.image_position_share (default: 0.5 when the streams reach it, else 90%% of the image-heaviest)")
+    ap.add_argument("--sample-prompts", type=int, default=d.sample_prompts,
+                    help=f"validation captions written to logging.sample_prompts (default: {d.sample_prompts})")
+    ap.add_argument("--seed", type=int, default=d.seed, help=f"(default: {d.seed})")
+    ap.add_argument("--part-size", type=int, default=d.part_size, help=f"records per precompute part (default: {d.part_size})")
+    ap.add_argument("--batch-size", type=int, default=d.batch_size, help=f"images per VAE forward in precompute (default: {d.batch_size})")
+    ap.add_argument("--decode-threads", type=int, default=d.decode_threads, help=f"(default: {d.decode_threads})")
+    return ap
+
+
+def options_from_args(a: argparse.Namespace) -> PrepareOptions:
+    """PrepareOptions of parsed CLI flags (the recipe: the image size's, with the --vae-* flags over it)."""
+    recipe = vae_recipe(a.image_size)
+    over = {f.name: getattr(a, f"vae_{f.name}") for f in dataclasses.fields(VaeRecipe) if getattr(a, f"vae_{f.name}", None) is not None}
+    recipe = dataclasses.replace(recipe, **over)
+    share = "auto" if a.image_position_share is None else a.image_position_share
+    return PrepareOptions(out=a.out, texts=a.texts, pairs=a.pairs, interleaved=a.interleaved, image_size=a.image_size,
+                          seq_len=a.seq_len, tokenizer=a.tokenizer, vocab_size=a.vocab_size, vae=a.vae, recipe=recipe,
+                          patch_size=a.patch_size, val_every=a.val_every, image_position_share=share,
+                          sample_prompts=a.sample_prompts, seed=a.seed, part_size=a.part_size, batch_size=a.batch_size,
+                          decode_threads=a.decode_threads)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """CLI: prepare a data set (see --help)."""
+    try:
+        opts = options_from_args(build_parser().parse_args(argv))
+    except ValueError as e:
+        raise SystemExit(f"data_pipeline.prepare: {e}") from e
+    run(opts)
+
+
+if __name__ == "__main__":
+    main()
