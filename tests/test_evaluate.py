@@ -165,7 +165,8 @@ def test_evaluate_report_grid_and_tensorboard_scalars(demo_data, tmp_path) -> No
     assert report["text"]["perplexity"] > 0.3 * demo_data.vocab_size
     out = evaluate.write_report(report, pixels, prompts, tmp_path / "eval")
     assert Image.open(out / "grid.png").size[0] >= 9 * 64 and json.loads((out / "report.json").read_text()) == report
-    writer = MetricsWriter(tmp_path, True, True, 1.0, None, 1, cfg.model.patches_per_image)
+    writer = MetricsWriter(tmp_path, enabled=True, tensorboard=True, flops_per_step=1.0, peak_flops=None, world_size=1,
+                           patches_per_image=cfg.model.patches_per_image)
     scalars = evaluate.flat_scalars(report)
     writer.scalars(scalars, 3)
     writer.close()
@@ -190,7 +191,8 @@ def test_trainer_hook_writes_report_and_scalars(demo_data, tmp_path) -> None:
     cfg = load_config(["configs/tiny.yaml", str(demo_data.config_path)], [f"train.run_dir={tmp_path}",
                                                                           "logging.sample_steps=2"])
     torch.manual_seed(0)
-    writer = MetricsWriter(tmp_path, True, True, 1.0, None, 1, cfg.model.patches_per_image)
+    writer = MetricsWriter(tmp_path, enabled=True, tensorboard=True, flops_per_step=1.0, peak_flops=None, world_size=1,
+                           patches_per_image=cfg.model.patches_per_image)
     periodic_evaluation(HookContext(Transfusion(cfg.model), cfg, writer, 20, is_main=True))
     writer.close()
     report = json.loads((tmp_path / "eval" / "step_0000020" / "report.json").read_text())

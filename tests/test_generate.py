@@ -82,7 +82,8 @@ def test_tensorboard_samples_writes_png_grid_image_and_captions(demo_data, tmp_p
     from pretrain.model import Transfusion
 
     model = Transfusion(cfg.model)
-    writer = MetricsWriter(tmp_path, True, True, 1.0, None, 1, cfg.model.patches_per_image)
+    writer = MetricsWriter(tmp_path, enabled=True, tensorboard=True, flops_per_step=1.0, peak_flops=None, world_size=1,
+                           patches_per_image=cfg.model.patches_per_image)
     tensorboard_samples(HookContext(model, cfg, writer, 7, is_main=True))
     writer.close()
     assert (tmp_path / "samples" / "step_0000007.png").stat().st_size > 0

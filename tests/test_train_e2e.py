@@ -184,7 +184,7 @@ def test_resume_on_one_rank_then_two_then_one(straight, demo_data, tmp_path):
     ref, got = train_rows(straight), train_rows(tmp_path)
     assert sorted(got) == list(range(1, 11))
     for s in range(1, 11):
-        assert got[s]["sequences"] == ref[s]["sequences"], f"step {s} consumed different sequences"
+        assert got[s]["sequence_digest"] == ref[s]["sequence_digest"], f"step {s} consumed different sequences"
         assert abs(got[s]["loss"] - ref[s]["loss"]) <= 2e-6, f"step {s}: {got[s]['loss']!r} != {ref[s]['loss']!r}"
         assert abs(got[s]["grad_norm"] - ref[s]["grad_norm"]) <= 1e-5 * ref[s]["grad_norm"], s
     from pretrain.train.ema import load_full

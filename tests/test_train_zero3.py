@@ -74,9 +74,10 @@ def worker(config: str, batches_path: str, out_path: str, *extra: str) -> None:
 
     def one_step(step: int, micro: list[TransfusionBatch]) -> None:
         mine = micro[env.rank * plan.grad_accum : (env.rank + 1) * plan.grad_accum]
-        t_d, i_d, g_text, g_img, _, _ = global_denominators(mine, plan, env.rank)
+        counts = global_denominators(mine, plan, env.rank)
+        g_text, g_img = counts.text_targets, counts.images
         set_lr(engine.optimizer, lr_at(step, cfg.optim, cfg.train.steps))
-        lm, diff, _ = forward_backward(engine, mine, t_d, i_d, StepTimer())
+        lm, diff, _ = forward_backward(engine, mine, counts.text_denom, counts.image_denom, StepTimer())
         lm_g, diff_g = distributed.all_reduce_sum([lm, diff])
         res["losses"].append(lm_g / g_text + cfg.model.diffusion_loss_weight * diff_g / max(g_img, 1))
         res["grad_norms"].append(float(engine.get_global_grad_norm()))

@@ -170,14 +170,24 @@ def sequence_digests(b: TransfusionBatch) -> list[int]:
     return out
 
 
-def global_denominators(
-    batches: list[TransfusionBatch], plan: BatchPlan, rank: int
-) -> tuple[float, float, int, int, list[int], int]:
-    """All-reduce the step's text-target and image counts; return per-micro-batch denominators.
+@dataclass(frozen=True)
+class StepCounts:
+    """A step's global counts (all ranks, all micro-batches) and what the loss divides by."""
+
+    text_denom: float  # per-micro-batch denominator of the CE sum: global text targets / (gas x world)
+    image_denom: float  # per-micro-batch denominator of the MSE sum: global images / (gas x world)
+    text_targets: int  # global text targets of the step
+    images: int  # global images of the step
+    rank_digests: list[int]  # each rank's `batch_digest` of its sequences
+    sequence_digest: int  # the step's order-independent digest: the same for the same sequences on any world size
+
+
+def global_denominators(batches: list[TransfusionBatch], plan: BatchPlan, rank: int) -> StepCounts:
+    """All-reduce the step's text-target and image counts; return per-micro-batch denominators (StepCounts).
 
     DeepSpeed divides each micro-batch loss by the accumulation steps and averages gradients over
     ranks, so dividing sums by global/(gas*world) yields exactly d(sum / global count).
-    Also returns the per-rank digests and the step's order-independent sequence digest (the sum of
+    Also carries the per-rank digests and the step's order-independent sequence digest (the sum of
     every rank's `sequence_digests`): equal for the same sequences whatever the number of ranks.
     """
     digests = [0.0] * plan.world_size
@@ -188,7 +198,8 @@ def global_denominators(
     out = distributed.all_reduce_sum([float(text), float(images), seqs, *digests])
     g_text, g_img = int(out[0]), int(out[1])
     scale = plan.grad_accum * plan.world_size
-    return max(g_text, 1) / scale, max(g_img, 1) / scale, g_text, g_img, [int(d) for d in out[3:]], int(out[2])
+    return StepCounts(max(g_text, 1) / scale, max(g_img, 1) / scale, g_text, g_img, [int(d) for d in out[3:]],
+                      int(out[2]))
 
 
 def forward_backward(
@@ -220,10 +231,11 @@ def train_step(run: Run) -> StepStats:
     run.timer.reset()
     with run.timer.phase("data"):
         batches, run.loader_state = run.prefetch.get()
-    t_denom, i_denom, g_text, g_img, digests, seqs = global_denominators(batches, run.plan, run.env.rank)
+    counts = global_denominators(batches, run.plan, run.env.rank)
+    g_text, g_img = counts.text_targets, counts.images
     lr = lr_at(run.step, run.cfg.optim, run.cfg.train.steps)
     set_lr(run.engine.optimizer, lr)
-    lm_sum, diff_sum, norm = forward_backward(run.engine, batches, t_denom, i_denom, run.timer)
+    lm_sum, diff_sum, norm = forward_backward(run.engine, batches, counts.text_denom, counts.image_denom, run.timer)
     if run.ema is not None and run.engine.was_step_applied():
         run.ema.update()
     lm_g, diff_g, stop = distributed.all_reduce_sum([lm_sum, diff_sum, float(run.stop.requested)])
@@ -234,8 +246,8 @@ def train_step(run: Run) -> StepStats:
     return StepStats(
         step=run.step + 1, loss=lm + run.cfg.model.diffusion_loss_weight * diff, lm_loss=lm, diffusion_loss=diff,
         lr=lr, grad_norm=float(gn) if gn is not None else float("nan"), text_tokens=g_text, images=g_img,
-        applied=bool(run.engine.was_step_applied()), times=dict(run.timer.times), digest=digests,
-        sequences=seqs,
+        applied=bool(run.engine.was_step_applied()), times=dict(run.timer.times), digest=counts.rank_digests,
+        sequence_digest=counts.sequence_digest,
     )
 
 
@@ -449,8 +461,9 @@ def make_writer(cfg: Config, env: DistEnv, plan: BatchPlan, engine: Any) -> Metr
     from pretrain.plan.estimate import flops_per_position, mix_for
 
     flops = flops_per_position(cfg.model, cfg.data.seq_len, mix_for(cfg)) * cfg.data.seq_len * plan.global_batch
-    return MetricsWriter(cfg.train.run_dir, env.is_main, cfg.logging.tensorboard, flops,
-                         detect_peak_flops(cfg.logging.peak_flops), env.world_size, cfg.model.patches_per_image)
+    return MetricsWriter(cfg.train.run_dir, enabled=env.is_main, tensorboard=cfg.logging.tensorboard,
+                         flops_per_step=flops, peak_flops=detect_peak_flops(cfg.logging.peak_flops),
+                         world_size=env.world_size, patches_per_image=cfg.model.patches_per_image)
 
 
 def after_step(run: Run, s: StepStats) -> None:

@@ -77,7 +77,7 @@ class StepStats:
     applied: bool  # False: NaN/Inf step, skipped
     times: dict[str, float] = field(default_factory=dict)
     digest: list[int] = field(default_factory=list)  # per-rank digest of the sequences consumed
-    sequences: int = 0  # order-independent digest of the step's sequences, the same on any number of ranks
+    sequence_digest: int = 0  # order-independent digest of the step's sequences, the same on any number of ranks
 
 
 def memory_stats() -> dict[str, float]:
@@ -91,8 +91,10 @@ def memory_stats() -> dict[str, float]:
 class MetricsWriter:
     """Rank 0's sinks: stdout line, TensorBoard scalars/images, metrics.jsonl."""
 
-    def __init__(self, run_dir: str | Path, enabled: bool, tensorboard: bool, flops_per_step: float,
+    def __init__(self, run_dir: str | Path, *, enabled: bool, tensorboard: bool, flops_per_step: float,
                  peak_flops: float | None, world_size: int, patches_per_image: int) -> None:
+        """enabled: this rank writes (rank 0); flops_per_step: model FLOPs of one global step; peak_flops: per
+        device (None: no MFU); patches_per_image: P, for the image-patch throughput."""
         self.enabled = enabled
         self.flops_per_step = flops_per_step  # model FLOPs of one global step
         self.peak = peak_flops
