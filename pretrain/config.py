@@ -76,7 +76,7 @@ def check_ema_decay(decay: float, enabled: bool = False) -> None:
 class CheckpointConfig:
     """When to save, how many to keep, and how to resume."""
 
-    every: int = 1000
+    every: int | None = None  # None = auto: every train.steps // 5 steps (AUTO_EVERY); 0 = only at the end
     keep_last: int = 3
     resume: str = "auto"  # "auto", "none", or a checkpoint directory
 
@@ -90,9 +90,9 @@ class LoggingConfig:
     }
 
     every: int = 10
-    val_every: int = 1000
+    val_every: int | None = None  # None = auto: every train.steps // 10 steps; 0 = never
     val_batches: int = 4
-    sample_every: int = 5000
+    sample_every: int | None = None  # None = auto: every train.steps // 4 steps; 0 = never
     sample_prompts: list[str] = field(
         default_factory=lambda: ["a red circle at the top left", "a blue square at the bottom right",
                                  "a green triangle in the center", "a yellow circle at the top right"]
@@ -136,11 +136,30 @@ class Config:
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
     def __post_init__(self) -> None:
+        resolve_cadence(self)
         P = self.model.patches_per_image
         if pair_positions(P) > self.data.seq_len:  # a caption-image pair: BOS, BOI, P patches, EOI, EOS
             raise ValueError(f"an image takes {P} patches + BOS/BOI/EOI/EOS = {pair_positions(P)} positions, more than "
                              f"data.seq_len={self.data.seq_len}; raise data.seq_len or model.patch_size")
         check_sampler(self.model.objective, self.logging.sample_sampler, "logging.sample_sampler")
+
+
+#: the cadences that follow train.steps unless set: key -> how many times a run does it (every steps // N)
+AUTO_EVERY = {"checkpoint.every": 5, "logging.val_every": 10, "logging.sample_every": 4}
+
+
+def resolve_cadence(cfg: Config) -> None:
+    """Set each AUTO_EVERY key left at None to max(1, train.steps // N): a 50-step run checkpoints every 10
+    steps, a 3,000-step run every 600, whatever the config was written for. Raises ValueError for a negative one."""
+    for key, times in AUTO_EVERY.items():
+        section, name = key.split(".")
+        sec = getattr(cfg, section)
+        value = getattr(sec, name)
+        if value is None:
+            setattr(sec, name, max(1, cfg.train.steps // times))
+        elif value < 0:
+            raise ValueError(f"{key}={value}: must be >= 0 (0 = never), or null to follow train.steps (every "
+                             f"train.steps // {times})")
 
 
 def load_config(path: str | Path | list[str | Path] | None = None, overrides: list[str] | None = None) -> Config:

@@ -181,3 +181,20 @@ def test_a_validation_stream_smaller_than_a_batch_per_rank_is_named(demo_data) -
     small = next(k for k, n in rows.items() if n < 8)
     assert any(f"({small}) holds {rows[small]} rows, fewer than 2 ranks x train.micro_batch_size 4 = 8" in w for w in warned)
     assert small_val_streams(cfg, micro_batch=1, world_size=1) == []
+
+
+def test_cadence_follows_train_steps_unless_set() -> None:
+    """tiny.yaml sets no cadence: 50 steps checkpoint/validate/sample every 10/5/12, 3,000 steps every 600/300/750
+    (5 checkpoints, not the 120 of a fixed 25); a set value, 0 included, stays; a negative one is refused."""
+    from pretrain.config import load_config
+    from pretrain.configlib import ConfigError
+
+    def every(*o: str) -> tuple:
+        c = load_config(REPO / "configs/tiny.yaml", list(o))
+        return c.checkpoint.every, c.logging.val_every, c.logging.sample_every
+
+    assert every() == (10, 5, 12)
+    assert every("train.steps=3000") == (600, 300, 750)
+    assert every("train.steps=3", "logging.sample_every=0", "checkpoint.every=7") == (7, 1, 0)
+    with pytest.raises(ConfigError, match=r"logging.val_every=-1: must be >= 0 .*train.steps // 10"):
+        load_config(REPO / "configs/tiny.yaml", ["logging.val_every=-1"])
