@@ -9,6 +9,7 @@ Run `python -m data_pipeline.vae --help` to train one.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
@@ -89,6 +90,81 @@ def small_vae(latent_channels: int = 8, downsample: int = 8, width: int = 32, se
         scaling_factor=1.0,
         shift_factor=0.0,
     )
+
+
+@dataclass(frozen=True)
+class VaeRecipe:
+    """How to train the small VAE for one image size, and the model keys its latents fix.
+
+    `measured` says what was measured with this recipe (reconstructions judged right by
+    `pretrain.evaluation.evaluate.vae_ceiling`, PSNR, wall time, with the machine) or "unmeasured";
+    docs/data.md "VAE recipes" holds the same table and the commands that measured it.
+    """
+
+    image_size: int  # px, square
+    downsample: int  # image side / latent side (4, 8 or 16)
+    width: int  # channels of the first block (small_vae)
+    latent_channels: int
+    patch_size: int  # model.patch_size: latent cells per patch side
+    steps: int
+    batch_size: int = 16
+    lr: float = 5e-3
+    latent_noise: float = 0.5  # noise_latents: the decoder learns to rebuild from a slightly-off latent
+    measured: str = "unmeasured"
+
+    @property
+    def latent_size(self) -> int:
+        """model.latent_size: the latent side, image_size / downsample."""
+        return self.image_size // self.downsample
+
+    @property
+    def patches(self) -> int:
+        """Patches (image positions) per image: (latent_size / patch_size)^2."""
+        return (self.latent_size // self.patch_size) ** 2
+
+
+#: one recipe per image size (docs/data.md "VAE recipes"); 256 px is the paper's VAE shape (8 latent
+#: channels, 8x downsampling: 32x32x8 latents; Zhou et al. 2024, Transfusion, sec. 4.1), with 2x2
+#: patches (256 per image) for the linear patch encoder.
+RECIPES: dict[int, VaeRecipe] = {r.image_size: r for r in (
+    VaeRecipe(32, downsample=4, width=16, latent_channels=4, patch_size=2, steps=1200,
+              measured="unmeasured at 32 px (the 64-px recipe's shape at a quarter of the pixels)"),
+    VaeRecipe(64, downsample=4, width=16, latent_channels=4, patch_size=4, steps=1600,
+              measured="synthetic shapes: 98.1% of reconstructions judged right (colour, shape, place; "
+                       "docs/quality.md §17), the demo's VAE"),
+    VaeRecipe(128, downsample=8, width=32, latent_channels=8, patch_size=2, steps=4000, measured="unmeasured"),
+    VaeRecipe(256, downsample=8, width=64, latent_channels=8, patch_size=2, steps=20000, measured="unmeasured"),
+)}
+
+
+def recipe_for(image_size: int) -> VaeRecipe:
+    """The VAE recipe for square images of `image_size` px: RECIPES' entry, or for another size the
+    recipe of the nearest listed size below it (the smallest for sizes under 32) with its image size
+    and a downsampling that keeps the latent side a whole number.
+
+    Raises ValueError for a size that is not a positive multiple of 8.
+    """
+    if image_size <= 0 or image_size % 8:
+        raise ValueError(f"--image-size {image_size}: must be a positive multiple of 8 (the VAE downsamples "
+                         f"by 4 or 8; listed recipes: {sorted(RECIPES)} px)")
+    if image_size in RECIPES:
+        return RECIPES[image_size]
+    below = [s for s in RECIPES if s < image_size]
+    base = RECIPES[max(below)] if below else RECIPES[min(RECIPES)]
+    ds = base.downsample if image_size % (base.downsample * base.patch_size) == 0 else 4
+    patch = base.patch_size if (image_size // ds) % base.patch_size == 0 else 1
+    return dataclasses.replace(base, image_size=image_size, downsample=ds, patch_size=patch,
+                               measured=f"unmeasured (the {base.image_size}-px recipe at {image_size} px)")
+
+
+def recipe_table() -> str:
+    """RECIPES as a plain-text table (the CLI's --help epilog)."""
+    rows = [f"{'px':>5} {'down':>5} {'width':>6} {'ch':>3} {'latent':>9} {'patch':>6} {'patches':>8} {'steps':>6}  measured"]
+    for r in RECIPES.values():
+        rows.append(f"{r.image_size:>5} {r.downsample:>4}x {r.width:>6} {r.latent_channels:>3} "
+                    f"{f'{r.latent_size}x{r.latent_size}x{r.latent_channels}':>9} {r.patch_size:>6} {r.patches:>8} "
+                    f"{r.steps:>6}  {r.measured}")
+    return "\n".join(rows)
 
 
 @torch.no_grad()
@@ -272,42 +348,64 @@ def save_with_stats(model: AutoencoderKL, data: torch.Tensor, out: Path, extra: 
     return out
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults in --help; an option whose default comes from the recipe says so instead of "None"."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None and "(default:" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def main(argv: list[str] | None = None) -> None:
-    """CLI: train a small AutoencoderKL on the images of pair/folder/tar inputs."""
+    """CLI: train a small AutoencoderKL on the images of pair/folder/tar inputs (`recipe_for(--image-size)`
+    unless the shape and schedule flags are given)."""
     ap = argparse.ArgumentParser(prog="python -m data_pipeline.vae", description=__doc__,
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                 formatter_class=_HelpFormatter,
+                                 epilog="recipes (--image-size picks one; docs/data.md \"VAE recipes\"):\n" + recipe_table())
+    rec = "(default: the --image-size recipe below)"
     ap.add_argument("--input", nargs="+", required=True, help="pairs .jsonl, image folders or webdataset .tar files")
     ap.add_argument("--out", required=True, help="output directory (diffusers format + samples/*.png)")
     ap.add_argument("--kind", default="pairs", choices=("pairs", "interleaved"), help="layout of .jsonl inputs")
-    ap.add_argument("--image-size", type=int, default=256)
+    ap.add_argument("--image-size", type=int, default=256, help="square image side in px; picks the recipe")
     ap.add_argument("--max-images", type=int, default=20000, help="images held in memory for training")
-    ap.add_argument("--steps", type=int, default=2000)
-    ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--lr", type=float, default=2e-3)
-    ap.add_argument("--kl-weight", type=float, default=1e-6)
+    ap.add_argument("--steps", type=int, default=None, help=f"optimizer steps {rec}")
+    ap.add_argument("--batch-size", type=int, default=None, help=f"images per step {rec}")
+    ap.add_argument("--lr", type=float, default=None, help=f"peak learning rate (one-cycle) {rec}")
+    ap.add_argument("--kl-weight", type=float, default=1e-6, help="weight of the KL term (per latent element)")
     ap.add_argument("--gan-weight", type=float, default=0.0, help="> 0 adds a patch-GAN hinge loss")
     ap.add_argument("--gan-start", type=int, default=0, help="step at which the GAN loss starts")
-    ap.add_argument("--latent-channels", type=int, default=8)
-    ap.add_argument("--downsample", type=int, default=8, choices=(4, 8, 16))
-    ap.add_argument("--width", type=int, default=64, help="channels of the first block")
-    ap.add_argument("--sample-every", type=int, default=500)
+    ap.add_argument("--latent-channels", type=int, default=None, help=f"channels of the latent {rec}")
+    ap.add_argument("--downsample", type=int, default=None, choices=(4, 8, 16), help=f"image side / latent side {rec}")
+    ap.add_argument("--width", type=int, default=None, help=f"channels of the first block {rec}")
+    ap.add_argument("--sample-every", type=int, default=500, help="write samples/recon_STEP.png every N steps")
     ap.add_argument("--fg-weight", type=float, default=1.0,
                     help="weight of pixels that differ from the image's dominant colour (small objects on flat backgrounds)")
-    ap.add_argument("--latent-noise", type=float, default=0.0,
-                    help="train the decoder on latents noised by up to this many latent stds (robust decoding)")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--animated-frame", type=int, default=None, metavar="K",
-                    help="animated GIF/WebP/APNG: train on frame K (0-based); default: skip them as `animated`")
+    ap.add_argument("--latent-noise", type=float, default=None,
+                    help=f"train the decoder on latents noised by up to this many latent stds (robust decoding) {rec}")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch CPU threads; fewer on a machine shared with other jobs (default: torch's, one per core)")
+    ap.add_argument("--seed", type=int, default=0, help="initialisation, batch order and posterior samples")
     a = ap.parse_args(argv)
+    try:
+        r = recipe_for(a.image_size)
+    except ValueError as e:
+        ap.error(str(e))
+    pick = lambda v, d: d if v is None else v  # noqa: E731
+    if a.threads:
+        torch.set_num_threads(a.threads)
     t0 = time.time()
     skips = sources.SkipLog()
-    data = load_images(a.input, a.image_size, a.max_images, a.kind, skips, a.animated_frame)
+    data = load_images(a.input, a.image_size, a.max_images, a.kind, skips)
     if skips.counts:
         print(skips.summary("[vae] inputs") + f"; all named in {Path(a.out) / 'latent_stats.json'}", file=sys.stderr)
-    train_vae(data, a.out, a.steps, a.batch_size, a.lr, a.kl_weight, a.gan_weight, a.gan_start,
-              a.latent_channels, a.downsample, a.width, a.seed, a.sample_every, a.fg_weight, a.latent_noise,
-              report={"images_used": len(data), **skips.to_json("skipped")})
-    print(f"saved {a.out} in {time.time() - t0:.0f}s")
+    ch, ds = pick(a.latent_channels, r.latent_channels), pick(a.downsample, r.downsample)
+    train_vae(data, a.out, pick(a.steps, r.steps), pick(a.batch_size, r.batch_size), pick(a.lr, r.lr), a.kl_weight,
+              a.gan_weight, a.gan_start, ch, ds, pick(a.width, r.width), a.seed, a.sample_every, a.fg_weight,
+              pick(a.latent_noise, r.latent_noise),
+              report={"images_used": len(data), "recipe": dataclasses.asdict(r), **skips.to_json("skipped")})
+    print(f"saved {a.out} in {time.time() - t0:.0f}s; model keys: model.latent_channels={ch} "
+          f"model.latent_size={a.image_size // ds} (patch size of the recipe: {r.patch_size})")
 
 
 if __name__ == "__main__":

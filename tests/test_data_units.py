@@ -388,7 +388,7 @@ def test_vae_inputs_skipped_counted_named_and_reported(tmp_path, capsys):
     vae.main(["--input", str(tmp_path / "pairs.jsonl"), "--out", str(out), "--image-size", "32", "--steps", "1",
               "--batch-size", "4", "--latent-channels", "4", "--width", "8", "--sample-every", "1"])
     report = json.loads((out / "latent_stats.json").read_text())
-    assert report["images_used"] == 6 and report["latent_noise"] == 0.0  # the training settings are on record
+    assert report["images_used"] == 6 and report["latent_noise"] == vae.recipe_for(32).latent_noise  # on record
     assert report["skipped"] == {"bad_json": 1, "missing_file": 1, "truncated": 1}
     assert [(Path(n["record"]).name, n["reason"]) for n in report["named"]] == [
         ("pairs.jsonl:3", "truncated"), ("pairs.jsonl:6", "missing_file"), ("pairs.jsonl:7", "bad_json")]

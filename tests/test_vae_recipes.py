@@ -1,0 +1,66 @@
+"""Issue 29.4: one VAE recipe per image size, used by `python -m data_pipeline.vae` unless flags override it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from data_pipeline import synthetic, vae
+
+
+def test_listed_recipes_fix_the_model_keys_and_the_paper_shape_at_256() -> None:
+    assert sorted(vae.RECIPES) == [32, 64, 128, 256]
+    for size, r in vae.RECIPES.items():
+        assert r.image_size == size and r.latent_size * r.downsample == size
+        assert r.latent_size % r.patch_size == 0 and r.patches == (size // r.downsample // r.patch_size) ** 2
+    paper = vae.recipe_for(256)  # Transfusion sec. 4.1: 8 latent channels, 8x downsampling -> 32x32x8
+    assert (paper.latent_channels, paper.downsample, paper.latent_size, paper.patches) == (8, 8, 32, 256)
+    demo = vae.recipe_for(64)  # the demo's VAE (data_pipeline.demo_data.DemoSizes)
+    from data_pipeline.demo_data import DemoSizes
+
+    d = DemoSizes()
+    assert (demo.downsample, demo.width, demo.latent_channels, demo.patch_size, demo.steps) == (
+        d.vae_downsample, d.vae_width, d.latent_channels, d.patch_size, d.vae_steps)
+
+
+@pytest.mark.parametrize("size", [8, 16, 48, 96, 160, 384, 512])
+def test_unlisted_sizes_get_a_whole_latent_and_patch_grid(size: int) -> None:
+    r = vae.recipe_for(size)
+    assert r.image_size == size and size % r.downsample == 0 and r.latent_size % r.patch_size == 0
+    assert r.measured.startswith("unmeasured")
+
+
+@pytest.mark.parametrize("size", [0, -64, 30, 100])
+def test_a_size_that_is_no_multiple_of_8_is_refused_with_the_listed_sizes(size: int) -> None:
+    with pytest.raises(ValueError, match=r"--image-size .*multiple of 8.*\[32, 64, 128, 256\]"):
+        vae.recipe_for(size)
+
+
+def test_cli_trains_the_recipe_of_its_image_size_and_flags_override_it(tmp_path: Path, capsys) -> None:
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        synthetic.draw_shape(*synthetic.random_scene(rng), 32).save(tmp_path / f"im{i}.png")
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"image": f"im{i}.png", "caption": "a shape"}) + "\n" for i in range(4)))
+    out = tmp_path / "vae"
+    vae.main(["--input", str(pairs), "--out", str(out), "--image-size", "32", "--steps", "1", "--batch-size", "2"])
+    cfg = json.loads((out / "config.json").read_text())
+    r = vae.recipe_for(32)
+    assert cfg["latent_channels"] == r.latent_channels and cfg["block_out_channels"][0] == r.width
+    assert 2 ** (len(cfg["block_out_channels"]) - 1) == r.downsample
+    report = json.loads((out / "latent_stats.json").read_text())
+    assert report["steps"] == 1 and report["latent_noise"] == r.latent_noise and report["recipe"]["image_size"] == 32
+    assert f"model.latent_size={r.latent_size}" in capsys.readouterr().out
+    vae.main(["--input", str(pairs), "--out", str(tmp_path / "v2"), "--image-size", "32", "--steps", "1",
+              "--batch-size", "2", "--latent-channels", "3", "--width", "8"])
+    cfg = json.loads((tmp_path / "v2" / "config.json").read_text())
+    assert cfg["latent_channels"] == 3 and cfg["block_out_channels"][0] == 8
+
+
+def test_cli_refuses_an_image_size_without_a_recipe(tmp_path: Path, capsys) -> None:
+    with pytest.raises(SystemExit):
+        vae.main(["--input", str(tmp_path), "--out", str(tmp_path / "v"), "--image-size", "30"])
+    assert "multiple of 8" in capsys.readouterr().err
