@@ -1,4 +1,4 @@
-"""The Slurm templates against real daemons: training, preemption + requeue, precompute, export,
+"""The Slurm templates against real daemons: training, preemption + requeue, precompute, pack, export,
 and a true two-node run (two network namespaces) with ZeRO-3 over gloo.
 
 The one-node cluster is started by `bash cluster/local_cluster.sh start` (make test / .ci/run do
@@ -233,6 +233,31 @@ def test_precompute_job_matches_the_single_process_command(slurm: Slurm, demo_da
     assert len([f for f in files if f.suffix == ".mds"]) >= 4  # 240 pairs / 60 per part
     for f in files:
         if f.name == "report.json":  # timings differ; the counts must not
+            a, b = (json.loads((root / f).read_text()) for root in (single, multi))
+            a.pop("seconds", None), b.pop("seconds", None)
+            assert a == b, f
+        else:
+            assert (single / f).read_bytes() == (multi / f).read_bytes(), f"{f} differs"
+
+
+def test_pack_job_matches_the_single_process_command(slurm: Slurm, demo_data, tmp_path: Path) -> None:
+    """pack.slurm with 2 tasks writes the same shards, index and pack.json counts as one process."""
+    args = ["--kind", "text", "--input", str(demo_data.root / "raw" / "texts.jsonl"), "--tokenizer",
+            str(demo_data.tokenizer), "--seq-len", "256", "--val-every", "10", "--part-bytes", "16000"]
+    single, multi, log = tmp_path / "single", tmp_path / "slurm", tmp_path / "job.out"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    r = subprocess.run([str(REPO / ".venv/bin/python"), "-m", "data_pipeline.pack", *args, "--out", str(single)],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    jid = slurm.sbatch("cluster/pack.slurm", [*args, "--out", str(multi)], CPU_RANKS, log)
+    info = slurm.wait(jid, log)
+    assert info["JobState"] == "COMPLETED", tail(log)
+    assert "[pack rank 1/2]" in log.read_text()  # really two ranks
+    files = sorted(p.relative_to(single) for p in single.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(multi) for p in multi.rglob("*") if p.is_file())
+    assert len([f for f in files if f.parent.name == "parts"]) >= 4  # 96 kB of text / 16 kB per part
+    for f in files:
+        if f.suffix == ".json" and (f.parent.name == "parts" or f == Path("pack.json")):  # timings differ
             a, b = (json.loads((root / f).read_text()) for root in (single, multi))
             a.pop("seconds", None), b.pop("seconds", None)
             assert a == b, f

@@ -26,7 +26,7 @@ def _shellcheck() -> str:
 def test_shellcheck_clean() -> None:
     """Every template and script in cluster/ passes shellcheck (following the sourced common.sh)."""
     files = sorted(str(p.relative_to(REPO)) for p in [*CLUSTER.glob("*.slurm"), *CLUSTER.glob("*.sh")])
-    assert {"cluster/train.slurm", "cluster/precompute.slurm", "cluster/export.slurm",
+    assert {"cluster/train.slurm", "cluster/precompute.slurm", "cluster/pack.slurm", "cluster/export.slurm",
             "cluster/local_cluster.sh", "cluster/srun_task.sh"} <= set(files)
     r = subprocess.run([_shellcheck(), "-x", "-s", "bash", *files], cwd=REPO, capture_output=True, text=True)
     assert r.returncode == 0, f"shellcheck found problems:\n{r.stdout}{r.stderr}"
