@@ -443,7 +443,8 @@ def _build_run(cfg: Config, env: DistEnv, hooks: TrainHooks) -> Run:
     engine, _ = build_engine(cfg, plan, init_weights=hooks.initial_tensors if ckpt is None else None,
                              load_universal=reshard)
     loader, val_loaders = build_loaders(cfg, plan)
-    run = Run(cfg, env, plan, engine, loader, val_loaders, None, StopRequest(), hooks=hooks)
+    run = Run(cfg, env, plan, engine, loader, val_loaders, None, StopRequest(), hooks=hooks,
+              timer=StepTimer(cfg.logging.timer))
     if cfg.train.ema_decay > 0:
         run.ema = ShardedEMA(engine.module.named_parameters(), cfg.train.ema_decay)
     if ckpt is not None:

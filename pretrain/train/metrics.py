@@ -35,27 +35,67 @@ def detect_peak_flops(configured: float | None) -> float | None:
 
 
 class StepTimer:
-    """Wall time per phase of a step (data, forward, backward, optimizer); syncs the GPU at boundaries."""
+    """Seconds per phase of a step (data, forward, backward, optimizer), summed over micro-batches.
+
+    mode "events" (logging.timer=events, the default): on CUDA each phase is bracketed by two CUDA events
+    recorded on the current stream, and nothing synchronises inside the step. Reading `times` waits once
+    for the step's last event (the trainer's per-step loss read has usually passed it already) and adds
+    up event.elapsed_time: GPU-timeline seconds. The phases are back to back on the stream, so they add
+    up to the step's GPU time; a phase's share is where the GPU was when the host moved on (a kernel
+    queue that runs ahead shows up in the phase whose end event waits for it).
+    mode "sync" (the old timer): torch.cuda.synchronize() before and after every phase of every
+    micro-batch: exact host wall time per phase, but it serialises the step (no overlap of DeepSpeed's
+    communication with compute, no kernel queue across phases), so the step is slower than untimed.
+    Without CUDA both modes time host wall clock with time.perf_counter, identically.
+
+    Raises ValueError for another mode.
+    """
 
     PHASES = ("data", "forward", "backward", "optimizer")
+    MODES = ("events", "sync")
 
-    def __init__(self) -> None:
-        self.times: dict[str, float] = defaultdict(float)
+    def __init__(self, mode: str = "events") -> None:
+        if mode not in self.MODES:
+            raise ValueError(f"logging.timer={mode!r}: expected one of {', '.join(self.MODES)}")
+        self.mode = mode
+        self._times: dict[str, float] = defaultdict(float)
+        self._pending: list[tuple[str, Any, Any]] = []  # (phase, start event, end event) not yet read
 
     def reset(self) -> None:
-        self.times = defaultdict(float)
+        self._times = defaultdict(float)
+        self._pending = []
 
     @contextmanager
     def phase(self, name: str) -> Iterator[None]:
-        if torch.cuda.is_available():
+        cuda = torch.cuda.is_available()
+        if cuda and self.mode == "events":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            try:
+                yield
+            finally:
+                end.record()
+                self._pending.append((name, start, end))
+            return
+        if cuda:
             torch.cuda.synchronize()
         t0 = time.perf_counter()
         try:
             yield
         finally:
-            if torch.cuda.is_available():
+            if cuda:
                 torch.cuda.synchronize()
-            self.times[name] += time.perf_counter() - t0
+            self._times[name] += time.perf_counter() - t0
+
+    @property
+    def times(self) -> dict[str, float]:
+        """Seconds per phase since the last reset; in events mode waits for the last recorded event (one sync)."""
+        if self._pending:
+            self._pending[-1][2].synchronize()
+            for name, start, end in self._pending:
+                self._times[name] += start.elapsed_time(end) / 1e3  # elapsed_time is in ms
+            self._pending = []
+        return self._times
 
     @property
     def total(self) -> float:
