@@ -7,7 +7,10 @@ the VAE's checksum). A rerun skips a finished part only when that identity is un
 it otherwise. Rank 0 waits for every part, then merges the index (streaming's
 `merge_index`) and writes `OUT/report.json` (read, encoded, skipped per reason) and
 `OUT/latents.json` (latent shape, dtype, normalisation). The result does not depend on the
-number of ranks. Run `python -m data_pipeline.precompute --help`.
+number of ranks. OUT may be a remote URL (`s3://bucket/latents/pairs`, endpoint and credentials from
+`S3_ENDPOINT_URL` / `AWS_*`): streaming's MDSWriter uploads each shard as it is finished, the part
+reports, the merged index and latents.json are written there, and a rerun's resume check reads the
+part reports from there (data_pipeline.storage). Run `python -m data_pipeline.precompute --help`.
 """
 
 from __future__ import annotations
@@ -32,9 +35,8 @@ from tqdm import tqdm
 
 from contract import latents as latent_codec
 from contract.dist_env import detect_env
-from contract.fileio import write_json_atomic
 from data_pipeline import images as imglib
-from data_pipeline import sources, vae as vaelib
+from data_pipeline import sources, storage, vae as vaelib
 
 #: MDS columns besides the latents (whose column depends on the storage dtype: contract.latents)
 COLUMNS = {"key": "str", "kind": "str", "doc": "json"}
@@ -168,11 +170,22 @@ def _count(stats: Stats, d: Decoded, strict: bool) -> None:
         stats.records.add(rec.key, reason, detail if rec.skipped else "", count=bool(rec.skipped))
 
 
-def process_part(part: sources.Part, kind: sources.SourceKind, vae: vaelib.Vae, out_dir: Path,
+def _clear_part(out_dir: str) -> None:
+    """Remove what a crashed, unfinished part left in `out_dir` (a local directory or a remote prefix)."""
+    if not storage.is_remote(out_dir):
+        if Path(out_dir).exists():
+            shutil.rmtree(out_dir)
+        return
+    for name in storage.list_dir(out_dir):  # MDSWriter writes flat: shard files and index.json
+        if storage.scheme(out_dir) == "s3":
+            storage.delete(storage.join(out_dir, name))
+
+
+def process_part(part: sources.Part, kind: sources.SourceKind, vae: vaelib.Vae, out_dir: str,
                  opts: PrecomputeOptions, bar: tqdm, identity: dict) -> dict:
-    """Encode one part into `out_dir` (fresh), then write its report.json (with `identity`) as the done marker."""
-    if out_dir.exists():
-        shutil.rmtree(out_dir)  # a crashed, unfinished part
+    """Encode one part into `out_dir` (fresh; a local directory or a remote URL: streaming's MDSWriter
+    uploads each shard as it is finished), then write its report.json (with `identity`) as the done marker."""
+    _clear_part(out_dir)
     stats = Stats()
     t0 = time.time()
     records = sources.read_part(part, kind, opts.caption_fallback_encoding, parquet_columns(opts))
@@ -195,12 +208,13 @@ def process_part(part: sources.Part, kind: sources.SourceKind, vae: vaelib.Vae, 
                     stats.records_written += 1
             bar.update(sum(len(d.pixels) for d in group))
     report = {"part": part.name, **stats.to_json(), "seconds": round(time.time() - t0, 3), "identity": identity}
-    write_json_atomic(out_dir / "report.json", report)
+    storage.write_json(storage.join(out_dir, "report.json"), report)  # atomic locally; a PUT is atomic
     return report
 
 
-def part_dir(out: Path, k: int) -> Path:
-    return out / f"part-{k:05d}"
+def part_dir(out: str | Path, k: int) -> str:
+    """Where part k is written: OUT/part-KKKKK (a local path or a remote URL)."""
+    return storage.join(out, f"part-{k:05d}")
 
 
 def vae_fingerprint(vae_dir: str | Path) -> str:
@@ -233,35 +247,36 @@ def part_identity(part: sources.Part, options: dict) -> dict:
     return {"part": part.name, "input_sha256": sources.part_fingerprint(part), **options}
 
 
-def identity_mismatch(out: Path, k: int, ident: dict) -> list[str] | None:
+def identity_mismatch(out: str | Path, k: int, ident: dict) -> list[str] | None:
     """None when part k is finished with identity `ident`; else the differing fields (["unfinished"] if not done)."""
-    rep = part_dir(out, k) / "report.json"
-    if not rep.is_file():
+    rep = storage.join(part_dir(out, k), "report.json")
+    if not storage.exists(rep):
         return ["unfinished"]
-    have = json.loads(rep.read_text()).get("identity", {})
+    have = storage.read_json(rep).get("identity", {})
     diff = sorted(f for f in ident if have.get(f) != ident[f])
     return diff or None
 
 
-def finalize(out: Path, n_parts: int, meta: dict) -> dict:
+def finalize(out: str | Path, n_parts: int, meta: dict) -> dict:
     """Merge the part indexes into OUT/index.json and sum the part reports into OUT/report.json."""
     total = Stats()
     index_files = []
     for k in range(n_parts):
         d = part_dir(out, k)
-        total.add(json.loads((d / "report.json").read_text()))
-        if (d / "index.json").is_file():
-            index_files.append(str(d / "index.json"))
+        total.add(storage.read_json(storage.join(d, "report.json")))
+        if storage.exists(storage.join(d, "index.json")):  # a part of only skipped records has none
+            index_files.append(storage.join(d, "index.json"))
     if index_files:
-        (out / "index.json").unlink(missing_ok=True)  # a rerun re-merges
-        merge_index(index_files, str(out), keep_local=True)
+        if not storage.is_remote(out):
+            Path(out, "index.json").unlink(missing_ok=True)  # a rerun re-merges
+        merge_index(index_files, str(out), keep_local=not storage.is_remote(out))  # a remote: merged and uploaded
     report = {"parts": n_parts, **total.to_json()}
-    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out / "latents.json").write_text(json.dumps(meta, indent=2) + "\n")
+    storage.write_json(storage.join(out, "report.json"), report)
+    storage.write_json(storage.join(out, "latents.json"), meta)
     return report
 
 
-def wait_for_parts(out: Path, idents: list[dict], timeout: float) -> None:
+def wait_for_parts(out: str | Path, idents: list[dict], timeout: float) -> None:
     """Block until every part has its report.json with the expected identity (other ranks still encoding)."""
     t0 = time.time()
     while missing := [k for k, ident in enumerate(idents) if identity_mismatch(out, k, ident)]:
@@ -314,7 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--texts-column", default=d.texts_column, help="parquet interleaved: list of texts (null at images)")
     ap.add_argument("--images-column", default=d.images_column, help="parquet interleaved: list of images (null at texts)")
     ap.add_argument("--vae", required=True, help="local diffusers AutoencoderKL directory")
-    ap.add_argument("--out", required=True, help="output directory (MDS dataset)")
+    ap.add_argument("--out", required=True, help="output directory or remote URL such as s3://bucket/prefix (MDS dataset)")
     ap.add_argument("--image-size", type=int, default=d.image_size)
     ap.add_argument("--batch-size", type=int, default=d.batch_size, help="images per VAE forward")
     ap.add_argument("--part-size", type=int, default=d.part_size, help="records per part (unit of work and resumption)")
@@ -353,8 +368,9 @@ def run(opts: PrecomputeOptions, rank_and_world: tuple[int, int] | None = None) 
         rank, world, local_rank = env.rank, env.world_size, env.local_rank
     else:
         (rank, world), local_rank = rank_and_world, 0
-    out = Path(opts.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = opts.out  # a local directory or a remote URL (s3://bucket/prefix): data_pipeline.storage
+    if not storage.is_remote(out):
+        Path(out).mkdir(parents=True, exist_ok=True)
     parts = sources.list_parts(opts.inputs, opts.part_size)
     dev = _device(opts.device, local_rank)
     vae = vaelib.load_vae(opts.vae, dev, torch.bfloat16 if dev.type == "cuda" else torch.float32)
@@ -370,7 +386,7 @@ def run(opts: PrecomputeOptions, rank_and_world: tuple[int, int] | None = None) 
         for k in mine:
             diff = identity_mismatch(out, k, idents[k])
             if diff and diff != ["unfinished"]:
-                print(f"[precompute rank {rank}] {part_dir(out, k).name} was made from other inputs or options "
+                print(f"[precompute rank {rank}] {part_dir(out, k)} was made from other inputs or options "
                       f"(differs in {diff}); redoing it")
             todo += [k] if diff else []
         print(f"[precompute rank {rank}/{world}] {len(parts)} parts, {len(mine)} mine, {len(mine) - len(todo)} already done")
@@ -381,7 +397,7 @@ def run(opts: PrecomputeOptions, rank_and_world: tuple[int, int] | None = None) 
     if rank != 0:
         return None
     wait_for_parts(out, idents, opts.wait_timeout)
-    stale = sorted(p.name for p in out.glob("part-*") if int(p.name.split("-")[1]) >= len(parts))
+    stale = sorted(n for n in storage.list_dir(out) if n.startswith("part-") and n[5:].isdigit() and int(n[5:]) >= len(parts))
     if stale:
         print(f"[precompute] {out}: {stale[:5]}... are left from a run with more parts and are not merged; "
               "remove them or use a new --out")
