@@ -46,7 +46,7 @@ def _docs(kind: str, n: int, rng: np.random.Generator):
             yield d
 
 
-def build(root: Path, rows: int) -> tuple[DataConfig, dict]:
+def build(root: Path, rows: int, shard_size: int = 1 << 26) -> tuple[DataConfig, dict]:
     """Pack text / pairs / interleaved streams under `root`; returns the DataConfig and efficiencies."""
     rng = np.random.default_rng(0)
     save_special_ids(SpecialIds(vocab_size=32003, bos_id=1, eos_id=2, boi_id=32000, eoi_id=32001, pad_id=32002),
@@ -56,7 +56,7 @@ def build(root: Path, rows: int) -> tuple[DataConfig, dict]:
     for kind, share in (("text", 0.4), ("pairs", 0.4), ("interleaved", 0.2)):
         n_docs = int(rows * share * SEQ / per_doc[kind]) + 64
         packer = Packer(SEQ, P)
-        n, n_img = write_rows(packer, _docs(kind, n_docs, rng), root / kind, "fp16", 1 << 26)
+        n, n_img = write_rows(packer, _docs(kind, n_docs, rng), root / kind, "fp16", shard_size)
         eff[kind] = (n, packer.real, packer.efficiency)
         (root / kind / "pack.json").write_text(json.dumps(
             {"rows": n, "positions": n * SEQ, "image_positions": n_img * P, "efficiency": packer.efficiency}))
