@@ -120,3 +120,14 @@ def test_precision_bench_times_each_precision_and_attention_path(demo_data) -> N
     for _, _, ms, ratio, share in rows:
         assert float(ms) > 0 and math.isclose(float(ratio), float(ms) / base, abs_tol=0.01), out
         assert 0 < float(share) < 100, out  # the profiler saw attention kernels, and other work
+        assert 0 < float(share) < 100, out  # the profiler saw attention kernels, and other work
+
+
+def test_pack_parts_prints_efficiency_per_part_size() -> None:
+    """bench/pack_parts.py: the parted efficiency never beats one part by more than rounding, and the baseline ratio is 1."""
+    out = _run("pack_parts.py", "--docs", "2000", "--sizes", "200", "1000")
+    rows = re.findall(r"^\| (text|pairs|interleaved) \| (all \(baseline\)|[\d,]+) \| [\d,]+ \| ([\d.]+)% \| ([\d.]+) \|$", out, re.M)
+    assert len(rows) == 9, out
+    for kind, part, eff, ratio in rows:
+        assert 90 < float(eff) <= 100 and float(ratio) <= 1.0001, (kind, part, eff, ratio)
+        assert part != "all (baseline)" or float(ratio) == 1.0
