@@ -120,7 +120,6 @@ def test_precision_bench_times_each_precision_and_attention_path(demo_data) -> N
     for _, _, ms, ratio, share in rows:
         assert float(ms) > 0 and math.isclose(float(ratio), float(ms) / base, abs_tol=0.01), out
         assert 0 < float(share) < 100, out  # the profiler saw attention kernels, and other work
-        assert 0 < float(share) < 100, out  # the profiler saw attention kernels, and other work
 
 
 def test_pack_parts_prints_efficiency_per_part_size() -> None:
