@@ -280,12 +280,15 @@ def test_killed_during_save_resumes_from_previous_checkpoint(straight, demo_data
     p = launch("accelerate", demo_data, tmp_path, fault="kill_in_save=10")
     assert p.returncode != 0, log_tail(tmp_path, "accelerate")
     ck = tmp_path / "checkpoints"
-    assert (ck / "step_00000010").is_dir() and not (ck / "step_00000010/COMPLETE").exists()
+    # the save writes into a fresh step_N.tmp/ renamed after its marker: nothing claims step 10
+    assert (ck / "step_00000010.tmp").is_dir() and not (ck / "step_00000010.tmp/COMPLETE").exists()
+    assert not (ck / "step_00000010").exists()
     assert (ck / "latest").read_text() == "step_00000005"
     p = launch("accelerate", demo_data, tmp_path)
     assert p.returncode == 0, log_tail(tmp_path, "accelerate")
     assert "step_00000005 at step 5" in (tmp_path / "accelerate.log").read_text()
     assert (ck / "step_00000010/COMPLETE").is_file() and (ck / "latest").read_text() == "step_00000010"
+    assert not (ck / "step_00000010.tmp").exists()
     ref, got = train_rows(straight), train_rows(tmp_path)
     assert [got[s]["digest"] for s in range(1, 11)] == [ref[s]["digest"] for s in range(1, 11)]
     assert [got[s]["loss"] for s in range(1, 7)] == [ref[s]["loss"] for s in range(1, 7)]  # see the test above

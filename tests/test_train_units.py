@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +13,8 @@ from pretrain.config import load_config
 from contract.dist_env import detect_env, expand_nodelist, tasks_per_node
 from pretrain.plan.batch import BatchSizeError, derive_ds_config, plan_batch
 from pretrain.train.schedule import lr_at
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize(
@@ -304,3 +307,64 @@ def test_ema_update_save_and_resume_against_the_formula(tmp_path):
     assert not ShardedEMA(model.named_parameters(), 0.9).load(tmp_path / "none", 0, 1)  # no EMA saved there
     with pytest.raises(ValueError, match="ema_decay"):
         ShardedEMA(model.named_parameters(), 1.0)
+
+
+def test_resume_auto_follows_latest_and_a_rollback_moves_the_line_ahead_aside(tmp_path, caplog):
+    """Complete 2, 4, 6 and `latest` -> 4 (a rollback line): auto resumes 4, not the newer 6, and says why;
+    `abandon_ahead` (what the trainer does after an explicit resume of 2) moves 4, 6 and a killed save's
+    step_8.tmp into checkpoints/abandoned/, keeps 2 and points `latest` at it."""
+    root = checkpoint.checkpoint_root(tmp_path)
+    for step in (2, 4, 6):
+        (root / checkpoint.tag_for(step)).mkdir(parents=True)
+        (root / checkpoint.tag_for(step) / checkpoint.MARKER).write_text(str(step))
+    (root / "step_00000008.tmp").mkdir()
+    (root / "latest").write_text("step_00000004")
+    with caplog.at_level("WARNING", logger="pretrain"):
+        assert checkpoint.find_resume("auto", tmp_path) == root / "step_00000004"
+    assert "not resuming the newer ['step_00000006']" in caplog.text
+    (root / "latest").unlink()  # runs from before `latest`: the newest complete one
+    assert checkpoint.find_resume("auto", tmp_path) == root / "step_00000006"
+    moved = checkpoint.abandon_ahead(tmp_path, root / "step_00000002", 2)
+    assert moved == root / "abandoned/rollback_to_step_00000002"
+    assert sorted(p.name for p in moved.iterdir()) == ["step_00000004", "step_00000006", "step_00000008.tmp"]
+    assert [p.name for _, p in checkpoint.list_checkpoints(root)] == ["step_00000002"]
+    assert checkpoint.find_resume("auto", tmp_path) == root / "step_00000002"
+    assert (root / "latest").read_text() == "step_00000002"
+
+
+@pytest.mark.slow  # a fresh process that imports DeepSpeed and loads the op: ~10 s, 30 s on a loaded machine
+def test_deepspeed_ops_build_in_this_environment_not_the_shared_home_cache(tmp_path):
+    """A fresh process with no TORCH_EXTENSIONS_DIR and an empty HOME builds the trainer's optimizer
+    (`build_optimizer`: DeepSpeedCPUAdam, JIT-built cpu_adam): the op loads from sys.prefix/torch_extensions
+    (ci/build_deepspeed_ops.py builds it there; `make install`), and nothing is written to ~/.cache. A user's
+    own TORCH_EXTENSIONS_DIR is kept."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import os, sys, torch\n"
+        "from pretrain.config import Config\n"
+        "from pretrain.train.engine import build_optimizer\n"
+        "opt = build_optimizer(torch.nn.Linear(4, 4), Config(), on_gpu=False)\n"
+        "print(type(opt).__name__, os.environ['TORCH_EXTENSIONS_DIR'], opt.ds_opt_adam.__file__)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TORCH_EXTENSIONS_DIR"}
+    env.update(HOME=str(tmp_path / "home"), PYTHONPATH=str(REPO))
+    (tmp_path / "home").mkdir()
+    p = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert p.returncode == 0, p.stderr[-3000:]
+    name, where, so = p.stdout.split()[-3:]
+    want = os.path.join(sys.prefix, "torch_extensions")
+    assert name == "DeepSpeedCPUAdam" and where == want and so.startswith(want + os.sep), p.stdout
+    assert not (tmp_path / "home/.cache/torch_extensions").exists()
+
+    from pretrain.train.distributed import use_env_torch_extensions
+
+    env = dict(os.environ)
+    try:
+        os.environ["TORCH_EXTENSIONS_DIR"] = str(tmp_path / "mine")
+        assert use_env_torch_extensions() == str(tmp_path / "mine")
+    finally:
+        os.environ.clear()
+        os.environ.update(env)

@@ -4,8 +4,15 @@ Layout: RUN_DIR/checkpoints/step_00001000/ holds DeepSpeed's per-rank shards plu
 state (step, loader state, RNG states, merged config) and `config.yaml`, the config this
 checkpoint was trained with (export ships that one; resume compares against it). Every rank joins every save (ZeRO-3
 saving is collective). After all ranks have written, rank 0 writes the `COMPLETE` marker
-(atomically, last) and only then updates `latest`. Resume picks the newest directory that has
-the marker, so a process killed while saving leaves the previous checkpoint in charge.
+(atomically, last) and only then updates `latest`. A save writes into a fresh `step_N.tmp/` that rank 0
+renames to `step_N/` after writing the marker, so no save ever writes into a directory that claims to
+be complete, and a process killed while saving leaves the previous checkpoint in charge.
+
+Lineage: `resume: auto` follows `latest`, the run's current line of checkpoints (the newest complete
+directory only when `latest` is missing, e.g. runs from before it). A rollback (`checkpoint.resume=`
+an earlier step) moves every checkpoint ahead of its resume point into `checkpoints/abandoned/` and
+says so in the log (`abandon_ahead`), so a requeue with `auto` continues the rollback, not the
+abandoned line.
 
 A checkpoint's ZeRO-3 shards are tied to the world size that wrote them. Resuming on another
 number of ranks goes through DeepSpeed's universal checkpoint: `to_universal` runs DeepSpeed's
@@ -18,6 +25,7 @@ ahead of a resume (a large model's conversion is better done once on a CPU node 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import re
@@ -26,7 +34,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -35,11 +43,16 @@ from contract.fileio import write_atomic
 from pretrain.config import Config, load_config, save_config
 from pretrain.train.distributed import barrier
 
+log = logging.getLogger("pretrain")
+
 MARKER = "COMPLETE"
 CONFIG = "config.yaml"  # inside each checkpoint directory
 META = "checkpoint.json"  # {"step", "world_size"}: what export checks the rank files against
 UNIVERSAL = "universal"  # inside a checkpoint: its DeepSpeed universal form, for a resume on another world size
 _TAG = re.compile(r"^step_(\d{8,})$")
+_TMP = re.compile(r"^step_(\d{8,})\.tmp$")  # a save in progress (or one killed while saving)
+ABANDONED = "abandoned"  # checkpoints/abandoned/<rollback>/step_N: ahead of a rollback's resume point
+LATEST = "latest"
 
 
 def checkpoint_root(run_dir: str | Path) -> Path:
@@ -62,13 +75,34 @@ def list_checkpoints(root: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+def latest(root: Path) -> Path | None:
+    """The checkpoint `root/latest` names when it is complete, else None."""
+    f = root / LATEST
+    if not f.is_file():
+        return None
+    path = root / f.read_text().strip()
+    return path if _TAG.match(path.name) and is_complete(path) else None
+
+
 def find_resume(resume: str, run_dir: str | Path) -> Path | None:
-    """The checkpoint to resume from: "none" -> None, "auto" -> newest complete one (or None), else that dir."""
+    """The checkpoint to resume from: "none" -> None, else that dir; "auto" -> the one `latest` names (the
+    run's current lineage), or without a usable `latest` the newest complete one (or None).
+
+    Complete checkpoints newer than `latest` (only a save killed between its marker and `latest`, since a
+    rollback moves the abandoned line aside) are logged and not used."""
     if resume == "none":
         return None
     if resume == "auto":
-        complete = [p for _, p in list_checkpoints(checkpoint_root(run_dir)) if is_complete(p)]
-        return complete[-1] if complete else None
+        root = checkpoint_root(run_dir)
+        complete = [p for _, p in list_checkpoints(root) if is_complete(p)]
+        head = latest(root)
+        if head is None:
+            return complete[-1] if complete else None
+        ahead = [p.name for p in complete if p.name > head.name]
+        if ahead:
+            log.warning("checkpoint.resume=auto: %s names %s; not resuming the newer %s (not in the run's current "
+                        "lineage; name one with checkpoint.resume=PATH to use it)", root / LATEST, head.name, ahead)
+        return head
     path = Path(resume)
     if not is_complete(path):
         raise FileNotFoundError(
@@ -115,23 +149,64 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def save(engine, cfg: Config, step: int, client_state: dict[str, Any]) -> Path:
-    """Collective save of step `step` on every rank (shards + `config.yaml`), then marker, `latest`, pruning (rank 0)."""
+def _remove(path: Path) -> None:
+    """Delete a checkpoint directory, its marker first (it never claims completeness while half-deleted)."""
+    (path / MARKER).unlink(missing_ok=True)
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def save(engine, cfg: Config, step: int, client_state: dict[str, Any],
+         extra: Callable[[Path], None] | None = None) -> Path:
+    """Collective save of step `step` on every rank into a fresh `step_N.tmp/` (shards, `extra(dir)` on every
+    rank, e.g. the EMA, and `config.yaml`), then (rank 0) marker, rename to `step_N/`, `latest`, pruning."""
     root = checkpoint_root(cfg.train.run_dir)
     tag = tag_for(step)
-    engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
+    tmp = root / f"{tag}.tmp"
+    if engine.global_rank == 0:  # a killed save's leftovers, or a directory of an older line: never write into them
+        _remove(tmp)
+        _remove(root / tag)
+        tmp.mkdir(parents=True)
+    barrier()
+    engine.save_checkpoint(str(root), tag=tmp.name, client_state=client_state, save_latest=False)
+    if extra is not None:
+        extra(tmp)
     if engine.global_rank == 0:
-        save_config(cfg, root / tag / CONFIG)
+        save_config(cfg, tmp / CONFIG)
         world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-        _write_atomic(root / tag / META, json.dumps({"step": step, "world_size": world}))
+        _write_atomic(tmp / META, json.dumps({"step": step, "world_size": world}))
     barrier()  # every rank's shards are on disk before the marker says so
     fault_point("kill_in_save", step)
     if engine.global_rank == 0:
-        _write_atomic(root / tag / MARKER, f"{step}\n")
-        _write_atomic(root / "latest", tag)
+        _write_atomic(tmp / MARKER, f"{step}\n")
+        os.replace(tmp, root / tag)
+        _write_atomic(root / LATEST, tag)
         prune(root, cfg.checkpoint.keep_last)
     barrier()
     return root / tag
+
+
+def abandon_ahead(run_dir: str | Path, resumed: Path, step: int) -> Path | None:
+    """A rollback: move every checkpoint of `run_dir` ahead of `step` (complete or not) into
+    checkpoints/abandoned/rollback_to_step_N[_k]/ and point `latest` at `resumed` when it is this run's.
+
+    Returns the folder they went to (None when none was ahead). Call on one rank, after the resume loaded.
+    """
+    root = checkpoint_root(run_dir)
+    ahead = [(s, p) for s, p in list_checkpoints(root) if s > step]
+    ahead += [(int(m.group(1)), p) for p in root.iterdir() if (m := _TMP.match(p.name)) and int(m.group(1)) > step]
+    dest = None
+    if ahead:
+        dest = root / ABANDONED / f"rollback_to_{tag_for(step)}"
+        k = 1
+        while dest.exists():
+            k += 1
+            dest = root / ABANDONED / f"rollback_to_{tag_for(step)}_{k}"
+        dest.mkdir(parents=True)
+        for _, p in sorted(ahead):
+            os.replace(p, dest / p.name)
+    if resumed.resolve().parent == root.resolve():
+        _write_atomic(root / LATEST, resumed.name)
+    return dest
 
 
 def prune(root: Path, keep_last: int) -> None:
@@ -144,7 +219,10 @@ def prune(root: Path, keep_last: int) -> None:
     newest = complete[-1]
     for step, path in ckpts:
         if step not in keep and step <= newest:
-            shutil.rmtree(path, ignore_errors=True)
+            _remove(path)
+    for path in root.iterdir():  # saves killed before their rename
+        if (m := _TMP.match(path.name)) and int(m.group(1)) <= newest:
+            _remove(path)
 
 
 def trained_config(ckpt: Path) -> Config:

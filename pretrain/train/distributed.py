@@ -20,6 +20,31 @@ from contract.dist_env import DistEnv, detect_env, export_env
 EXIT_REQUEUE = 75
 
 
+def torch_extensions_dir() -> Path | None:
+    """Where this environment keeps DeepSpeed's JIT-built ops: PREFIX/torch_extensions (PREFIX = sys.prefix, the
+    venv), or None when the prefix is not writable (a system Python: torch's default ~/.cache applies).
+
+    torch builds ops into $TORCH_EXTENSIONS_DIR, by default ~/.cache/torch_extensions shared by every venv of
+    the user: two checkouts or venvs (other torch/DeepSpeed builds) rebuilt the op for each other at every
+    launch and raced when launched together (torch.utils.cpp_extension._get_build_directory)."""
+    import sys
+
+    prefix = Path(sys.prefix)
+    return prefix / "torch_extensions" if os.access(prefix, os.W_OK) else None
+
+
+def use_env_torch_extensions() -> str | None:
+    """Set TORCH_EXTENSIONS_DIR to `torch_extensions_dir()` unless the user set it; returns the value in force.
+
+    Called before any DeepSpeed op loads (`init_distributed`, `pretrain.train.engine.build_optimizer`,
+    ci/build_deepspeed_ops.py), so `make install` builds where the trainer loads."""
+    if not os.environ.get("TORCH_EXTENSIONS_DIR"):
+        d = torch_extensions_dir()
+        if d is not None:
+            os.environ["TORCH_EXTENSIONS_DIR"] = str(d)
+    return os.environ.get("TORCH_EXTENSIONS_DIR")
+
+
 def resolve_backend(backend: str) -> str:
     """"auto" means nccl when CUDA is there, gloo otherwise (CPU runs, tests)."""
     if backend != "auto":
@@ -29,6 +54,7 @@ def resolve_backend(backend: str) -> str:
 
 def init_distributed(backend: str = "auto", timeout_minutes: int = 30) -> DistEnv:
     """Detect the launcher, export the torch variables, pick the device and join the process group."""
+    use_env_torch_extensions()  # before DeepSpeed loads its CPU ops (shm_comm here, cpu_adam later)
     import deepspeed
 
     d = detect_env()

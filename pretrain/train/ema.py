@@ -33,19 +33,45 @@ def local_partition(p: torch.nn.Parameter) -> torch.Tensor:
     return t.view(-1)
 
 
+def master_partition(p: torch.nn.Parameter) -> torch.Tensor:
+    """`local_partition(p)` in fp32 from the optimizer's fp32 master weights, flat, shape (partition numel,).
+
+    Under train.precision=bf16 the module's weights are bf16 copies; the optimizer keeps the fp32 master
+    weights (what the update is applied to, and what a raw export consolidates). ZeRO-3: this rank's fp32
+    partition (DeepSpeed `get_local_fp32_param`, a view; no communication). ZeRO-1/2 and bf16 at stage 0:
+    the whole fp32 parameter joined from every rank's fragment (`safe_get_full_fp32_param`, an all-reduce:
+    collective, every rank calls it in the same order). fp32 weights are their own master: `p` itself.
+    """
+    t = local_partition(p)
+    if t.dtype == torch.float32:
+        return t
+    if hasattr(p, "ds_id") and getattr(p, "_z3_optimizer", None) is not None:
+        return p._z3_optimizer.get_local_fp32_param(p).view(-1)
+    if getattr(p, "_hp_mapping", None) is not None or hasattr(p, "get_full_hp_param"):
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        full = safe_get_full_fp32_param(p)
+        if full is not None:
+            return full.view(-1)
+    return t.float()
+
+
 def full_shape(p: torch.nn.Parameter) -> list[int]:
     """The parameter's whole shape (ZeRO-3 keeps it in `ds_shape` while `p.data` is empty)."""
     return list(p.ds_shape) if hasattr(p, "ds_shape") else list(p.shape)
 
 
 class ShardedEMA:
-    """fp32 EMA of this rank's partitions of `named_params` (name -> parameter); `update` after each applied step."""
+    """fp32 EMA of this rank's partitions of `named_params` (name -> parameter); `update` after each applied step.
+
+    Kept from the fp32 master weights (`master_partition`), so under train.precision=bf16 the EMA, and an
+    fp32 export of it, is not an average of bf16-rounded copies. Build it after `deepspeed.initialize`."""
 
     def __init__(self, named_params: Iterable[tuple[str, torch.nn.Parameter]], decay: float) -> None:
         check_ema_decay(decay, enabled=True)
         self.decay = decay
         self.params = dict(named_params)
-        self.shadow = {n: local_partition(p).detach().float().clone() for n, p in self.params.items()}
+        self.shadow = {n: master_partition(p).detach().float().clone() for n, p in self.params.items()}
         self.updates = 0
 
     def current_decay(self) -> float:
@@ -57,7 +83,7 @@ class ShardedEMA:
         """Move every shadow towards the current weights (call after an optimizer step that was applied)."""
         d = self.current_decay()
         for n, p in self.params.items():
-            self.shadow[n].lerp_(local_partition(p).float(), 1.0 - d)
+            self.shadow[n].lerp_(master_partition(p).float(), 1.0 - d)
         self.updates += 1
 
     def save(self, ckpt_dir: Path, rank: int) -> Path:

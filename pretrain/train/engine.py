@@ -67,8 +67,31 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
     ]
 
 
+def apply_optim_config(optimizer: Any, cfg: Config, lr: float) -> list[dict[str, Any]]:
+    """Write this launch's optim.* into every parameter group of `optimizer` (a DeepSpeed engine's optimizer or a
+    torch one) and return the groups' settings as the optimizer now holds them: [{lr, betas, eps, weight_decay}].
+
+    A DeepSpeed checkpoint load restores the saved groups' betas, eps and weight decay (torch
+    `Optimizer.load_state_dict`; the universal load copies group 0's into all, stage3.py
+    `load_hp_checkpoint_state_from_checkpoint_dir_stage3`), so a resume calls this after loading:
+    optim.* changed on resume then takes effect on every resume path. Group order is `param_groups`'s:
+    [decay (optim.weight_decay), no decay (0.0)]. Raises ValueError on any other number of groups.
+    """
+    o = cfg.optim
+    groups = optimizer.param_groups
+    if len(groups) != 2:
+        raise ValueError(f"expected the 2 parameter groups of pretrain.train.engine.param_groups, found {len(groups)}")
+    for g, wd in zip(groups, (o.weight_decay, 0.0)):
+        g["lr"], g["betas"], g["eps"], g["weight_decay"] = lr, tuple(o.betas), o.eps, wd
+    return [{"lr": g["lr"], "betas": list(g["betas"]), "eps": g["eps"], "weight_decay": g["weight_decay"]}
+            for g in groups]
+
+
 def build_optimizer(model: torch.nn.Module, cfg: Config, on_gpu: bool) -> torch.optim.Optimizer:
     """AdamW: DeepSpeed FusedAdam on GPU, DeepSpeedCPUAdam on CPU (or with optimizer offload), else torch AdamW."""
+    from pretrain.train.distributed import use_env_torch_extensions
+
+    use_env_torch_extensions()  # cpu_adam is built and loaded from this environment's own directory
     o = cfg.optim
     groups = param_groups(model, o.weight_decay)
     kw = dict(lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import logging
 import signal
 import sys
@@ -29,7 +30,7 @@ from pretrain.config import Config, config_changes, load_config, save_config
 from pretrain.train.ema import ShardedEMA
 from pretrain.plan.batch import BatchPlan, BatchSizeError, micro_batch_sizes, plan_batch
 from pretrain.plan.data_keys import data_key_problems, small_val_streams
-from pretrain.train.engine import build_engine
+from pretrain.train.engine import apply_optim_config, build_engine
 from pretrain.train.hooks import HookContext, TrainHooks, check_hooks
 from pretrain.train.metrics import MetricsWriter, StepStats, StepTimer, detect_peak_flops
 from pretrain.train.schedule import lr_at, set_lr
@@ -270,27 +271,51 @@ def check_bad_step(run: Run, s: StepStats) -> None:
         )
 
 
-def _val_batches(loader: Any, limit: int) -> list[TransfusionBatch]:
-    """The first `limit` batches of a val stream, cut to the count every rank has (ZeRO-3 needs equal forwards)."""
-    batches = []
-    for b in loader:
-        if len(batches) >= limit:
-            break
-        batches.append(b)
-    n = int(-distributed.all_reduce_max([-float(len(batches))])[0])  # min over ranks
-    return batches[:n]
+def _val_batches(loader: Any, limit: int, micro_batch: int, rank: int, world_size: int) -> tuple[list, int]:
+    """This rank's share of a val stream's first `limit` micro-batches, and the number of forwards every rank runs.
+
+    The validation set is the first min(rows, limit x micro_batch) sequences of the stream in its (unshuffled)
+    global order, read by sample id (`StreamingDataset.get_item`), so it is the same set, each sequence with
+    the same noise (seeded by its sample id), for any number of ranks: rank r takes ids r, r + world, ...
+    Streaming's own per-rank partition pads ranks with repeated samples and drops each rank's partial
+    batch, and cutting every rank to the smallest count dropped more: the loss depended on the world size.
+    ZeRO-3 needs every rank to run the same number of forwards: the count returned is the maximum over ranks.
+    """
+    from data_pipeline.loader import collate
+
+    ds = loader.dataset
+    n = min(int(ds.num_samples), limit * micro_batch)
+    mine = list(range(rank, n, world_size))
+    batches = [collate([ds.get_item(i) for i in mine[k : k + micro_batch]]) for k in range(0, len(mine), micro_batch)]
+    forwards = int(distributed.all_reduce_max([float(len(batches))])[0])
+    if len(batches) < forwards:  # a forward whose result is dropped, so the ranks' ZeRO-3 gathers pair up
+        batches += [None] * (forwards - len(batches))
+    return batches, forwards
+
+
+def _padding_batch(loader: Any) -> TransfusionBatch:
+    """A batch to run (and drop) on a rank that has fewer validation batches than another: sample 0."""
+    from data_pipeline.loader import collate
+
+    return collate([loader.dataset.get_item(0)])
 
 
 @torch.no_grad()
 def validate(run: Run) -> dict[str, float]:
-    """Mean LM loss per text target and diffusion loss per image, per val stream and overall (every rank)."""
+    """Mean LM loss per text target and diffusion loss per image, per val stream and overall (every rank).
+
+    The same figure for any number of ranks (`_val_batches`), up to the float summation order."""
     run.engine.eval()
     dev = distributed.device()
     sums: list[float] = []
     for loader in run.val_loaders.values():
         s = [0.0, 0.0, 0.0, 0.0]  # LM CE sum, diffusion MSE sum, text targets, images
-        for b in _val_batches(loader, run.cfg.logging.val_batches):
-            out = run.engine(b.to(dev))
+        batches, _ = _val_batches(loader, run.cfg.logging.val_batches, run.plan.micro_batch, run.env.rank,
+                                  run.env.world_size)
+        for b in batches:
+            out = run.engine((b if b is not None else _padding_batch(loader)).to(dev))
+            if b is None:
+                continue
             s = [s[0] + float(out.lm_loss_sum), s[1] + float(out.diffusion_loss_sum),
                  s[2] + out.num_text_tokens, s[3] + out.num_images]
         sums += s
@@ -321,11 +346,9 @@ def client_state(run: Run) -> dict[str, Any]:
 
 
 def save(run: Run) -> None:
-    if run.ema is not None:  # before the collective save: the completeness marker then covers it
-        tag_dir = checkpoint.checkpoint_root(run.cfg.train.run_dir) / checkpoint.tag_for(run.step)
-        tag_dir.mkdir(parents=True, exist_ok=True)
-        run.ema.save(tag_dir, run.env.rank)
-    path = checkpoint.save(run.engine, run.cfg, run.step, client_state(run))
+    # the EMA goes into the same fresh directory before the marker, which then covers it
+    extra = (lambda d: run.ema.save(d, run.env.rank)) if run.ema is not None else None
+    path = checkpoint.save(run.engine, run.cfg, run.step, client_state(run), extra=extra)
     log.info("saved checkpoint %s", path)
 
 
@@ -392,6 +415,9 @@ def resume(run: Run, path: Path) -> None:
     run.bad_total = int(client.get("bad_total", 0))
     run.loader.load_state_dict(client["loader"])
     run.loader_state = client["loader"]
+    # optim.* of this launch, not the saved param groups' (DeepSpeed restores those); logged as the optimizer holds them
+    groups = apply_optim_config(run.engine.optimizer, run.cfg, lr_at(run.step, run.cfg.optim, run.cfg.train.steps))
+    log.info("optimizer after resume: %s", json.dumps(groups))
     if reshard:
         log.info("RNG states not restored: %s was saved by %d ranks", path, saved)
     else:
@@ -450,6 +476,12 @@ def _build_run(cfg: Config, env: DistEnv, hooks: TrainHooks) -> Run:
     if ckpt is not None:
         resume(run, ckpt)
     distributed.barrier()  # every rank loaded: only now does this launch own the run directory
+    if ckpt is not None and env.is_main and cfg.checkpoint.resume != "auto":
+        moved = checkpoint.abandon_ahead(cfg.train.run_dir, ckpt, run.step)
+        if moved is not None:
+            log.warning("rollback to step %d: the checkpoints ahead of it (%s) moved to %s; checkpoint.resume=auto "
+                        "now follows this line", run.step, ", ".join(sorted(p.name for p in moved.iterdir())), moved)
+    distributed.barrier()
     run.writer = make_writer(cfg, env, plan, engine)
     if env.is_main:
         save_config(cfg, Path(cfg.train.run_dir) / "config.yaml")
@@ -488,6 +520,14 @@ def after_step(run: Run, s: StepStats) -> None:
 def train(run: Run) -> int:
     """The loop; returns the process exit code."""
     start = run.step
+    if start >= run.cfg.train.steps:  # exit 0 (nothing failed), but never silently: docs/train.md, "Resuming"
+        if start == run.cfg.train.steps:
+            log.warning("nothing to train: the resumed checkpoint is at step %d = train.steps; raise train.steps "
+                        "to train on", start)
+        else:
+            log.warning("nothing to train: the resumed checkpoint is at step %d, past train.steps=%d (a checkpoint is "
+                        "never cut back); raise train.steps above %d to train on, or resume an earlier step with "
+                        "checkpoint.resume=PATH", start, run.cfg.train.steps, start)
     while run.step < run.cfg.train.steps:
         s = train_step(run)
         run.step += 1
