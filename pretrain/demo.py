@@ -1,4 +1,4 @@
-"""The tiny end-to-end run on CPU: synthetic data -> tokenizer, VAE, shards -> 2-rank ZeRO-3 training
+"""The tiny end-to-end run on CPU: synthetic data -> tokenizer, VAE, shards -> 2-rank ZeRO-2 training (configs/demo.yaml)
 -> export -> evaluation (pixel-judged text->image samples, captions, text loss; a PNG grid and a
 report). `make demo` runs it.
 
@@ -134,12 +134,12 @@ def main(argv: list[str] | None = None) -> int:
         run([py, "-m", "data_pipeline.demo_data", "--out", str(data)], stage="data")
     resume = "none" if a.fresh else "auto"
     module = ["--module" if a.launcher == "deepspeed" else "-m", "pretrain.train"]  # deepspeed has no -m
-    def train() -> list[str]:  # a fresh rendezvous port for each launch
+    def train_command() -> list[str]:  # a fresh rendezvous port for each launch
         return launcher_cmd(a.launcher, a.nproc) + module + [
             "--config", f"configs/tiny.yaml,configs/demo.yaml,{data / 'data.yaml'}"]  # demo.yaml: the small model's switches
 
-    steps = a.steps or chosen_steps(out, train(), env, a.train_seconds, a.fresh)
-    run(train() + [
+    steps = a.steps or chosen_steps(out, train_command(), env, a.train_seconds, a.fresh)
+    run(train_command() + [
         f"train.run_dir={run_dir}", f"train.steps={steps}",
         f"checkpoint.resume={resume}", f"checkpoint.every={max(steps // 3, 1)}",
         f"logging.val_every={max(steps // 6, 1)}", "logging.sample_every=0",  # the demo's overheads: few pauses

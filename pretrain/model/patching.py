@@ -1,4 +1,5 @@
-"""Latent <-> patch sequence: a linear or U-Net encoder in, the mirror decoder out (predicts epsilon).
+"""Latent <-> patch sequence: a linear or U-Net encoder in, the mirror decoder out (predicts epsilon, v or the
+flow velocity: model.diffusion_prediction, model.objective).
 
 Patches are p x p latent cells in raster order. The linear encoder adds the timestep embedding to
 every patch vector; the U-Net conditions on the timestep inside each residual block, and its
@@ -80,7 +81,7 @@ def sincos_2d(grid: int, dim: int) -> torch.Tensor:
 
 
 class LinearPatchDecoder(nn.Module):
-    """width D -> predicted epsilon per patch; zero-initialised so training starts from eps_hat = 0."""
+    """width D -> the prediction per patch (epsilon, v or velocity); zero-initialised so training starts from 0."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -158,7 +159,7 @@ class UNetPatchEncoder(nn.Module):
 
 
 class UNetPatchDecoder(nn.Module):
-    """U-Net up blocks with skips from the encoder: (N, P, D) -> epsilon (N, C, H, W).
+    """U-Net up blocks with skips from the encoder: (N, P, D) -> the prediction (N, C, H, W), epsilon/v/velocity.
 
     `ctx` is the encoder's: its residual outputs are concatenated to this decoder's blocks in
     reverse order (one per block: unet_res_blocks per level), its last entry is the timestep embedding.

@@ -54,7 +54,8 @@ def apply_activation_checkpointing(model: torch.nn.Module) -> None:
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Weight decay on matrices (ndim >= 2), none on norms, biases and embeddings' 1-d params."""
+    """Weight decay on every parameter of ndim >= 2 (the linear weights and the 2-D embedding table), none on
+    1-d ones (norm scales, biases)."""
     decay, no_decay = [], []
     for p in model.parameters():
         if not p.requires_grad:
