@@ -117,11 +117,11 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m data_pipeline.demo_data", description=__doc__,
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--out", required=True, help="output directory (wiped first)")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="seed of every source, the tokenizer and the VAE")
     ap.add_argument("--fast", action="store_true", help="random-init VAE and fewer samples (tests)")
-    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--seq-len", type=int, default=256, help="packed row length (data.seq_len)")
     ap.add_argument("--patch-size", type=int, default=None, help="default: 4 (2 with --fast)")
-    ap.add_argument("--vocab-size", type=int, default=DEMO_VOCAB)
+    ap.add_argument("--vocab-size", type=int, default=DEMO_VOCAB, help="tokenizer vocabulary")
     ap.add_argument("--vae-steps", type=int, default=DemoSizes.vae_steps,
                     help="VAE training steps without --fast (more steps: sharper colours in reconstructions)")
     ap.add_argument("--vae-latent-noise", type=float, default=DemoSizes.vae_latent_noise,

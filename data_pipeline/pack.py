@@ -236,8 +236,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "pairs/interleaved: precompute output directories or URLs")
     ap.add_argument("--tokenizer", required=True, help="sentencepiece .model (special ids in <model>.json)")
     ap.add_argument("--out", required=True, help="output directory or URL: OUT/train, OUT/val, OUT/pack.json")
-    ap.add_argument("--seq-len", type=int, default=d.seq_len)
-    ap.add_argument("--patch-size", type=int, default=d.patch_size)
+    ap.add_argument("--seq-len", type=int, default=d.seq_len, help="positions per packed row (data.seq_len)")
+    ap.add_argument("--patch-size", type=int, default=d.patch_size, help="latent cells per patch side (model.patch_size)")
     ap.add_argument("--val-every", type=int, default=d.val_every,
                     help="every N-th document of each part goes to OUT/val (0: no val)")
     ap.add_argument("--lookahead", type=int, default=d.lookahead, help="documents considered when filling a row")

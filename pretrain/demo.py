@@ -3,6 +3,7 @@
 report). `make demo` runs it.
 
     python -m pretrain.demo --out demo_out [--train-seconds 500 | --steps N] [--launcher deepspeed|torchrun] [--fresh]
+    python -m pretrain.demo --summarise demo_1 demo_2 demo_3   # mean (range) of each figure over finished runs
 
 Every stage is the same command a user runs on real data; this script only chains them.
 
@@ -106,6 +107,58 @@ def chosen_steps(out: Path, train_cmd: list[str], env: dict[str, str], budget_se
     return int(choice["steps"])
 
 
+#: the figures README.md quotes from a demo's report (flat_scalars names -> README wording)
+HEADLINE = {
+    "eval/vae/seen/all_three": "VAE reconstructions, all three right",
+    "eval/text_to_image/seen/color": "text -> image colour",
+    "eval/text_to_image/seen/shape": "text -> image shape",
+    "eval/text_to_image/seen/place": "text -> image place",
+    "eval/text_to_image/seen/all_three": "text -> image all three",
+    "eval/text_to_image/held_out/all_three": "text -> image all three, held-out combinations",
+    "eval/captions/seen/all_three": "caption all three words right",
+    "eval/captions/held_out/all_three": "caption all three, held-out combinations",
+    "eval/text/loss": "text loss (nats/token)",
+}
+
+
+def summarise_runs(outs: list[Path]) -> str:
+    """Mean and range of every evaluation figure over several finished demos: a Markdown table with one
+    row per figure (flat_scalars' names; accuracies in %), "mean (min-max)" over the runs, and the
+    runs' training steps and total wall time where their OUT/steps.json holds them.
+
+    Raises FileNotFoundError naming the first OUT without eval/report.json (a demo that did not finish).
+    """
+    from pretrain.evaluation.evaluate import flat_scalars
+
+    figures: dict[str, list[float]] = {}
+    steps = []
+    for out in outs:
+        report = Path(out) / "eval" / "report.json"
+        if not report.is_file():
+            raise FileNotFoundError(f"{report}: no evaluation report; finish that demo (python -m pretrain.demo "
+                                    f"--out {out}) or leave it out")
+        for k, v in flat_scalars(json.loads(report.read_text())).items():
+            figures.setdefault(k, []).append(v)
+        if (Path(out) / "steps.json").is_file():
+            steps.append(int(json.loads((Path(out) / "steps.json").read_text())["steps"]))
+    n = len(outs)
+    lines = [f"demo figures over {n} run{'s' * (n != 1)}: " + ", ".join(str(o) for o in outs),
+             *( [f"training steps: {', '.join(map(str, steps))}"] if steps else []),
+             "", "| figure | mean (range) |", "|---|---|"]
+    order = [k for k in HEADLINE if k in figures] + sorted(k for k in figures if k not in HEADLINE)
+    for k in order:
+        vals = figures[k]
+        pct = "/text/" not in k  # accuracies (0-1) print as %; text loss and perplexity as they are
+        f = (lambda v: f"{100 * v:.1f}") if pct else (lambda v: f"{v:.3f}")  # noqa: E731
+        cell = f"{f(sum(vals) / len(vals))}{'%' if pct else ''} ({f(min(vals))}-{f(max(vals))}, n={len(vals)})"
+        lines.append(f"| {HEADLINE.get(k, k)} | {cell} |")
+    return "\n".join(lines)
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """The module docstring as written, and every option's default."""
+
+
 def launcher_cmd(launcher: str, nproc: int) -> list[str]:
     """The multi-process launch prefix for `-m pretrain.train`."""
     port = str(free_port())
@@ -116,15 +169,20 @@ def launcher_cmd(launcher: str, nproc: int) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     """Chain the stages; print where the outputs are."""
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default="demo_out", type=Path)
+    ap = argparse.ArgumentParser(prog="python -m pretrain.demo", description=__doc__, formatter_class=_HelpFormatter)
+    ap.add_argument("--out", default="demo_out", type=Path, help="output directory (data, run, export, eval)")
     ap.add_argument("--steps", type=int, default=None, help="training steps (default: as many as fit --train-seconds)")
     ap.add_argument("--train-seconds", type=float, default=500.0,
                     help="time budget of the training steps; the calibration run measures this machine's step")
-    ap.add_argument("--nproc", type=int, default=2)
-    ap.add_argument("--launcher", choices=["deepspeed", "torchrun"], default="deepspeed")
+    ap.add_argument("--nproc", type=int, default=2, help="training processes (ranks)")
+    ap.add_argument("--launcher", choices=["deepspeed", "torchrun"], default="deepspeed", help="multi-process launcher")
     ap.add_argument("--fresh", action="store_true", help="rebuild the data and restart training from scratch")
+    ap.add_argument("--summarise", nargs="+", type=Path, metavar="OUT",
+                    help="run nothing: print mean and range per figure over these finished demos' OUT/eval/report.json")
     a = ap.parse_args(argv)
+    if a.summarise:
+        print(summarise_runs(a.summarise))
+        return 0
     out = a.out.resolve()
     data, run_dir, export_dir = out / "data", out / "run", out / "export"
     py = sys.executable

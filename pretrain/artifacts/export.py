@@ -372,12 +372,12 @@ def main(argv: list[str] | None = None) -> int:
                     help="train.run_dir of the run to export (with --hf-llama: or an export directory)")
     ap.add_argument("--out", required=True, type=Path, help="output directory")
     ap.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest complete)")
-    ap.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
-    ap.add_argument("--max-shard-gb", type=float, default=5.0, help="largest safetensors file")
+    ap.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="dtype of the saved weights (default: %(default)s)")
+    ap.add_argument("--max-shard-gb", type=float, default=5.0, help="largest safetensors file, GB (default: %(default)s)")
     ap.add_argument("--vae", default=None, help="VAE directory to ship (default: data.vae of the run)")
     ap.add_argument("--force", action="store_true", help="replace --out even if it is not an earlier export")
     ap.add_argument("--weights", choices=["auto", "ema", "raw"], default="auto",
-                    help="auto: the EMA weights when the run kept them (train.ema_decay > 0), else the trained ones")
+                    help="auto: the EMA weights when the run kept them (train.ema_decay > 0), else the trained ones (default: %(default)s)")
     ap.add_argument("--hf-llama", action="store_true", help="write the text tower as a Hugging Face LlamaForCausalLM dir")
     a = ap.parse_args(argv)
     opts = ExportOptions(step=a.step, dtype=a.dtype, max_shard_gb=a.max_shard_gb, vae=a.vae, force=a.force,

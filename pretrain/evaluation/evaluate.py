@@ -280,15 +280,15 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--model", required=True, help="export directory (pretrain.artifacts.export)")
     ap.add_argument("--out", required=True, help="directory for report.json and grid.png")
     d = EvalSettings()
-    ap.add_argument("--per-combo", type=int, default=d.per_combo, help="text->image samples per combination")
+    ap.add_argument("--per-combo", type=int, default=d.per_combo, help="text->image samples per combination (default: %(default)s)")
     ap.add_argument("--steps", type=int, default=None,
                     help="denoising steps (default: the export's logging.sample_steps, as the trainer's evaluation)")
     ap.add_argument("--sampler", choices=get_args(Sampler), default=None,
                     help="default: the export's logging.sample_sampler (euler for a model.objective=flow model)")
     ap.add_argument("--cfg-scale", type=float, default=None,
                     help="classifier-free guidance scale (default: the export's logging.sample_cfg_scale)")
-    ap.add_argument("--captions", type=int, default=d.captions, help="fresh images to caption")
-    ap.add_argument("--seed", type=int, default=d.seed)
+    ap.add_argument("--captions", type=int, default=d.captions, help="fresh images to caption (default: %(default)s)")
+    ap.add_argument("--seed", type=int, default=d.seed, help="sampling and fresh-draw seed (default: %(default)s)")
     a = ap.parse_args(argv)
     for flag, v in (("--per-combo", a.per_combo), ("--captions", a.captions)):
         if v < 1:

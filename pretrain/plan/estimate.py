@@ -493,11 +493,11 @@ def main(argv: list[str] | None = None) -> int:
     """CLI: the plan of a config on a cluster shape."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", required=True, help="run config YAML")
-    ap.add_argument("--nodes", type=int, default=1)
-    ap.add_argument("--gpus-per-node", type=int, default=8)
-    ap.add_argument("--gpu", default="h100-80gb", choices=sorted(GPUS), help="GPU kind (see --list-gpus)")
+    ap.add_argument("--nodes", type=int, default=1, help="(default: %(default)s)")
+    ap.add_argument("--gpus-per-node", type=int, default=8, help="(default: %(default)s)")
+    ap.add_argument("--gpu", default="h100-80gb", choices=sorted(GPUS), help="GPU kind (see --list-gpus) (default: %(default)s)")
     ap.add_argument("--mfu", default="0.35,0.45", help="comma-separated MFUs for the time estimate "
-                    "(put the one bench/gpu_step.py measured first)")
+                    "(put the one bench/gpu_step.py measured first) (default: %(default)s)")
     ap.add_argument("--positions", type=float, default=PAPER_POSITIONS, help="training positions (default 2T)")
     ap.add_argument("--list-gpus", action="store_true", help="print the GPU table and exit")
     ap.add_argument("overrides", nargs="*", help="key.sub=value overrides")
