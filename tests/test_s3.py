@@ -11,6 +11,7 @@ import dataclasses
 import gc
 import itertools
 import json
+import re
 import urllib.request
 from pathlib import Path
 
@@ -107,3 +108,42 @@ def test_stream_cache_is_bound_to_what_it_caches(demo_data, tmp_path, monkeypatc
     assert all(torch.equal(x, y) for x, y in zip(want_b, direct_b))
     assert not all(torch.equal(x, y) for x, y in zip(got_b, first_a)), "served the first remote's cached shards"
     assert all(torch.equal(x, y) for x, y in zip(got_b, want_b))
+
+
+def _upload_tree(local: Path, url: str) -> None:
+    for p in sorted(local.rglob("*")):
+        if p.is_file():
+            storage.upload_file(p, storage.join(url, *p.relative_to(local).parts))
+
+
+def _loader_error(demo, cache: Path, remote: str) -> str:
+    with pytest.raises((storage.StorageError, RuntimeError)) as e:
+        _first_batches(demo, cache, n=1000, remote=remote)
+    return str(e.value)
+
+
+def test_loader_errors_from_a_bucket_name_the_url_and_what_to_do(demo_data, s3, tmp_path):
+    """Training from a bucket: a missing bucket, a missing object, wrong credentials and a truncated shard
+    each stop the loader with the URL and the remedy; nothing is skipped."""
+    pairs = Path(next(s.local for s in demo_data.data_config.streams if s.name == "pairs"))
+    _upload_tree(pairs.parent, s3.url("pairs"))
+    assert len(_first_batches(demo_data, tmp_path / "ok", remote=s3.url("pairs", "train"))) == 3
+    msgs = {"missing bucket": _loader_error(demo_data, tmp_path / "c1", "s3://no-such-bucket-y/pairs/train"),
+            "missing object": _loader_error(demo_data, tmp_path / "c2", s3.url("nothing", "train"))}
+    assert re.search(r"s3://no-such-bucket-y/pairs/train/\w+.json: bucket 'no-such-bucket-y' does not exist.*create it",
+                     msgs["missing bucket"]), msgs
+    assert re.search(rf"{s3.url('nothing', 'train', 'index.json')}: no such object.*run the stage that writes it",
+                     msgs["missing object"]), msgs
+    _moto_auth(s3.endpoint, "0")
+    try:
+        msgs["wrong credentials"] = _loader_error(demo_data, tmp_path / "c3", s3.url("pairs", "train"))
+    finally:
+        _moto_auth(s3.endpoint, "inf")
+    assert re.search(r"/pairs/train/\w+.json: access denied.*check the credentials", msgs["wrong credentials"]), msgs
+    shard = sorted(pairs.rglob("*.mds"))[0]
+    url = storage.join(s3.url("pairs"), *shard.relative_to(pairs.parent).parts)
+    storage.write_bytes(url, shard.read_bytes()[: shard.stat().st_size // 2])
+    msgs["truncated shard"] = _loader_error(demo_data, tmp_path / "c4", s3.url("pairs", "train"))
+    assert msgs["truncated shard"].startswith(f"{url}: corrupt or truncated shard"), msgs
+    assert "re-run data_pipeline.pack to that remote" in msgs["truncated shard"], msgs
+    print("\n" + "\n".join(f"{k}: {v}" for k, v in msgs.items()))
