@@ -4,10 +4,12 @@
                                              # 4096-position packed rows with 8 images, compiled FlexAttention
     python bench/gpu_step.py --tiny          # CPU smoke run at a tiny shape (fp32), what the test runs
     python bench/gpu_step.py --modality-experts   # each row also with model.modality_experts=true, x dense
+    python bench/gpu_step.py --attention flex,sdpa   # flex rows, then SDPA with the dense (B, 1, L, L) mask
 
 A step is what the trainer does per micro-batch without DeepSpeed: build the Transfusion block mask
 (compiled create_block_mask), forward, backward, AdamW (fused on GPU). Each configuration runs with
-and without activation checkpointing. Model FLOPs per position come from pretrain.plan.estimate for the
+and without activation checkpointing; with `--attention flex,sdpa` also under SDPA with the dense boolean
+mask (the reference path), and the last column gives positions/s over the first row's. Model FLOPs per position come from pretrain.plan.estimate for the
 exact document mix of the batch (attention per document under the mask; recomputation not
 counted, as MFU conventions require). MFU is given against the matmul rate this script measures
 on the card (bf16 8192^3) and against the datasheet peak (pretrain/plan/hardware.py).
@@ -147,9 +149,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation)")
     ap.add_argument("--no-ckpt-only", action="store_true", help="skip the activation-checkpointing run")
+    ap.add_argument("--attention", default="flex",
+                    help="comma-separated attention paths to time, first = the baseline of the 'x first' column: "
+                    "flex (compiled FlexAttention, block mask) and/or sdpa (dense boolean mask)")
     ap.add_argument("--modality-experts", action="store_true",
                     help="also run model.modality_experts=true (Mixture-of-Transformers) and print its speed over dense")
     args = ap.parse_args(argv)
+    attentions = args.attention.split(",")
+    if not attentions or any(x not in ("flex", "sdpa") for x in attentions):
+        ap.error(f"--attention {args.attention}: expected a comma-separated list of flex and sdpa")
     device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
     if args.tiny:
         cfg = ModelConfig(dim=64, n_layers=2, n_heads=4, vocab_size=256, latent_size=8, patch_size=2,
@@ -167,25 +175,30 @@ def main(argv: list[str] | None = None) -> int:
     sheet_peak = f"{gpu.bf16_flops / 1e12:.0f} TFLOP/s" if gpu else "n/a" if device.type == "cpu" else "unknown"
     print(f"device: {name}; {str(dtype).removeprefix('torch.')}; measured matmul {measured / 1e12:.4g} TFLOP/s "
           f"(n={n_mm}); datasheet peak {sheet_peak}")
-    print(f"attention: {attention_path(device)}")
+    print(f"attention: flex = {attention_path(device)}" + ("; sdpa = scaled_dot_product_attention with the dense "
+          "boolean (B, 1, L, L) Transfusion mask" if "sdpa" in attentions else ""))
     print(f"model: width {cfg.dim}, {cfg.n_heads} heads, {cfg.n_layers} layers, {cfg.patch_encoder} patching; "
           f"{args.rows} x {seq_len} positions, {batch.num_images} images; {flops:.6g} FLOP per position (pretrain.plan.estimate)")
     peak_kind = "peak GiB" if device.type == "cuda" else "RSS GiB"
     mot = args.modality_experts
-    print(f"{'config':14s} {'ms/step':>9s} {'positions/s':>12s} {'TFLOP/s':>9s} {'MFU meas.':>9s} {'MFU sheet':>9s} "
-          f"{peak_kind:>9s} {'loss':>8s}" + (f" {'x dense':>8s}" if mot else ""))
-    for ck in (False,) if args.no_ckpt_only else (False, True):
-        dense_pos_s = None
-        for experts in (False, True) if mot else (False,):  # same FLOPs per position (pretrain.plan.estimate)
-            r = run_config(replace(cfg, modality_experts=experts), batch, device, dtype, ck, args.steps, args.warmup)
-            pos_s = args.rows * seq_len / r["s_per_step"]
-            dense_pos_s = dense_pos_s or pos_s
-            achieved = flops * pos_s
-            sheet = f"{achieved / gpu.bf16_flops:9.1%}" if gpu else f"{'n/a':>9s}"
-            name = ("ckpt" if ck else "no ckpt") + (" MoT" if experts else "")
-            print(f"{name:14s} {1e3 * r['s_per_step']:9.1f} {pos_s:12,.0f} {achieved / 1e12:9.3g} "
-                  f"{achieved / measured:9.1%} {sheet} {r['peak_bytes'] / 2**30:9.2f} {r['loss']:8.3f}"
-                  + (f" {pos_s / dense_pos_s:8.2f}" if mot else ""))
+    print(f"{'attention':9s} {'config':12s} {'ms/step':>9s} {'positions/s':>12s} {'TFLOP/s':>9s} {'MFU meas.':>9s} "
+          f"{'MFU sheet':>9s} {peak_kind:>9s} {'loss':>8s}" + (f" {'x dense':>8s}" if mot else "") + f" {'x first':>8s}")
+    first_pos_s = None
+    for attention in attentions:  # the same FLOPs counted for both: model FLOPs under the mask, not the kernel's
+        for ck in (False,) if args.no_ckpt_only else (False, True):
+            dense_pos_s = None
+            for experts in (False, True) if mot else (False,):  # same FLOPs per position (pretrain.plan.estimate)
+                r = run_config(replace(cfg, modality_experts=experts, attention=attention), batch, device, dtype, ck,
+                               args.steps, args.warmup)
+                pos_s = args.rows * seq_len / r["s_per_step"]
+                dense_pos_s = dense_pos_s or pos_s
+                first_pos_s = first_pos_s or pos_s
+                achieved = flops * pos_s
+                sheet = f"{achieved / gpu.bf16_flops:9.1%}" if gpu else f"{'n/a':>9s}"
+                name = ("ckpt" if ck else "no ckpt") + (" MoT" if experts else "")
+                print(f"{attention:9s} {name:12s} {1e3 * r['s_per_step']:9.1f} {pos_s:12,.0f} {achieved / 1e12:9.3g} "
+                      f"{achieved / measured:9.1%} {sheet} {r['peak_bytes'] / 2**30:9.2f} {r['loss']:8.3f}"
+                      + (f" {pos_s / dense_pos_s:8.2f}" if mot else "") + f" {pos_s / first_pos_s:8.2f}", flush=True)
     return 0
 
 

@@ -28,7 +28,7 @@ def _run(script: str, *args: str, timeout: int = 240) -> str:
 
 
 def test_gpu_step_tiny_prints_a_consistent_table() -> None:
-    out = _run("gpu_step.py", "--tiny", "--steps", "2", "--warmup", "1")
+    out = _run("gpu_step.py", "--tiny", "--steps", "2", "--warmup", "1", "--attention", "flex,sdpa")
     assert "datasheet peak n/a" in out and "backward recomputes attention with dense SDPA" in out, out
     flops = float(re.search(r"([0-9.e+]+) FLOP per position", out).group(1))
 
@@ -42,15 +42,19 @@ def test_gpu_step_tiny_prints_a_consistent_table() -> None:
     expected = flops_breakdown(cfg, mix).total
     assert math.isclose(flops, expected, rel_tol=1e-5), (flops, expected)
 
-    rows = {m.group(1): [float(x.replace(",", "").rstrip("%")) for x in m.group(2, 3, 4, 5, 7, 8)]
-            for m in re.finditer(r"^(no ckpt|ckpt)\s+(\S+)\s+(\S+)\s+(\S+)\s+(\S+)%\s+(n/a)\s+(\S+)\s+(\S+)$",
-                                 out, re.M)}
-    assert set(rows) == {"no ckpt", "ckpt"}, out
-    for name, (ms, pos_s, tflops, mfu, rss_gib, loss) in rows.items():
+    rows = {m.group(1, 2): [float(x.replace(",", "").rstrip("%")) for x in m.group(3, 4, 5, 6, 8, 9, 10)]
+            for m in re.finditer(r"^(flex|sdpa)\s+(no ckpt|ckpt)\s+(\S+)\s+(\S+)\s+(\S+)\s+(\S+)%\s+(n/a)\s+(\S+)\s+(\S+)"
+                                 r"\s+(\S+)$", out, re.M)}
+    assert list(rows) == [(a, c) for a in ("flex", "sdpa") for c in ("no ckpt", "ckpt")], out
+    first_pos_s = rows["flex", "no ckpt"][1]
+    for name, (ms, pos_s, tflops, mfu, rss_gib, loss, ratio) in rows.items():
+        assert math.isclose(ratio, pos_s / first_pos_s, abs_tol=0.01), (name, out)  # positions/s over flex no ckpt
         assert all(math.isfinite(v) and v > 0 for v in (ms, pos_s, tflops, mfu, rss_gib, loss)), (name, out)
         assert math.isclose(pos_s, 256 / (ms / 1e3), rel_tol=0.01), (name, out)  # one row of 256 per step
         assert math.isclose(tflops, flops * pos_s / 1e12, rel_tol=0.01), (name, out)
         assert 0.1 < rss_gib < 16 and loss < 20, (name, out)  # a real process; loss about ln(256) + 5 x diffusion
+    for c in ("no ckpt", "ckpt"):  # same weights, batch and steps: the two attention paths train alike
+        assert math.isclose(rows["flex", c][5], rows["sdpa", c][5], abs_tol=2e-3), out
 
 
 @pytest.mark.slow
