@@ -19,6 +19,16 @@ if os.environ.get("PATH", "").split(os.pathsep)[0] != _VENV_BIN:
     os.environ["PATH"] = os.pathsep.join([_VENV_BIN, os.environ.get("PATH", "")])
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Every test on the `demo_data` fixture is slow: the fixture builds the demo data (synthetic sources,
+    tokenizer, VAE, packed shards), and those tests train, export or run the pipeline end to end. Marked
+    here, before `-m` deselects, so `make test-fast` (-m "not slow and not slurm") skips the build."""
+    for item in items:
+        if "demo_data" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def demo_data(tmp_path_factory: pytest.TempPathFactory) -> DemoData:
     """Synthetic texts, pairs and interleaved docs -> tokenizer, random-init VAE, packed shards, data.yaml.
