@@ -97,10 +97,10 @@ class LoggingConfig:
         default_factory=lambda: ["a red circle at the top left", "a blue square at the bottom right",
                                  "a green triangle in the center", "a yellow circle at the top right"]
     )
-    # sampler of the logged samples and of the evaluation: DDPM ancestral (the paper's), 100 steps; the
-    # deterministic DDIM drew the demo model's images with 20-30 points less colour and shape (docs/quality.md);
-    # model.objective=flow needs euler
-    sample_sampler: Sampler = "ddpm"
+    # sampler of the logged samples, of the evaluation and (recorded in the export) of generation; None = the
+    # objective's own (pretrain.model.config.default_sampler): DDPM ancestral (the paper's) for ddpm, Euler for
+    # flow. The deterministic DDIM drew the demo model's images with 20-30 points less colour and shape (docs/quality.md)
+    sample_sampler: Sampler | None = None
     sample_steps: int = 100
     sample_cfg_scale: float = 3.0
     eval_every: int = 0  # synthetic-task evaluation (pretrain.evaluation.evaluate) every N steps; 0 = never; needs data.vae
@@ -141,7 +141,8 @@ class Config:
         if pair_positions(P) > self.data.seq_len:  # a caption-image pair: BOS, BOI, P patches, EOI, EOS
             raise ValueError(f"an image takes {P} patches + BOS/BOI/EOI/EOS = {pair_positions(P)} positions, more than "
                              f"data.seq_len={self.data.seq_len}; raise data.seq_len or model.patch_size")
-        check_sampler(self.model.objective, self.logging.sample_sampler, "logging.sample_sampler")
+        if self.logging.sample_sampler is not None:
+            check_sampler(self.model.objective, self.logging.sample_sampler, "logging.sample_sampler")
 
 
 #: the cadences that follow train.steps unless set: key -> how many times a run does it (every steps // N)

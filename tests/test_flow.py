@@ -184,7 +184,7 @@ def test_flow_key_ranges(key: str, value: float) -> None:
 
 def test_run_config_sampler_must_fit_objective() -> None:
     with pytest.raises(ConfigError, match="logging.sample_sampler='ddpm' cannot sample.*objective='flow'.*euler"):
-        load_config(overrides=["model.objective=flow"])
+        load_config(overrides=["model.objective=flow", "logging.sample_sampler=ddpm"])
     with pytest.raises(ConfigError, match="logging.sample_sampler='euler' cannot sample.*objective='ddpm'"):
         load_config(overrides=["logging.sample_sampler=euler"])
     with pytest.raises(ConfigError, match="objective"):

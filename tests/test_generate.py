@@ -240,8 +240,8 @@ def test_cli_mixed_modal_writes_pngs(random_export, tmp_path, capsys) -> None:
 
     main(["--model", str(random_export), "--out", str(tmp_path / "png"), "--mixed", "a red circle", "--mixed", "a",
           "--force-image", "--steps", "2", "--max-new-tokens", "3", "--temperature", "0.8", "--top-p", "0.9"])
-    pngs = sorted((tmp_path / "png").glob("mixed*.png"))
-    assert [p.name for p in pngs] == ["mixed00_00_000.png", "mixed01_00_000.png"]
+    pngs = sorted((tmp_path / "png").glob("*.png"))  # named <prompt slug>_<sample>_img<image>
+    assert [p.name for p in pngs] == ["a-red-circle_000_img00.png", "a_000_img00.png"]
     for p in pngs:
         with Image.open(p) as im:
             assert im.format == "PNG" and im.size == (64, 64)

@@ -6,7 +6,8 @@ Writes DIR/report.json, DIR/grid.png (prompts over their samples) and prints a t
 
 - **vae**: fresh generator draws, encoded and decoded by the VAE, judged (the ceiling of the rest);
 - **text_to_image**: one prompt per (colour, shape, place) combination (x `per_combo`), sampled with
-  the export's sampler (DDPM ancestral, 100 steps, by default) and classifier-free guidance,
+  the sampler, steps and classifier-free guidance the export recorded (`read_export_record`; the
+  trainer's logging.sample_* defaults: the objective's sampler, 100 steps, CFG 3),
   decoded, judged by `pretrain.evaluation.judge` (colour, shape, place, exactly one object, all three right);
 - **captions**: fresh draws encoded, captioned greedily, the caption's words checked;
 - **text**: LM loss and perplexity on fresh synthetic text documents;
@@ -25,7 +26,7 @@ import argparse
 import itertools
 import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, get_args
 
@@ -49,10 +50,11 @@ class EvalSettings:
     """How much to evaluate: prompts per combination, sampler settings, caption and text sample counts."""
 
     per_combo: int = 1  # text->image samples per (colour, shape, place) combination
-    steps: int = 100  # denoising steps
-    cfg_scale: float = 3.0  # classifier-free guidance scale
-    sampler: str = "ddpm"  # "ddpm" (ancestral, the paper's) or "ddim"; "euler"/"euler_ancestral" for objective=flow
-    # (defaults match LoggingConfig's sample_*)
+    # sampling; None = what the export recorded (pretrain.inference.generate.resolve_sampling: its logging.sample_*,
+    # the objective's own sampler unless set), for a model not loaded from an export LoggingConfig's defaults
+    steps: int | None = None  # denoising steps
+    cfg_scale: float | None = None  # classifier-free guidance scale
+    sampler: Sampler | None = None  # ddpm/ddim (objective=ddpm) or euler/euler_ancestral (objective=flow)
     captions: int = 162  # fresh images captioned (seen combinations); held-out: 4 per combination
     vae_images: int = 162  # fresh images through the VAE
     text_docs: int = 64  # fresh text documents for the LM loss
@@ -181,9 +183,14 @@ def text_loss(model: Any, sp: Any, tok: Any, n_docs: int, seed: int, max_len: in
 def evaluate(model: Any, sp: Any, tok: Any, vae: Any, st: EvalSettings | None = None) -> tuple[dict, np.ndarray, list[str]]:
     """The whole evaluation: (report dict, text->image samples (N, H, W, 3) uint8, their prompts).
 
-    Every ZeRO-3 rank must call it with the same arguments: the forwards are collective.
+    Every ZeRO-3 rank must call it with the same arguments: the forwards are collective. `st`'s None
+    sampling fields are filled (`resolve_sampling`) and the report's settings hold the values used.
     """
+    from pretrain.inference.generate import ImageSampling, resolve_sampling
+
     st = st or EvalSettings()
+    im = resolve_sampling(model, ImageSampling(st.steps, st.cfg_scale, st.sampler))
+    st = replace(st, steps=im.steps, cfg_scale=im.cfg_scale, sampler=im.sampler)
     was_training = model.training
     model.eval()
     size = model.cfg.latent_size * vae.downsample
@@ -254,26 +261,11 @@ def write_report(report: dict, pixels: np.ndarray, prompts: list[str], out: str 
     return out
 
 
-def sampling_defaults(export_dir: Path) -> tuple[str, int, float]:
-    """(sampler, steps, CFG scale) the export was evaluated with in training: its config's
-    logging.sample_sampler, sample_steps and sample_cfg_scale (the trainer's defaults where the config
-    predates them)."""
-    import yaml
-
-    from pretrain.config import LoggingConfig
-
-    lg = (yaml.safe_load((export_dir / "config.yaml").read_text()) or {}).get("logging") or {}
-    d = LoggingConfig()
-    return (str(lg.get("sample_sampler", d.sample_sampler)), int(lg.get("sample_steps", d.sample_steps)),
-            float(lg.get("sample_cfg_scale", d.sample_cfg_scale)))
-
-
 def main(argv: list[str] | None = None) -> dict:
     """CLI: evaluate an export directory; print the table; write report.json and grid.png."""
     from data_pipeline.tokenizer import Tokenizer
     from data_pipeline.vae import load_vae
-    from pretrain.inference.generate import load_exported
-    from pretrain.model.config import check_sampler
+    from pretrain.inference.generate import ImageSampling, load_exported, resolve_sampling
 
     ap = argparse.ArgumentParser(prog="python -m pretrain.evaluation.evaluate", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -284,7 +276,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--steps", type=int, default=None,
                     help="denoising steps (default: the export's logging.sample_steps, as the trainer's evaluation)")
     ap.add_argument("--sampler", choices=get_args(Sampler), default=None,
-                    help="default: the export's logging.sample_sampler (euler for a model.objective=flow model)")
+                    help="default: the export's logging.sample_sampler, else the objective's own (ddpm, or euler for flow)")
     ap.add_argument("--cfg-scale", type=float, default=None,
                     help="classifier-free guidance scale (default: the export's logging.sample_cfg_scale)")
     ap.add_argument("--captions", type=int, default=d.captions, help="fresh images to caption (default: %(default)s)")
@@ -296,14 +288,13 @@ def main(argv: list[str] | None = None) -> dict:
     model, sp, root = load_exported(a.model)
     if not (root / "vae" / "config.json").is_file():
         raise FileNotFoundError(f"{root / 'vae'}: the export has no VAE; re-export with --vae DIR")
-    sampler, steps, cfg_scale = sampling_defaults(root)
-    st = EvalSettings(per_combo=a.per_combo, steps=a.steps or steps, cfg_scale=a.cfg_scale or cfg_scale,
-                      sampler=a.sampler or sampler, captions=a.captions, seed=a.seed)
     try:  # before the slow work: a DDPM sampler for a flow model, or Euler for a DDPM one
         key = "--sampler" if a.sampler else f"{root / 'config.yaml'}: logging.sample_sampler"
-        check_sampler(model.cfg.objective, st.sampler, key)
+        im = resolve_sampling(model, ImageSampling(a.steps, a.cfg_scale, a.sampler), key)  # unset: the export's record
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
+    st = EvalSettings(per_combo=a.per_combo, steps=im.steps, cfg_scale=im.cfg_scale, sampler=im.sampler,
+                      captions=a.captions, seed=a.seed)
     report, pixels, prompts = evaluate(model, sp, Tokenizer(root / "tokenizer.model"), load_vae(root / "vae"), st)
     out = write_report(report, pixels, prompts, a.out)
     print(table(report))

@@ -18,9 +18,12 @@ image-first `BOS BOI patches EOI caption EOS`.
 from __future__ import annotations
 
 import argparse
+import re
+import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import get_args
+from typing import Literal, get_args
 
 import numpy as np
 import torch
@@ -31,7 +34,7 @@ from contract.special_ids import SpecialIds, load_special_ids
 from data_pipeline.images import MIN_SIDE, BadImage, load_image, to_uint8
 from data_pipeline.tokenizer import Tokenizer
 from data_pipeline.vae import decode, encode, load_vae
-from pretrain.config import Config
+from pretrain.config import Config, LoggingConfig
 from pretrain.model import CachedChunk, KVCache, Transfusion
 from pretrain.model.config import Sampler, check_sampler, default_sampler
 
@@ -79,18 +82,142 @@ class TextSampling:
 
 @dataclass(frozen=True)
 class ImageSampling:
-    """How an image is denoised: DDPM ancestral (the paper: 250 steps) or DDIM, or Euler (objective=flow),
-    with classifier-free guidance.
+    """How an image is denoised: DDPM ancestral (the paper's) or DDIM, or Euler (objective=flow), with
+    classifier-free guidance.
 
     CFG (Ho & Salimans 2022): eps = eps(x | dropped context) + scale * (eps(x | context) - eps(x | dropped
     context)); the dropped context is `BOS BOI`, as caption dropout shows it in training. scale 1 = off.
     A flow model combines its velocities the same way: v = v_u + scale * (v_c - v_u).
-    sampler None: the model's objective's default (ddpm, or euler for flow).
+    A field left None takes what the export recorded (its config's logging.sample_steps, sample_cfg_scale,
+    sample_sampler: `read_export_record`, kept on the model by `load_exported`), else LoggingConfig's
+    defaults; a None sampler is the objective's own (`default_sampler`: ddpm, or euler for flow).
+    `resolve_sampling` fills them.
     """
 
-    steps: int = 250
-    cfg_scale: float = 3.0
+    steps: int | None = None
+    cfg_scale: float | None = None
     sampler: Sampler | None = None
+
+
+LongPrompt = Literal["error", "truncate"]  # what a prompt longer than the trained sequence length gets
+
+
+class PromptTooLong(ValueError):
+    """A prompt plus what is to be generated exceeds the model's trained sequence length (on_long_prompt=error)."""
+
+
+class PromptTruncated(UserWarning):
+    """A prompt was cut from the left to fit the trained sequence length (on_long_prompt=truncate)."""
+
+
+@dataclass(frozen=True)
+class ExportRecord:
+    """What an export recorded that generation needs (its config.yaml, written by pretrain.artifacts.export).
+
+    sampling: the sampler, steps and CFG scale of the run's logged samples and evaluation (every field set);
+    seq_len: the trained sequence length (data.seq_len); None where unknown (a model not loaded from an export).
+    """
+
+    sampling: ImageSampling
+    seq_len: int | None
+
+
+def read_export_record(export_dir: str | Path) -> ExportRecord:
+    """The one reader of an export's generation defaults: config.yaml's logging.sample_sampler / sample_steps /
+    sample_cfg_scale (LoggingConfig's defaults for keys an older export lacks; a null sampler is the
+    objective's own, `default_sampler(model.objective)`) and data.seq_len. Raises FileNotFoundError naming
+    the missing config.yaml."""
+    import yaml
+
+    path = Path(export_dir) / "config.yaml"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} missing: point at a directory written by pretrain.artifacts.export")
+    saved = yaml.safe_load(path.read_text()) or {}
+    lg, d = saved.get("logging") or {}, LoggingConfig()
+    objective = (saved.get("model") or {}).get("objective", "ddpm")
+    sampler = lg.get("sample_sampler") or default_sampler(objective)
+    seq_len = (saved.get("data") or {}).get("seq_len")
+    sampling = ImageSampling(int(lg.get("sample_steps", d.sample_steps)),
+                             float(lg.get("sample_cfg_scale", d.sample_cfg_scale)), sampler)
+    return ExportRecord(sampling, int(seq_len) if seq_len is not None else None)
+
+
+def export_record(model: Transfusion) -> ExportRecord:
+    """The record `load_exported` kept on `model`; for any other model LoggingConfig's sampling defaults (with
+    the objective's sampler) and no known sequence length."""
+    rec = getattr(model, "export_record", None)
+    if rec is not None:
+        return rec
+    d = LoggingConfig()
+    return ExportRecord(ImageSampling(d.sample_steps, d.sample_cfg_scale, default_sampler(model.cfg.objective)), None)
+
+
+def resolve_sampling(model: Transfusion, image: ImageSampling | None = None, key: str = "sampler") -> ImageSampling:
+    """`image` with each None field filled from `export_record(model).sampling`; every field set.
+
+    Raises ValueError naming `key` when the sampler cannot drive model.objective (e.g. ddpm for a flow model).
+    """
+    base, image = export_record(model).sampling, image or ImageSampling()
+    out = ImageSampling(base.steps if image.steps is None else image.steps,
+                        base.cfg_scale if image.cfg_scale is None else image.cfg_scale, image.sampler or base.sampler)
+    check_sampler(model.cfg.objective, out.sampler, key)
+    return out
+
+
+def _segment_len(seg: Segment, P: int) -> int:
+    return P + 2 if isinstance(seg, torch.Tensor) else len(seg)  # an image: BOI, P patches, EOI
+
+
+def fit_prompts(model: Transfusion, prompts: list[list[Segment]], to_generate: int,
+                on_long_prompt: LongPrompt = "error") -> list[list[Segment]]:
+    """Prompts checked against the trained sequence length (`export_record(model).seq_len`; unchecked if unknown).
+
+    A row needs 1 (BOS) + its segments (an image: P + 2) + `to_generate` positions (the new tokens, and
+    P + 1 per image to be generated). Longer: PromptTooLong naming the limit (`error`), or the prompt is cut
+    from the left (`truncate`): the oldest tokens go first, an image in context goes whole, and a
+    PromptTruncated warning says how many positions, tokens and images were dropped. Raises PromptTooLong
+    in both modes when `to_generate` alone does not fit.
+    """
+    limit, P = export_record(model).seq_len, model.cfg.patches_per_image
+    if limit is None:
+        return prompts
+    room = limit - 1 - to_generate  # positions the prompt's segments may take
+    if room < 0:
+        raise PromptTooLong(f"{to_generate} positions to generate (new tokens, and P + 1 = {P + 1} per image) + BOS "
+                            f"exceed the model's trained sequence length {limit} (data.seq_len of the export); "
+                            "lower --max-new-tokens / --max-images")
+    out = []
+    for i, prompt in enumerate(prompts):
+        n = sum(_segment_len(s, P) for s in prompt)
+        if n <= room:
+            out.append(prompt)
+            continue
+        if on_long_prompt != "truncate":
+            raise PromptTooLong(f"prompt {i}: 1 + {n} positions + {to_generate} to generate = {1 + n + to_generate} "
+                                f"exceed the model's trained sequence length {limit} (data.seq_len of the export); "
+                                "shorten the prompt, lower --max-new-tokens, or pass --on-long-prompt truncate "
+                                "(on_long_prompt='truncate') to drop its oldest part")
+        kept: list[Segment] = []
+        left, tokens, images = room, 0, 0
+        for seg in reversed(prompt):  # keep the newest segments that fit
+            k = _segment_len(seg, P)
+            if k <= left:
+                kept.insert(0, seg)
+                left -= k
+            elif isinstance(seg, torch.Tensor) or left == 0:
+                left = 0  # an image does not fit whole: it and everything older go
+                images += isinstance(seg, torch.Tensor)
+                tokens += 0 if isinstance(seg, torch.Tensor) else len(seg)
+            else:
+                kept.insert(0, list(seg[len(seg) - left:]))
+                tokens += len(seg) - left
+                left = 0
+        warnings.warn(f"prompt {i}: {1 + n + to_generate} positions exceed the model's trained sequence length "
+                      f"{limit}; dropped {n - sum(_segment_len(s, P) for s in kept)} positions from the left "
+                      f"({tokens} tokens, {images} images)",
+                      PromptTruncated, stacklevel=3)
+        out.append(kept)
+    return out
 
 
 def cfg_combine(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tensor:
@@ -167,7 +294,9 @@ def new_cache(model: Transfusion, batch_size: int) -> KVCache:
 
 def _denoise(model: Transfusion, cache: KVCache, rows: list[int], im: ImageSampling, sp: SpecialIds,
              g: torch.Generator) -> torch.Tensor:
-    """Latents (m, C, H, W) for the cache rows that end in BOI: the prefix is cached, each step runs P patches."""
+    """Latents (m, C, H, W) for the cache rows that end in BOI: the prefix is cached, each step runs P patches.
+    `im`'s None fields take the export's record (`resolve_sampling`)."""
+    im = resolve_sampling(model, im)
     cfg = model.cfg
     m, P, device = len(rows), cfg.patches_per_image, cache.k.device
     noise = torch.randn(m, cfg.latent_channels, cfg.latent_size, cfg.latent_size, generator=g).to(device)
@@ -186,8 +315,7 @@ def _denoise(model: Transfusion, cache: KVCache, rows: list[int], im: ImageSampl
         _, eps = model.forward_cached(ctx, CachedChunk(tokens, image_ids, valid, xs, ts), commit=False)  # (k*m, C, H, W)
         return eps if k == 1 else cfg_combine(*eps.chunk(2), im.cfg_scale)
 
-    sampler = im.sampler or default_sampler(cfg.objective)
-    return model.sample_latents(eps_fn, noise, im.steps, sampler, generator=g)  # eps_fn: eps or velocity
+    return model.sample_latents(eps_fn, noise, im.steps, im.sampler, generator=g)  # eps_fn: eps or velocity
 
 
 @torch.no_grad()
@@ -195,18 +323,23 @@ def generate_images(
     model: Transfusion,
     prompts: list[list[int]],
     sp: SpecialIds,
-    steps: int = 250,
-    cfg_scale: float = 3.0,
+    steps: int | None = None,
+    cfg_scale: float | None = None,
     seed: int = 0,
-    sampler: Sampler | None = "ddim",
+    sampler: Sampler | None = None,
+    on_long_prompt: LongPrompt = "error",
 ) -> torch.Tensor:
     """Latents (N, C, H, W) for N tokenised captions (without BOS), CFG against the dropped caption.
 
-    sampler None: the model's objective's default (ddpm, or euler for objective=flow); ValueError when
-    the sampler does not fit model.objective.
+    steps, cfg_scale, sampler None: what the export recorded (`ImageSampling`, `resolve_sampling`), the
+    sampler being the objective's own unless recorded; ValueError when the sampler does not fit
+    model.objective. A caption longer than the trained length allows (with BOI and the P patches):
+    PromptTooLong, or cut from the left with a warning (`fit_prompts`, `on_long_prompt`).
 
     The prefix `BOS caption BOI` is computed once (KV cache); each denoising step runs the patches only.
     """
+    P = model.cfg.patches_per_image
+    prompts = [p[0] if p else [] for p in fit_prompts(model, [[list(p)] for p in prompts], 1 + P, on_long_prompt)]
     cache = new_cache(model, len(prompts))
     prefill(model, cache, [[sp.bos_id, *p, sp.boi_id] for p in prompts], [], sp.pad_id)
     g = torch.Generator().manual_seed(seed)
@@ -223,6 +356,7 @@ def generate(
     text: TextSampling = TextSampling(),
     image: ImageSampling = ImageSampling(),
     seed: int = 0,
+    on_long_prompt: LongPrompt = "error",
 ) -> list[list[Segment]]:
     """Mixed-modal generation (the paper's inference): interleaved text ids and latents (C, H, W) per prompt.
 
@@ -232,8 +366,12 @@ def generate(
     EOI join the context, and decoding goes on. A row stops at EOS (not returned) or after
     max_new_tokens new tokens (BOI included). After max_images images a row's BOI logit is masked; max_images=0
     means text only, BOI then being an ordinary token. Prompts of any lengths are batched (left-padded).
-    The output omits the prompt. Same inputs and seed give the same output.
+    The output omits the prompt. Same inputs and seed give the same output. `image`'s None fields take
+    the export's record (`resolve_sampling`). A prompt that with max_new_tokens and max_images x (P + 1)
+    exceeds the trained sequence length is PromptTooLong, or cut from the left with a PromptTruncated
+    warning (`on_long_prompt`, `fit_prompts`).
     """
+    prompts = fit_prompts(model, prompts, max_new_tokens + max_images * (model.cfg.patches_per_image + 1), on_long_prompt)
     P = model.cfg.patches_per_image
     flat = [_flatten(p, sp, P) for p in prompts]
     B = len(flat)
@@ -295,19 +433,23 @@ def generate_text(
     images: torch.Tensor | None = None,
     text: TextSampling = TextSampling(),
     seed: int = 0,
+    on_long_prompt: LongPrompt = "error",
 ) -> list[list[int]]:
     """Continuations (greedy by default) of each prompt; with `images` (N, C, H, W) each prompt follows
-    `BOS BOI image EOI`. Stops at EOS (not returned) or max_new_tokens; no images are generated."""
+    `BOS BOI image EOI`. Stops at EOS (not returned) or max_new_tokens; no images are generated.
+    Prompts too long for the trained sequence length: see `generate`'s `on_long_prompt`."""
     if not prompts:
         return []
     segs = [[p] if images is None else [images[i], p] for i, p in enumerate(prompts)]
-    outs = generate(model, segs, sp, max_new_tokens, max_images=0, text=text, seed=seed)
+    outs = generate(model, segs, sp, max_new_tokens, max_images=0, text=text, seed=seed, on_long_prompt=on_long_prompt)
     return [[tok for seg in o for tok in seg] for o in outs]
 
 
 def load_exported(path: str | Path, device: str = "cpu") -> tuple[Transfusion, SpecialIds, Path]:
     """Model (`Transfusion.from_pretrained`), special ids and the export directory of `pretrain.artifacts.export` output.
 
+    The model carries the export's `ExportRecord` (`model.export_record`: sampling defaults and trained
+    sequence length), which the generation functions use for arguments left None.
     Raises FileNotFoundError naming a missing file.
     """
     root = Path(path)
@@ -315,18 +457,20 @@ def load_exported(path: str | Path, device: str = "cpu") -> tuple[Transfusion, S
         if not (root / name).is_file():
             raise FileNotFoundError(f"{root / name} missing: point --model at a directory written by pretrain.artifacts.export")
     model = Transfusion.from_pretrained(root, device=device)
+    model.export_record = read_export_record(root)
     return model, load_special_ids(root / "tokenizer.json"), root
 
 
 def main(argv: list[str] | None = None) -> None:
     """CLI: images from prompts (PNG), captions of images, text continuations, mixed-modal generation.
 
-    Bad input (missing export files, an unreadable or too small image) exits with a message, no traceback.
+    Bad input (missing export files, an unreadable or too small image, a sampler that does not fit the
+    model, a prompt longer than the trained sequence length) exits with a message, no traceback.
     """
     args = _parser().parse_args(argv)
     try:
         _run(args)
-    except (FileNotFoundError, BadInput) as e:
+    except (FileNotFoundError, BadInput, PromptTooLong) as e:
         raise SystemExit(f"error: {e}") from None
 
 
@@ -343,61 +487,100 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--mixed", action="append", default=[],
                     help="prompt for mixed-modal generation: text, and an image wherever the model emits BOI (repeatable)")
     ap.add_argument("--force-image", action="store_true", help="--mixed: end each prompt with BOI (an image comes first)")
-    ap.add_argument("--max-images", type=int, default=1, help="--mixed: images per prompt at most")
-    ap.add_argument("--out", default="samples", help="directory for generated PNGs")
+    ap.add_argument("--max-images", type=int, default=1, help="--mixed: images per prompt at most (default: 1)")
+    ap.add_argument("--num-samples", type=int, default=1, metavar="N",
+                    help="samples per prompt (default: 1); images are written as <prompt slug>_<k>.png")
+    ap.add_argument("--out", default="samples", help="directory for generated PNGs (default: samples)")
     ap.add_argument("--sampler", choices=get_args(Sampler), default=None,
-                    help="ancestral DDPM (paper) or DDIM for model.objective=ddpm; Euler (ODE) or "
-                         "euler_ancestral (stochastic) for flow (default: ddpm / euler)")
-    ap.add_argument("--steps", type=int, default=250, help="denoising steps (paper: 250)")
-    ap.add_argument("--cfg-scale", type=float, default=3.0, help="classifier-free guidance scale (paper: 3-5; 1 = off)")
-    ap.add_argument("--max-new-tokens", type=int, default=48)
-    ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (paper)")
-    ap.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0 = all)")
-    ap.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
-    ap.add_argument("--seed", type=int, default=0)
+                    help="ancestral DDPM (paper) or DDIM for model.objective=ddpm; Euler (ODE) or euler_ancestral "
+                         "(stochastic) for flow (default: the export's logging.sample_sampler, else the objective's own)")
+    ap.add_argument("--steps", type=int, default=None, help="denoising steps (default: the export's logging.sample_steps)")
+    ap.add_argument("--cfg-scale", type=float, default=None,
+                    help="classifier-free guidance scale, 1 = off (default: the export's logging.sample_cfg_scale)")
+    ap.add_argument("--max-new-tokens", type=int, default=48, help="new tokens per prompt at most (default: 48)")
+    ap.add_argument("--on-long-prompt", choices=get_args(LongPrompt), default="error",
+                    help="a prompt that, with what is to be generated, exceeds the trained sequence length (the "
+                         "export's data.seq_len): stop with an error, or drop its oldest part with a warning (default: error)")
+    ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (paper; default)")
+    ap.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0 = all; default)")
+    ap.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off; default)")
+    ap.add_argument("--seed", type=int, default=0, help="default: 0")
     return ap
 
 
+def slug(text: str, max_len: int = 60) -> str:
+    """A file-name piece that says the prompt: lower-case letters and digits joined by '-', at most max_len."""
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:max_len].strip("-") or "prompt"
+
+
+def sample_names(prompts: list[str], n: int) -> list[str]:
+    """File stems `<slug>_<k>` for n samples of each prompt, in prompt-major order; a slug another prompt
+    already has gets `-2`, `-3`, ... so no file overwrites another."""
+    seen: dict[str, int] = {}
+    names = []
+    for p in prompts:
+        base = slug(p)
+        seen[base] = seen.get(base, 0) + 1
+        stem = base if seen[base] == 1 else f"{base}-{seen[base]}"
+        names += [f"{stem}_{k:03d}" for k in range(n)]
+    return names
+
+
 def _run(args: argparse.Namespace) -> None:
+    if args.num_samples < 1:
+        raise BadInput(f"--num-samples {args.num_samples}: must be at least 1")
     model, sp, root = load_exported(args.model)
-    if args.sampler is not None:  # before the slow work: a DDPM sampler for a flow model, or Euler for DDPM
-        try:
-            check_sampler(model.cfg.objective, args.sampler, "--sampler")
-        except ValueError as e:
-            raise BadInput(str(e)) from None
+    try:  # before the slow work: a DDPM sampler for a flow model, or Euler for DDPM
+        key = "--sampler" if args.sampler else f"{root / 'config.yaml'}: logging.sample_sampler"
+        image = resolve_sampling(model, ImageSampling(args.steps, args.cfg_scale, args.sampler), key)
+    except ValueError as e:
+        raise BadInput(str(e)) from None
     tok = Tokenizer(root / "tokenizer.model")
+    n, P = args.num_samples, model.cfg.patches_per_image
+    texts = {"prompt": [tok.encode(p) for p in args.prompt], "text": [tok.encode(p) for p in args.text],
+             "mixed": [tok.encode(p) + ([sp.boi_id] if args.force_image else []) for p in args.mixed]}
+    if args.on_long_prompt == "error":  # every prompt checked before the slow work
+        fit_prompts(model, [[t] for t in texts["prompt"]], 1 + P)
+        fit_prompts(model, [[t] for t in texts["text"]], args.max_new_tokens)
+        fit_prompts(model, [[t] for t in texts["mixed"]], args.max_new_tokens + args.max_images * (P + 1))
+        fit_prompts(model, [[torch.empty(0), []] for _ in args.caption], args.max_new_tokens)
+    print(f"sampling: {image.sampler}, {image.steps} steps, CFG {image.cfg_scale}"
+          f"{'' if args.sampler and args.steps and args.cfg_scale else ' (unset flags: as the export recorded)'}",
+          file=sys.stderr)
     vae = load_vae(root / "vae")
     text = TextSampling(args.temperature, args.top_k, args.top_p)
-    image = ImageSampling(args.steps, args.cfg_scale, args.sampler)
     pixels = None
     if args.caption:  # read every input before the slow work starts
         pixels = _read_images(args.caption, model.cfg.latent_size * vae.downsample)
+    kw = {"seed": args.seed, "on_long_prompt": args.on_long_prompt}
     if args.prompt:
-        lat = generate_images(model, [tok.encode(p) for p in args.prompt], sp, args.steps, args.cfg_scale, args.seed,
-                              args.sampler)
-        for prompt, path in zip(args.prompt, save_pngs(decode(vae, lat), args.out)):
-            print(f"{prompt!r} -> {path}")
+        lat = generate_images(model, [t for t in texts["prompt"] for _ in range(n)], sp, image.steps, image.cfg_scale,
+                              sampler=image.sampler, **kw)
+        paths = save_pngs(decode(vae, lat), args.out, names=sample_names(args.prompt, n))
+        for i, path in enumerate(paths):
+            print(f"{args.prompt[i // n]!r} -> {path}")
     if pixels is not None:
-        ids = generate_text(model, [[] for _ in args.caption], sp, args.max_new_tokens, encode(vae, pixels), text, args.seed)
-        for path, c in zip(args.caption, ids):
-            print(f"{path} -> {tok.decode(c)!r}")
+        ids = generate_text(model, [[] for _ in args.caption for _ in range(n)], sp, args.max_new_tokens,
+                            encode(vae, pixels).repeat_interleave(n, 0), text, **kw)
+        for i, c in enumerate(ids):
+            print(f"{args.caption[i // n]}{f' [{i % n}]' if n > 1 else ''} -> {tok.decode(c)!r}")
     if args.text:
-        ids = generate_text(model, [tok.encode(p) for p in args.text], sp, args.max_new_tokens, None, text, args.seed)
-        for prompt, c in zip(args.text, ids):
-            print(f"{prompt!r} -> {tok.decode(c)!r}")
+        ids = generate_text(model, [t for t in texts["text"] for _ in range(n)], sp, args.max_new_tokens, None, text, **kw)
+        for i, c in enumerate(ids):
+            print(f"{args.text[i // n]!r}{f' [{i % n}]' if n > 1 else ''} -> {tok.decode(c)!r}")
     if args.mixed:
-        prompts = [[tok.encode(p) + ([sp.boi_id] if args.force_image else [])] for p in args.mixed]
-        outs = generate(model, prompts, sp, args.max_new_tokens, args.max_images, text, image, args.seed)
-        for i, (prompt, out) in enumerate(zip(args.mixed, outs)):
-            print(f"{prompt!r} -> {_describe(out, tok, vae, decode, Path(args.out), f'mixed{i:02d}_')}")
+        prompts = [[t] for t in texts["mixed"] for _ in range(n)]
+        outs = generate(model, prompts, sp, args.max_new_tokens, args.max_images, text, image, **kw)
+        for i, (name, out) in enumerate(zip(sample_names(args.mixed, n), outs)):
+            print(f"{args.mixed[i // n]!r} -> {_describe(out, tok, vae, decode, Path(args.out), name)}")
 
 
-def _describe(out: list[Segment], tok: object, vae: object, decode: object, dir: Path, prefix: str) -> list[str]:
-    """Text segments decoded, images written as PNGs (named by their path) for one mixed-modal output."""
+def _describe(out: list[Segment], tok: object, vae: object, decode: object, dir: Path, stem: str) -> list[str]:
+    """Text segments decoded, images written as PNGs `<stem>_img<j>.png` (named by their path) for one mixed-modal output."""
     parts = []
     for j, seg in enumerate(out):
         if isinstance(seg, torch.Tensor):
-            parts.append(str(save_pngs(decode(vae, seg[None]), dir, f"{prefix}{j:02d}_")[0]))
+            parts.append(str(save_pngs(decode(vae, seg[None]), dir, names=[f"{stem}_img{j:02d}"])[0]))
         else:
             parts.append(tok.decode(seg))
     return parts
@@ -417,13 +600,13 @@ def _read_images(paths: list[str], size: int) -> torch.Tensor:
     return torch.from_numpy(np.stack(out))
 
 
-def save_pngs(pixels: torch.Tensor, out: str | Path, prefix: str = "") -> list[Path]:
-    """Write (N, 3, H, W) images in [-1, 1] as PNG files; returns their paths."""
+def save_pngs(pixels: torch.Tensor, out: str | Path, prefix: str = "", names: list[str] | None = None) -> list[Path]:
+    """Write (N, 3, H, W) images in [-1, 1] as PNG files `<names[i]>.png` (default `<prefix><i>.png`); returns their paths."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     paths = []
     for i, img in enumerate(pixels):
-        path = out / f"{prefix}{i:03d}.png"
+        path = out / (f"{names[i]}.png" if names is not None else f"{prefix}{i:03d}.png")
         Image.fromarray(to_uint8(img.cpu().numpy())).save(path)
         paths.append(path)
     return paths

@@ -99,13 +99,14 @@ def diffusion_sample(
     noise: torch.Tensor,
     alpha_bar: torch.Tensor,
     num_steps: int,
-    sampler: Sampler = "ddim",
+    sampler: Sampler,
     clip_x0: float | None = 5.0,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """From pure noise (N, C, H, W) to x0 in `num_steps` steps of DDPM (ancestral) or DDIM (eta=0).
 
     eps_fn(x_t, t) predicts epsilon for timesteps t (N,); classifier-free guidance belongs in eps_fn.
+    `sampler` has no default here: callers pass the model's (`default_sampler`, or what the export recorded).
     `generator` (CPU) draws DDPM's per-step noise, so a seed fixes the sample. See make_scheduler.
     """
     sched = make_scheduler(alpha_bar, sampler, num_steps, clip_x0)
