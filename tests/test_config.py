@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -104,7 +105,25 @@ def test_estimate_cli_rejects_bad_key() -> None:
 
 def test_defaults_are_valid() -> None:
     assert Config() == load_config(None)
-    assert yaml.safe_load(yaml.safe_dump({"x": 1}))["x"] == 1
+
+
+def test_saved_config_loads_back_equal_with_every_section_changed(tmp_path: Path) -> None:
+    """save_config -> load_config gives back an equal Config when every section holds non-default values of
+    each kind the YAML must carry (tuples, None, lists of strings, nested stream lists, floats in e-notation);
+    a dump that lost a tuple, a None or a stream would make them differ. The exported and checkpointed
+    config.yaml are written this way, so a resume or an export reads what the run used."""
+    cfg = load_config(ROOT / "configs/tiny.yaml", [
+        "model.unet_channels=[8,16]", "model.patch_encoder=unet", "model.n_kv_heads=2", "model.rope_theta=5e5",
+        "optim.betas=[0.8,0.9]", "optim.lr=3e-4", "train.ema_decay=0.99", "train.init_from=some/dir",
+        "logging.sample_prompts=[a, 'b: c']", "logging.peak_flops=1.5e14", "distributed.zero_stage=2",
+        "checkpoint.every=7", "data.seq_len=512",
+    ])
+    assert cfg != load_config(ROOT / "configs/tiny.yaml")  # the overrides took effect
+    assert cfg.model.unet_channels == (8, 16) and cfg.optim.betas == (0.8, 0.9)
+    save_config(cfg, tmp_path / "config.yaml")
+    back = load_config(tmp_path / "config.yaml")
+    assert back == cfg
+    assert isinstance(back.model.unet_channels, tuple) and back.logging.sample_prompts == ["a", "b: c"]
 
 
 def test_layered_config_files(tmp_path: Path) -> None:
@@ -129,6 +148,39 @@ def test_readme_documents_every_config_key() -> None:
         if f"`{section.name}.{f.name}`" not in readme
     ]
     assert not missing, f"README.md config reference lacks: {missing}"
+
+
+def _readme_default(cell: str) -> object:
+    """A README default cell as a value: YAML, with 1e-5-style floats (YAML 1.1 reads them as strings)."""
+    text = cell.strip().strip("`")
+    try:
+        return float(text) if re.fullmatch(r"[-+]?\d+(\.\d*)?[eE][-+]?\d+", text) else yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def test_readme_config_defaults_equal_the_dataclass_defaults_both_ways() -> None:
+    """README's config reference and the dataclasses agree in both directions: every documented key exists
+    and its documented default equals the field's declared default (a changed default or a renamed key
+    must change the README), and every field has a row. Lists compare as lists; a few cells describe a
+    default too long for the table, checked by what they state (the count of prompts)."""
+    import dataclasses
+
+    readme = (ROOT / "README.md").read_text()
+    rows = dict(re.findall(r"^\| `([a-z_]+\.[a-z_0-9]+)` \| ([^|]*) \|", readme, re.M))
+    defaults = {}
+    for section in dataclasses.fields(Config):
+        cls = type(getattr(Config(), section.name))
+        for f in dataclasses.fields(cls):
+            default = f.default_factory() if f.default is dataclasses.MISSING else f.default  # type: ignore[misc]
+            defaults[f"{section.name}.{f.name}"] = list(default) if isinstance(default, tuple) else default
+    assert set(rows) - set(defaults) == set(), "README documents keys the config does not have"
+    assert set(defaults) - set(rows) == set(), "config keys without a README row"
+    described = {"logging.sample_prompts": lambda cell, d: cell.startswith(f"{len(d)} ")}
+    wrong = {k: (rows[k].strip(), defaults[k]) for k in rows
+             if not (described[k](rows[k].strip(), defaults[k]) if k in described
+                     else _readme_default(rows[k]) == defaults[k])}
+    assert not wrong, f"README default != dataclass default: {wrong}"
 
 
 def test_moved_keys_name_their_new_place(tmp_path: Path) -> None:
