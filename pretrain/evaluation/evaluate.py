@@ -230,11 +230,21 @@ def table(report: dict) -> str:
     return "\n".join(lines)
 
 
-def save_grid(pixels: np.ndarray, prompts: list[str], path: str | Path, cols: int = 9, scale: int = 2) -> Path:
-    """A PNG of samples (N, H, W, 3) uint8, each over its prompt (two short lines), `cols` per row."""
+def save_grid(pixels: np.ndarray, prompts: list[str], path: str | Path, cols: int = 9, scale: int | None = None) -> Path:
+    """A PNG of samples (N, H, W, 3) uint8 and their prompts.
+
+    When every prompt names a (colour, shape, place) combination (the evaluation's), one sample per
+    combination (the first of its `per_combo`): a row per colour and shape, a column per place, labels on
+    the edges, held-out combinations framed in red, cells without a sample left light grey. Other prompts:
+    each sample over its prompt, `cols` per row. `scale` (default: 64 px cells) enlarges each sample.
+    """
     from PIL import Image, ImageDraw
 
     n, H, W, _ = pixels.shape
+    scale = scale or max(1, 64 // max(H, W))
+    parsed = [parse_caption(p) for p in prompts]
+    if n and all(None not in c for c in parsed):
+        return _combination_grid(pixels, parsed, Path(path), scale)
     tw, th = W * scale, H * scale + 24
     rows = math.ceil(n / cols)
     sheet = Image.new("RGB", (cols * tw, rows * th), (235, 235, 235))
@@ -247,6 +257,43 @@ def save_grid(pixels: np.ndarray, prompts: list[str], path: str | Path, cols: in
         for k, line in enumerate(lines):
             draw.text((x + 2, y + H * scale + 1 + 11 * k), line, fill=(0, 0, 0))
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sheet.save(path)
+    return path
+
+
+def _combination_grid(pixels: np.ndarray, scenes: list[tuple], path: Path, scale: int) -> Path:
+    """save_grid's layout for the synthetic prompts: rows colour x shape (18), columns place (9)."""
+    from PIL import Image, ImageDraw
+
+    _, H, W, _ = pixels.shape
+    first: dict[tuple, np.ndarray] = {}
+    for img, sc in zip(pixels, scenes):
+        first.setdefault(tuple(sc), img)  # (H, W, 3): one sample per combination
+    rows = list(itertools.product(synthetic.COLORS, synthetic.SHAPES))
+    places = list(synthetic.PLACES)
+    cw, ch, gap, left, top = W * scale, H * scale, 4, 96, 28
+    sheet = Image.new("RGB", (left + len(places) * (cw + gap), top + len(rows) * (ch + gap)), (110, 110, 110))
+    draw = ImageDraw.Draw(sheet)
+    draw.rectangle([0, 0, sheet.width, top - 2], fill=(255, 255, 255))
+    draw.rectangle([0, 0, left - 2, sheet.height], fill=(255, 255, 255))
+    for j, place in enumerate(places):
+        x = left + j * (cw + gap)
+        for k, word in enumerate(place.split(" ")):
+            draw.text((x + 2, 2 + 12 * k), word, fill=(0, 0, 0))
+    held = set(synthetic.HELD_OUT)
+    for i, (color, shape) in enumerate(rows):
+        y = top + i * (ch + gap)
+        draw.text((4, y + ch // 2 - 6), f"{color} {shape}", fill=(0, 0, 0))
+        for j, place in enumerate(places):
+            x = left + j * (cw + gap)
+            img = first.get((color, shape, place))
+            if img is None:
+                draw.rectangle([x, y, x + cw - 1, y + ch - 1], fill=(200, 200, 200))
+            else:
+                sheet.paste(Image.fromarray(img).resize((cw, ch), Image.NEAREST), (x, y))
+            if (color, shape, place) in held:
+                draw.rectangle([x - 2, y - 2, x + cw + 1, y + ch + 1], outline=(230, 0, 0), width=2)
     path.parent.mkdir(parents=True, exist_ok=True)
     sheet.save(path)
     return path
