@@ -2,6 +2,14 @@
 rank measured against pretrain.plan.estimate's host-memory prediction for the same shape.
 
     python bench/scale_016b.py [--steps 3] [--images 2] [--lr 5e-4] [--out DIR] [--json FILE]
+    python bench/scale_016b.py --one-device [--steps 20] [--timers events,sync]   # one GPU (docs/gpu.md)
+
+--one-device: the same data and config trained by one rank on this machine's device: on a GPU bf16 with
+NCCL, no activation checkpointing, micro-batch 2 (global batch 2); without CUDA fp32 with gloo (the
+rehearsal of bench/gpu_session.sh). Per step from metrics.jsonl: step time (the timer's phases), the
+share of it spent waiting for data, text tokens/s and the trainer's MFU (datasheet peak; GPU only); then
+medians over the steps after the first 3 (compilation, warm-up). One launch per --timers entry
+(logging.timer): the step time of each, and its ratio to the first. No memory prediction in this mode.
 
 1. Data: 2 packed rows of 4096 positions, each holding `--images` caption+image documents (256-patch
    images: 8x32x32 latents, patch 2) and a text document filling the rest, packed by the data pipeline's
@@ -204,6 +212,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=None, help="work directory (default: a temporary one, removed)")
     ap.add_argument("--json", default=None, help="also write the results as JSON here")
     ap.add_argument("--timeout", type=float, default=1500)
+    ap.add_argument("--one-device", action="store_true",
+                    help="one rank on this machine's device (GPU: bf16 + NCCL; CPU: fp32 + gloo): step time, data "
+                    "share, MFU")
+    ap.add_argument("--timers", default="events",
+                    help="--one-device: comma-separated logging.timer values, one launch each (events, sync)")
     ap.add_argument("extra", nargs="*", help="more config overrides (key=value), e.g. model.n_layers=2 for a quick "
                     "check of the plumbing; the figures then are not the 0.16B's")
     a = ap.parse_args(argv)
@@ -219,6 +232,8 @@ def run(root: Path, a: argparse.Namespace) -> int:
     from pretrain.plan.estimate import host_memory_plan, mix_for
 
     root.mkdir(parents=True, exist_ok=True)
+    if a.one_device:
+        return run_one_device(root, a)
     # this interpreter's bin first on PATH: DeepSpeed JIT-builds its CPU ops with the first `ninja` found,
     # and another ninja rebuilds them at every launch (tests/conftest.py says why)
     path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
@@ -271,6 +286,79 @@ def run(root: Path, a: argparse.Namespace) -> int:
             "losses": [s["loss"] for s in losses], "partitions": parts, "total_params": total, "rss": rows,
             "terms": plan.terms, "predicted": predicted, "wall_s": res["wall_s"], "baseline": baseline,
             "per_step": res["per_step"]}, indent=2))
+    return 0
+
+
+def one_device_overrides(root: Path, steps: int, lr: float, patch_encoder: str, gpu: bool, timer: str) -> list[str]:
+    """overrides() changed for one rank: bf16 + NCCL without checkpointing on a GPU (fp32 + gloo on CPU),
+    micro-batch 2 = the global batch, a step-time line every step."""
+    out = [o for o in overrides(root, steps, lr, patch_encoder) if not o.startswith((
+        "train.micro_batch_size", "train.precision", "train.activation_checkpointing", "distributed.backend",
+        "train.run_dir"))]
+    return out + ["train.micro_batch_size=2", f"train.precision={'bf16' if gpu else 'fp32'}",
+                  f"train.activation_checkpointing={'false' if gpu else 'true'}",
+                  f"distributed.backend={'nccl' if gpu else 'gloo'}", f"logging.timer={timer}",
+                  f"train.run_dir={root / ('run_' + timer)}"]
+
+
+def run_one_device(root: Path, a: argparse.Namespace) -> int:
+    """Train on one rank of this machine's device per --timers entry; print per-step and median figures."""
+    import statistics
+
+    import torch
+
+    gpu = torch.cuda.is_available()
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p),
+               PATH=path, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    stats = build_data(root, a.images)
+    device = torch.cuda.get_device_name() if gpu else "CPU (fp32, gloo: the rehearsal)"
+    print(f"0.16B + {a.patch_encoder} patching{' with ' + ' '.join(a.extra) if a.extra else ''}; one rank on {device}; "
+          f"{'bf16, NCCL, no activation checkpointing' if gpu else 'fp32, gloo, activation checkpointing'}; micro-batch "
+          f"2 x {SEQ} positions, {a.images} images of {P} patches per row ({stats['image_positions'] / stats['positions']:.1%} "
+          f"image positions); {a.steps} steps per launch", flush=True)
+    skip = min(3, max(a.steps - 1, 0))
+    summary = []
+    for timer in a.timers.split(","):
+        cfg_args = ["--config", str(ROOT / "configs" / "transfusion_0.16b.yaml"),
+                    *one_device_overrides(root, a.steps, a.lr, a.patch_encoder, gpu, timer), *a.extra]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--master_port", str(free_port()),
+               "-m", "pretrain.train", *cfg_args]
+        log_path = root / f"train_{timer}.log"
+        t0 = time.time()
+        with open(log_path, "w") as logf:
+            p = subprocess.run(cmd, cwd=ROOT, env=env, stdout=logf, stderr=subprocess.STDOUT, timeout=a.timeout)
+        if p.returncode:
+            print(f"timer {timer}: the trainer exited {p.returncode}; log {log_path}:\n{log_path.read_text()[-3000:]}")
+            return 1
+        rows = [json.loads(x) for x in open(root / f"run_{timer}" / "metrics.jsonl") if '"loss"' in x]
+        print(f"\nlogging.timer={timer}: {len(rows)} steps in {time.time() - t0:.0f} s (launch included)")
+        print(f"{'step':>5} {'loss':>8} {'step ms':>9} {'wall ms':>9} {'data %':>7} {'tok/s':>9} {'MFU':>6}")
+        prev = None
+        for r in rows:
+            step_s = sum(r["times"].values())
+            wall = f"{1e3 * (r['wall'] - prev['wall']):9.1f}" if prev else f"{'-':>9}"
+            mfu = f"{100 * r['mfu']:5.1f}%" if "mfu" in r else f"{'n/a':>6}"
+            print(f"{r['step']:5d} {r['loss']:8.4f} {1e3 * step_s:9.1f} {wall} {100 * r['times'].get('data', 0) / step_s:7.1f} "
+                  f"{r['text_tokens_per_s']:9,.0f} {mfu}")
+            prev = r
+        late = rows[skip:]
+        walls = [b["wall"] - a_["wall"] for a_, b in zip(rows[skip - 1:], late)] if skip else []
+        med = {
+            "step_s": statistics.median(sum(r["times"].values()) for r in late),
+            "wall_s": statistics.median(walls) if walls else float("nan"),
+            "data_share": statistics.median(r["times"].get("data", 0) / sum(r["times"].values()) for r in late),
+            "mfu": statistics.median(r["mfu"] for r in late) if all("mfu" in r for r in late) else None,
+        }
+        summary.append((timer, med))
+    print(f"\nmedians over steps {skip + 1}..{a.steps}:")
+    print(f"{'timer':7} {'step ms':>9} {'wall ms':>9} {'x first':>8} {'data %':>7} {'MFU':>6}")
+    for timer, m in summary:
+        mfu = f"{100 * m['mfu']:5.1f}%" if m["mfu"] is not None else f"{'n/a':>6}"
+        print(f"{timer:7} {1e3 * m['step_s']:9.1f} {1e3 * m['wall_s']:9.1f} {m['wall_s'] / summary[0][1]['wall_s']:8.2f} "
+              f"{100 * m['data_share']:7.1f} {mfu}")
+    if a.json:
+        Path(a.json).write_text(json.dumps({t: m for t, m in summary}, indent=2))
     return 0
 
 
