@@ -12,6 +12,7 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -307,6 +308,21 @@ def train_vae(data: torch.Tensor, out: str | Path, steps: int = 300, batch_size:
                                               **(report or {})})
 
 
+def default_threads() -> int:
+    """torch CPU threads for VAE training: torch's default (one per core) less the cores other jobs keep
+    busy (the 1-minute load average), at least 1.
+
+    The small VAE's convolutions gain little from a second thread, and on a shared machine threads that
+    wait for a busy core stall every step: with a load average of ~22 on 2 cores a 64-px step took 34.5 s
+    with 2 threads and 3.2 s with 1 (bench/vae_train.py, docs/data.md "VAE recipes").
+    """
+    try:
+        busy = os.getloadavg()[0]
+    except OSError:  # no load average on this platform
+        busy = 0.0
+    return max(1, min(torch.get_num_threads(), round((os.cpu_count() or 1) - busy)))
+
+
 def noise_latents(z: torch.Tensor, max_noise: float, gen: torch.Generator | None = None) -> torch.Tensor:
     """z (B, C, h, w) + tau * std(z) * n, n ~ N(0, I), tau ~ U(0, max_noise) drawn per image; z itself when
     max_noise is 0.
@@ -384,7 +400,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--latent-noise", type=float, default=None,
                     help=f"train the decoder on latents noised by up to this many latent stds (robust decoding) {rec}")
     ap.add_argument("--threads", type=int, default=None,
-                    help="torch CPU threads; fewer on a machine shared with other jobs (default: torch's, one per core)")
+                    help="torch CPU threads (default: one per core not busy with other jobs, at least 1: default_threads)")
     ap.add_argument("--seed", type=int, default=0, help="initialisation, batch order and posterior samples")
     a = ap.parse_args(argv)
     try:
@@ -392,8 +408,7 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError as e:
         ap.error(str(e))
     pick = lambda v, d: d if v is None else v  # noqa: E731
-    if a.threads:
-        torch.set_num_threads(a.threads)
+    torch.set_num_threads(a.threads or default_threads())
     t0 = time.time()
     skips = sources.SkipLog()
     data = load_images(a.input, a.image_size, a.max_images, a.kind, skips)
