@@ -108,7 +108,7 @@ def test_two_ranks_write_what_one_rank_writes(tmp_path: Path) -> None:
                                               "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}) for r in (0, 1)]
     logs = [p.communicate(timeout=300)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], logs
-    assert "1 mine" in logs[1] and (tmp_path / "two" / "data.yaml").is_file()
+    assert "[precompute rank 1/2] 4 parts, 2 mine" in logs[1] and (tmp_path / "two" / "data.yaml").is_file()
     for kind in ("text", "pairs", "interleaved"):
         for split in ("train", "val"):
             a, b = tmp_path / "one" / "shards" / kind / split, tmp_path / "two" / "shards" / kind / split
