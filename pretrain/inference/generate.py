@@ -21,7 +21,7 @@ import argparse
 import re
 import sys
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, get_args
 
@@ -347,6 +347,18 @@ def generate_images(
 
 
 @torch.no_grad()
+@dataclass
+class _RowState:
+    """One prompt's decoding state in `generate` (one object per row, not parallel lists)."""
+
+    pending: int  # the next token to feed
+    opens: bool  # the row's next step makes an image (pending is BOI and images are allowed)
+    active: bool = True  # still decoding
+    new_tokens: int = 0  # tokens drawn so far (BOI included)
+    images: int = 0  # images made so far
+    out: list[Segment] = field(default_factory=list)  # the generated segments (prompt omitted)
+
+
 def generate(
     model: Transfusion,
     prompts: list[list[Segment]],
@@ -378,38 +390,38 @@ def generate(
     device = next(model.parameters()).device
     cache = new_cache(model, B)
     prefill(model, cache, [r[:-1] for r, _ in flat], [x for _, imgs in flat for x in imgs], sp.pad_id)
-    pending = [r[-1] for r, _ in flat]  # next token to feed, per row
-    out: list[list[Segment]] = [[] for _ in range(B)]
-    opens = [tok == sp.boi_id and max_images > 0 for tok in pending]  # the row's next step makes an image
-    n_new, n_img = [0] * B, [0] * B
-    active = [max_new_tokens > 0 or o for o in opens]
+    rows = [_RowState(pending=r[-1], opens=r[-1] == sp.boi_id and max_images > 0) for r, _ in flat]
+    for r in rows:
+        r.active = max_new_tokens > 0 or r.opens
     g = torch.Generator().manual_seed(seed)
-    while any(active):
-        feed = torch.tensor([[tok if a else sp.pad_id] for tok, a in zip(pending, active)], device=device)  # (B, 1)
-        valid = torch.tensor([[a] for a in active], device=device)  # (B, 1)
+    while any(r.active for r in rows):
+        feed = torch.tensor([[r.pending if r.active else sp.pad_id] for r in rows], device=device)  # (B, 1)
+        valid = torch.tensor([[r.active] for r in rows], device=device)  # (B, 1)
         h, _ = model.forward_cached(cache, CachedChunk(feed, torch.full_like(feed, -1), valid))  # (B, 1, D)
         logits = model.lm_logits(h[:, -1]).float()  # (B, V)
-        makes = [b for b in range(B) if active[b] and opens[b]]
-        draw = [b for b in range(B) if active[b] and not opens[b]]
+        makes = [b for b, r in enumerate(rows) if r.active and r.opens]
+        draw = [b for b, r in enumerate(rows) if r.active and not r.opens]
         if makes:
             lat = _denoise(model, cache, makes, image, sp, g)  # (m, C, H, W)
             _commit_images(model, cache, makes, lat, sp.pad_id)
             for b, x in zip(makes, lat):
-                out[b].append(x)
-                n_img[b] += 1
-                pending[b], opens[b], active[b] = sp.eoi_id, False, n_new[b] < max_new_tokens
+                r = rows[b]
+                r.out.append(x)
+                r.images += 1
+                r.pending, r.opens, r.active = sp.eoi_id, False, r.new_tokens < max_new_tokens
         if max_images > 0:
-            logits[[b for b in range(B) if n_img[b] >= max_images], sp.boi_id] = float("-inf")
+            logits[[b for b, r in enumerate(rows) if r.images >= max_images], sp.boi_id] = float("-inf")
         ids = sample_tokens(logits, text, g).tolist()
         for b in draw:
-            n_new[b] += 1
-            pending[b], opens[b] = ids[b], ids[b] == sp.boi_id and max_images > 0
-            active[b] = ids[b] != sp.eos_id and (n_new[b] < max_new_tokens or opens[b])
-            if ids[b] != sp.eos_id and not opens[b]:
-                if not out[b] or isinstance(out[b][-1], torch.Tensor):
-                    out[b].append([])
-                out[b][-1].append(ids[b])
-    return out
+            r, tok = rows[b], ids[b]
+            r.new_tokens += 1
+            r.pending, r.opens = tok, tok == sp.boi_id and max_images > 0
+            r.active = tok != sp.eos_id and (r.new_tokens < max_new_tokens or r.opens)
+            if tok != sp.eos_id and not r.opens:
+                if not r.out or isinstance(r.out[-1], torch.Tensor):
+                    r.out.append([])
+                r.out[-1].append(tok)
+    return [r.out for r in rows]
 
 
 def _commit_images(model: Transfusion, cache: KVCache, rows: list[int], latents: torch.Tensor, pad: int) -> None:
