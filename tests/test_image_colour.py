@@ -238,3 +238,21 @@ def test_precompute_report_counts_conversions_and_names_animated(tmp_path: Path)
     rep = run("frame", "--animated-frame", "1")
     assert (rep["encoded"], rep["skipped"]) == (4, {})
     assert rep["converted"] == {"animated_frame": 1, "icc_to_srgb": 2}
+
+
+def accuracy_table() -> str:
+    """The figures docs/data.md quotes: `python tests/test_image_colour.py` prints them."""
+    rows = ["| space | file | decoded vs numpy reference: max / mean levels | read as sRGB vs reference: max / mean |",
+            "|---|---|---|---|"]
+    for space in ("adobe", "prophoto"):
+        for fmt, kw in (("PNG", {}), ("JPEG", {"quality": 95, "subsampling": 0})):
+            data = _save(_scene(), fmt, icc_profile=PROFILES[space], **kw)
+            stored = np.asarray(Image.open(io.BytesIO(data)).convert("RGB")).astype(np.float64)
+            want = reference_srgb(stored, space)
+            e, n = np.abs(_pixels(images.load_image(data, 32)) - want), np.abs(stored - want)
+            rows.append(f"| {space} | {fmt} | {e.max():.2f} / {e.mean():.3f} | {n.max():.0f} / {n.mean():.1f} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(accuracy_table())
