@@ -255,15 +255,30 @@ def _batches(data: torch.Tensor, bs: int, gen: torch.Generator) -> Iterator[torc
 def train_vae(data: torch.Tensor, out: str | Path, steps: int = 300, batch_size: int = 16, lr: float = 2e-3,
               kl_weight: float = 1e-6, gan_weight: float = 0.0, gan_start: int = 0, latent_channels: int = 8,
               downsample: int = 8, width: int = 32, seed: int = 0, sample_every: int = 100,
-              fg_weight: float = 1.0, latent_noise: float = 0.0, report: dict | None = None) -> Path:
+              fg_weight: float = 1.0, latent_noise: float = 0.0, report: dict | None = None,
+              threads: int | None = None) -> Path:
     """Train a small AutoencoderKL with L1 + KL (+ patch GAN), save it with measured shift/scale.
 
+    data: (N, 3, H, W) images in [-1, 1], held in memory (batches are index gathers, no loader).
     `latent_noise` > 0 trains the decoder on noised latents (`noise_latents`), so that it rebuilds the
     clean image from a latent that is slightly off, as a denoiser's output is (docs/quality.md §15).
     Raises ValueError for a negative `latent_noise`.
-
     `report` (e.g. the inputs' skip counts) is added to the training report `out/latent_stats.json`.
+    `threads`: torch CPU threads while training (None: `default_threads()`; restored afterwards).
     """
+    prev = torch.get_num_threads()
+    torch.set_num_threads(threads or default_threads())
+    try:
+        return _train_vae(data, out, steps, batch_size, lr, kl_weight, gan_weight, gan_start, latent_channels,
+                          downsample, width, seed, sample_every, fg_weight, latent_noise, report)
+    finally:
+        torch.set_num_threads(prev)
+
+
+def _train_vae(data: torch.Tensor, out: str | Path, steps: int, batch_size: int, lr: float, kl_weight: float,
+               gan_weight: float, gan_start: int, latent_channels: int, downsample: int, width: int, seed: int,
+               sample_every: int, fg_weight: float, latent_noise: float, report: dict | None) -> Path:
+    """train_vae's work, on the current torch thread count."""
     if latent_noise < 0:
         raise ValueError(f"latent_noise={latent_noise}: must be >= 0 (0 = plain VAE training)")
     out = Path(out)
@@ -408,7 +423,6 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError as e:
         ap.error(str(e))
     pick = lambda v, d: d if v is None else v  # noqa: E731
-    torch.set_num_threads(a.threads or default_threads())
     t0 = time.time()
     skips = sources.SkipLog()
     data = load_images(a.input, a.image_size, a.max_images, a.kind, skips)
@@ -418,7 +432,8 @@ def main(argv: list[str] | None = None) -> None:
     train_vae(data, a.out, pick(a.steps, r.steps), pick(a.batch_size, r.batch_size), pick(a.lr, r.lr), a.kl_weight,
               a.gan_weight, a.gan_start, ch, ds, pick(a.width, r.width), a.seed, a.sample_every, a.fg_weight,
               pick(a.latent_noise, r.latent_noise),
-              report={"images_used": len(data), "recipe": dataclasses.asdict(r), **skips.to_json("skipped")})
+              report={"images_used": len(data), "recipe": dataclasses.asdict(r), **skips.to_json("skipped")},
+              threads=a.threads)
     print(f"saved {a.out} in {time.time() - t0:.0f}s; model keys: model.latent_channels={ch} "
           f"model.latent_size={a.image_size // ds} (patch size of the recipe: {r.patch_size})")
 

@@ -64,3 +64,22 @@ def test_cli_refuses_an_image_size_without_a_recipe(tmp_path: Path, capsys) -> N
     with pytest.raises(SystemExit):
         vae.main(["--input", str(tmp_path), "--out", str(tmp_path / "v"), "--image-size", "30"])
     assert "multiple of 8" in capsys.readouterr().err
+
+
+def test_training_threads_follow_the_free_cores_and_are_restored(tmp_path: Path, monkeypatch) -> None:
+    import os
+
+    import torch
+
+    cores = os.cpu_count() or 1
+    monkeypatch.setattr(os, "getloadavg", lambda: (cores + 5.0, 0.0, 0.0))  # every core busy
+    assert vae.default_threads() == 1
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))  # a quiet machine: torch's default
+    assert vae.default_threads() == torch.get_num_threads()
+    seen = []
+    real = vae._train_vae
+    monkeypatch.setattr(vae, "_train_vae", lambda *a: seen.append(torch.get_num_threads()) or real(*a))
+    before = torch.get_num_threads()
+    vae.train_vae(torch.zeros(4, 3, 16, 16), tmp_path / "v", steps=1, batch_size=2, latent_channels=4, downsample=4,
+                  width=8, threads=1)
+    assert seen == [1] and torch.get_num_threads() == before
