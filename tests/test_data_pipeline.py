@@ -220,7 +220,7 @@ def test_remote_directory_with_local_cache(demo_data, tmp_path):
 def test_corrupt_shard_error_names_it(demo_data, tmp_path):
     src = Path(demo_data.data_config.streams[0].local)
     shutil.copytree(src, tmp_path / "bad")
-    shard = sorted((tmp_path / "bad").glob("*.mds"))[0]
+    shard = sorted((tmp_path / "bad").rglob("*.mds"))[0]  # pack writes part-K/shard.*.mds
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
     cfg = dataclasses.replace(demo_data.data_config, streams=[StreamConfig(name="bad", local=str(tmp_path / "bad"))],
                               num_workers=0, shuffle=False)
