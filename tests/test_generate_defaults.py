@@ -193,3 +193,16 @@ def test_docs_caption_any_image_snippet_runs(export: Path, tmp_path: Path) -> No
         exec(compile(code, "docs/generate.md", "exec"), ns)  # noqa: S102 - our own documentation
     assert isinstance(ns["caption"], str) and buf.getvalue() == ns["caption"] + "\n"
     assert ns["pixels"].shape == (1, 3, 32, 32)  # the export's image size, from its latent size and the VAE
+
+
+def test_cli_caption_of_an_animated_image_is_refused_or_takes_the_chosen_frame(export: Path, tmp_path: Path, capsys) -> None:
+    """Issue 27.5 in generation's image reader: an animated GIF is refused by default (its first frame is often
+    blank), `--animated-frame K` captions frame K."""
+    gif = tmp_path / "anim.gif"
+    frames = [Image.new("RGB", (32, 32), (255, 255, 255)), Image.new("RGB", (32, 32), (255, 0, 0))]
+    frames[0].save(gif, save_all=True, append_images=frames[1:], duration=100)
+    with pytest.raises(SystemExit) as e:
+        gen.main(["--model", str(export), "--caption", str(gif), "--max-new-tokens", "2"])
+    assert str(gif) in str(e.value.code) and "animated: 2 frames" in str(e.value.code)
+    gen.main(["--model", str(export), "--caption", str(gif), "--max-new-tokens", "2", "--animated-frame", "1"])
+    assert capsys.readouterr().out.startswith(f"{gif} -> ")

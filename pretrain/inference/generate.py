@@ -517,6 +517,9 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0 = all; default)")
     ap.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off; default)")
     ap.add_argument("--seed", type=int, default=0, help="default: 0")
+    ap.add_argument("--animated-frame", type=int, default=None, metavar="K",
+                    help="--caption of an animated GIF/WebP/APNG: caption frame K (0-based, composited); "
+                         "default: refuse it")
     return ap
 
 
@@ -563,7 +566,7 @@ def _run(args: argparse.Namespace) -> None:
     text = TextSampling(args.temperature, args.top_k, args.top_p)
     pixels = None
     if args.caption:  # read every input before the slow work starts
-        pixels = _read_images(args.caption, model.cfg.latent_size * vae.downsample)
+        pixels = _read_images(args.caption, model.cfg.latent_size * vae.downsample, args.animated_frame)
     kw = {"seed": args.seed, "on_long_prompt": args.on_long_prompt}
     if args.prompt:
         lat = generate_images(model, [t for t in texts["prompt"] for _ in range(n)], sp, image.steps, image.cfg_scale,
@@ -598,12 +601,13 @@ def _describe(out: list[Segment], tok: object, vae: object, decode: object, dir:
     return parts
 
 
-def _read_images(paths: list[str], size: int) -> torch.Tensor:
-    """(N, 3, size, size) in [-1, 1] from image files; BadInput names the file and the problem."""
+def _read_images(paths: list[str], size: int, animated_frame: int | None = None) -> torch.Tensor:
+    """(N, 3, size, size) in [-1, 1] from image files (`load_image`: EXIF orientation, ICC profile to sRGB;
+    animated ones only with `animated_frame`); BadInput names the file and the problem."""
     out = []
     for p in paths:
         try:
-            out.append(load_image(Path(p).read_bytes(), size))
+            out.append(load_image(Path(p).read_bytes(), size, animated_frame))
         except OSError as e:
             raise BadInput(f"--caption {p}: cannot read the file ({e.strerror or e})") from None
         except BadImage as e:
