@@ -83,3 +83,25 @@ def test_training_threads_follow_the_free_cores_and_are_restored(tmp_path: Path,
     vae.train_vae(torch.zeros(4, 3, 16, 16), tmp_path / "v", steps=1, batch_size=2, latent_channels=4, downsample=4,
                   width=8, threads=1)
     assert seen == [1] and torch.get_num_threads() == before
+
+
+@pytest.mark.slow  # ~15 s on a quiet machine, 97 s at load average 22 on 2 cores (builds the 4 M-parameter old default)
+def test_bench_vae_train_prints_a_phase_table_with_ratios_to_the_old_default() -> None:
+    import os
+    import re
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
+    r = subprocess.run([sys.executable, str(root / "bench" / "vae_train.py"), "--size", "16", "--images", "32",
+                        "--batch-size", "4", "--steps", "2", "--rounds", "1"], cwd=root, env=env, capture_output=True,
+                       text=True, timeout=240)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = [line for line in r.stdout.splitlines() if line.startswith("| ") and "variant" not in line]
+    assert len(rows) == 4 and rows[0].endswith("| 1.00 |"), r.stdout
+    for row in rows:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        phases, step = [float(c) for c in cells[2:8]], float(cells[8])
+        assert abs(sum(phases) - step) <= 0.05 * step + 8, row  # medians of the parts ~ the step's median
+    assert re.search(r"\| old default, 1 thread \| 3,96\d,\d{3} \|", r.stdout)
