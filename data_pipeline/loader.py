@@ -261,6 +261,12 @@ def _streams(cfg: DataConfig, split: str, spec: RowSpec) -> list[Stream]:
     scs = cfg.streams if split == "train" else cfg.val_streams
     if not scs:
         raise ValueError(f"data.{'streams' if split == 'train' else 'val_streams'} is empty: list the packed MDS directories")
+    if cfg.cache_limit and (local := [sc.name for sc in scs if not sc.remote]):
+        # streaming evicts by deleting shard files: on a stream read in place that would delete the data set
+        raise ValueError(f"data.cache_limit={cfg.cache_limit!r} with local streams {local} "
+                         f"(data.{'streams' if split == 'train' else 'val_streams'}): streaming would evict their "
+                         "shards by deleting them; give those streams a `remote` (a local directory works) or drop "
+                         "data.cache_limit")
     props = mix_proportions(scs, cfg.image_position_share) if split == "train" else [None] * len(scs)
     out = []
     for i, (sc, p) in enumerate(zip(scs, props)):
