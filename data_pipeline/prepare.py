@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import shlex
 import shutil
 import sys
 import time
@@ -238,7 +239,7 @@ def _pack_one(popts: pack.PackOptions) -> dict:
     if done.is_file() and json.loads(done.read_text()).get("identity") != pack.pack_identity(popts):
         print(f"[prepare] {out}: packed from other inputs or options (an earlier stage was redone); repacking")
         shutil.rmtree(out)
-    return pack.run(popts)
+    return pack.run(popts, rank_and_world=(0, 1))  # rank 0 alone packs here (the other ranks have returned)
 
 
 def pack_stage(opts: PrepareOptions, root: Path, tok: Path, patch_size: int) -> dict[str, dict]:
@@ -357,7 +358,8 @@ def run(opts: PrepareOptions, rank_and_world: tuple[int, int] | None = None) -> 
         cfg["data"]["vae"] = ""
     path = root / "data.yaml"
     tmp = path.with_name("data.yaml.tmp")
-    cmd = " ".join(sys.argv) if sys.argv and sys.argv[0].endswith("prepare.py") else "data_pipeline.prepare"
+    cli = sys.argv and sys.argv[0].endswith("prepare.py")
+    cmd = "python -m data_pipeline.prepare " + shlex.join(sys.argv[1:]) if cli else "data_pipeline.prepare"
     tmp.write_text(f"# written by {cmd}\n# use: python -m pretrain.train --config configs/tiny.yaml,{path}\n"
                    f"# model.vocab_size = {tok_rep['vocab_size']}: set by data.tokenizer (the trainer reads it there)\n"
                    + yaml.safe_dump(cfg, sort_keys=False))
@@ -375,8 +377,10 @@ def run(opts: PrepareOptions, rank_and_world: tuple[int, int] | None = None) -> 
 def build_parser() -> argparse.ArgumentParser:
     """The CLI; defaults are PrepareOptions' and VaeRecipe's (its flags override the image size's recipe)."""
     d, r = PrepareOptions(out="", texts=["-"]), VaeRecipe()
+    table = getattr(vaelib, "recipe_table", None)
     ap = argparse.ArgumentParser(prog="python -m data_pipeline.prepare", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog=f"VAE recipes by image size (--vae-* flags override a field):\n{table()}" if table else None)
     ap.add_argument("--out", required=True, help="output directory (stages resume there)")
     ap.add_argument("--text", dest="texts", nargs="+", default=[], help="text .jsonl/.txt files, folders or quoted globs")
     ap.add_argument("--pairs", nargs="+", default=[],
