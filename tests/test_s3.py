@@ -71,9 +71,9 @@ def test_storage_errors_name_the_url_and_what_to_do(s3):
         _moto_auth(s3.endpoint, "inf")
 
 
-def _first_batches(demo, cache: Path, n: int = 3, **stream) -> list:
+def _first_batches(demo, cache: Path, n: int = 3, cache_limit: str | None = None, **stream) -> list:
     """Token tensors of the first `n` micro-batches (2 rows, no shuffle) of one stream."""
-    cfg = dataclasses.replace(demo.data_config, cache_dir=str(cache), shuffle=False, num_workers=0,
+    cfg = dataclasses.replace(demo.data_config, cache_dir=str(cache), shuffle=False, num_workers=0, cache_limit=cache_limit,
                               image_position_share=None, streams=[StreamConfig(name="s", **stream)])
     ld = build_loader(cfg, "train", micro_batch_size=2, seed=0, patch_size=demo.patch_size,
                       latent_shape=demo.latent_shape, diffusion_steps=1000)
@@ -121,6 +121,15 @@ def _loader_error(demo, cache: Path, remote: str) -> str:
     with pytest.raises((storage.StorageError, RuntimeError)) as e:
         _first_batches(demo, cache, n=1000, remote=remote)
     return str(e.value)
+
+
+def test_cache_limit_refuses_streams_read_in_place(demo_data, tmp_path):
+    """streaming evicts by deleting shard files: a cache limit over a local stream would delete the data set."""
+    local = next(s.local for s in demo_data.data_config.streams if s.name == "pairs")
+    with pytest.raises(ValueError, match=r"data.cache_limit='1mb' with local streams \['s'\].*give those streams a `remote`"):
+        _first_batches(demo_data, tmp_path / "c", local=local, cache_limit="1mb")
+    assert len(_first_batches(demo_data, tmp_path / "c", remote=local, cache_limit="1mb")) == 3
+    assert list(Path(local).rglob("*.mds"))
 
 
 def test_loader_errors_from_a_bucket_name_the_url_and_what_to_do(demo_data, s3, tmp_path):
@@ -221,3 +230,69 @@ def test_demo_data_precomputed_and_packed_into_a_bucket(demo_data, s3, tmp_path,
     assert len(shards) > 3 and all(local[k] == remote[k] for k in shards), [k for k in shards if local[k] != remote[k]]
     info = pack_info(s3.url("packed", "train"))  # the loader's and dry run's reader, from the remote
     assert info["rows"] == json.loads(local["train/pack.json"])["rows"] and info["identity"]["kind"] == "pairs"
+
+
+def _train(demo, run_dir: Path, data_yaml: Path, *overrides: str, fault: str = "") -> int:
+    """`python -m pretrain.train` on 2 gloo ranks (torchrun, real DeepSpeed ZeRO-3) with the e2e tests' small run."""
+    import subprocess
+    import sys
+
+    from contract.dist_env import free_port
+    from test_train_e2e import REPO, RUN_OVERRIDES, TIMEOUT, run_env
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           "-m", "pretrain.train", "--config", f"{REPO / 'configs/tiny.yaml'},{demo.config_path},{data_yaml}",
+           f"train.run_dir={run_dir}", f"data.cache_dir={run_dir}/cache", *RUN_OVERRIDES, "train.steps=6",
+           "checkpoint.every=3", "logging.val_every=3", "logging.sample_every=0", *overrides]
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / "train.log", "a") as log:
+        return subprocess.run(cmd, cwd=REPO, env=run_env(**({"PRETRAIN_FAULT": fault} if fault else {})),
+                              stdout=log, stderr=subprocess.STDOUT, timeout=TIMEOUT).returncode
+
+
+@pytest.mark.slow
+def test_training_from_a_bucket_through_a_bounded_cache_resumes_exactly(demo_data, s3, tmp_path):
+    """The demo data packed into a bucket in small shards; 2-rank ZeRO-3 training streams it through a local
+    cache bounded by data.cache_limit (below the data set's size), is killed with kill -9 after step 3 and
+    resumed: every step consumes the same sequences (metrics.jsonl's per-step digest) as the same run from the
+    same shards on local disk; the relaunch reuses the cache folder."""
+    import yaml
+
+    from test_train_e2e import train_rows
+
+    streams = {"train": [], "val": []}
+    for sc in demo_data.data_config.streams:
+        inputs = ([str(demo_data.root / "raw" / "texts.jsonl")] if sc.name == "text"
+                  else [str(demo_data.root / "latents" / sc.name)])
+        _pack(demo_data, sc.name, inputs, str(tmp_path / "packs" / sc.name), 1 << 14)  # 8 KiB left an empty pairs shard
+        _pack(demo_data, sc.name, inputs, s3.url("packs", sc.name), 1 << 14)
+        for split in streams:
+            streams[split].append((sc.name, str(tmp_path / "packs" / sc.name / split), s3.url("packs", sc.name, split)))
+    index = [json.loads((Path(local) / "index.json").read_text()) for _, local, _ in streams["train"]]
+    shard_bytes = [sh["raw_data"]["bytes"] for ix in index for sh in ix["shards"]]
+    limit = 4 * max(shard_bytes) + 8192
+    assert limit < sum(shard_bytes) / 2, (limit, sum(shard_bytes))  # the cache holds well under the data set
+
+    def data_yaml(name: str, remote: bool) -> Path:
+        key = "remote" if remote else "local"
+        d = {split: [{"name": n, key: r if remote else loc} for n, loc, r in ss] for split, ss in streams.items()}
+        data = {"streams": d["train"], "val_streams": d["val"], "cache_limit": str(limit) + "b" if remote else None}
+        (tmp_path / name).write_text(yaml.safe_dump({"data": data}))
+        return tmp_path / name
+
+    local_run, s3_run = tmp_path / "local", tmp_path / "s3"
+    assert _train(demo_data, local_run, data_yaml("local.yaml", False)) == 0, (local_run / "train.log").read_text()[-3000:]
+    cfg = data_yaml("s3.yaml", True)
+    assert _train(demo_data, s3_run, cfg, fault="kill_after_step=3") != 0
+    assert (s3_run / "checkpoints/step_00000003/COMPLETE").is_file(), (s3_run / "train.log").read_text()[-3000:]
+    caches = sorted(p.name for p in (s3_run / "cache").iterdir() if p.is_dir())
+    assert _train(demo_data, s3_run, cfg) == 0, (s3_run / "train.log").read_text()[-3000:]
+    assert "resumed from" in (s3_run / "train.log").read_text()
+    assert sorted(p.name for p in (s3_run / "cache").iterdir() if p.is_dir()) == caches  # the relaunch reused them
+    ref, got = train_rows(local_run), train_rows(s3_run)
+    print("\nlocal digests:", [ref[s]["digest"] for s in sorted(ref)])
+    print("s3 digests:   ", [got[s]["digest"] for s in sorted(got)])
+    assert sorted(got) == sorted(ref) == list(range(1, 7))
+    assert [got[s]["digest"] for s in range(1, 7)] == [ref[s]["digest"] for s in range(1, 7)]
+    cached = sum(p.stat().st_size for p in (s3_run / "cache").rglob("*.mds"))
+    assert cached <= 2 * limit, (cached, limit)  # train and val: each dataset within its limit
