@@ -309,8 +309,9 @@ def val_warnings(reports: dict[str, dict], micro_batch: int = 2, ranks: int = 2)
     configs/tiny.yaml on 2 ranks); the trainer warns again with the run's own counts."""
     need = micro_batch * ranks
     return [f"{k}: its validation split holds {r['val']['rows']} rows, fewer than {ranks} ranks x micro-batch "
-            f"{micro_batch} = {need}: such a run validates nothing on it; lower --val-every (now every N-th "
-            "document) or give more documents" for k, r in reports.items() if 0 < r.get("val", {}).get("rows", need) < need]
+            f"{micro_batch} = {need}: its validation loss rests on at most {r['val']['rows']} sequences; lower "
+            "--val-every (every N-th document goes to validation) or give more documents"
+            for k, r in reports.items() if 0 < r.get("val", {}).get("rows", need) < need]
 
 
 def run(opts: PrepareOptions, rank_and_world: tuple[int, int] | None = None) -> Path | None:
