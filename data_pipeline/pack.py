@@ -320,15 +320,14 @@ def list_pack_parts(opts: PackOptions) -> list[list[sources.Part]]:
     return parts
 
 
-def _piece_id(kind: str, piece: sources.Part, source_ids: dict) -> list:
+def _piece_id(piece: sources.Part, source_ids: dict) -> list:
     """A piece and the evidence that its input is unchanged (file stamp, or the precompute output's checksums)."""
-    key = source_ids[piece.path]
-    return [piece.path, piece.start, piece.stop, key]
+    return [piece.path, piece.start, piece.stop, source_ids[piece.path]]
 
 
 def part_identity(k: int, part: list[sources.Part], opts: PackOptions, source_ids: dict, tok_sha: str) -> dict:
     """What a finished part must match to be reused: its pieces (with their inputs' evidence) and the shaping."""
-    return {"part": k, "kind": opts.kind, "pieces": [_piece_id(opts.kind, p, source_ids) for p in part],
+    return {"part": k, "kind": opts.kind, "pieces": [_piece_id(p, source_ids) for p in part],
             "tokenizer_sha256": tok_sha, **_shaping(opts)}
 
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 import glob
 import hashlib
 import json
-import io
 import os
 import re
 import tarfile
