@@ -85,7 +85,7 @@ def test_training_threads_follow_the_free_cores_and_are_restored(tmp_path: Path,
     assert seen == [1] and torch.get_num_threads() == before
 
 
-@pytest.mark.slow  # ~15 s on a quiet machine, 97 s at load average 22 on 2 cores (builds the 4 M-parameter old default)
+@pytest.mark.slow  # 97 s at load average 22 on 2 cores (it builds and steps the 4 M-parameter old default)
 def test_bench_vae_train_prints_a_phase_table_with_ratios_to_the_old_default() -> None:
     import os
     import re
