@@ -9,10 +9,11 @@
 A step is what the trainer does per micro-batch without DeepSpeed: build the Transfusion block mask
 (compiled create_block_mask), forward, backward, AdamW (fused on GPU). Each configuration runs with
 and without activation checkpointing; with `--attention flex,sdpa` also under SDPA with the dense boolean
-mask (the reference path), and the last column gives positions/s over the first row's. Model FLOPs per position come from pretrain.plan.estimate for the
-exact document mix of the batch (attention per document under the mask; recomputation not
-counted, as MFU conventions require). MFU is given against the matmul rate this script measures
-on the card (bf16 8192^3) and against the datasheet peak (pretrain/plan/hardware.py).
+mask (the reference path), and the last column gives positions/s over the first row's. Model FLOPs
+per position come from pretrain.plan.estimate for the exact document mix of the batch (attention per
+document under the mask; recomputation not counted, as MFU conventions require). MFU is given against
+the matmul rate this script measures on the card (bf16 8192^3) and against the datasheet peak
+(pretrain/plan/hardware.py).
 """
 
 from __future__ import annotations

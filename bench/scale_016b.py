@@ -256,7 +256,8 @@ def run(root: Path, a: argparse.Namespace) -> int:
     total = plan.counts["total"]
     predicted = plan.total
 
-    print(f"0.16B + {a.patch_encoder} patching{' with ' + ' '.join(a.extra) if a.extra else ''}: {total:,} parameters; {ROWS} rows x {SEQ} positions, {a.images} images of "
+    print(f"0.16B + {a.patch_encoder} patching{' with ' + ' '.join(a.extra) if a.extra else ''}: {total:,} parameters; "
+          f"{ROWS} rows x {SEQ} positions, {a.images} images of "
           f"{P} patches per row ({stats['image_positions'] / stats['positions']:.1%} image positions); fp32, ZeRO-3, "
           f"2 ranks (gloo), activation checkpointing, micro-batch 1; {a.steps} steps in {res['wall_s']:.0f} s wall "
           f"(load average {os.getloadavg()[0]:.1f})")

@@ -62,8 +62,9 @@ def test_scale_016b_bench_trains_under_zero3_and_memory_matches_the_estimate(tmp
     """bench/scale_016b.py at the paper's shapes (4096-position rows with 256-patch 8x32x32 images, fp32
     ZeRO-3 on 2 CPU ranks, activation checkpointing, micro-batch 1) with the 0.16B config narrowed to
     2 layers of width 128 and its U-Net patching narrowed to channels (32, 64), so it fits CI (the full
-    0.16B takes about 3 minutes per step here; docs/scale.md has its figures): the loss falls on the repeated rows, each rank holds half of the
-    parameters, and each rank's measured peak RSS is within RSS_TOLERANCE of pretrain.plan.estimate's."""
+    0.16B takes about 3 minutes per step here; docs/scale.md has its figures): the loss falls on the repeated
+    rows, each rank holds half of the parameters, and each rank's measured peak RSS is within RSS_TOLERANCE
+    of pretrain.plan.estimate's."""
     res_path = tmp_path / "res.json"
     out = _run("scale_016b.py", "--steps", "3", "--lr", "2e-3", "--patch-encoder", "unet", "--out", str(tmp_path / "work"),
                "--json", str(res_path), "model.n_layers=2", "model.dim=128", "model.n_heads=2",
