@@ -159,6 +159,32 @@ def test_loader_errors_from_a_bucket_name_the_url_and_what_to_do(demo_data, s3, 
     print("\n" + "\n".join(f"{k}: {v}" for k, v in msgs.items()))
 
 
+def test_dry_run_reads_remote_streams_in_place(demo_data, s3, tmp_path):
+    """The dry run checks a remote stream's index.json and pack.json (seq_len, tokenizer) in the bucket."""
+    import yaml
+
+    from pretrain.config import load_config
+    from pretrain.plan.dry_run import check_data
+
+    pairs = Path(next(s.local for s in demo_data.data_config.streams if s.name == "pairs"))
+    _upload_tree(pairs.parent, s3.url("pairs"))
+
+    def problems(train: str, *overrides: str) -> list[str]:
+        data = {"streams": [{"name": "pairs", "remote": train}], "image_position_share": None,
+                "val_streams": [{"name": "pairs", "remote": s3.url("pairs", "val")}]}
+        (tmp_path / "s3.yaml").write_text(yaml.safe_dump({"data": data}))
+        return check_data(load_config([Path(__file__).parents[1] / "configs/tiny.yaml", demo_data.config_path,
+                                       tmp_path / "s3.yaml"], list(overrides)))
+
+    assert problems(s3.url("pairs", "train")) == []
+    (p,) = problems(s3.url("pairs", "train"), "data.seq_len=128")
+    assert "packed with seq_len=256 but data.seq_len=128" in p, p
+    (p,) = problems(s3.url("nothing", "train"))
+    assert f"{s3.url('nothing', 'train', 'index.json')} not found; pack the source with data_pipeline.pack to that remote" in p, p
+    (p,) = problems("s3://no-such-bucket-z/pairs/train")
+    assert "bucket 'no-such-bucket-z' does not exist" in p, p
+
+
 # ------------------------------------------------------------------------------------------ slow
 
 
