@@ -100,9 +100,9 @@ tf_run_step() {
   return 0
 }
 
-# Streaming's node-local cache: the trainer is given the root (data.cache_dir) and uses
-# ROOT/job-$SLURM_JOB_ID under it (data_pipeline.loader.job_cache_dir), one per job; a requeued
-# job keeps its id and so reuses its own.
+# Streaming's node-local cache: the trainer is given ROOT/job-$SLURM_JOB_ID as data.cache_dir, one
+# per job (removed when it ends); a requeued job keeps its id and so reuses its own. Under it the
+# loader keeps one folder per (remote, index.json, pack.json): data_pipeline.loader.stream_cache_dir.
 tf_cache_root() { echo "${TF_CACHE_ROOT:-${TMPDIR:-/tmp}/transfusion-cache}"; }
 tf_cache_dir() { echo "$(tf_cache_root)/job-${SLURM_JOB_ID}"; }
 
