@@ -77,8 +77,11 @@ _LOCK = threading.Lock()
 
 def _s3_client() -> Any:
     """A boto3 S3 client for this process and environment (endpoint from S3_ENDPOINT_URL)."""
-    import boto3  # noqa: PLC0415 - optional dependency (the `s3` extra)
-    from botocore.config import Config  # noqa: PLC0415
+    try:
+        import boto3  # noqa: PLC0415 - optional dependency (the `s3` extra)
+        from botocore.config import Config  # noqa: PLC0415
+    except ImportError as e:
+        raise StorageError("s3:// URLs need boto3: pip install 'transfusion-pretrain[s3]' (or pip install boto3)") from e
 
     key = (os.getpid(), os.environ.get("S3_ENDPOINT_URL"), os.environ.get("AWS_ACCESS_KEY_ID"),
            os.environ.get("AWS_SECRET_ACCESS_KEY"), os.environ.get("AWS_PROFILE"))
@@ -101,6 +104,8 @@ def _endpoint() -> str:
 
 def s3_error(e: BaseException, url: str, doing: str) -> StorageError:
     """A StorageError for a boto3/botocore failure on `url`, naming the URL and what to do."""
+    if isinstance(e, StorageError):
+        return StorageError(f"{url}: {e}")
     from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError  # noqa: PLC0415
 
     bucket = _bucket_key(url)[0]
@@ -249,11 +254,12 @@ def exists(url: str | Path) -> bool:
     if not is_remote(u):
         return _local(u).exists()
     if scheme(u) == "s3":
+        client = _s3_client()  # StorageError naming the extra to install when boto3 is missing
         from botocore.exceptions import ClientError  # noqa: PLC0415
 
         bucket, key = _bucket_key(u)
         try:
-            _s3_client().head_object(Bucket=bucket, Key=key)
+            client.head_object(Bucket=bucket, Key=key)
             return True
         except ClientError as e:
             code = str(e.response.get("Error", {}).get("Code", ""))
