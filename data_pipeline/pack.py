@@ -459,6 +459,8 @@ def run(opts: PackOptions, rank_and_world: tuple[int, int] | None = None) -> dic
     files = sources.text_files(opts.inputs) if opts.kind == "text" else opts.inputs
     by_path = {f: s for f, s in zip(files, source_list)}
     parts = list_pack_parts(opts)
+    if not parts:
+        raise ValueError(f"{opts.inputs}: nothing to pack (the inputs are empty); check --input")
     idents = [part_identity(k, p, opts, by_path, identity["tokenizer_sha256"]) for k, p in enumerate(parts)]
     if not opts.merge_only:
         mine = [k for k in range(len(parts)) if k % world == rank]
