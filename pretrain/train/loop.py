@@ -29,7 +29,7 @@ from pretrain.train import distributed
 from pretrain.config import Config, config_changes, load_config, save_config
 from pretrain.train.ema import ShardedEMA
 from pretrain.plan.batch import BatchPlan, BatchSizeError, micro_batch_sizes, plan_batch
-from pretrain.plan.data_keys import data_key_problems, small_val_streams
+from pretrain.plan.data_keys import data_key_problems
 from pretrain.train.engine import apply_optim_config, build_engine
 from pretrain.train.hooks import HookContext, TrainHooks, check_hooks
 from pretrain.train.metrics import MetricsWriter, StepStats, StepTimer, detect_peak_flops
@@ -456,8 +456,6 @@ def setup(argv: list[str] | None, hooks: TrainHooks) -> Run:
 def _build_run(cfg: Config, env: DistEnv, hooks: TrainHooks) -> Run:
     ckpt = check_resume(cfg, env)
     plan = plan_for(cfg, env, ckpt)
-    for w in small_val_streams(cfg, plan.micro_batch, env.world_size) if env.is_main else []:
-        log.warning("%s", w)
     log.info("launcher %s, %d ranks; global batch %d = micro %d x accumulation %d x ranks %d",
              env.launcher, env.world_size, plan.global_batch, plan.micro_batch, plan.grad_accum, plan.world_size)
     reshard = ckpt is not None and checkpoint.saved_world_size(ckpt) != env.world_size
