@@ -158,7 +158,7 @@ def test_exact_resume_after_kill_9_and_requeue_signal(straight, demo_data, tmp_p
 
     ema_ref, ema_got = load_full(straight / "checkpoints/step_00000010"), load_full(tmp_path / "checkpoints/step_00000010")
     for n, e in ema_ref.items():
-        torch.testing.assert_close(ema_got[n], e, rtol=0, atol=1e-6, msg=lambda m: f"EMA {n}: {m}")
+        torch.testing.assert_close(ema_got[n], e, rtol=0, atol=1e-5, msg=lambda m: f"EMA {n}: {m}")
 
 
 def test_resume_on_one_rank_then_two_then_one(straight, demo_data, tmp_path):
@@ -169,7 +169,11 @@ def test_resume_on_one_rank_then_two_then_one(straight, demo_data, tmp_path):
     the step's sequences; streaming's global order does not depend on the ranks at a fixed
     num_canonical_nodes), and the losses, gradient norms and the EMA follow it. Tolerances: losses 2e-6
     absolute (~2.5e-7 relative) and gradient norms 1e-5 relative: one rank sums the step's gradients and
-    losses in another order than two (measured: up to 4.3e-7 on losses of ~8); EMA 1e-6.
+    losses in another order than two (measured: up to 4.3e-7 on losses of ~8); EMA 1e-5 absolute: Adam divides
+    the gradient by its own running scale, so where an embedding row's gradient is near zero (a token the step
+    barely saw) the two summation orders give updates that differ far more than the gradients do (measured
+    4.7e-6 on one element of the demo data's 359-token embedding after its tokenizer began to see the
+    interleaved texts too). A lost or mis-sliced EMA partition on resume differs by ~lr (2e-3), 200x more.
     """
     p = launch("torchrun", demo_data, tmp_path, fault="kill_after_step=5", nproc=1)
     assert p.returncode != 0 and (tmp_path / "checkpoints/step_00000005/COMPLETE").is_file(), log_tail(tmp_path, "torchrun")
@@ -191,7 +195,7 @@ def test_resume_on_one_rank_then_two_then_one(straight, demo_data, tmp_path):
 
     ema_ref, ema_got = load_full(straight / "checkpoints/step_00000010"), load_full(tmp_path / "checkpoints/step_00000010")
     for n, e in ema_ref.items():
-        torch.testing.assert_close(ema_got[n], e, rtol=0, atol=1e-6, msg=lambda m: f"EMA {n}: {m}")
+        torch.testing.assert_close(ema_got[n], e, rtol=0, atol=1e-5, msg=lambda m: f"EMA {n}: {m}")
 
 
 def test_export_writes_the_ema_weights(straight, tmp_path):
