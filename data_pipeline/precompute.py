@@ -292,7 +292,7 @@ def wait_for_parts(out: str | Path, idents: list[dict], timeout: float) -> None:
 class PrecomputeOptions:
     """What `run` encodes and how (the CLI flags, typed); Python callers build it directly."""
 
-    inputs: list[str]  # pairs/interleaved .jsonl, image folders, webdataset .tar, .parquet (globs, brace ranges, s3:// for tar/parquet)
+    inputs: list[str]  # .jsonl, image folders, webdataset .tar, .parquet (globs, brace ranges; s3:// tar/parquet)
     vae: str  # local diffusers AutoencoderKL directory
     out: str  # output directory (MDS dataset)
     kind: sources.SourceKind = "pairs"  # layout of .jsonl inputs
