@@ -21,7 +21,6 @@ bf16 export is their round-to-nearest bf16 cast bit for bit.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import subprocess
@@ -135,7 +134,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", type=Path, default=Path("/tmp/bench_export"), help="data, run and outputs go here")
     ap.add_argument("--ckpt", type=Path, default=None, help="reuse this run directory's newest checkpoint")
-    ap.add_argument("--repeat", type=int, default=1, 
+    ap.add_argument("--repeat", type=int, default=1,
                     help="rounds (each tool once per round); the table shows each tool's fastest run and its peak RSS")
     a = ap.parse_args(argv)
     a.work.mkdir(parents=True, exist_ok=True)
@@ -167,7 +166,7 @@ def main(argv: list[str] | None = None) -> None:
           "bf16 export == its bf16 cast bit for bit")
     print(f"load average {os.getloadavg()[0]:.2f} (2 cores shared; times are not quiet-machine figures)")
     base_s, base_rss = results["zero_to_fp32"]
-    print(f"| tool | seconds | peak RSS GiB | time vs zero_to_fp32 | RSS vs zero_to_fp32 | output GiB |")
+    print("| tool | seconds | peak RSS GiB | time vs zero_to_fp32 | RSS vs zero_to_fp32 | output GiB |")
     print("|---|---|---|---|---|---|")
     for name, (s, rss) in results.items():
         gib = dir_gib(outs[name])

@@ -92,7 +92,7 @@ def main() -> None:
     ap.add_argument("--objective", choices=["ddpm", "flow"], default="ddpm", help="model.objective of the models")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    print(f"| config | patches | caption tok/s recompute | cached | ratio | s/image recompute | cached | ratio |")
+    print("| config | patches | caption tok/s recompute | cached | ratio | s/image recompute | cached | ratio |")
     print("|---|---|---|---|---|---|---|---|")
     for name in a.configs.split(","):
         model = build(name, a.objective)

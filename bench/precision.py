@@ -81,7 +81,8 @@ def time_row(cfg: object, data: list[TransfusionBatch], precision: str, attentio
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", required=True, type=Path, help="demo data dir (made with data_pipeline.demo_data --fast if missing)")
+    ap.add_argument("--data", required=True, type=Path,
+                    help="demo data dir (made with data_pipeline.demo_data --fast if missing)")
     ap.add_argument("--steps", type=int, default=25, help="timed micro-steps per row")
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (the demo's ranks use 1 each)")

@@ -58,7 +58,8 @@ def main() -> None:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--decode-threads", type=int, default=4)
     a = ap.parse_args()
-    dev = torch.device("cuda" if a.device == "auto" and torch.cuda.is_available() else ("cpu" if a.device == "auto" else a.device))
+    auto = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(auto if a.device == "auto" else a.device)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         jl = make_inputs(root, a.n, a.image_size)
@@ -74,7 +75,7 @@ def main() -> None:
         t0 = time.perf_counter()
         precompute.run(opts, rank_and_world=(0, 1))
         full = time.perf_counter() - t0
-    print(f"\n| device | images | size | bare encode img/s | full precompute img/s | overhead |\n|---|---|---|---|---|---|")
+    print("\n| device | images | size | bare encode img/s | full precompute img/s | overhead |\n|---|---|---|---|---|---|")
     print(f"| {dev} | {a.n} | {a.image_size} | {a.n / bare:,.1f} | {a.n / full:,.1f} | {full / bare - 1:+.1%} |")
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import os
 import sys
 import tempfile
@@ -68,7 +67,8 @@ def main() -> None:
     x = E.fresh_images(scenes, a.size, rng)
     rec = V.decode(vae, V.encode(vae, x))
     originals = E.score([judge(im) for im in E.to_uint8(x)], scenes)
-    row = {"size": a.size, "steps": r.steps, "latent_noise": r.latent_noise, "width": r.width, "downsample": r.downsample, "channels": r.latent_channels,
+    row = {"size": a.size, "steps": r.steps, "latent_noise": r.latent_noise, "width": r.width, "downsample": r.downsample,
+           "channels": r.latent_channels,
            "threads": threads, "train_seconds": round(seconds), "load_average": round(os.getloadavg()[0], 1),
            "judge_on_originals": round(100 * originals["all_three"], 1),
            "recon_seen_all_three": round(100 * ceiling["seen"]["all_three"], 1),

@@ -79,7 +79,7 @@ def main() -> None:
                         times[name][p].append(a1 - a0)
     print(f"VAE training step at {a.size} px, batch {a.batch_size}, {a.images} synthetic images; load average "
           f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores; median ms/step over {a.rounds * (a.steps - 1)} steps\n")
-    print(f"| variant | params | " + " | ".join(PHASES) + " | step | ratio |")
+    print("| variant | params | " + " | ".join(PHASES) + " | step | ratio |")
     print("|---" * (len(PHASES) + 4) + "|")
     base = None
     for name, _ in vs:

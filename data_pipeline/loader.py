@@ -251,10 +251,12 @@ def check_stream(sc: StreamConfig, cfg: DataConfig, spec: RowSpec) -> None:
         return
     where = sc.local or sc.remote
     if st.get("seq_len", cfg.seq_len) != cfg.seq_len:
-        raise ValueError(f"{where}: packed with seq_len={st['seq_len']} but data.seq_len={cfg.seq_len}; repack or change data.seq_len")
+        raise ValueError(f"{where}: packed with seq_len={st['seq_len']} but data.seq_len={cfg.seq_len}; "
+                         "repack or change data.seq_len")
     if st.get("latent_shape") and (st["patch_size"] != spec.patch_size or list(st["latent_shape"]) != list(spec.latent_shape)):
         raise ValueError(f"{where}: packed for patch_size={st['patch_size']}, latent_shape={st['latent_shape']} but the model "
-                         f"uses patch_size={spec.patch_size}, latent_shape={list(spec.latent_shape)}; repack with matching --patch-size")
+                         f"uses patch_size={spec.patch_size}, latent_shape={list(spec.latent_shape)}; "
+                         "repack with matching --patch-size")
 
 
 def _streams(cfg: DataConfig, split: str, spec: RowSpec) -> list[Stream]:

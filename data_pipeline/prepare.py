@@ -381,7 +381,8 @@ def build_parser() -> argparse.ArgumentParser:
     table = getattr(vaelib, "recipe_table", None)
     ap = argparse.ArgumentParser(prog="python -m data_pipeline.prepare", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
-                                 epilog=f"VAE recipes by image size (--vae-* flags override a field):\n{table()}" if table else None)
+                                 epilog=(f"VAE recipes by image size (--vae-* flags override a field):\n{table()}"
+                                         if table else None))
     ap.add_argument("--out", required=True, help="output directory (stages resume there)")
     ap.add_argument("--text", dest="texts", nargs="+", default=[], help="text .jsonl/.txt files, folders or quoted globs")
     ap.add_argument("--pairs", nargs="+", default=[],
@@ -390,7 +391,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--image-size", type=int, default=d.image_size, help=f"pixels (square) (default: {d.image_size})")
     ap.add_argument("--seq-len", type=int, default=d.seq_len, help=f"positions per packed row (default: {d.seq_len})")
     ap.add_argument("--tokenizer", default="", help="an existing sentencepiece .model (default: train one on texts + captions)")
-    ap.add_argument("--vocab-size", type=int, default=d.vocab_size, help=f"pieces of a trained tokenizer (default: {d.vocab_size})")
+    ap.add_argument("--vocab-size", type=int, default=d.vocab_size,
+                    help=f"pieces of a trained tokenizer (default: {d.vocab_size})")
     g = ap.add_mutually_exclusive_group()
     g.add_argument("--vae", default="", help="an existing diffusers AutoencoderKL directory (default: train one)")
     g.add_argument("--train-vae", action="store_true", help="train a VAE on the images (the default without --vae)")
@@ -409,7 +411,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help=f"validation captions written to logging.sample_prompts (default: {d.sample_prompts})")
     ap.add_argument("--seed", type=int, default=d.seed, help=f"(default: {d.seed})")
     ap.add_argument("--part-size", type=int, default=d.part_size, help=f"records per precompute part (default: {d.part_size})")
-    ap.add_argument("--batch-size", type=int, default=d.batch_size, help=f"images per VAE forward in precompute (default: {d.batch_size})")
+    ap.add_argument("--batch-size", type=int, default=d.batch_size,
+                    help=f"images per VAE forward in precompute (default: {d.batch_size})")
     ap.add_argument("--decode-threads", type=int, default=d.decode_threads, help=f"(default: {d.decode_threads})")
     return ap
 
@@ -417,7 +420,8 @@ def build_parser() -> argparse.ArgumentParser:
 def options_from_args(a: argparse.Namespace) -> PrepareOptions:
     """PrepareOptions of parsed CLI flags (the recipe: the image size's, with the --vae-* flags over it)."""
     recipe = vae_recipe(a.image_size)
-    over = {f.name: getattr(a, f"vae_{f.name}") for f in dataclasses.fields(VaeRecipe) if getattr(a, f"vae_{f.name}", None) is not None}
+    over = {f.name: getattr(a, f"vae_{f.name}") for f in dataclasses.fields(VaeRecipe)
+            if getattr(a, f"vae_{f.name}", None) is not None}
     recipe = dataclasses.replace(recipe, **over)
     share = "auto" if a.image_position_share is None else a.image_position_share
     return PrepareOptions(out=a.out, texts=a.texts, pairs=a.pairs, interleaved=a.interleaved, image_size=a.image_size,

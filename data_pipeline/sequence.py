@@ -14,7 +14,7 @@ from contract import latents as latent_codec
 from contract.batch import IGNORE_INDEX
 from contract.positions import patches_per_image
 from contract.special_ids import SpecialIds
-from data_pipeline.packer import IMAGE, PAIR, TEXT
+from data_pipeline.packer import IMAGE, TEXT
 
 
 @dataclass(frozen=True)

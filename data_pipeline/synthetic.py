@@ -171,7 +171,8 @@ def write_demo_sources(out: Path, seed: int, n_pairs: int, n_texts: int, n_inter
                 c, s, p = random_scene(rng)
                 name = f"inter_{i:06d}_{j}.png"
                 draw_scene(rng, (c, s, p), size).save(img_dir / name)
-                segs += [{"text": "here is a picture:"}, {"image": f"images/{name}"}, {"text": f"it shows {caption_for(c, s, p)}."}]
+                segs += [{"text": "here is a picture:"}, {"image": f"images/{name}"},
+                         {"text": f"it shows {caption_for(c, s, p)}."}]
             f.write(json.dumps({"segments": segs}) + "\n")
     texts = out / "texts.jsonl"
     with open(texts, "w") as f:

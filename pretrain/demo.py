@@ -66,7 +66,8 @@ def summary(out: Path, run_dir: Path, export_dir: Path) -> str:
         from pretrain.evaluation.evaluate import flat_scalars
 
         figures = flat_scalars(json.loads((ev / "report.json").read_text()))
-        lines.append(f"  evaluation      {ev / 'report.json'}" + "".join(f"\n                  {k} {v:.4g}" for k, v in figures.items()))
+        lines.append(f"  evaluation      {ev / 'report.json'}"
+                     + "".join(f"\n                  {k} {v:.4g}" for k, v in figures.items()))
     lines.append("  wall time       " + ", ".join(f"{k} {v:.0f}s" for k, v in STAGE_SECONDS.items())
                  + f"; total {sum(STAGE_SECONDS.values()):.0f}s")
     return "\n".join(lines)

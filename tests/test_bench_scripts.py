@@ -130,7 +130,8 @@ def test_precision_bench_times_each_precision_and_attention_path(demo_data) -> N
 def test_pack_parts_prints_efficiency_per_part_size() -> None:
     """bench/pack_parts.py: the parted efficiency never beats one part by more than rounding, and the baseline ratio is 1."""
     out = _run("pack_parts.py", "--docs", "2000", "--sizes", "200", "1000")
-    rows = re.findall(r"^\| (text|pairs|interleaved) \| (all \(baseline\)|[\d,]+) \| [\d,]+ \| ([\d.]+)% \| ([\d.]+) \|$", out, re.M)
+    rows = re.findall(r"^\| (text|pairs|interleaved) \| (all \(baseline\)|[\d,]+) \| [\d,]+ \| ([\d.]+)% \| ([\d.]+) \|$",
+                      out, re.M)
     assert len(rows) == 9, out
     for kind, part, eff, ratio in rows:
         assert 90 < float(eff) <= 100 and float(ratio) <= 1.0001, (kind, part, eff, ratio)

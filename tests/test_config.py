@@ -85,9 +85,8 @@ def test_estimate_cli_prints_exact_count() -> None:
         [sys.executable, "-m", "pretrain.plan.estimate", "--config", str(ROOT / "configs/tiny.yaml")],
         capture_output=True, text=True, check=True, cwd=ROOT,
     ).stdout
-    line = next(l for l in out.splitlines() if l.startswith("parameters: "))
+    line = next(ln for ln in out.splitlines() if ln.startswith("parameters: "))
     cfg = load_config(ROOT / "configs/tiny.yaml")
-    import torch
 
     from pretrain.model import Transfusion
 
@@ -212,5 +211,5 @@ def test_vocab_size_comes_from_the_tokenizer_in_every_entry_point(demo_data) -> 
         [sys.executable, "-m", "pretrain.plan.estimate", "--config", f"{ROOT / 'configs/tiny.yaml'},{demo_data.config_path}"],
         capture_output=True, text=True, check=True, cwd=ROOT,
     ).stdout
-    assert int(next(l for l in out.splitlines() if l.startswith("parameters: ")).split()[1]) == \
+    assert int(next(ln for ln in out.splitlines() if ln.startswith("parameters: ")).split()[1]) == \
         count_parameters(cfg.model)["total"]

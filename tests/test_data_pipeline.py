@@ -116,7 +116,8 @@ def test_precomputed_latents_match_direct_encode(demo_data):
     from data_pipeline.images import load_image
     x = torch.from_numpy(np.stack([load_image(r.segments[1][1], 64) for r in recs]))
     direct = vaelib.encode(vae, x)  # (8, C, h, w)
-    stored = torch.stack([torch.from_numpy(s["latents"][0].astype(np.float32)) for _, s in zip(range(8), read_mds(demo_data.root / "latents" / "pairs"))])
+    shards = read_mds(demo_data.root / "latents" / "pairs")
+    stored = torch.stack([torch.from_numpy(s["latents"][0].astype(np.float32)) for _, s in zip(range(8), shards)])
     torch.testing.assert_close(stored, direct, atol=2e-3, rtol=2e-3)
     stats = json.loads((demo_data.vae / "latent_stats.json").read_text())
     assert stats["std"] > 0
@@ -291,7 +292,8 @@ def test_precompute_two_ranks_equal_one_and_resume(demo_data, tmp_path):
     _precompute([*common, "--out", str(tmp_path / "one")])
     env2 = {"WORLD_SIZE": "2"}
     procs = [subprocess.Popen([sys.executable, "-m", "data_pipeline.precompute", *common, "--out", str(tmp_path / "two")],
-                              cwd=ROOT, env={**os.environ, **env2, "RANK": str(r)}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                              cwd=ROOT, env={**os.environ, **env2, "RANK": str(r)}, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT)
              for r in range(2)]
     assert all(p.wait(timeout=300) == 0 for p in procs)
     one, two = tmp_path / "one", tmp_path / "two"
@@ -328,7 +330,8 @@ def test_webdataset_tar_and_folder_inputs(demo_data, tmp_path):
         return b.getvalue()
 
     members = {"00000.jpg": jpg(draw_shape("red", "circle", "top")), "00000.txt": b"a red circle at the top",
-               "00001.png": png_bytes(draw_shape("blue", "square", "left")), "00001.json": b'{"caption": "a blue square at the left"}',
+               "00001.png": png_bytes(draw_shape("blue", "square", "left")),
+               "00001.json": b'{"caption": "a blue square at the left"}',
                "00002.jpg": b"\xff\xd8broken", "00002.txt": b"broken"}
     with tarfile.open(tmp_path / "000.tar", "w") as tf:
         for name, data in members.items():
@@ -349,7 +352,8 @@ def test_interleaved_bad_image_drops_only_the_image(demo_data, tmp_path):
     from data_pipeline.synthetic import draw_shape
     draw_shape("red", "circle", "top").save(tmp_path / "ok.png")
     (tmp_path / "bad.png").write_bytes(b"")
-    rec = {"segments": [{"text": "one"}, {"image": "ok.png"}, {"text": "two"}, {"image": "bad.png"}, {"text": None, "image": None}]}
+    rec = {"segments": [{"text": "one"}, {"image": "ok.png"}, {"text": "two"}, {"image": "bad.png"},
+                        {"text": None, "image": None}]}
     (tmp_path / "inter.jsonl").write_text(json.dumps(rec) + "\n")
     rep = _run_precompute(demo_data, [tmp_path / "inter.jsonl"], tmp_path / "out", kind="interleaved")
     assert (rep["records_written"], rep["encoded"], rep["skipped"]) == (1, 1, {"empty": 1})
@@ -510,4 +514,5 @@ def test_pack_rerun_checks_identity(demo_data, tmp_path, capsys):
     (tmp_path / "out" / "pack.json").unlink()  # as if killed before the end
     rep = _run_pack([*argv, "--seq-len", "32"])
     assert "unfinished run" in capsys.readouterr().out
-    assert rep["train"]["real_positions"] == first["train"]["real_positions"] + len(Tokenizer(demo_data.tokenizer).encode("document 5")) + 2
+    added = len(Tokenizer(demo_data.tokenizer).encode("document 5")) + 2
+    assert rep["train"]["real_positions"] == first["train"]["real_positions"] + added

@@ -35,7 +35,8 @@ def _rank_main(rank: int, port: int, demo, phase: str, state: dict | None, q) ->
         for i, b in enumerate(ld):
             b.validate(demo.patch_size)
             assert b.tokens.shape[0] == MBS
-            out.append({k: getattr(b, k).numpy().copy() for k in ("tokens", "targets", "image_ids", "positions", "latents", "noise", "timesteps")})
+            keys = ("tokens", "targets", "image_ids", "positions", "latents", "noise", "timesteps")
+            out.append({k: getattr(b, k).numpy().copy() for k in keys})
             if phase == "full" and i + 1 == K_BEFORE:
                 sd = ld.state_dict()
             if i + 1 == steps:

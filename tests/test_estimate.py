@@ -50,8 +50,8 @@ def test_model_states_equal_deepspeed_estimator() -> None:
         cpu_ds, gpu_ds, _ = estimate_zero3_model_states_mem_needs(
             c["total"], c["largest_layer"], 8, 16, cpu_offload=off_opt, cpu_offload_params=off_par, zero_init=True)
         assert int(gpu) == gpu_ds and int(ours["cpu_per_node"]) == cpu_ds
-        line = next(l for l in printed.splitlines() if l.endswith("zero_init=1")
-                    and ("offload_param=none" in l) != off_par and ("offload_optimizer=none" in l) != off_opt)
+        line = next(ln for ln in printed.splitlines() if ln.endswith("zero_init=1")
+                    and ("offload_param=none" in ln) != off_par and ("offload_optimizer=none" in ln) != off_opt)
         assert line.split("|")[1].strip() == f"{gpu / 2**30:.2f}GB", (line, gpu)
         assert line.split("|")[0].strip() == f"{ours['cpu_per_node'] / 2**30:.2f}GB", (line, ours)
 

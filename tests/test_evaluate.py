@@ -178,7 +178,8 @@ def test_evaluate_report_grid_and_tensorboard_scalars(demo_data, tmp_path) -> No
 
 
 def test_trainer_hook_writes_report_and_scalars(demo_data, tmp_path) -> None:
-    """pretrain.evaluation.hooks.periodic_evaluation, the trainer's hook, on a (single-process) model: report and grid under RUN_DIR/eval/step_N,
+    """pretrain.evaluation.hooks.periodic_evaluation, the trainer's hook, on a (single-process) model: report and grid
+    under RUN_DIR/eval/step_N,
     eval/* scalars in TensorBoard (the 2-rank ZeRO-3 path is tests/test_train_e2e.py)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

@@ -41,7 +41,8 @@ def trained_run(demo_data, tmp_path_factory) -> Path:
 
 
 def _export(run_dir: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pretrain.artifacts.export", "--run-dir", str(run_dir), "--out", str(out), *extra],
+    return subprocess.run([sys.executable, "-m", "pretrain.artifacts.export", "--run-dir", str(run_dir), "--out", str(out),
+                           *extra],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
 
 

@@ -16,7 +16,7 @@ from pretrain.config import load_config
 from pretrain.configlib import ConfigError
 from pretrain.inference.generate import packed_batch, generate_images
 from pretrain.model import ModelConfig, Transfusion
-from pretrain.model.diffusion import euler_sample, flow_time, sample_latents, shift_time
+from pretrain.model.diffusion import euler_sample, flow_time, sample_latents
 from batches import random_batch
 
 SP = SpecialIds(vocab_size=97, bos_id=1, eos_id=2, boi_id=3, eoi_id=4, pad_id=0)

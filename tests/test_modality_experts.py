@@ -156,7 +156,8 @@ def test_cached_step_of_untied_experts_equals_full_forward() -> None:
         img = (torch.zeros(1, P, dtype=torch.long), torch.zeros(1, P, dtype=torch.long), torch.ones(1, P, dtype=torch.bool))
         _, eps = model.forward_cached(cache, CachedChunk(*img, x_t, t))
         tokens = torch.tensor([suffix])
-        h, _ = model.forward_cached(cache, CachedChunk(tokens, torch.full_like(tokens, -1), torch.ones_like(tokens, dtype=torch.bool)))
+        h, _ = model.forward_cached(cache, CachedChunk(tokens, torch.full_like(tokens, -1),
+                                                       torch.ones_like(tokens, dtype=torch.bool)))
     torch.testing.assert_close(eps, eps_ref, **TOL)
     torch.testing.assert_close(h[0], h_ref[-len(suffix):], **TOL)
 

@@ -153,7 +153,8 @@ def test_attention_paths_agree_with_dense_sdpa_on_outputs_and_gradients(other: s
 
 @pytest.mark.parametrize(
     "patch_encoder,patch_size,channels",
-    [("linear", 1, ()), ("linear", 2, ()), ("linear", 4, ()), ("unet", 1, (16,)), ("unet", 2, (16, 32)), ("unet", 4, (16, 16, 32))],
+    [("linear", 1, ()), ("linear", 2, ()), ("linear", 4, ()), ("unet", 1, (16,)), ("unet", 2, (16, 32)),
+     ("unet", 4, (16, 16, 32))],
 )
 def test_overfit_one_batch(patch_encoder: str, patch_size: int, channels: tuple[int, ...]) -> None:
     """Training on one batch drives both losses down, and every parameter gets a gradient."""

@@ -72,7 +72,8 @@ def test_demo_recipe_learns_to_caption_and_to_place(trained_vae_data: DemoData, 
     for cmd in (train, [py, "-m", "pretrain.artifacts.export", "--run-dir", str(run_dir), "--out", str(export)],
                 [py, "-m", "pretrain.evaluation.evaluate", "--model", str(export), "--out", str(ev), "--captions", "81"]):
         done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=1500,
-                              env={"OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "PATH": str(Path(py).parent) + ":/usr/bin:/bin"})
+                              env={"OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO),
+                                   "PATH": str(Path(py).parent) + ":/usr/bin:/bin"})
         assert done.returncode == 0, f"{cmd[2:5]} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
     report = json.loads((ev / "report.json").read_text())
     t2i, cap = report["text_to_image"]["seen"], report["captions"]["seen"]

@@ -45,7 +45,8 @@ def test_the_guide_has_the_whole_path() -> None:
 @pytest.mark.slow
 def test_the_guide_runs_from_a_folder_of_files_to_an_evaluated_model(tmp_path: Path) -> None:
     (tmp_path / "configs").symlink_to(REPO / "configs")
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1",
+           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     times = {}
     for lang, body in guide_blocks():
         if lang == "python":

@@ -47,7 +47,8 @@ def test_storage_round_trip(s3, tmp_path):
 def test_storage_errors_name_the_url_and_what_to_do(s3):
     """A missing bucket, a missing object and wrong credentials: StorageError naming the URL and the remedy."""
     storage.write_bytes(s3.url("a"), b"x")
-    with pytest.raises(storage.StorageError, match=r"s3://no-such-bucket-x/a: bucket 'no-such-bucket-x' does not exist.*create it"):
+    with pytest.raises(storage.StorageError,
+                       match=r"s3://no-such-bucket-x/a: bucket 'no-such-bucket-x' does not exist.*create it"):
         storage.read_bytes("s3://no-such-bucket-x/a")
     with pytest.raises(storage.StorageError, match=r"does not exist.*create it"):
         storage.exists("s3://no-such-bucket-x/a")  # a missing bucket is not "absent": it must not be redone silently
@@ -61,7 +62,8 @@ def test_storage_errors_name_the_url_and_what_to_do(s3):
     key = iam.create_access_key(UserName="reader")["AccessKey"]
     _moto_auth(s3.endpoint, "0")
     try:
-        with pytest.raises(storage.StorageError, match=rf"{s3.url('a')}: access denied.*check the credentials in AWS_ACCESS_KEY_ID"):
+        with pytest.raises(storage.StorageError,
+                           match=rf"{s3.url('a')}: access denied.*check the credentials in AWS_ACCESS_KEY_ID"):
             storage.read_bytes(s3.url("a"))  # the fixture's keys are unknown to the server now
         with pytest.MonkeyPatch.context() as mp:  # the real keys read it: the check is the credentials, not the test
             mp.setenv("AWS_ACCESS_KEY_ID", key["AccessKeyId"])

@@ -69,7 +69,8 @@ def test_sincos_2d_rows_are_distinct_and_follow_the_formula() -> None:
     q = 8
     y, x = 2, 3  # raster index 2*4+3 = 11
     w = [1.0 / 10000 ** (i / q) for i in range(q)]
-    ref = [math.sin(y * a) for a in w] + [math.cos(y * a) for a in w] + [math.sin(x * a) for a in w] + [math.cos(x * a) for a in w]
+    ref = ([math.sin(y * a) for a in w] + [math.cos(y * a) for a in w] + [math.sin(x * a) for a in w]
+           + [math.cos(x * a) for a in w])
     assert torch.allclose(emb[11], torch.tensor(ref), atol=1e-6)
     d = torch.cdist(emb, emb) + torch.eye(16) * 10
     assert float(d.min()) > 0.1  # every patch position has its own code

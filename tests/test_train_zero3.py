@@ -3,7 +3,8 @@
 The test (parent) cuts fixed micro-batches from the real loader, then runs this file as a worker under
 torchrun with 2 ranks (micro 1 x accumulation 2 x 2 ranks) and with 1 rank (micro 1 x accumulation 4):
 the worker drives the trainer's own `global_denominators` and `forward_backward` on a real ZeRO-3 engine.
-The 1-rank run also turns on activation checkpointing. The parent replays the same steps in a single-process PyTorch loop (torch AdamW, clipping 1.0, same
+The 1-rank run also turns on activation checkpointing. The parent replays the same steps in a single-process PyTorch
+loop (torch AdamW, clipping 1.0, same
 schedule, loss = sum / global count) and compares.
 
 Tolerance (fp32): losses and pre-clip gradient norms within rel 1e-5; parameters after 3 steps within
@@ -19,7 +20,7 @@ import math
 import os
 import subprocess
 import sys
-from dataclasses import asdict, fields
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest

@@ -1,4 +1,5 @@
-"""Export a DeepSpeed checkpoint (ZeRO stage 1-3; stage 0 with its EMA) for inference: safetensors weights + config + tokenizer (+ VAE).
+"""Export a DeepSpeed checkpoint (ZeRO stage 1-3; stage 0 with its EMA) for inference: safetensors weights + config
++ tokenizer (+ VAE).
 
 Streams tensor by tensor: DeepSpeed's lazy consolidation memory-maps each rank's fp32 partitions,
 each full tensor is assembled only when written into its safetensors file (`write_safetensors`: the
@@ -377,7 +378,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--vae", default=None, help="VAE directory to ship (default: data.vae of the run)")
     ap.add_argument("--force", action="store_true", help="replace --out even if it is not an earlier export")
     ap.add_argument("--weights", choices=["auto", "ema", "raw"], default="auto",
-                    help="auto: the EMA weights when the run kept them (train.ema_decay > 0), else the trained ones (default: %(default)s)")
+                    help="auto: the EMA weights when the run kept them (train.ema_decay > 0), else the trained ones "
+                         "(default: %(default)s)")
     ap.add_argument("--hf-llama", action="store_true", help="write the text tower as a Hugging Face LlamaForCausalLM dir")
     a = ap.parse_args(argv)
     opts = ExportOptions(step=a.step, dtype=a.dtype, max_shard_gb=a.max_shard_gb, vae=a.vae, force=a.force,

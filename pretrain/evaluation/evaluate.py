@@ -319,7 +319,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--model", required=True, help="export directory (pretrain.artifacts.export)")
     ap.add_argument("--out", required=True, help="directory for report.json and grid.png")
     d = EvalSettings()
-    ap.add_argument("--per-combo", type=int, default=d.per_combo, help="text->image samples per combination (default: %(default)s)")
+    ap.add_argument("--per-combo", type=int, default=d.per_combo,
+                    help="text->image samples per combination (default: %(default)s)")
     ap.add_argument("--steps", type=int, default=None,
                     help="denoising steps (default: the export's logging.sample_steps, as the trainer's evaluation)")
     ap.add_argument("--sampler", choices=get_args(Sampler), default=None,

@@ -34,7 +34,7 @@ from contract.special_ids import SpecialIds, load_special_ids
 from data_pipeline.images import MIN_SIDE, BadImage, load_image, to_uint8
 from data_pipeline.tokenizer import Tokenizer
 from data_pipeline.vae import decode, encode, load_vae
-from pretrain.config import Config, LoggingConfig
+from pretrain.config import LoggingConfig
 from pretrain.model import CachedChunk, KVCache, Transfusion
 from pretrain.model.config import Sampler, check_sampler, default_sampler
 

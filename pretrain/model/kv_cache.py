@@ -49,7 +49,7 @@ class KVCache:
 
         The mask is (B, 1, l, length + l) float, 0 where attention is allowed and -inf elsewhere.
         """
-        B, l = valid.shape
+        B, l = valid.shape  # noqa: E741 - l: the chunk length, as in the shape comments
         self._reserve(self.length + l)
         self._chunk = l
         positions = self.next_pos[:, None] + valid.long().cumsum(1) - 1  # (B, l)

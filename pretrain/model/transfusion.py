@@ -76,7 +76,8 @@ class Transfusion(nn.Module):
         self._t_weight: dict[torch.device, torch.Tensor] = {}
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> "Transfusion":
+    def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu",
+                        dtype: torch.dtype | None = None) -> "Transfusion":
         """The model of an export directory (`python -m pretrain.artifacts.export`), in eval mode.
 
         Reads `config.yaml` (its `model` section, export_layout.read_model_config) and the safetensors
@@ -273,7 +274,7 @@ class Transfusion(nn.Module):
         Attention always runs as SDPA here.
         """
         tokens, image_ids, valid, x_t = chunk.tokens, chunk.image_ids, chunk.valid, chunk.x_t
-        B, l = tokens.shape
+        B, l = tokens.shape  # noqa: E741 - l: the chunk length, as in the shape comments
         D = self.cfg.dim
         x = self.tok_embeddings(tokens)  # (B, l, D)
         patch_pos = torch.nonzero(image_ids.reshape(-1) >= 0).squeeze(1)  # (N*P,)

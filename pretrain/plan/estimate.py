@@ -8,7 +8,8 @@ Everything runs on the meta device (no weights are allocated), in seconds even f
 - parameters: counted on the model built on the meta device, by part;
 - FLOPs per position (training = forward + backward = 3x forward): 6 x the matmul weights every
   position passes through (under model.modality_experts one expert's: Mixture-of-Transformers
-  doubles the backbone's parameters, not its FLOPs per position), the LM head only at positions with a next-token target, the patch
+  doubles the backbone's parameters, not its FLOPs per position), the LM head only at positions with a next-token target,
+  the patch
   encoder/decoder per image (counted by torch's FlopCounterMode, so U-Net convolutions are exact),
   and attention per document under the Transfusion mask: 12 x layers x dim FLOPs per allowed
   (query, key) pair (QK^T and AV, 2 x dim each forward), pairs = causal pairs of each document +
@@ -25,7 +26,6 @@ shards' pack.json files when the config's streams point at them, else from `defa
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from dataclasses import dataclass, field
 from typing import Any
