@@ -35,7 +35,10 @@ def test_rates_file_is_used_and_named_and_no_rate_is_an_error(tmp_path: Path) ->
     rates = {"pack_positions_per_s": 2.5e5, "precompute_gpu_images_per_s": 4000.0,
              "precompute_gpu_device": "NVIDIA H100 80GB HBM3"}
     p = make_data_plan(PAPER, 1.0, 8, GPUS["h100-80gb"], rates)
-    assert p.pack_rate == 2.5e5 and "measured" in p.pack_source
+    assert p.pack_rate == 2.5e5 and "measured" in p.pack_source  # no pairs rate: the text rate for both
+    both = make_data_plan(PAPER, 1.0, 8, GPUS["h100-80gb"], {**rates, "pack_pairs_positions_per_s": 1e5})
+    pair_positions = 3.5e9 * 290
+    assert both.pack_cpu_hours == pytest.approx((1e12 / 2.5e5 + pair_positions / 1e5) / 3600)
     assert p.precompute_rate == 4000.0 and "H100" in p.precompute_source
     with pytest.raises(ValueError, match="bench/data_throughput.py"):
         make_data_plan(PAPER, 1.0, 8, GPUS["h100-80gb"], {})

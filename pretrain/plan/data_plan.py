@@ -16,7 +16,8 @@ What it computes, and from what:
   into the rates file, or else an assumption derived from the VAE encoder's FLOPs per image at
   `--assumed-vae-mfu` of the GPU's dense bf16 peak, named as such in the output;
 - pack CPU-hours at the tokenise + pack positions/s of one process that `bench/data_throughput.py`
-  measured (the rates file), else `--pack-positions-per-s`;
+  measured (the rates file: text documents and image-caption pairs each at their own rate; the
+  printed rate is their blend), else `--pack-positions-per-s` for both;
 - the read rate per node the trainer needs: the estimate's positions/s per GPU at `--mfu`
   (`pretrain.plan.estimate`) x GPUs per node x the shards' bytes per position.
 
@@ -151,11 +152,14 @@ def make_data_plan(corpus: Corpus, positions_per_s_per_gpu: float, gpus_per_node
         precompute_rate = assumed_vae_mfu * gpu.bf16_flops / flops
         pre_src = (f"ASSUMED, not measured: {flops / 1e9:.0f} GFLOP per {c.image_size} px image (SD-class encoder, "
                    f"width {vae_width}) at {assumed_vae_mfu:.0%} of {gpu.key}'s {gpu.bf16_flops / 1e12:.0f} TFLOP/s")
+    pair_rate = pack_rate
     if pack_rate is not None:
         pack_src = "given (--pack-positions-per-s)"
     elif rates.get("pack_positions_per_s"):
         pack_rate = float(rates["pack_positions_per_s"])
-        pack_src = f"measured, one process on {rates.get('pack_device', 'CPU')} (rates file)"
+        pair_rate = float(rates.get("pack_pairs_positions_per_s") or pack_rate)
+        pack_src = (f"measured, one process on {rates.get('pack_device', 'CPU')} (rates file): text "
+                    f"{pack_rate:,.0f}, pairs {pair_rate:,.0f} positions/s")
     else:
         raise ValueError("no pack rate: run `python bench/data_throughput.py --write docs/data_rates.json` "
                          "or give --pack-positions-per-s")
@@ -164,7 +168,8 @@ def make_data_plan(corpus: Corpus, positions_per_s_per_gpu: float, gpus_per_node
         positions=positions, image_positions=image_positions, rows=rows, text_bytes=text_bytes,
         latent_bytes=latent_bytes, shard_bytes=shard_bytes, shards=shard_bytes / shard_size,
         precompute_gpu_hours=c.images / precompute_rate / 3600, precompute_rate=precompute_rate,
-        precompute_source=pre_src, pack_cpu_hours=positions / pack_rate / 3600, pack_rate=pack_rate,
+        precompute_source=pre_src, pack_rate=positions / (c.text_tokens / pack_rate + image_positions / pair_rate),
+        pack_cpu_hours=(c.text_tokens / pack_rate + image_positions / pair_rate) / 3600,
         pack_source=pack_src, positions_per_s_per_gpu=positions_per_s_per_gpu,
         read_bytes_per_s_per_node=per_node * shard_bytes / positions,
     )
