@@ -577,6 +577,12 @@ def read_text_piece(part: Part, skips: SkipLog | None = None, strict: bool = Fal
                  for pos, line in _jsonl_lines(part) if line.strip())
     else:
         items = iter([(part.path, lambda: _txt_bytes(storage.read_bytes(part.path), part.path))])
+    yield from _skipping_bad(items, skips, strict)
+
+
+def _skipping_bad(items: Iterator[tuple[str, Any]], skips: SkipLog | None, strict: bool) -> Iterator[str]:
+    """The texts of (where, get) items; a `get()` raising BadRecord is recorded in `skips` and skipped, or with
+    `strict` (or no `skips`) raises ValueError naming the record and what to do."""
     for where, get in items:
         try:
             text = get()
@@ -602,12 +608,4 @@ def iter_texts(inputs: list[str], skips: SkipLog | None = None, strict: bool = F
     recorded in `skips`; with `strict` (or no `skips`) it raises ValueError naming file and line.
     """
     for fp in text_files(inputs):
-        for where, get in _text_items(fp):
-            try:
-                text = get()
-            except BadRecord as e:
-                if strict or skips is None:
-                    raise ValueError(f"{e.detail} ({e.reason}); fix or remove it") from e
-                skips.add(where, e.reason, e.detail)
-                continue
-            yield text
+        yield from _skipping_bad(_text_items(fp), skips, strict)
