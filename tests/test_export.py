@@ -102,7 +102,10 @@ def test_generate_cli_writes_pngs_and_captions(trained_run: Path, demo_data, tmp
         cwd=ROOT, capture_output=True, text=True, timeout=300,
     )
     assert only_prompt.returncode == 0, only_prompt.stderr[-2000:]
-    assert (tmp_path / "png2" / "000.png").is_file()
+    from pretrain.inference.generate import sample_names  # files say their prompt: <slug>_<k>.png
+
+    assert (tmp_path / "png2" / f"{sample_names(['a red circle at the top left'], 1)[0]}.png").is_file()
+    assert (tmp_path / "png2" / "a-red-circle-at-the-top-left_000.png").is_file()
 
 
 def test_export_errors_name_what_is_missing(tmp_path: Path) -> None:
