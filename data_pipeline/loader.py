@@ -84,10 +84,10 @@ def clean_stale_shm(shm_dir: Path = Path("/dev/shm"), stale_after_s: float = STA
 def _clean_once() -> None:
     """Remove shared memory left by crashed runs (only provably stale segments), once per process.
 
-    `TF_CLEAN_SHM=0` (docs/cluster.md) switches it off.
+    `TRANSFUSION_CLEAN_SHM=0` (docs/cluster.md) switches it off.
     """
     global _CLEANED
-    if not _CLEANED and os.environ.get("TF_CLEAN_SHM", "1") != "0":
+    if not _CLEANED and os.environ.get("TRANSFUSION_CLEAN_SHM", "1") != "0":
         clean_stale_shm()
     _CLEANED = True
 

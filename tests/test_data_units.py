@@ -447,7 +447,7 @@ def test_vae_training_refuses_a_negative_latent_noise(tmp_path):
 
 
 def test_clean_stale_shm_keeps_live_segments_and_honours_switch(monkeypatch):
-    """Only streaming segments no live process maps and none just created are removed; TF_CLEAN_SHM=0 removes nothing."""
+    """Only streaming segments no live process maps and none just created are removed; TRANSFUSION_CLEAN_SHM=0 removes nothing."""
     import os
     import time
     from multiprocessing import resource_tracker, shared_memory
@@ -459,7 +459,7 @@ def test_clean_stale_shm_keeps_live_segments_and_honours_switch(monkeypatch):
     resource_tracker.unregister(dead._name, "shared_memory")
     try:
         monkeypatch.setattr(loader, "_CLEANED", False)
-        monkeypatch.setenv("TF_CLEAN_SHM", "0")
+        monkeypatch.setenv("TRANSFUSION_CLEAN_SHM", "0")
         loader._clean_once()
         assert Path("/dev/shm/999991_locals").exists()
         assert not {"999990_locals", "999991_locals"} & set(loader.clean_stale_shm())  # the unmapped one is fresh
