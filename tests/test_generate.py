@@ -60,9 +60,9 @@ def test_images_deterministic_and_guidance_matters() -> None:
     model = build(tiny_cfg())
     with torch.no_grad():  # give the zero-initialised epsilon layer some weight so guidance has an effect
         model.patch_decoder.proj.weight.normal_(0, 0.02)
-    a = generate_images(model, [[5, 6], [7]], SP, steps=4, cfg_scale=3.0, seed=1)
-    b = generate_images(model, [[5, 6], [7]], SP, steps=4, cfg_scale=3.0, seed=1)
-    c = generate_images(model, [[5, 6], [7]], SP, steps=4, cfg_scale=1.0, seed=1)
+    a = generate_images(model, [[5, 6], [7]], SP, ImageSampling(steps=4, cfg_scale=3.0), seed=1)
+    b = generate_images(model, [[5, 6], [7]], SP, ImageSampling(steps=4, cfg_scale=3.0), seed=1)
+    c = generate_images(model, [[5, 6], [7]], SP, ImageSampling(steps=4, cfg_scale=1.0), seed=1)
     assert a.shape == (2, 8, 8, 8) and torch.equal(a, b)
     assert not torch.allclose(a, c)
 
@@ -159,7 +159,8 @@ def test_ddpm_images_reproducible_by_seed() -> None:
     model = build(tiny_cfg())
     with torch.no_grad():
         model.patch_decoder.proj.weight.normal_(0, 0.02)
-    a, b, c = (generate_images(model, [[5, 6]], SP, steps=5, cfg_scale=2.0, seed=s, sampler="ddpm") for s in (1, 1, 2))
+    im = ImageSampling(steps=5, cfg_scale=2.0, sampler="ddpm")
+    a, b, c = (generate_images(model, [[5, 6]], SP, im, seed=s) for s in (1, 1, 2))
     assert torch.equal(a, b) and not torch.allclose(a, c)
 
 

@@ -71,8 +71,8 @@ def test_flow_objective_alone_is_a_valid_config_and_samples_with_default_argumen
     model = Transfusion(load_config("configs/tiny.yaml", ["model.objective=flow"]).model).eval()
     from contract.special_ids import SpecialIds
     sp = SpecialIds(vocab_size=model.cfg.vocab_size, bos_id=1, eos_id=2, boi_id=3, eoi_id=4, pad_id=0)
-    got = gen.generate_images(model, [[5, 6]], sp, steps=2)
-    assert torch.equal(got, gen.generate_images(model, [[5, 6]], sp, steps=2, sampler="euler"))
+    got = gen.generate_images(model, [[5, 6]], sp, gen.ImageSampling(steps=2))
+    assert torch.equal(got, gen.generate_images(model, [[5, 6]], sp, gen.ImageSampling(steps=2, sampler="euler")))
 
 
 def test_every_entry_point_defaults_to_the_one_resolver() -> None:
@@ -82,7 +82,7 @@ def test_every_entry_point_defaults_to_the_one_resolver() -> None:
     assert LoggingConfig().sample_sampler is None
     assert gen.ImageSampling() == gen.ImageSampling(None, None, None)
     sig = inspect.signature(gen.generate_images).parameters
-    assert (sig["steps"].default, sig["cfg_scale"].default, sig["sampler"].default) == (None, None, None)
+    assert sig["image"].default == gen.ImageSampling()
     st = evaluate.EvalSettings()
     assert (st.steps, st.cfg_scale, st.sampler) == (None, None, None)
     a = gen._parser().parse_args(["--model", "m"])
@@ -103,9 +103,9 @@ def test_python_api_cli_and_evaluation_use_the_exports_recorded_sampling(export:
     assert model.export_record == gen.ExportRecord(gen.ImageSampling(3, 2.0, "ddpm"), SEQ_LEN)
     prompts = [[5, 6, 7]]
     default = gen.generate_images(model, prompts, sp)
-    assert torch.equal(default, gen.generate_images(model, prompts, sp, steps=3, cfg_scale=2.0, sampler="ddpm"))
-    assert not torch.allclose(default, gen.generate_images(model, prompts, sp, steps=4, cfg_scale=2.0, sampler="ddpm"))
-    assert not torch.allclose(default, gen.generate_images(model, prompts, sp, steps=3, cfg_scale=3.0, sampler="ddpm"))
+    assert torch.equal(default, gen.generate_images(model, prompts, sp, gen.ImageSampling(3, 2.0, "ddpm")))
+    assert not torch.allclose(default, gen.generate_images(model, prompts, sp, gen.ImageSampling(4, 2.0, "ddpm")))
+    assert not torch.allclose(default, gen.generate_images(model, prompts, sp, gen.ImageSampling(3, 3.0, "ddpm")))
     # the evaluation's settings resolve to the same record (its report holds the values used)
     im = gen.resolve_sampling(model, gen.ImageSampling(evaluate.EvalSettings().steps, None, None))
     assert im == model.export_record.sampling
@@ -159,8 +159,8 @@ def test_long_prompt_is_an_error_naming_the_limit_or_truncated_from_the_left(exp
     assert got == gen.generate_text(model, [_long(60)[5:]], sp, 8)
     # images: BOS caption BOI + P patches; mixed: the new tokens and (P + 1) per image to generate
     with pytest.raises(gen.PromptTooLong, match=f"length {SEQ_LEN}"):
-        gen.generate_images(model, [_long(SEQ_LEN - 1 - P)], sp, steps=1)
-    assert gen.generate_images(model, [_long(SEQ_LEN - 2 - P)], sp, steps=1).shape[0] == 1  # fits exactly
+        gen.generate_images(model, [_long(SEQ_LEN - 1 - P)], sp, gen.ImageSampling(steps=1))
+    assert gen.generate_images(model, [_long(SEQ_LEN - 2 - P)], sp, gen.ImageSampling(steps=1)).shape[0] == 1  # fits exactly
     with pytest.raises(gen.PromptTooLong, match=f"length {SEQ_LEN}"):
         gen.generate(model, [[_long(SEQ_LEN - 10 - P - 1)]], sp, max_new_tokens=10, max_images=1)
     with pytest.raises(gen.PromptTooLong, match="lower --max-new-tokens"):  # nothing to cut: refused in both modes

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from contract.special_ids import SpecialIds
-from pretrain.inference.generate import TextSampling, packed_batch, generate, generate_images, generate_text
+from pretrain.inference.generate import ImageSampling, TextSampling, packed_batch, generate, generate_images, generate_text
 from pretrain.model import CachedChunk, KVCache, Transfusion
 from pretrain.model.diffusion import diffusion_sample
 from test_model import build, tiny_cfg
@@ -109,7 +109,7 @@ def test_cached_images_equal_uncached_sampler() -> None:
     model = _model()
     P = model.cfg.patches_per_image
     prompts, scale, steps = [[5, 6, 7], [8]], 3.0, 5
-    got = generate_images(model, prompts, SP, steps=steps, cfg_scale=scale, seed=3, sampler="ddim")
+    got = generate_images(model, prompts, SP, ImageSampling(steps=steps, cfg_scale=scale, sampler="ddim"), seed=3)
     rows = [[SP.bos_id, *p, SP.boi_id] + [None] * P for p in prompts] + [[SP.bos_id, SP.boi_id] + [None] * P] * 2
 
     def eps_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

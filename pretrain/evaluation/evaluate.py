@@ -126,14 +126,14 @@ def vae_ceiling(vae: Any, n: int, size: int, seed: int, latent_noise: float = 0.
 def text_to_image(model: Any, sp: Any, tok: Any, vae: Any, st: EvalSettings) -> tuple[dict, np.ndarray, list]:
     """Generate one image per prompt (every combination x per_combo), judge; (scores, pixels (N,H,W,3), prompts)."""
     from data_pipeline.vae import decode
-    from pretrain.inference.generate import generate_images
+    from pretrain.inference.generate import ImageSampling, generate_images
 
     out, pix, prompts = {}, [], []
     for name in ("seen", "held_out"):
         scenes = combos(name == "held_out") * st.per_combo
         captions = [synthetic.caption_for(*sc) for sc in scenes]
-        lat = generate_images(model, [tok.encode(c) for c in captions], sp, st.steps, st.cfg_scale,
-                              seed=st.seed + (name == "held_out"), sampler=st.sampler)
+        lat = generate_images(model, [tok.encode(c) for c in captions], sp,
+                              ImageSampling(st.steps, st.cfg_scale, st.sampler), seed=st.seed + (name == "held_out"))
         images = to_uint8(decode(vae, lat))
         out[name] = score([judge(im) for im in images], scenes)
         pix.append(images)

@@ -323,15 +323,13 @@ def generate_images(
     model: Transfusion,
     prompts: list[list[int]],
     sp: SpecialIds,
-    steps: int | None = None,
-    cfg_scale: float | None = None,
+    image: ImageSampling = ImageSampling(),
     seed: int = 0,
-    sampler: Sampler | None = None,
     on_long_prompt: LongPrompt = "error",
 ) -> torch.Tensor:
     """Latents (N, C, H, W) for N tokenised captions (without BOS), CFG against the dropped caption.
 
-    steps, cfg_scale, sampler None: what the export recorded (`ImageSampling`, `resolve_sampling`), the
+    `image`'s None fields (steps, cfg_scale, sampler): what the export recorded (`resolve_sampling`), the
     sampler being the objective's own unless recorded; ValueError when the sampler does not fit
     model.objective. A caption longer than the trained length allows (with BOI and the P patches):
     PromptTooLong, or cut from the left with a warning (`fit_prompts`, `on_long_prompt`).
@@ -343,7 +341,7 @@ def generate_images(
     cache = new_cache(model, len(prompts))
     prefill(model, cache, [[sp.bos_id, *p, sp.boi_id] for p in prompts], [], sp.pad_id)
     g = torch.Generator().manual_seed(seed)
-    return _denoise(model, cache, list(range(len(prompts))), ImageSampling(steps, cfg_scale, sampler), sp, g)
+    return _denoise(model, cache, list(range(len(prompts))), image, sp, g)
 
 
 @torch.no_grad()
@@ -569,8 +567,7 @@ def _run(args: argparse.Namespace) -> None:
         pixels = _read_images(args.caption, model.cfg.latent_size * vae.downsample, args.animated_frame)
     kw = {"seed": args.seed, "on_long_prompt": args.on_long_prompt}
     if args.prompt:
-        lat = generate_images(model, [t for t in texts["prompt"] for _ in range(n)], sp, image.steps, image.cfg_scale,
-                              sampler=image.sampler, **kw)
+        lat = generate_images(model, [t for t in texts["prompt"] for _ in range(n)], sp, image, **kw)
         paths = save_pngs(decode(vae, lat), args.out, names=sample_names(args.prompt, n))
         for i, path in enumerate(paths):
             print(f"{args.prompt[i // n]!r} -> {path}")
