@@ -344,7 +344,6 @@ def generate_images(
     return _denoise(model, cache, list(range(len(prompts))), image, sp, g)
 
 
-@torch.no_grad()
 @dataclass
 class _RowState:
     """One prompt's decoding state in `generate` (one object per row, not parallel lists)."""
@@ -357,6 +356,7 @@ class _RowState:
     out: list[Segment] = field(default_factory=list)  # the generated segments (prompt omitted)
 
 
+@torch.no_grad()
 def generate(
     model: Transfusion,
     prompts: list[list[Segment]],
