@@ -57,8 +57,7 @@ def main() -> None:
     data = E.fresh_images(E.random_scenes(a.images, False, rng), a.size, rng)  # (N, 3, size, size)
     out = a.out or Path(tempfile.mkdtemp(prefix="vae_recipe_"))
     t0 = time.time()
-    V.train_vae(data, out, r.steps, r.batch_size, r.lr, latent_channels=r.latent_channels, downsample=r.downsample,
-                width=r.width, sample_every=max(1, r.steps // 3), fg_weight=10.0, latent_noise=r.latent_noise)
+    V.train_vae(data, out, V.VaeTrainSettings.from_recipe(r, fg_weight=10.0))
     seconds = time.time() - t0
     vae = V.load_vae(out)
     ceiling = E.vae_ceiling(vae, 162, a.size, seed=0)

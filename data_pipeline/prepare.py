@@ -206,12 +206,12 @@ def vae_stage(opts: PrepareOptions, root: Path, recipe: VaeRecipe, rank: int) ->
     if recipe.steps > 0:
         print(f"[prepare] vae: training {recipe.steps} steps on {len(data)} images of {opts.image_size} px "
               f"({recipe.downsample}x, {recipe.latent_channels} channels, width {recipe.width})", flush=True)
-        vaelib.train_vae(data, d, steps=recipe.steps, batch_size=recipe.batch_size, lr=recipe.lr,
-                         kl_weight=recipe.kl_weight, latent_channels=recipe.latent_channels,
-                         downsample=recipe.downsample, width=recipe.width, seed=opts.seed,
-                         sample_every=max(1, recipe.steps // 3), fg_weight=recipe.fg_weight,
-                         latent_noise=recipe.latent_noise,
-                         report={"images_used": len(data), **skips.to_json("skipped")})
+        settings = vaelib.VaeTrainSettings(
+            steps=recipe.steps, batch_size=recipe.batch_size, lr=recipe.lr, kl_weight=recipe.kl_weight,
+            latent_channels=recipe.latent_channels, downsample=recipe.downsample, width=recipe.width,
+            seed=opts.seed, sample_every=max(1, recipe.steps // 3), fg_weight=recipe.fg_weight,
+            latent_noise=recipe.latent_noise)
+        vaelib.train_vae(data, d, settings, report={"images_used": len(data), **skips.to_json("skipped")})
     else:
         model = vaelib.small_vae(recipe.latent_channels, downsample=recipe.downsample, width=recipe.width, seed=opts.seed)
         vaelib.save_with_stats(model, data[:256], d, {"random_init": True})

@@ -255,57 +255,84 @@ def _batches(data: torch.Tensor, bs: int, gen: torch.Generator) -> Iterator[torc
             yield data[perm[i : i + bs]]
 
 
-def train_vae(data: torch.Tensor, out: str | Path, steps: int = 300, batch_size: int = 16, lr: float = 2e-3,
-              kl_weight: float = 1e-6, gan_weight: float = 0.0, gan_start: int = 0, latent_channels: int = 8,
-              downsample: int = 8, width: int = 32, seed: int = 0, sample_every: int = 100,
-              fg_weight: float = 1.0, latent_noise: float = 0.0, report: dict | None = None,
-              threads: int | None = None) -> Path:
+@dataclass(frozen=True)
+class VaeTrainSettings:
+    """How `train_vae` trains: optimisation, losses, model shape, seed and logging.
+
+    `latent_noise` > 0 trains the decoder on noised latents (`noise_latents`), so that it rebuilds the
+    clean image from a latent that is slightly off, as a denoiser's output is (docs/quality.md §15);
+    a negative value is a ValueError in `train_vae`. `threads`: torch CPU threads while training
+    (None: `default_threads()`; restored afterwards).
+    """
+
+    steps: int = 300  # optimizer steps (one-cycle schedule)
+    batch_size: int = 16  # images per step
+    lr: float = 2e-3  # peak learning rate
+    kl_weight: float = 1e-6  # weight of the KL term (per latent element)
+    gan_weight: float = 0.0  # > 0 adds a patch-GAN hinge loss
+    gan_start: int = 0  # step at which the GAN loss starts
+    latent_channels: int = 8
+    downsample: int = 8  # image side / latent side
+    width: int = 32  # channels of the first block (small_vae)
+    seed: int = 0  # initialisation, batch order and posterior samples
+    sample_every: int = 100  # write samples/recon_STEP.png every N steps
+    fg_weight: float = 1.0  # weight of pixels that differ from the image's dominant colour
+    latent_noise: float = 0.0  # noise_latents' max_noise, in latent stds
+    threads: int | None = None
+
+    @classmethod
+    def from_recipe(cls, recipe: VaeRecipe, **overrides) -> VaeTrainSettings:
+        """The settings of `recipe` (steps, batch size, lr, latent channels, downsampling, width, latent
+        noise; samples written 3 times), with `overrides` (any field) on top."""
+        base = dict(steps=recipe.steps, batch_size=recipe.batch_size, lr=recipe.lr,
+                    latent_channels=recipe.latent_channels, downsample=recipe.downsample, width=recipe.width,
+                    latent_noise=recipe.latent_noise, sample_every=max(1, recipe.steps // 3))
+        return cls(**{**base, **overrides})
+
+
+def train_vae(data: torch.Tensor, out: str | Path, settings: VaeTrainSettings = VaeTrainSettings(),
+              report: dict | None = None) -> Path:
     """Train a small AutoencoderKL with L1 + KL (+ patch GAN), save it with measured shift/scale.
 
     data: (N, 3, H, W) images in [-1, 1], held in memory (batches are index gathers, no loader).
-    `latent_noise` > 0 trains the decoder on noised latents (`noise_latents`), so that it rebuilds the
-    clean image from a latent that is slightly off, as a denoiser's output is (docs/quality.md §15).
-    Raises ValueError for a negative `latent_noise`.
+    `settings`: how (`VaeTrainSettings`). Raises ValueError for a negative `settings.latent_noise`.
     `report` (e.g. the inputs' skip counts) is added to the training report `out/latent_stats.json`.
-    `threads`: torch CPU threads while training (None: `default_threads()`; restored afterwards).
     """
     prev = torch.get_num_threads()
-    torch.set_num_threads(threads or default_threads())
+    torch.set_num_threads(settings.threads or default_threads())
     try:
-        return _train_vae(data, out, steps, batch_size, lr, kl_weight, gan_weight, gan_start, latent_channels,
-                          downsample, width, seed, sample_every, fg_weight, latent_noise, report)
+        return _train_vae(data, out, settings, report)
     finally:
         torch.set_num_threads(prev)
 
 
-def _train_vae(data: torch.Tensor, out: str | Path, steps: int, batch_size: int, lr: float, kl_weight: float,
-               gan_weight: float, gan_start: int, latent_channels: int, downsample: int, width: int, seed: int,
-               sample_every: int, fg_weight: float, latent_noise: float, report: dict | None) -> Path:
+def _train_vae(data: torch.Tensor, out: str | Path, s: VaeTrainSettings, report: dict | None) -> Path:
     """train_vae's work, on the current torch thread count."""
+    steps, lr, latent_channels, latent_noise, gan_weight = s.steps, s.lr, s.latent_channels, s.latent_noise, s.gan_weight
     if latent_noise < 0:
         raise ValueError(f"latent_noise={latent_noise}: must be >= 0 (0 = plain VAE training)")
     out = Path(out)
     (out / "samples").mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(seed)
-    model = small_vae(latent_channels, downsample, width, seed).train()
+    torch.manual_seed(s.seed)
+    model = small_vae(latent_channels, s.downsample, s.width, s.seed).train()
     with torch.no_grad():  # start with a narrow posterior (std ~0.05): at std 1 the sampled latent drowns
         model.quant_conv.bias[latent_channels:] = -6.0  # colour and shape and early training only learns blobs
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
     disc = PatchDiscriminator() if gan_weight > 0 else None
     dopt = torch.optim.AdamW(disc.parameters(), lr=lr / 4, betas=(0.5, 0.9)) if disc else None
-    gen = torch.Generator().manual_seed(seed)
-    it = _batches(data, min(batch_size, len(data)), gen)
+    gen = torch.Generator().manual_seed(s.seed)
+    it = _batches(data, min(s.batch_size, len(data)), gen)
     bar = tqdm(range(steps), desc="vae", unit="step")
     for step in bar:
         x = next(it)  # (B, 3, H, W)
         post = model.encode(x).latent_dist
         z = noise_latents(post.sample(generator=gen), latent_noise, gen)  # (B, C, h, w)
         rec = model.decode(z).sample
-        l1 = weighted_l1(rec, x, fg_weight)
+        l1 = weighted_l1(rec, x, s.fg_weight)
         kl = post.kl().mean() / x[0].numel()
-        loss = l1 + kl_weight * kl
-        use_gan = disc is not None and step >= gan_start
+        loss = l1 + s.kl_weight * kl
+        use_gan = disc is not None and step >= s.gan_start
         if use_gan:
             loss = loss - gan_weight * disc(rec).mean()
         opt.zero_grad(set_to_none=True)
@@ -318,7 +345,7 @@ def _train_vae(data: torch.Tensor, out: str | Path, steps: int, batch_size: int,
             d_loss.backward()
             dopt.step()
         bar.set_postfix(l1=f"{l1.item():.4f}", kl=f"{kl.item():.3g}")
-        if (step + 1) % sample_every == 0 or step + 1 == steps:
+        if (step + 1) % s.sample_every == 0 or step + 1 == steps:
             model.eval()
             _save_recon(model, data[:8], out / "samples" / f"recon_{step + 1:06d}.png")
             model.train()
@@ -432,11 +459,13 @@ def main(argv: list[str] | None = None) -> None:
     if skips.counts:
         print(skips.summary("[vae] inputs") + f"; all named in {Path(a.out) / 'latent_stats.json'}", file=sys.stderr)
     ch, ds = pick(a.latent_channels, r.latent_channels), pick(a.downsample, r.downsample)
-    train_vae(data, a.out, pick(a.steps, r.steps), pick(a.batch_size, r.batch_size), pick(a.lr, r.lr), a.kl_weight,
-              a.gan_weight, a.gan_start, ch, ds, pick(a.width, r.width), a.seed, a.sample_every, a.fg_weight,
-              pick(a.latent_noise, r.latent_noise),
-              report={"images_used": len(data), "recipe": dataclasses.asdict(r), **skips.to_json("skipped")},
-              threads=a.threads)
+    settings = VaeTrainSettings(
+        steps=pick(a.steps, r.steps), batch_size=pick(a.batch_size, r.batch_size), lr=pick(a.lr, r.lr),
+        kl_weight=a.kl_weight, gan_weight=a.gan_weight, gan_start=a.gan_start, latent_channels=ch, downsample=ds,
+        width=pick(a.width, r.width), seed=a.seed, sample_every=a.sample_every, fg_weight=a.fg_weight,
+        latent_noise=pick(a.latent_noise, r.latent_noise), threads=a.threads)
+    train_vae(data, a.out, settings,
+              report={"images_used": len(data), "recipe": dataclasses.asdict(r), **skips.to_json("skipped")})
     print(f"saved {a.out} in {time.time() - t0:.0f}s; model keys: model.latent_channels={ch} "
           f"model.latent_size={a.image_size // ds} (patch size of the recipe: {r.patch_size})")
 

@@ -363,7 +363,8 @@ def test_vae_train_records_unit_variance_stats(tmp_path):
     rng = np.random.default_rng(0)
     imgs = [images.load_image(synthetic.png_bytes(synthetic.draw_shape(*synthetic.random_scene(rng), 32)), 32) for _ in range(16)]
     data = torch.from_numpy(np.stack(imgs))  # (16, 3, 32, 32)
-    out = vae.train_vae(data, tmp_path / "vae", steps=2, batch_size=8, latent_channels=4, width=8, sample_every=1)
+    out = vae.train_vae(data, tmp_path / "vae",
+                        vae.VaeTrainSettings(steps=2, batch_size=8, latent_channels=4, width=8, sample_every=1))
     assert sorted(p.name for p in (out / "samples").glob("*.png")) == ["recon_000001.png", "recon_000002.png"]
     v = vae.load_vae(out)
     z = vae.encode(v, data)  # (16, 4, 4, 4)
@@ -442,7 +443,7 @@ def test_vae_training_refuses_a_negative_latent_noise(tmp_path):
     from data_pipeline import vae
 
     with pytest.raises(ValueError, match="latent_noise=-0.1"):
-        vae.train_vae(torch.zeros(4, 3, 16, 16), tmp_path / "vae", steps=1, latent_noise=-0.1)
+        vae.train_vae(torch.zeros(4, 3, 16, 16), tmp_path / "vae", vae.VaeTrainSettings(steps=1, latent_noise=-0.1))
     assert not (tmp_path / "vae").exists()
 
 

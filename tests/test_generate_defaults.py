@@ -41,8 +41,8 @@ def export(tmp_path_factory) -> Path:
     rng = np.random.default_rng(0)
     tokenizer.train([" ".join(rng.choice(WORDS, size=12)) for _ in range(300)], tmp / "spm.model", vocab_size=300)
     pix = [images.load_image(synthetic.png_bytes(synthetic.draw_shape(*synthetic.random_scene(rng), 32)), 32) for _ in range(4)]
-    vae_dir = vae.train_vae(torch.from_numpy(np.stack(pix)), tmp / "vae", steps=1, batch_size=4, latent_channels=4,
-                            width=8, sample_every=1)
+    vae_dir = vae.train_vae(torch.from_numpy(np.stack(pix)), tmp / "vae",
+                            vae.VaeTrainSettings(steps=1, batch_size=4, latent_channels=4, width=8, sample_every=1))
     cfg = load_config("configs/tiny.yaml", [
         "model.latent_channels=4", "model.latent_size=4", "model.patch_size=2", f"data.tokenizer={tmp / 'spm.model'}",
         f"data.vae={vae_dir}", f"data.seq_len={SEQ_LEN}", "logging.sample_steps=3", "logging.sample_cfg_scale=2.0"])

@@ -218,7 +218,8 @@ def test_precompute_report_counts_conversions_and_names_animated(tmp_path: Path)
     from data_pipeline import precompute, vae
 
     data = torch.from_numpy(np.stack([images.load_image(_save(_scene(i), "PNG"), 32) for i in range(4)]))
-    vae_dir = vae.train_vae(data, tmp_path / "vae", steps=1, batch_size=4, latent_channels=4, width=8, sample_every=1)
+    vae_dir = vae.train_vae(data, tmp_path / "vae",
+                            vae.VaeTrainSettings(steps=1, batch_size=4, latent_channels=4, width=8, sample_every=1))
     (tmp_path / "wide.png").write_bytes(_save(_scene(), "PNG", icc_profile=ADOBE))
     (tmp_path / "photo.jpg").write_bytes(_save(_scene(1), "JPEG", icc_profile=PROPHOTO))
     (tmp_path / "plain.png").write_bytes(_save(_scene(2), "PNG"))
