@@ -25,7 +25,8 @@ from pretrain.model.config import ModelConfig
 from pretrain.inference.generate import ImageSampling, packed_batch, cfg_combine, generate_images, generate_text
 from pretrain.model import Transfusion
 
-SP = SpecialIds(vocab_size=97, bos_id=1, eos_id=-1, boi_id=3, eoi_id=4, pad_id=0)  # no EOS: every run decodes --tokens tokens
+# no EOS: every run decodes --tokens tokens
+SP = SpecialIds(vocab_size=97, bos_id=1, eos_id=-1, boi_id=3, eoi_id=4, pad_id=0)
 CONFIGS = {
     "tiny": dict(dim=128, n_layers=2, n_heads=4, latent_size=8),
     "wide": dict(dim=512, n_layers=4, n_heads=8, latent_size=32),
@@ -55,7 +56,8 @@ def caption_recompute(model: Transfusion, image: torch.Tensor, n: int) -> list[i
 def image_recompute(model: Transfusion, prompts: list[list[int]], steps: int, scale: float) -> torch.Tensor:
     """DDIM (Euler for objective=flow) with CFG, the prefix recomputed at every step (cond and uncond rows)."""
     cfg, P = model.cfg, model.cfg.patches_per_image
-    rows = [[SP.bos_id, *p, SP.boi_id] + [None] * P for p in prompts] + [[SP.bos_id, SP.boi_id] + [None] * P] * len(prompts)
+    rows = [[SP.bos_id, *p, SP.boi_id] + [None] * P for p in prompts] + [[SP.bos_id,
+                                                                          SP.boi_id] + [None] * P] * len(prompts)
 
     def eps_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         xs, ts = x.repeat(2, 1, 1, 1), t.repeat(2)

@@ -173,7 +173,8 @@ def detect_env(env: Mapping[str, str] | None = None) -> DistEnv:
         return from_torch(env)
     if "SLURM_PROCID" in env and ("SLURM_NTASKS" in env or "SLURM_STEP_NUM_TASKS" in env):
         return from_slurm(env)
-    return DistEnv(0, 0, 1, 1, env.get("MASTER_ADDR", "127.0.0.1"), int(env.get("MASTER_PORT") or free_port()), "single")
+    return DistEnv(0, 0, 1, 1, env.get("MASTER_ADDR", "127.0.0.1"), int(env.get("MASTER_PORT") or free_port()),
+                   "single")
 
 
 def export_env(d: DistEnv, env: MutableMapping[str, str] | None = None) -> None:

@@ -163,7 +163,8 @@ def recipe_for(image_size: int) -> VaeRecipe:
 
 def recipe_table() -> str:
     """RECIPES as a plain-text table (the CLI's --help epilog)."""
-    rows = [f"{'px':>5} {'down':>5} {'width':>6} {'ch':>3} {'latent':>9} {'patch':>6} {'patches':>8} {'steps':>6}  measured"]
+    rows = [f"{'px':>5} {'down':>5} {'width':>6} {'ch':>3} {'latent':>9} {'patch':>6} {'patches':>8} {'steps':>6}  "
+            f"measured"]
     for r in RECIPES.values():
         rows.append(f"{r.image_size:>5} {r.downsample:>4}x {r.width:>6} {r.latent_channels:>3} "
                     f"{f'{r.latent_size}x{r.latent_size}x{r.latent_channels}':>9} {r.patch_size:>6} {r.patches:>8} "
@@ -211,7 +212,8 @@ def load_images(inputs: list[str], size: int, limit: int | None = None, kind: st
                 if limit and len(out) >= limit:
                     return torch.from_numpy(np.stack(out))
     if not out:
-        raise ValueError(f"{inputs}: no readable images to train the VAE on ({skips.summary('skipped') or 'none found'})")
+        raise ValueError(f"{inputs}: no readable images to train the VAE on "
+                         f"({skips.summary('skipped') or 'none found'})")
     return torch.from_numpy(np.stack(out))
 
 
@@ -308,7 +310,8 @@ def train_vae(data: torch.Tensor, out: str | Path, settings: VaeTrainSettings = 
 
 def _train_vae(data: torch.Tensor, out: str | Path, s: VaeTrainSettings, report: dict | None) -> Path:
     """train_vae's work, on the current torch thread count."""
-    steps, lr, latent_channels, latent_noise, gan_weight = s.steps, s.lr, s.latent_channels, s.latent_noise, s.gan_weight
+    steps, lr, latent_channels = s.steps, s.lr, s.latent_channels
+    latent_noise, gan_weight = s.latent_noise, s.gan_weight
     if latent_noise < 0:
         raise ValueError(f"latent_noise={latent_noise}: must be >= 0 (0 = plain VAE training)")
     out = Path(out)
@@ -423,7 +426,8 @@ def main(argv: list[str] | None = None) -> None:
     unless the shape and schedule flags are given)."""
     ap = argparse.ArgumentParser(prog="python -m data_pipeline.vae", description=__doc__,
                                  formatter_class=_HelpFormatter,
-                                 epilog="recipes (--image-size picks one; docs/data.md \"VAE recipes\"):\n" + recipe_table())
+                                 epilog="recipes (--image-size picks one; docs/data.md \"VAE recipes\"):\n"
+                                        + recipe_table())
     rec = "(default: the --image-size recipe below)"
     ap.add_argument("--input", nargs="+", required=True, help="pairs .jsonl, image folders or webdataset .tar files")
     ap.add_argument("--out", required=True, help="output directory (diffusers format + samples/*.png)")
@@ -437,15 +441,18 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--gan-weight", type=float, default=0.0, help="> 0 adds a patch-GAN hinge loss")
     ap.add_argument("--gan-start", type=int, default=0, help="step at which the GAN loss starts")
     ap.add_argument("--latent-channels", type=int, default=None, help=f"channels of the latent {rec}")
-    ap.add_argument("--downsample", type=int, default=None, choices=(2, 4, 8, 16), help=f"image side / latent side {rec}")
+    ap.add_argument("--downsample", type=int, default=None, choices=(2, 4, 8, 16),
+                    help=f"image side / latent side {rec}")
     ap.add_argument("--width", type=int, default=None, help=f"channels of the first block {rec}")
     ap.add_argument("--sample-every", type=int, default=500, help="write samples/recon_STEP.png every N steps")
     ap.add_argument("--fg-weight", type=float, default=1.0,
-                    help="weight of pixels that differ from the image's dominant colour (small objects on flat backgrounds)")
+                    help="weight of pixels that differ from the image's dominant colour (small objects on flat "
+                         "backgrounds)")
     ap.add_argument("--latent-noise", type=float, default=None,
                     help=f"train the decoder on latents noised by up to this many latent stds (robust decoding) {rec}")
     ap.add_argument("--threads", type=int, default=None,
-                    help="torch CPU threads (default: one per core not busy with other jobs, at least 1: default_threads)")
+                    help="torch CPU threads (default: one per core not busy with other jobs, at least 1: "
+                         "default_threads)")
     ap.add_argument("--seed", type=int, default=0, help="initialisation, batch order and posterior samples")
     a = ap.parse_args(argv)
     try:

@@ -75,7 +75,8 @@ def test_resume_two_ranks_two_workers_is_exact(demo_data):
         assert len(want) == len(got) == N_AFTER
         for i, (w, g) in enumerate(zip(want, got)):
             for k in w:
-                assert (w[k] == g[k]).all() and w[k].shape == g[k].shape, f"rank {rank} step {i}: {k} differs after resume"
+                assert (w[k] == g[k]).all() and w[k].shape == g[k].shape, \
+                    f"rank {rank} step {i}: {k} differs after resume"
     # the two ranks see different sequences
     assert not (full[0][1][0]["tokens"] == full[1][1][0]["tokens"]).all()
 

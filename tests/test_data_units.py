@@ -121,7 +121,8 @@ def test_vocab_too_small_for_bytes_is_a_clear_error(tmp_path):
 
 def _external(tmp_path, **opts) -> bytes:
     buf = io.BytesIO()
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(_texts()), model_writer=buf, vocab_size=opts.pop("vocab_size", 40),
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(_texts()), model_writer=buf, vocab_size=opts.pop("vocab_size",
+                                                                                                           40),
                                    bos_id=1, eos_id=2, unk_id=0, pad_id=-1, minloglevel=2, **opts)
     (tmp_path / "ext.model").write_bytes(buf.getvalue())
     return buf.getvalue()
@@ -361,7 +362,8 @@ def test_vae_train_records_unit_variance_stats(tmp_path):
     from data_pipeline import synthetic, vae
 
     rng = np.random.default_rng(0)
-    imgs = [images.load_image(synthetic.png_bytes(synthetic.draw_shape(*synthetic.random_scene(rng), 32)), 32) for _ in range(16)]
+    imgs = [images.load_image(synthetic.png_bytes(synthetic.draw_shape(*synthetic.random_scene(rng), 32)),
+                              32) for _ in range(16)]
     data = torch.from_numpy(np.stack(imgs))  # (16, 3, 32, 32)
     out = vae.train_vae(data, tmp_path / "vae",
                         vae.VaeTrainSettings(steps=2, batch_size=8, latent_channels=4, width=8, sample_every=1))
@@ -448,7 +450,8 @@ def test_vae_training_refuses_a_negative_latent_noise(tmp_path):
 
 
 def test_clean_stale_shm_keeps_live_segments_and_honours_switch(monkeypatch):
-    """Only streaming segments no live process maps and none just created are removed; TRANSFUSION_CLEAN_SHM=0 removes nothing."""
+    """Only streaming segments no live process maps and none just created are removed; TRANSFUSION_CLEAN_SHM=0 removes
+    nothing."""
     import os
     import time
     from multiprocessing import resource_tracker, shared_memory

@@ -160,7 +160,8 @@ def test_cached_flow_generation_equals_uncached_euler() -> None:
     torch.testing.assert_close(got, x, atol=1e-5, rtol=1e-4)
     with pytest.raises(ValueError, match="model.objective='flow'.*euler"):
         generate_images(model, prompts, SP, ImageSampling(steps=2, sampler="ddim"))
-    assert generate_images(model, prompts, SP, ImageSampling(steps=2, sampler=None)).shape == (2, 4, 8, 8)  # None: euler
+    # None: euler
+    assert generate_images(model, prompts, SP, ImageSampling(steps=2, sampler=None)).shape == (2, 4, 8, 8)
 
 
 def test_ddpm_model_refuses_euler() -> None:

@@ -7,7 +7,8 @@ import torch
 import pytest
 
 from contract.special_ids import SpecialIds
-from pretrain.inference.generate import (ImageSampling, TextSampling, packed_batch, cfg_combine, generate, generate_images,
+from pretrain.inference.generate import (ImageSampling, TextSampling, packed_batch, cfg_combine, generate,
+                                         generate_images,
                                generate_text, sample_tokens)
 from pretrain.model import Transfusion
 from pretrain.model.diffusion import add_noise, cosine_alpha_bar, ddim_sample, diffusion_sample, make_scheduler
@@ -174,7 +175,8 @@ def test_text_sampling_filters() -> None:
         ids = sample_tokens(logits.expand(20000, 4), s, g)
         return torch.bincount(ids, minlength=4) / 20000
 
-    torch.testing.assert_close(freq(TextSampling(temperature=1.0)), torch.tensor([0.5, 0.3, 0.15, 0.05]), atol=0.015, rtol=0)
+    torch.testing.assert_close(freq(TextSampling(temperature=1.0)), torch.tensor([0.5, 0.3, 0.15, 0.05]), atol=0.015,
+                               rtol=0)
     # top-k 2 and top-p 0.8 both keep {0.5, 0.3}, renormalised to 5/8, 3/8
     for s in (TextSampling(temperature=1.0, top_k=2), TextSampling(temperature=1.0, top_p=0.8)):
         torch.testing.assert_close(freq(s), torch.tensor([0.625, 0.375, 0.0, 0.0]), atol=0.015, rtol=0)
@@ -261,7 +263,8 @@ def test_cli_bad_input_gets_a_message(random_export, tmp_path) -> None:
     Image.new("RGB", (4, 4)).save(tiny)
     junk.write_bytes(b"not an image")
     cases = [
-        (["--model", str(tmp_path / "nope"), "--text", "a"], ["nope", "config.yaml missing", "pretrain.artifacts.export"]),
+        (["--model", str(tmp_path / "nope"), "--text", "a"], ["nope", "config.yaml missing",
+                                                              "pretrain.artifacts.export"]),
         (["--model", str(random_export), "--caption", str(tiny)], [str(tiny), "too_small", "at least 8x8"]),
         (["--model", str(random_export), "--caption", str(junk)], [str(junk), "not a usable image"]),
         (["--model", str(random_export), "--caption", str(tmp_path / "gone.png")], ["gone.png", "cannot read"]),

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from contract.special_ids import SpecialIds
-from pretrain.inference.generate import ImageSampling, TextSampling, packed_batch, generate, generate_images, generate_text
+from pretrain.inference.generate import (ImageSampling, TextSampling, packed_batch, generate, generate_images,
+                                         generate_text)
 from pretrain.model import CachedChunk, KVCache, Transfusion
 from pretrain.model.diffusion import diffusion_sample
 from test_model import build, tiny_cfg
@@ -62,13 +63,15 @@ def test_cached_chunks_equal_full_forward(attention: str) -> None:
         patch_ids = torch.arange(2)[:, None].expand(2, P)
         pads = torch.full((2, P), SP.pad_id)
         for _ in range(2):  # a denoising step leaves the cache unchanged: the second one sees the same
-            h, eps = model.forward_cached(cache, CachedChunk(pads, patch_ids, torch.ones(2, P, dtype=torch.bool), x_t, t),
+            h, eps = model.forward_cached(cache, CachedChunk(pads, patch_ids, torch.ones(2, P, dtype=torch.bool), x_t,
+                                                             t),
                                           commit=False)
             torch.testing.assert_close(eps, eps_ref, **TOL)
         model.forward_cached(cache, CachedChunk(pads, patch_ids, torch.ones(2, P, dtype=torch.bool), x_t, t))
         for i in range(len(suffixes[0])):
             tok = torch.tensor([[s[i]] for s in suffixes])
-            h, _ = model.forward_cached(cache, CachedChunk(tok, torch.full_like(tok, -1), torch.ones(2, 1, dtype=torch.bool)))
+            h, _ = model.forward_cached(cache, CachedChunk(tok, torch.full_like(tok, -1), torch.ones(2, 1,
+                                                                                                     dtype=torch.bool)))
             for b, p in enumerate(prefixes):
                 torch.testing.assert_close(h[b, 0], h_ref[b, len(p) + P + i], **TOL)
 

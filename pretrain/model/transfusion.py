@@ -21,7 +21,8 @@ from contract.batch import TransfusionBatch
 from pretrain.model import masks
 from pretrain.model.backbone import ModalityExpertsBlock, ModalityRoute, TransformerBlock, rope_tables
 from pretrain.model.config import ModelConfig, check_sampler
-from pretrain.model.diffusion import (DenoiserFn, add_flow_noise, add_noise, cosine_alpha_bar, flow_time, sample_latents,
+from pretrain.model.diffusion import (DenoiserFn, add_flow_noise, add_noise, cosine_alpha_bar, flow_time,
+                                      sample_latents,
                                       timestep_loss_weights)
 from pretrain.model.export_layout import read_model_config, weight_files
 from pretrain.model.kv_cache import KVCache
@@ -226,7 +227,8 @@ class Transfusion(nn.Module):
     def sample_latents(self, fn: DenoiserFn, noise: torch.Tensor, steps: int, sampler: str,
                        generator: torch.Generator | None = None) -> torch.Tensor:
         """Latents (N, C, H, W) from noise: fn(x_t, t) is the model's sampler input (with CFG) at noise
-        levels t (N,) in this model's units (`t_from_timesteps`); DDPM/DDIM on the cosine schedule or Euler with model.flow_shift.
+        levels t (N,) in this model's units (`t_from_timesteps`); DDPM/DDIM on the cosine schedule or Euler with
+        model.flow_shift.
         Raises ValueError when `sampler` does not fit model.objective."""
         check_sampler(self.cfg.objective, sampler)
         ab = self.alpha_bar(noise.device)  # (T,), unused by euler
