@@ -55,8 +55,8 @@ def make_data(work: Path) -> Path:
     streams = []
     for kind, src in (("text", demo.root / "raw" / "texts.jsonl"), ("pairs", demo.root / "latents" / "pairs")):
         out = work / "shards" / kind
-        pack.run(pack.PackOptions(kind, [str(src)], str(tok), str(out), seq_len=256, patch_size=demo.patch_size), (0,
-                                                                                                                   1))
+        pack.run(pack.PackOptions(kind, [str(src)], str(tok), str(out), seq_len=256, patch_size=demo.patch_size),
+                 (0, 1))
         streams.append({"name": kind, "local": str(out / "train")})
     cfg = {"data": {"tokenizer": str(tok), "vae": str(demo.vae), "seq_len": 256, "cache_dir": str(work / "cache"),
                     "streams": streams, "val_streams": [], "image_position_share": 0.45},

@@ -56,8 +56,8 @@ def caption_recompute(model: Transfusion, image: torch.Tensor, n: int) -> list[i
 def image_recompute(model: Transfusion, prompts: list[list[int]], steps: int, scale: float) -> torch.Tensor:
     """DDIM (Euler for objective=flow) with CFG, the prefix recomputed at every step (cond and uncond rows)."""
     cfg, P = model.cfg, model.cfg.patches_per_image
-    rows = [[SP.bos_id, *p, SP.boi_id] + [None] * P for p in prompts] + [[SP.bos_id,
-                                                                          SP.boi_id] + [None] * P] * len(prompts)
+    rows = ([[SP.bos_id, *p, SP.boi_id] + [None] * P for p in prompts]
+            + [[SP.bos_id, SP.boi_id] + [None] * P] * len(prompts))
 
     def eps_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         xs, ts = x.repeat(2, 1, 1, 1), t.repeat(2)

@@ -41,8 +41,8 @@ def _docs(kind: str, n: int, rng: np.random.Generator):
         else:
             d = [Unit(TEXT, [1, *rng.integers(10, 32000, int(rng.lognormal(5.0, 1.0))).tolist()])]
             for _ in range(int(rng.integers(1, 5))):
-                d += [Unit(IMAGE, [], lat()), Unit(TEXT, rng.integers(10, 32000, int(rng.lognormal(4.5,
-                                                                                                   1.0)) + 1).tolist())]
+                d += [Unit(IMAGE, [], lat()),
+                      Unit(TEXT, rng.integers(10, 32000, int(rng.lognormal(4.5, 1.0)) + 1).tolist())]
             d[-1].tokens.append(2)
             yield d
 

@@ -240,8 +240,8 @@ def run(root: Path, a: argparse.Namespace) -> int:
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", TORCHINDUCTOR_COMPILE_THREADS="1", PATH=path)
     print(f"load average {os.getloadavg()[0]:.1f}; available memory {psutil.virtual_memory().available / GIB:.1f} GiB")
     stats = build_data(root, a.images)
-    cfg_args = ["--config", str(ROOT / "configs" / "transfusion_0.16b.yaml"), *overrides(root, a.steps, a.lr,
-                                                                                         a.patch_encoder),
+    cfg_args = ["--config", str(ROOT / "configs" / "transfusion_0.16b.yaml"),
+                *overrides(root, a.steps, a.lr, a.patch_encoder),
                 *a.extra]
     cfg = load_config(cfg_args[1], cfg_args[2:])
     ds = derive_ds_config(cfg, plan_batch(cfg, 2), on_gpu=False)

@@ -33,8 +33,8 @@ def variants(size: int) -> list[tuple[str, dict]]:
     old = dict(width=64, downsample=8, latent_channels=8, noise=0.0)
     t = torch.get_num_threads()
     return [(f"old default, {t} threads", {**old, "threads": t}), ("old default, 1 thread", {**old, "threads": 1}),
-            (f"recipe {size}px, {t} threads", {**recipe, "threads": t}), (f"recipe {size}px, 1 thread", {**recipe,
-                                                                                                         "threads": 1})]
+            (f"recipe {size}px, {t} threads", {**recipe, "threads": t}),
+            (f"recipe {size}px, 1 thread", {**recipe, "threads": 1})]
 
 
 def main() -> None:

@@ -51,8 +51,8 @@ class TransfusionBatch:
     def to(self, device: torch.device | str, non_blocking: bool = False) -> "TransfusionBatch":
         """Move every tensor to `device`."""
         return TransfusionBatch(**{
-            f.name: None if getattr(self, f.name) is None else getattr(self, f.name).to(device,
-                                                                                        non_blocking=non_blocking)
+            f.name: None if getattr(self, f.name) is None
+            else getattr(self, f.name).to(device, non_blocking=non_blocking)
             for f in fields(self)
         })
 

@@ -423,8 +423,8 @@ def _previous(out: str, identity: dict) -> dict | None:
             return rep
         raise ValueError(f"{out}: holds a pack of other inputs or options (differs in {diff}); use a new --out, "
                          f"or delete {out} to repack there")
-    if storage.list_dir(storage.join(out, "parts")) or any(storage.exists(storage.join(out, s)) for s in ("train",
-                                                                                                          "val")):
+    if storage.list_dir(storage.join(out, "parts")) or any(storage.exists(storage.join(out, s))
+                                                           for s in ("train", "val")):
         print(f"[pack] {out}: left by an unfinished run (no pack.json); keeping its finished parts whose identity "
               "matches and packing the rest")
     return None

@@ -67,8 +67,8 @@ class Stats:
     records: sources.SkipLog = field(default_factory=sources.SkipLog)
 
     def to_json(self) -> dict:
-        return {**{k: getattr(self, k) for k in _COUNTS}, **{k: dict(sorted(getattr(self,
-                                                                                    k).items())) for k in _COUNTERS},
+        return {**{k: getattr(self, k) for k in _COUNTS},
+                **{k: dict(sorted(getattr(self, k).items())) for k in _COUNTERS},
                 **self.records.to_json("records_skipped")}
 
     def add(self, d: dict) -> None:

@@ -143,8 +143,8 @@ def test_readme_documents_every_config_key() -> None:
     missing = [
         f"{section.name}.{f.name}"
         for section in dataclasses.fields(Config)
-        for f in dataclasses.fields(section.type if isinstance(section.type, type) else type(getattr(Config(),
-                                                                                                     section.name)))
+        for f in dataclasses.fields(section.type if isinstance(section.type, type)
+                                    else type(getattr(Config(), section.name)))
         if f"`{section.name}.{f.name}`" not in readme
     ]
     assert not missing, f"README.md config reference lacks: {missing}"

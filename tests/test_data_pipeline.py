@@ -146,8 +146,8 @@ def test_pair_randomness_layout_and_caps(demo_data):
     assert 0 < dropped < 0.25 * sum(first)
     again = _one_epoch(demo_data, cfg, mbs=2)
     for a, b in zip(batches, again):
-        assert torch.equal(a.noise, b.noise) and torch.equal(a.timesteps, b.timesteps) and torch.equal(a.tokens,
-                                                                                                       b.tokens)
+        assert torch.equal(a.noise, b.noise) and torch.equal(a.timesteps, b.timesteps)
+        assert torch.equal(a.tokens, b.tokens)
     other = _loader(demo_data, cfg, mbs=2, seed=1)
     assert not torch.equal(next(iter(other)).noise, batches[0].noise)
 
@@ -199,8 +199,8 @@ def test_default_mix_matches_prediction(demo_data):
 
 def test_explicit_proportions_hold(demo_data):
     """Stream proportions 0.25 text / 0.75 pairs: share of image-free rows 0.25 +- 0.03 over one epoch."""
-    streams = [dataclasses.replace(s, proportion=p) for s, p in zip(_cfg(demo_data, ["text", "pairs"]).streams, (0.25,
-                                                                                                                 0.75))]
+    streams = [dataclasses.replace(s, proportion=p)
+               for s, p in zip(_cfg(demo_data, ["text", "pairs"]).streams, (0.25, 0.75))]
     cfg = dataclasses.replace(demo_data.data_config, streams=streams, num_workers=0)
     rows = no_img = 0
     for b in _one_epoch(demo_data, cfg, mbs=2):
@@ -251,8 +251,8 @@ def _bad_image_inputs(root: Path) -> Path:
     """A pairs jsonl with one good image of each mode and every kind of bad image."""
     d = root / "imgs"
     d.mkdir(parents=True)
-    good = {"rgb.png": Image.new("RGB", (80, 64), (9, 200, 9)), "rgba.png": Image.new("RGBA", (64, 64), (9, 9, 200,
-                                                                                                         128)),
+    good = {"rgb.png": Image.new("RGB", (80, 64), (9, 200, 9)),
+            "rgba.png": Image.new("RGBA", (64, 64), (9, 9, 200, 128)),
             "grey.png": Image.new("L", (64, 70), 128), "pal.png": Image.new("RGB", (64, 64), (200, 0, 0)).convert("P"),
             "cmyk.jpg": Image.new("CMYK", (64, 64), (0, 100, 100, 0))}
     for name, im in good.items():

@@ -121,8 +121,8 @@ def test_vocab_too_small_for_bytes_is_a_clear_error(tmp_path):
 
 def _external(tmp_path, **opts) -> bytes:
     buf = io.BytesIO()
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(_texts()), model_writer=buf, vocab_size=opts.pop("vocab_size",
-                                                                                                           40),
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(_texts()), model_writer=buf,
+                                   vocab_size=opts.pop("vocab_size", 40),
                                    bos_id=1, eos_id=2, unk_id=0, pad_id=-1, minloglevel=2, **opts)
     (tmp_path / "ext.model").write_bytes(buf.getvalue())
     return buf.getvalue()

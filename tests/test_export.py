@@ -262,8 +262,8 @@ def test_streamed_shards_read_back_with_safetensors_in_every_dtype(tmp_path: Pat
                 got.update(load_file(p))
             assert got.keys() == tensors.keys()
             for k, t in tensors.items():
-                assert got[k].dtype == dtype and got[k].shape == t.shape and torch.equal(got[k], t.to(dtype)), (dtype,
-                                                                                                                k)
+                assert got[k].dtype == dtype and got[k].shape == t.shape and torch.equal(got[k], t.to(dtype)), \
+                    (dtype, k)
 
 
 def test_dropping_mapped_checkpoint_pages_frees_rss_and_keeps_the_data(tmp_path: Path) -> None:

@@ -201,8 +201,8 @@ def test_docs_caption_any_image_snippet_runs(export: Path, tmp_path: Path) -> No
     assert ns["pixels"].shape == (1, 3, 32, 32)  # the export's image size, from its latent size and the VAE
 
 
-def test_cli_caption_of_an_animated_image_is_refused_or_takes_the_chosen_frame(export: Path, tmp_path: Path,
-                                                                               capsys) -> None:
+def test_cli_caption_of_an_animated_image_is_refused_or_takes_the_chosen_frame(
+        export: Path, tmp_path: Path, capsys) -> None:
     """Issue 27.5 in generation's image reader: an animated GIF is refused by default (its first frame is often
     blank), `--animated-frame K` captions frame K."""
     gif = tmp_path / "anim.gif"

@@ -70,8 +70,8 @@ def test_cached_chunks_equal_full_forward(attention: str) -> None:
         model.forward_cached(cache, CachedChunk(pads, patch_ids, torch.ones(2, P, dtype=torch.bool), x_t, t))
         for i in range(len(suffixes[0])):
             tok = torch.tensor([[s[i]] for s in suffixes])
-            h, _ = model.forward_cached(cache, CachedChunk(tok, torch.full_like(tok, -1), torch.ones(2, 1,
-                                                                                                     dtype=torch.bool)))
+            h, _ = model.forward_cached(cache, CachedChunk(tok, torch.full_like(tok, -1),
+                                                           torch.ones(2, 1, dtype=torch.bool)))
             for b, p in enumerate(prefixes):
                 torch.testing.assert_close(h[b, 0], h_ref[b, len(p) + P + i], **TOL)
 

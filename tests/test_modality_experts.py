@@ -153,10 +153,10 @@ def test_cached_step_of_untied_experts_equals_full_forward() -> None:
                                                         x_t, t)
         cache = KVCache(model.cfg, 1)
         tokens = torch.tensor([prefix])
-        model.forward_cached(cache, CachedChunk(tokens, torch.full_like(tokens, -1), torch.ones_like(tokens,
-                                                                                                     dtype=torch.bool)))
-        img = (torch.zeros(1, P, dtype=torch.long), torch.zeros(1, P, dtype=torch.long), torch.ones(1, P,
-                                                                                                    dtype=torch.bool))
+        model.forward_cached(cache, CachedChunk(tokens, torch.full_like(tokens, -1),
+                                                torch.ones_like(tokens, dtype=torch.bool)))
+        img = (torch.zeros(1, P, dtype=torch.long), torch.zeros(1, P, dtype=torch.long),
+               torch.ones(1, P, dtype=torch.bool))
         _, eps = model.forward_cached(cache, CachedChunk(*img, x_t, t))
         tokens = torch.tensor([suffix])
         h, _ = model.forward_cached(cache, CachedChunk(tokens, torch.full_like(tokens, -1),

@@ -235,8 +235,8 @@ def test_loss_split_invariance() -> None:
     """
     cfg = tiny_cfg()
     model = build(cfg)
-    rows = [random_batch(cfg, 1, L, seed=s, images_per_row=k, docs_per_row=1 + s % 2) for s, k in enumerate([0, 1, 2,
-                                                                                                             1])]
+    rows = [random_batch(cfg, 1, L, seed=s, images_per_row=k, docs_per_row=1 + s % 2)
+            for s, k in enumerate([0, 1, 2, 1])]
     full = _cat(rows)
     n_text, n_img = full.num_text_targets, full.num_images
     model(full).loss.backward()  # one batch: local counts are the global counts

@@ -57,8 +57,8 @@ def test_data_yaml_holds_what_the_shards_fix_and_reruns_skip_every_stage(tmp_pat
     assert run_cfg.model.vocab_size == load_special_ids(out / "tokenizer" / "spm.model").vocab_size
     assert data_key_problems(run_cfg) == []
     assert 0 < run_cfg.data.image_position_share <= 0.5
-    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and p.suffix in (".model", ".mds",
-                                                                                              ".safetensors")}
+    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*")
+              if p.is_file() and p.suffix in (".model", ".mds", ".safetensors")}
     capsys.readouterr()
     prepare.run(_opts(raw, out), rank_and_world=(0, 1))
     said = capsys.readouterr().out

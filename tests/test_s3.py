@@ -230,8 +230,8 @@ def test_demo_data_precomputed_and_packed_into_a_bucket(demo_data, s3, tmp_path,
     with tarfile.open(tmp_path / "pairs.tar", "w") as tf:  # 48 pairs as img2dataset writes them
         for i, line in enumerate(list(open(raw / "pairs.jsonl"))[:48]):
             r = json.loads(line)
-            for name, data in ((f"{i:06d}.png", (raw / r["image"]).read_bytes()), (f"{i:06d}.txt",
-                                                                                   r["caption"].encode())):
+            for name, data in ((f"{i:06d}.png", (raw / r["image"]).read_bytes()),
+                               (f"{i:06d}.txt", r["caption"].encode())):
                 ti = tarfile.TarInfo(name)
                 ti.size = len(data)
                 tf.addfile(ti, io.BytesIO(data))

@@ -52,8 +52,8 @@ def _pairs_parquet(path: Path, row_group_size: int = 3) -> list[str]:
 
 
 def _records(inputs: list[str], kind: str = "pairs", part_size: int = 1000, **cols: str) -> list[sources.Record]:
-    return [r for p in sources.list_parts(inputs, part_size) for r in sources.read_part(p, kind,
-                                                                                        columns=sources.Columns(**cols))]
+    return [r for p in sources.list_parts(inputs, part_size)
+            for r in sources.read_part(p, kind, columns=sources.Columns(**cols))]
 
 
 def test_parquet_pairs_hf_struct_and_bad_rows(tmp_path: Path) -> None:
@@ -64,8 +64,8 @@ def test_parquet_pairs_hf_struct_and_bad_rows(tmp_path: Path) -> None:
     recs = _records([str(f)])
     assert [r.segments[0][1] for r in recs if not r.skipped] == good
     assert [(Path(r.key).name, r.skipped) for r in recs if r.skipped] == [
-        ("laion.parquet:row 2", "no_image"), ("laion.parquet:row 5", "no_caption"), ("laion.parquet:row 6",
-                                                                                     "empty_caption")]
+        ("laion.parquet:row 2", "no_image"), ("laion.parquet:row 5", "no_caption"),
+        ("laion.parquet:row 6", "empty_caption")]
     by_cap = {r.segments[0][1]: r.segments[1][1] for r in recs if not r.skipped}
     assert by_cap["a blue square"] == (tmp_path / "side.png").read_bytes()  # read from the path beside the file
     assert by_cap["gone"] is None  # an unreadable path is a missing image (precompute counts missing_file)
@@ -101,8 +101,8 @@ def test_obelics_interleaved_parquet(tmp_path: Path) -> None:
                              "images": pa.array(images, pa.list_(pa.binary()))}), f)
     recs = _records([str(f)], kind="interleaved")
     assert [(Path(r.key).name, r.skipped) for r in recs if r.skipped] == [
-        ("obelics.parquet:row 2", "bad_row"), ("obelics.parquet:row 3", "bad_segment"), ("obelics.parquet:row 4",
-                                                                                         "bad_row")]
+        ("obelics.parquet:row 2", "bad_row"), ("obelics.parquet:row 3", "bad_segment"),
+        ("obelics.parquet:row 4", "bad_row")]
     assert recs[1].segments == [("text", "only text")]
     assert [k for k, _ in recs[0].segments] == ["text", "image", "text", "image"]
     assert recs[0].segments[1][1] == _png() and recs[0].segments[3][1] == _png("blue")

@@ -137,8 +137,8 @@ def test_exact_resume_after_kill_9_and_requeue_signal(straight, demo_data, tmp_p
     bias correction; FusedAdam on GPU and torch AdamW recompute it from the step and resume bit for bit.
     """
     p = launch("torchrun", demo_data, tmp_path, fault="kill_after_step=5")
-    assert p.returncode != 0 and (tmp_path / "checkpoints/step_00000005/COMPLETE").is_file(), log_tail(tmp_path,
-                                                                                                       "torchrun")
+    assert p.returncode != 0 and (tmp_path / "checkpoints/step_00000005/COMPLETE").is_file(), \
+        log_tail(tmp_path, "torchrun")
     assert not (tmp_path / "checkpoints/step_00000010").exists()
     # the signal lands after step 7; the ranks agree on it during step 8, save it and exit 75
     p = launch("deepspeed", demo_data, tmp_path, fault="sigusr1_rank1_after_step=7")
@@ -181,8 +181,8 @@ def test_resume_on_one_rank_then_two_then_one(straight, demo_data, tmp_path):
     interleaved texts too). A lost or mis-sliced EMA partition on resume differs by ~lr (2e-3), 200x more.
     """
     p = launch("torchrun", demo_data, tmp_path, fault="kill_after_step=5", nproc=1)
-    assert p.returncode != 0 and (tmp_path / "checkpoints/step_00000005/COMPLETE").is_file(), log_tail(tmp_path,
-                                                                                                       "torchrun")
+    assert p.returncode != 0 and (tmp_path / "checkpoints/step_00000005/COMPLETE").is_file(), \
+        log_tail(tmp_path, "torchrun")
     p = launch("deepspeed", demo_data, tmp_path, fault="sigusr1_rank1_after_step=7")
     assert p.returncode == 75, log_tail(tmp_path, "deepspeed")
     assert "saved by 1 ranks, this job has 2" in (tmp_path / "deepspeed.log").read_text()
@@ -244,8 +244,8 @@ def test_zero2_follows_zero3_resumes_exactly_and_exports(straight, demo_data, tm
     test's own file), and the default export is the EMA, which every rank holds whole at stage 2.
     """
     p = launch("torchrun", demo_data, tmp_path, "distributed.zero_stage=2", fault="kill_after_step=5")
-    assert p.returncode != 0 and (tmp_path / "checkpoints/step_00000005/COMPLETE").is_file(), log_tail(tmp_path,
-                                                                                                       "torchrun")
+    assert p.returncode != 0 and (tmp_path / "checkpoints/step_00000005/COMPLETE").is_file(), \
+        log_tail(tmp_path, "torchrun")
     p = launch("torchrun", demo_data, tmp_path, "distributed.zero_stage=2")
     assert p.returncode == 0, log_tail(tmp_path, "torchrun")
     assert_follows_straight(straight, tmp_path)

@@ -168,8 +168,8 @@ def text_loss(model: Any, sp: Any, tok: Any, n_docs: int, seed: int, max_len: in
     rows = [[sp.bos_id, *tok.encode(synthetic.text_document(rng))][: max_len - 1] + [sp.eos_id] for _ in range(n_docs)]
     device = next(model.parameters()).device
     C, S = model.cfg.latent_channels, model.cfg.latent_size
-    batch = packed_batch(model, rows, torch.zeros(0, C, S, S, device=device), torch.zeros(0, dtype=torch.long,
-                                                                                          device=device),
+    batch = packed_batch(model, rows, torch.zeros(0, C, S, S, device=device),
+                         torch.zeros(0, dtype=torch.long, device=device),
                    sp.pad_id)
     targets = torch.full_like(batch.tokens, IGNORE_INDEX)
     for b, r in enumerate(rows):
@@ -181,8 +181,8 @@ def text_loss(model: Any, sp: Any, tok: Any, n_docs: int, seed: int, max_len: in
 
 
 @torch.no_grad()
-def evaluate(model: Any, sp: Any, tok: Any, vae: Any, st: EvalSettings | None = None) -> tuple[dict, np.ndarray,
-                                                                                               list[str]]:
+def evaluate(model: Any, sp: Any, tok: Any, vae: Any,
+             st: EvalSettings | None = None) -> tuple[dict, np.ndarray, list[str]]:
     """The whole evaluation: (report dict, text->image samples (N, H, W, 3) uint8, their prompts).
 
     Every ZeRO-3 rank must call it with the same arguments: the forwards are collective. `st`'s None

@@ -51,8 +51,8 @@ def val_loss(model: Any, data: Any, micro_batch: int = 1, max_batches: int = 200
     sums: dict[str, list[float]] = {}
     for sc in data.val_streams:
         loader = build_loader(replace(data, val_streams=[sc], num_workers=0), split="val", micro_batch_size=micro_batch,
-                              seed=0, patch_size=m.patch_size, latent_shape=(m.latent_channels, m.latent_size,
-                                                                             m.latent_size),
+                              seed=0, patch_size=m.patch_size,
+                              latent_shape=(m.latent_channels, m.latent_size, m.latent_size),
                               diffusion_steps=m.diffusion_steps)
         s = [0.0, 0.0, 0.0, 0.0, 0.0]  # CE sum, MSE sum, text targets, images, sequences
         for i, b in enumerate(loader):
@@ -137,8 +137,8 @@ def main(argv: list[str] | None = None) -> dict:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     tok = Tokenizer(root / "tokenizer.model")
-    report: dict[str, Any] = {"model": str(root), "data": str(cfg_path), "val": val_loss(model, data,
-                                                                                         max_batches=a.val_batches)}
+    report: dict[str, Any] = {"model": str(root), "data": str(cfg_path),
+                              "val": val_loss(model, data, max_batches=a.val_batches)}
     vae = load_vae(root / "vae") if (root / "vae" / "config.json").is_file() else None
     prompts = a.prompt
     if prompts is None:
