@@ -317,8 +317,7 @@ def run_one_device(root: Path, a: argparse.Namespace) -> int:
     device = torch.cuda.get_device_name() if gpu else "CPU (fp32, gloo: the rehearsal)"
     print(f"0.16B + {a.patch_encoder} patching{' with ' + ' '.join(a.extra) if a.extra else ''}; one rank on {device}; "
           f"{'bf16, NCCL, no activation checkpointing' if gpu else 'fp32, gloo, activation checkpointing'}; "
-          f"micro-batch "
-          f"2 x {SEQ} positions, {a.images} images of {P} patches per row "
+          f"micro-batch 2 x {SEQ} positions, {a.images} images of {P} patches per row "
           f"({stats['image_positions'] / stats['positions']:.1%} "
           f"image positions); {a.steps} steps per launch", flush=True)
     skip = min(3, max(a.steps - 1, 0))

@@ -362,8 +362,8 @@ def test_vae_train_records_unit_variance_stats(tmp_path):
     from data_pipeline import synthetic, vae
 
     rng = np.random.default_rng(0)
-    imgs = [images.load_image(synthetic.png_bytes(synthetic.draw_shape(*synthetic.random_scene(rng), 32)),
-                              32) for _ in range(16)]
+    imgs = [images.load_image(synthetic.png_bytes(synthetic.draw_shape(*synthetic.random_scene(rng), 32)), 32)
+            for _ in range(16)]
     data = torch.from_numpy(np.stack(imgs))  # (16, 3, 32, 32)
     out = vae.train_vae(data, tmp_path / "vae",
                         vae.VaeTrainSettings(steps=2, batch_size=8, latent_channels=4, width=8, sample_every=1))

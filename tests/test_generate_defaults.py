@@ -41,8 +41,8 @@ def export(tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("export")
     rng = np.random.default_rng(0)
     tokenizer.train([" ".join(rng.choice(WORDS, size=12)) for _ in range(300)], tmp / "spm.model", vocab_size=300)
-    pix = [images.load_image(synthetic.png_bytes(synthetic.draw_shape(*synthetic.random_scene(rng), 32)),
-                             32) for _ in range(4)]
+    pix = [images.load_image(synthetic.png_bytes(synthetic.draw_shape(*synthetic.random_scene(rng), 32)), 32)
+           for _ in range(4)]
     vae_dir = vae.train_vae(torch.from_numpy(np.stack(pix)), tmp / "vae",
                             vae.VaeTrainSettings(steps=1, batch_size=4, latent_channels=4, width=8, sample_every=1))
     cfg = load_config("configs/tiny.yaml", [

@@ -83,8 +83,8 @@ BRADFORD_D50_TO_D65 = np.array([[0.9555766, -0.0230393, 0.0631636], [-0.0282895,
                                 [0.0122982, -0.0204830, 1.3299098]])
 XYZ_D65_TO_SRGB = np.array([[3.2404542, -1.5371385, -0.4985314], [-0.9692660, 1.8760108, 0.0415560],
                             [0.0556434, -0.2040259, 1.0572252]])
-TO_XYZ_D65 = {"adobe": (ADOBE_TO_XYZ_D65, 563 / 256), "prophoto": (BRADFORD_D50_TO_D65 @ PROPHOTO_TO_XYZ_D50,
-                                                                   461 / 256)}
+TO_XYZ_D65 = {"adobe": (ADOBE_TO_XYZ_D65, 563 / 256),
+              "prophoto": (BRADFORD_D50_TO_D65 @ PROPHOTO_TO_XYZ_D50, 461 / 256)}
 PROFILES = {"adobe": ADOBE, "prophoto": PROPHOTO}
 
 

@@ -1,7 +1,7 @@
 """The model learns the synthetic task: the demo's data recipe (a trained VAE) and training recipe
-(configs/demo.yaml) for a few hundred steps of the real 2-rank DeepSpeed trainer (ZeRO-2, the demo's stage), exported,
-then judged
-by `python -m pretrain.evaluation.evaluate` on fresh draws (pixels and caption words, not the model's own claims).
+(configs/demo.yaml) for a few hundred steps of the real 2-rank DeepSpeed trainer (ZeRO-2, the demo's stage),
+exported, then judged by `python -m pretrain.evaluation.evaluate` on fresh draws (pixels and caption words, not
+the model's own claims).
 
 Floors and why luck cannot pass them: each is far above chance for its sample size. With n judged
 items and chance p, the binomial tail P(X >= floor * n) is given next to each floor; the untrained

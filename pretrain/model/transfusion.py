@@ -227,9 +227,8 @@ class Transfusion(nn.Module):
     def sample_latents(self, fn: DenoiserFn, noise: torch.Tensor, steps: int, sampler: str,
                        generator: torch.Generator | None = None) -> torch.Tensor:
         """Latents (N, C, H, W) from noise: fn(x_t, t) is the model's sampler input (with CFG) at noise
-        levels t (N,) in this model's units (`t_from_timesteps`); DDPM/DDIM on the cosine schedule or Euler with
-        model.flow_shift.
-        Raises ValueError when `sampler` does not fit model.objective."""
+        levels t (N,) in this model's units (`t_from_timesteps`); DDPM/DDIM on the cosine schedule or Euler
+        with model.flow_shift. Raises ValueError when `sampler` does not fit model.objective."""
         check_sampler(self.cfg.objective, sampler)
         ab = self.alpha_bar(noise.device)  # (T,), unused by euler
         return sample_latents(fn, noise, steps, sampler, ab, self.cfg.flow_shift, generator)  # type: ignore[arg-type]
