@@ -67,7 +67,8 @@ def pack_rate(root: Path, kind: str, inputs: list[str], tok: Path, name: str) ->
     out = root / name
     dt = timed(pack.main, ["--kind", kind, "--input", *inputs, "--tokenizer", str(tok), "--out", str(out),
                            "--seq-len", "4096", "--patch-size", "2"])
-    positions = json.loads((out / "train" / "pack.json").read_text())["real_positions"]  # document positions, not padding
+    # document positions, not padding
+    positions = json.loads((out / "train" / "pack.json").read_text())["real_positions"]
     return positions / dt, dt
 
 
@@ -172,7 +173,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--images", type=int, default=48, help="images for the demo-sized VAE (default: 48)")
     ap.add_argument("--pair-images", type=int, default=96,
                     help="256 px images encoded to 32x32x8 latents by a width-8 VAE, then packed (default: 96)")
-    ap.add_argument("--paper-images", type=int, default=4, help="256 px images for the paper-shaped VAE; 0 skips it (default: 4)")
+    ap.add_argument("--paper-images", type=int, default=4,
+                    help="256 px images for the paper-shaped VAE; 0 skips it (default: 4)")
     ap.add_argument("--io-mib", type=int, default=64, help="MiB written and read per storage (default: 64)")
     ap.add_argument("--loader-rows", type=int, default=120, help="4096-position rows for the loader (default: 120)")
     ap.add_argument("--loader-batches", type=int, default=20, help="micro-batches of 4 timed (default: 20)")

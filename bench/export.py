@@ -1,4 +1,5 @@
-"""Export time and peak memory: `pretrain.artifacts.export` against DeepSpeed's own `zero_to_fp32` on the same checkpoint.
+"""Export time and peak memory: `pretrain.artifacts.export` against DeepSpeed's own `zero_to_fp32` on the same
+checkpoint.
 
 The checkpoint is the real trainer's: `configs/transfusion_0.37b.yaml` (24 layers, width 1024, vocabulary
 32000 as the config's default) trained one step by 2 gloo CPU ranks under the deepspeed launcher on small
@@ -54,7 +55,8 @@ def make_data(work: Path) -> Path:
     streams = []
     for kind, src in (("text", demo.root / "raw" / "texts.jsonl"), ("pairs", demo.root / "latents" / "pairs")):
         out = work / "shards" / kind
-        pack.run(pack.PackOptions(kind, [str(src)], str(tok), str(out), seq_len=256, patch_size=demo.patch_size), (0, 1))
+        pack.run(pack.PackOptions(kind, [str(src)], str(tok), str(out), seq_len=256, patch_size=demo.patch_size),
+                 (0, 1))
         streams.append({"name": kind, "local": str(out / "train")})
     cfg = {"data": {"tokenizer": str(tok), "vae": str(demo.vae), "seq_len": 256, "cache_dir": str(work / "cache"),
                     "streams": streams, "val_streams": [], "image_position_share": 0.45},
@@ -149,7 +151,8 @@ def main(argv: list[str] | None = None) -> None:
     script = ckpt.parent / "zero_to_fp32.py"  # DeepSpeed copies its script beside the checkpoints
     ds = [PY, str(script)] if script.is_file() else [PY, "-m", "deepspeed.utils.zero_to_fp32"]
     step = str(int(ckpt.name.split("_")[-1]))
-    ours = [PY, "-m", "pretrain.artifacts.export", "--run-dir", str(run_dir), "--step", step, "--weights", "raw", "--force"]
+    ours = [PY, "-m", "pretrain.artifacts.export", "--run-dir", str(run_dir), "--step", step, "--weights", "raw",
+            "--force"]
     cmds = {
         "zero_to_fp32": [*ds, str(ckpt.parent), str(outs["zero_to_fp32"]), "-t", ckpt.name, "--safe_serialization"],
         "export fp32": [*ours, "--dtype", "fp32", "--out", str(outs["export fp32"])],

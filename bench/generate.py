@@ -22,10 +22,11 @@ import torch
 
 from contract.special_ids import SpecialIds
 from pretrain.model.config import ModelConfig
-from pretrain.inference.generate import packed_batch, cfg_combine, generate_images, generate_text
+from pretrain.inference.generate import ImageSampling, packed_batch, cfg_combine, generate_images, generate_text
 from pretrain.model import Transfusion
 
-SP = SpecialIds(vocab_size=97, bos_id=1, eos_id=-1, boi_id=3, eoi_id=4, pad_id=0)  # no EOS: every run decodes --tokens tokens
+# no EOS: every run decodes --tokens tokens
+SP = SpecialIds(vocab_size=97, bos_id=1, eos_id=-1, boi_id=3, eoi_id=4, pad_id=0)
 CONFIGS = {
     "tiny": dict(dim=128, n_layers=2, n_heads=4, latent_size=8),
     "wide": dict(dim=512, n_layers=4, n_heads=8, latent_size=32),
@@ -55,7 +56,8 @@ def caption_recompute(model: Transfusion, image: torch.Tensor, n: int) -> list[i
 def image_recompute(model: Transfusion, prompts: list[list[int]], steps: int, scale: float) -> torch.Tensor:
     """DDIM (Euler for objective=flow) with CFG, the prefix recomputed at every step (cond and uncond rows)."""
     cfg, P = model.cfg, model.cfg.patches_per_image
-    rows = [[SP.bos_id, *p, SP.boi_id] + [None] * P for p in prompts] + [[SP.bos_id, SP.boi_id] + [None] * P] * len(prompts)
+    rows = ([[SP.bos_id, *p, SP.boi_id] + [None] * P for p in prompts]
+            + [[SP.bos_id, SP.boi_id] + [None] * P] * len(prompts))
 
     def eps_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         xs, ts = x.repeat(2, 1, 1, 1), t.repeat(2)
@@ -107,7 +109,7 @@ def main() -> None:
         prompts = [torch.randint(5, cfg.vocab_size, (a.caption_len,), generator=g).tolist() for _ in range(a.batch)]
         ic = timed(lambda: image_recompute(model, prompts, a.steps, 3.0), reps=1) / a.batch
         sampler = sampler_of(model)
-        ik = timed(lambda: generate_images(model, prompts, SP, a.steps, 3.0, sampler=sampler), reps=1) / a.batch
+        ik = timed(lambda: generate_images(model, prompts, SP, ImageSampling(a.steps, 3.0, sampler)), reps=1) / a.batch
         print(f"| {name} | {cfg.patches_per_image} | {a.tokens / tc:.1f} | {a.tokens / tk:.1f} | {tc / tk:.2f}x "
               f"| {ic:.3f} | {ik:.3f} | {ic / ik:.2f}x |", flush=True)
 

@@ -154,7 +154,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="comma-separated attention paths to time, first = the baseline of the 'x first' column: "
                     "flex (compiled FlexAttention, block mask) and/or sdpa (dense boolean mask)")
     ap.add_argument("--modality-experts", action="store_true",
-                    help="also run model.modality_experts=true (Mixture-of-Transformers) and print its speed over dense")
+                     help="also run model.modality_experts=true (Mixture-of-Transformers) and print its speed "
+                          "over dense")
     args = ap.parse_args(argv)
     attentions = args.attention.split(",")
     if not attentions or any(x not in ("flex", "sdpa") for x in attentions):
@@ -179,11 +180,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"attention: flex = {attention_path(device)}" + ("; sdpa = scaled_dot_product_attention with the dense "
           "boolean (B, 1, L, L) Transfusion mask" if "sdpa" in attentions else ""))
     print(f"model: width {cfg.dim}, {cfg.n_heads} heads, {cfg.n_layers} layers, {cfg.patch_encoder} patching; "
-          f"{args.rows} x {seq_len} positions, {batch.num_images} images; {flops:.6g} FLOP per position (pretrain.plan.estimate)")
+          f"{args.rows} x {seq_len} positions, {batch.num_images} images; {flops:.6g} FLOP per position "
+          f"(pretrain.plan.estimate)")
     peak_kind = "peak GiB" if device.type == "cuda" else "RSS GiB"
     mot = args.modality_experts
     print(f"{'attention':9s} {'config':12s} {'ms/step':>9s} {'positions/s':>12s} {'TFLOP/s':>9s} {'MFU meas.':>9s} "
-          f"{'MFU sheet':>9s} {peak_kind:>9s} {'loss':>8s}" + (f" {'x dense':>8s}" if mot else "") + f" {'x first':>8s}")
+           f"{'MFU sheet':>9s} {peak_kind:>9s} {'loss':>8s}" + (f" {'x dense':>8s}" if mot else "")
+           + f" {'x first':>8s}")
     first_pos_s = None
     for attention in attentions:  # the same FLOPs counted for both: model FLOPs under the mask, not the kernel's
         for ck in (False,) if args.no_ckpt_only else (False, True):

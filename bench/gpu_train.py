@@ -49,7 +49,8 @@ def launch(data_cfg: Path, run_dir: Path, steps: int, every: int, timer: str, gp
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--master_port", str(free_port()),
            "-m", "pretrain.train", "--config", f"{ROOT / 'configs/tiny.yaml'},{data_cfg}",
            f"train.run_dir={run_dir}", f"data.cache_dir={run_dir}/cache", f"train.steps={steps}",
-           "train.global_batch_size=8", "train.micro_batch_size=2", f"checkpoint.every={every}", "checkpoint.keep_last=2",
+           "train.global_batch_size=8", "train.micro_batch_size=2", f"checkpoint.every={every}",
+           "checkpoint.keep_last=2",
            f"train.precision={'bf16' if gpu else 'fp32'}", f"distributed.backend={'nccl' if gpu else 'gloo'}",
            "distributed.zero_stage=3", f"logging.timer={timer}", "logging.every=1", "logging.val_every=0",
            "logging.sample_every=0", "logging.eval_every=0", "logging.tensorboard=false", f"data.num_workers={workers}",
@@ -92,7 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rehearse", action="store_true", help="CPU: fp32, gloo, 4 steps, kill after 2, no data worker")
     ap.add_argument("--steps", type=int, default=30)
-    ap.add_argument("--kill-after", type=int, default=20, help="checkpoint every N steps; the killed run dies after step N")
+    ap.add_argument("--kill-after", type=int, default=20,
+                    help="checkpoint every N steps; the killed run dies after step N")
     ap.add_argument("--out", default=None, help="work directory (default: a temporary one, removed)")
     ap.add_argument("--data", default=None, help="a demo data set already built (its folder, with data.yaml)")
     a = ap.parse_args(argv)
@@ -133,8 +135,10 @@ def run(root: Path, a: argparse.Namespace) -> int:
           f"{a.kill_after} complete: {ckpt.is_file()}", flush=True)
     killed_ok = rc2 != 0 and ckpt.is_file() and not (killed / "checkpoints" / f"step_{a.steps:08d}").exists()
     rc3, s3 = launch(data_cfg, killed, a.steps, a.kill_after, "sync", gpu, workers=workers)
-    resumed = f"resumed from {killed / 'checkpoints' / f'step_{a.kill_after:08d}'}" in (killed / "train.log").read_text()
-    print(f"relaunch: exit {rc3}, {s3:.0f} s; resumed from the checkpoint of step {a.kill_after}: {resumed}", flush=True)
+    resumed = (f"resumed from {killed / 'checkpoints' / f'step_{a.kill_after:08d}'}"
+               in (killed / "train.log").read_text())
+    print(f"relaunch: exit {rc3}, {s3:.0f} s; resumed from the checkpoint of step {a.kill_after}: {resumed}",
+          flush=True)
     if rc or rc3 or not killed_ok or not resumed:
         print(f"FAILED: a launch failed; logs: {straight / 'train.log'}, {killed / 'train.log'}")
         for log in (straight / "train.log", killed / "train.log"):

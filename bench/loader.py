@@ -41,7 +41,8 @@ def _docs(kind: str, n: int, rng: np.random.Generator):
         else:
             d = [Unit(TEXT, [1, *rng.integers(10, 32000, int(rng.lognormal(5.0, 1.0))).tolist()])]
             for _ in range(int(rng.integers(1, 5))):
-                d += [Unit(IMAGE, [], lat()), Unit(TEXT, rng.integers(10, 32000, int(rng.lognormal(4.5, 1.0)) + 1).tolist())]
+                d += [Unit(IMAGE, [], lat()),
+                      Unit(TEXT, rng.integers(10, 32000, int(rng.lognormal(4.5, 1.0)) + 1).tolist())]
             d[-1].tokens.append(2)
             yield d
 
@@ -68,7 +69,8 @@ def build(root: Path, rows: int, shard_size: int = 1 << 26) -> tuple[DataConfig,
 def time_loader(cfg: DataConfig, workers: int, batches: int, mbs: int) -> float:
     """Positions/s of the loader with `workers` worker processes (0 = in the main process)."""
     cfg = DataConfig(**{**cfg.__dict__, "num_workers": workers})
-    ld = build_loader(cfg, "train", micro_batch_size=mbs, seed=0, patch_size=PATCH, latent_shape=(C, H, H), diffusion_steps=1000)
+    ld = build_loader(cfg, "train", micro_batch_size=mbs, seed=0, patch_size=PATCH, latent_shape=(C, H, H),
+                      diffusion_steps=1000)
     it = iter(ld)
     for _ in range(max(2, workers * 2)):  # warm-up: worker start, shard open
         next(it)

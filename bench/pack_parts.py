@@ -86,7 +86,8 @@ def demo(root: Path, part_bytes: list[int], part_docs: list[int]) -> None:
                 rep = pack.run(opts, (0, 1))
             eff = rep["train"]["efficiency"]
             base = eff if base is None else base
-            label = "1 (default)" if size is None else f"{rep['parts']} ({size:,} {'bytes' if kind == 'text' else 'docs'})"
+            label = ("1 (default)" if size is None
+                     else f"{rep['parts']} ({size:,} {'bytes' if kind == 'text' else 'docs'})")
             print(f"| {kind} | {label} | {rep['train']['rows']} | {eff:.4%} | {eff / base:.4f} |")
 
 

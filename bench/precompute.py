@@ -75,7 +75,8 @@ def main() -> None:
         t0 = time.perf_counter()
         precompute.run(opts, rank_and_world=(0, 1))
         full = time.perf_counter() - t0
-    print("\n| device | images | size | bare encode img/s | full precompute img/s | overhead |\n|---|---|---|---|---|---|")
+    print("\n| device | images | size | bare encode img/s | full precompute img/s | overhead "
+          "|\n|---|---|---|---|---|---|")
     print(f"| {dev} | {a.n} | {a.image_size} | {a.n / bare:,.1f} | {a.n / full:,.1f} | {full / bare - 1:+.1%} |")
 
 

@@ -132,7 +132,8 @@ def main(argv: list[str] | None = None) -> None:
     model, m, o = Transfusion(cfg.model), cfg.model, cfg.optim
     if a.rows:
         spec = RowSpec(ids=load_special_ids(cfg.data.tokenizer), seq_len=cfg.data.seq_len, patch_size=m.patch_size,
-                       latent_shape=(m.latent_channels, m.latent_size, m.latent_size), diffusion_steps=m.diffusion_steps,
+                       latent_shape=(m.latent_channels, m.latent_size, m.latent_size),
+                       diffusion_steps=m.diffusion_steps,
                        caption_first_prob=cfg.data.caption_first_prob, caption_dropout=cfg.data.caption_dropout,
                        image_first_max_timestep=cfg.data.image_first_max_timestep)
         loader = memory_batches(cfg, a.rows, spec, cfg.train.global_batch_size, cfg.train.seed)
@@ -159,7 +160,8 @@ def main(argv: list[str] | None = None) -> None:
             torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
             opt.step()
             if ema is not None:
-                d = min(a.ema, (1 + step) / (10 + step))  # decay warm-up: tf.train.ExponentialMovingAverage(num_updates)
+                # decay warm-up: tf.train.ExponentialMovingAverage(num_updates)
+                d = min(a.ema, (1 + step) / (10 + step))
                 with torch.no_grad():
                     for e, p in zip(ema, model.parameters()):
                         e.lerp_(p.detach(), 1 - d)

@@ -240,7 +240,8 @@ def run(root: Path, a: argparse.Namespace) -> int:
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", TORCHINDUCTOR_COMPILE_THREADS="1", PATH=path)
     print(f"load average {os.getloadavg()[0]:.1f}; available memory {psutil.virtual_memory().available / GIB:.1f} GiB")
     stats = build_data(root, a.images)
-    cfg_args = ["--config", str(ROOT / "configs" / "transfusion_0.16b.yaml"), *overrides(root, a.steps, a.lr, a.patch_encoder),
+    cfg_args = ["--config", str(ROOT / "configs" / "transfusion_0.16b.yaml"),
+                *overrides(root, a.steps, a.lr, a.patch_encoder),
                 *a.extra]
     cfg = load_config(cfg_args[1], cfg_args[2:])
     ds = derive_ds_config(cfg, plan_batch(cfg, 2), on_gpu=False)
@@ -315,15 +316,17 @@ def run_one_device(root: Path, a: argparse.Namespace) -> int:
     stats = build_data(root, a.images)
     device = torch.cuda.get_device_name() if gpu else "CPU (fp32, gloo: the rehearsal)"
     print(f"0.16B + {a.patch_encoder} patching{' with ' + ' '.join(a.extra) if a.extra else ''}; one rank on {device}; "
-          f"{'bf16, NCCL, no activation checkpointing' if gpu else 'fp32, gloo, activation checkpointing'}; micro-batch "
-          f"2 x {SEQ} positions, {a.images} images of {P} patches per row ({stats['image_positions'] / stats['positions']:.1%} "
+          f"{'bf16, NCCL, no activation checkpointing' if gpu else 'fp32, gloo, activation checkpointing'}; "
+          f"micro-batch 2 x {SEQ} positions, {a.images} images of {P} patches per row "
+          f"({stats['image_positions'] / stats['positions']:.1%} "
           f"image positions); {a.steps} steps per launch", flush=True)
     skip = min(3, max(a.steps - 1, 0))
     summary = []
     for timer in a.timers.split(","):
         cfg_args = ["--config", str(ROOT / "configs" / "transfusion_0.16b.yaml"),
                     *one_device_overrides(root, a.steps, a.lr, a.patch_encoder, gpu, timer), *a.extra]
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--master_port", str(free_port()),
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--master_port",
+               str(free_port()),
                "-m", "pretrain.train", *cfg_args]
         log_path = root / f"train_{timer}.log"
         t0 = time.time()
@@ -340,7 +343,8 @@ def run_one_device(root: Path, a: argparse.Namespace) -> int:
             step_s = sum(r["times"].values())
             wall = f"{1e3 * (r['wall'] - prev['wall']):9.1f}" if prev else f"{'-':>9}"
             mfu = f"{100 * r['mfu']:5.1f}%" if "mfu" in r else f"{'n/a':>6}"
-            print(f"{r['step']:5d} {r['loss']:8.4f} {1e3 * step_s:9.1f} {wall} {100 * r['times'].get('data', 0) / step_s:7.1f} "
+            print(f"{r['step']:5d} {r['loss']:8.4f} {1e3 * step_s:9.1f} {wall} "
+                  f"{100 * r['times'].get('data', 0) / step_s:7.1f} "
                   f"{r['text_tokens_per_s']:9,.0f} {mfu}")
             prev = r
         late = rows[skip:]
@@ -356,7 +360,8 @@ def run_one_device(root: Path, a: argparse.Namespace) -> int:
     print(f"{'timer':7} {'step ms':>9} {'wall ms':>9} {'x first':>8} {'data %':>7} {'MFU':>6}")
     for timer, m in summary:
         mfu = f"{100 * m['mfu']:5.1f}%" if m["mfu"] is not None else f"{'n/a':>6}"
-        print(f"{timer:7} {1e3 * m['step_s']:9.1f} {1e3 * m['wall_s']:9.1f} {m['wall_s'] / summary[0][1]['wall_s']:8.2f} "
+        print(f"{timer:7} {1e3 * m['step_s']:9.1f} {1e3 * m['wall_s']:9.1f} "
+              f"{m['wall_s'] / summary[0][1]['wall_s']:8.2f} "
               f"{100 * m['data_share']:7.1f} {mfu}")
     if a.json:
         Path(a.json).write_text(json.dumps({t: m for t, m in summary}, indent=2))

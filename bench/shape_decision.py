@@ -53,7 +53,8 @@ def velocity_fn(model, sp, prompts: list[list[int]], cfg_scale: float) -> VFn:
     valid = torch.ones(k * m, P, dtype=torch.bool)
 
     def v(x: torch.Tensor, s: float) -> torch.Tensor:
-        _, out = model.forward_cached(ctx, CachedChunk(tokens, ids, valid, x.repeat(k, 1, 1, 1), torch.full((k * m,), s)),
+        _, out = model.forward_cached(ctx, CachedChunk(tokens, ids, valid, x.repeat(k, 1, 1, 1),
+                                                       torch.full((k * m,), s)),
                                      commit=False)
         return out if k == 1 else cfg_combine(*out.chunk(2), cfg_scale)
 

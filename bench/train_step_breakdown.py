@@ -33,7 +33,8 @@ def main() -> None:
     a = ap.parse_args()
     data = Path(a.data)
     if not (data / "data.yaml").is_file():
-        subprocess.run([sys.executable, "-m", "data_pipeline.demo_data", "--out", str(data), "--fast"], cwd=REPO, check=True)
+        subprocess.run([sys.executable, "-m", "data_pipeline.demo_data", "--out", str(data), "--fast"], cwd=REPO,
+                       check=True)
     run_dir = Path(tempfile.mkdtemp(prefix="bench_train_"))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(a.nproc), "-m", "pretrain.train",
            "--config", f"configs/tiny.yaml,{data / 'data.yaml'}", f"train.run_dir={run_dir}", f"train.steps={a.steps}",

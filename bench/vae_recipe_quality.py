@@ -57,8 +57,7 @@ def main() -> None:
     data = E.fresh_images(E.random_scenes(a.images, False, rng), a.size, rng)  # (N, 3, size, size)
     out = a.out or Path(tempfile.mkdtemp(prefix="vae_recipe_"))
     t0 = time.time()
-    V.train_vae(data, out, r.steps, r.batch_size, r.lr, latent_channels=r.latent_channels, downsample=r.downsample,
-                width=r.width, sample_every=max(1, r.steps // 3), fg_weight=10.0, latent_noise=r.latent_noise)
+    V.train_vae(data, out, V.VaeTrainSettings.from_recipe(r, fg_weight=10.0))
     seconds = time.time() - t0
     vae = V.load_vae(out)
     ceiling = E.vae_ceiling(vae, 162, a.size, seed=0)
@@ -67,7 +66,8 @@ def main() -> None:
     x = E.fresh_images(scenes, a.size, rng)
     rec = V.decode(vae, V.encode(vae, x))
     originals = E.score([judge(im) for im in E.to_uint8(x)], scenes)
-    row = {"size": a.size, "steps": r.steps, "latent_noise": r.latent_noise, "width": r.width, "downsample": r.downsample,
+    row = {"size": a.size, "steps": r.steps, "latent_noise": r.latent_noise, "width": r.width,
+           "downsample": r.downsample,
            "channels": r.latent_channels,
            "threads": threads, "train_seconds": round(seconds), "load_average": round(os.getloadavg()[0], 1),
            "judge_on_originals": round(100 * originals["all_three"], 1),
@@ -76,7 +76,8 @@ def main() -> None:
            "recon_seen_shape": round(100 * ceiling["seen"]["shape"], 1),
            "recon_seen_color": round(100 * ceiling["seen"]["color"], 1),
            "psnr_db": round(psnr(x, rec), 2)}
-    print("| " + " | ".join(row) + " |\n" + "|---" * len(row) + "|\n| " + " | ".join(str(v) for v in row.values()) + " |")
+    print("| " + " | ".join(row) + " |\n" + "|---" * len(row) + "|\n| "
+          + " | ".join(str(v) for v in row.values()) + " |")
     print(json.dumps(row))
 
 

@@ -4,8 +4,8 @@
 
 Encodes n fresh synthetic draws of the seen combinations, adds sigma * N(0, I) to the unit-variance
 latents the model works in (the VAE's own shift/scale), decodes and judges the pixels
-(`pretrain.evaluation.evaluate.vae_ceiling`, `pretrain.evaluation.judge`). A denoiser's final latent is never exact; a decoder
-that turns circles into squares under an error of 0.2 latent stds caps what any model sampled through
+(`pretrain.evaluation.evaluate.vae_ceiling`, `pretrain.evaluation.judge`). A denoiser's final latent is never
+exact; a decoder that turns circles into squares under an error of 0.2 latent stds caps what any model sampled through
 it can draw (docs/quality.md §15). Prints one row per sigma with shape / colour / all three, % judged
 right, for each VAE; the same draws and noise for every VAE.
 """

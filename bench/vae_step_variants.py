@@ -58,4 +58,5 @@ for rnd in range(rounds):
     print(rnd, {k: round(1000 * float(np.median(a))) for k, a in T.items() if a}, flush=True)
 for v in variants:
     a = np.array(T[v])
-    print(f"{v:12s} median {1000 * np.median(a):.0f} ms/step  (n={len(a)})  ratio {np.median(a) / np.median(T[variants[0]]):.2f}")
+    print(f"{v:12s} median {1000 * np.median(a):.0f} ms/step  (n={len(a)})  ratio "
+          f"{np.median(a) / np.median(T[variants[0]]):.2f}")

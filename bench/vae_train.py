@@ -33,7 +33,8 @@ def variants(size: int) -> list[tuple[str, dict]]:
     old = dict(width=64, downsample=8, latent_channels=8, noise=0.0)
     t = torch.get_num_threads()
     return [(f"old default, {t} threads", {**old, "threads": t}), ("old default, 1 thread", {**old, "threads": 1}),
-            (f"recipe {size}px, {t} threads", {**recipe, "threads": t}), (f"recipe {size}px, 1 thread", {**recipe, "threads": 1})]
+            (f"recipe {size}px, {t} threads", {**recipe, "threads": t}),
+            (f"recipe {size}px, 1 thread", {**recipe, "threads": 1})]
 
 
 def main() -> None:
@@ -41,7 +42,8 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=32, help="image side, px (default: %(default)s)")
     ap.add_argument("--images", type=int, default=1437, help="(default: %(default)s)")
     ap.add_argument("--batch-size", type=int, default=16, help="(default: %(default)s)")
-    ap.add_argument("--steps", type=int, default=4, help="steps per variant per round, 1 of them warm-up (default: %(default)s)")
+    ap.add_argument("--steps", type=int, default=4,
+                    help="steps per variant per round, 1 of them warm-up (default: %(default)s)")
     ap.add_argument("--rounds", type=int, default=2, help="(default: %(default)s)")
     a = ap.parse_args()
     rng = np.random.default_rng(0)

@@ -58,7 +58,8 @@ def main() -> None:
         subprocess.run([sys.executable, "-m", "data_pipeline.demo_data", "--out", str(a.data), "--fast"], cwd=REPO,
                        check=True)
     stages = [int(s) for s in a.stages.split(",")]
-    print(f"configs/tiny.yaml + configs/demo.yaml, 2 CPU ranks, {a.steps} steps (means over steps {a.skip + 1}-{a.steps})")
+    print(f"configs/tiny.yaml + configs/demo.yaml, 2 CPU ranks, {a.steps} steps (means over steps "
+          f"{a.skip + 1}-{a.steps})")
     print(f"{'ZeRO stage':<11}" + "".join(f"{p:>10}" for p in PHASES) + f"{'s/step':>9}{'ratio':>8}{'steps/500s':>12}")
     base = None
     for stage in stages:

@@ -2,56 +2,56 @@
 # Shared steps of the Slurm templates (train.slurm, precompute.slurm, export.slurm); sourced, not run.
 #
 # What it gives a template:
-#   tf_enter_repo       cd to the repository (TF_REPO, default: the directory sbatch was run from)
-#   tf_activate         load modules / activate the virtualenv (TF_MODULES, TF_VENV, TF_ENV_SCRIPT)
+#   tf_enter_repo       cd to the repository (TRANSFUSION_REPO, default: the directory sbatch was run from)
+#   tf_activate         load modules / activate the virtualenv (TRANSFUSION_MODULES, TRANSFUSION_VENV, TRANSFUSION_ENV_SCRIPT)
 #   tf_rendezvous       MASTER_ADDR (first node's NodeAddr) and MASTER_PORT (from the job id)
 #   tf_prepare_nodes    one task per node: clean stale streaming shared memory, make the job's cache dir
 #   tf_run_step ARGS    `srun ARGS` in the background; USR1/TERM sent to this script are forwarded to it
 #   tf_cleanup_nodes    one task per node: remove the job's cache dir
-#   tf_requeue          `scontrol requeue` this job (bounded by TF_MAX_RESTARTS)
+#   tf_requeue          `scontrol requeue` this job (bounded by TRANSFUSION_MAX_RESTARTS)
 # The per-task variables (RANK, LOCAL_RANK, ...) are set by cluster/srun_task.sh inside each task.
 
-TF_RC=0
-TF_SIGNAL=""
-TF_SRUN_PID=""
+TRANSFUSION_RC=0
+TRANSFUSION_SIGNAL=""
+TRANSFUSION_SRUN_PID=""
 
 tf_log() { echo "[$(date '+%F %T')] [${SLURM_JOB_ID:-nojob}] $*"; }
 
-# The repository root: TF_REPO, else the submit directory. Templates run from a spool copy, so
+# The repository root: TRANSFUSION_REPO, else the submit directory. Templates run from a spool copy, so
 # paths are taken from here, never from $0.
 tf_enter_repo() {
-  local repo=${TF_REPO:-${SLURM_SUBMIT_DIR:-$PWD}}
+  local repo=${TRANSFUSION_REPO:-${SLURM_SUBMIT_DIR:-$PWD}}
   if [[ ! -f $repo/cluster/srun_task.sh ]]; then
     echo "error: $repo is not the transfusion repository (no cluster/srun_task.sh); run sbatch from the" \
-      "repository root or set TF_REPO=/path/to/repo" >&2
+      "repository root or set TRANSFUSION_REPO=/path/to/repo" >&2
     exit 2
   fi
   cd "$repo" || exit 2
-  TF_REPO=$PWD
-  export TF_REPO
+  TRANSFUSION_REPO=$PWD
+  export TRANSFUSION_REPO
 }
 
 # Software environment. Pick what your cluster uses (see docs/cluster.md):
-#   TF_MODULES="cuda/12.4 nccl/2.21"   module load these first (environment modules / Lmod)
-#   TF_ENV_SCRIPT=/path/env.sh          source this script (conda activate, spack load, ...)
-#   TF_VENV=/path/venv                  activate this virtualenv (default: ./.venv when it exists)
-#   TF_VENV=none                        use whatever python is on PATH (e.g. inside a container)
-# For a container, see TF_SRUN_ARGS (pyxis: --container-image=...) or TF_TASK_PREFIX (apptainer).
+#   TRANSFUSION_MODULES="cuda/12.4 nccl/2.21"   module load these first (environment modules / Lmod)
+#   TRANSFUSION_ENV_SCRIPT=/path/env.sh          source this script (conda activate, spack load, ...)
+#   TRANSFUSION_VENV=/path/venv                  activate this virtualenv (default: ./.venv when it exists)
+#   TRANSFUSION_VENV=none                        use whatever python is on PATH (e.g. inside a container)
+# For a container, see TRANSFUSION_SRUN_ARGS (pyxis: --container-image=...) or TRANSFUSION_TASK_PREFIX (apptainer).
 tf_activate() {
-  if [[ -n ${TF_MODULES:-} ]]; then
+  if [[ -n ${TRANSFUSION_MODULES:-} ]]; then
     # shellcheck disable=SC2086  # a space-separated list of module names
-    module load ${TF_MODULES}
+    module load ${TRANSFUSION_MODULES}
   fi
-  if [[ -n ${TF_ENV_SCRIPT:-} ]]; then
+  if [[ -n ${TRANSFUSION_ENV_SCRIPT:-} ]]; then
     # shellcheck disable=SC1090  # a user-chosen file
-    source "$TF_ENV_SCRIPT"
+    source "$TRANSFUSION_ENV_SCRIPT"
   fi
-  local venv=${TF_VENV:-$TF_REPO/.venv}
+  local venv=${TRANSFUSION_VENV:-$TRANSFUSION_REPO/.venv}
   if [[ $venv != none && -f $venv/bin/activate ]]; then
     # shellcheck disable=SC1091  # created by `make install`, not present when linting
     source "$venv/bin/activate"
-  elif [[ $venv != none && -n ${TF_VENV:-} ]]; then
-    echo "error: TF_VENV=$TF_VENV has no bin/activate" >&2
+  elif [[ $venv != none && -n ${TRANSFUSION_VENV:-} ]]; then
+    echo "error: TRANSFUSION_VENV=$TRANSFUSION_VENV has no bin/activate" >&2
     exit 2
   fi
   export PYTHONUNBUFFERED=1
@@ -73,50 +73,50 @@ tf_rendezvous() {
 # Forward USR1 (time limit, via --signal=B:USR1@120, or `scancel -b --signal=USR1`) and TERM
 # (preemption, scancel) to the running srun, which passes them to every task.
 tf_on_signal() {
-  TF_SIGNAL=$1
+  TRANSFUSION_SIGNAL=$1
   tf_log "batch script got SIG$1; forwarding it to the tasks"
-  if [[ -n $TF_SRUN_PID ]]; then
-    kill -s "$1" "$TF_SRUN_PID" 2>/dev/null || true
+  if [[ -n $TRANSFUSION_SRUN_PID ]]; then
+    kill -s "$1" "$TRANSFUSION_SRUN_PID" 2>/dev/null || true
   fi
 }
 trap 'tf_on_signal USR1' USR1
 trap 'tf_on_signal TERM' TERM
 
-# srun "$@" in the background and wait for it, surviving the traps above; TF_RC = its exit code.
+# srun "$@" in the background and wait for it, surviving the traps above; TRANSFUSION_RC = its exit code.
 tf_run_step() {
   local seen
   srun "$@" &
-  TF_SRUN_PID=$!
+  TRANSFUSION_SRUN_PID=$!
   while :; do
-    seen=$TF_SIGNAL
-    if wait "$TF_SRUN_PID"; then TF_RC=0; else TF_RC=$?; fi
+    seen=$TRANSFUSION_SIGNAL
+    if wait "$TRANSFUSION_SRUN_PID"; then TRANSFUSION_RC=0; else TRANSFUSION_RC=$?; fi
     # a trap interrupted `wait` (status > 128, srun still running): wait again
-    if [[ $TF_SIGNAL != "$seen" || $TF_RC -gt 128 ]] && kill -0 "$TF_SRUN_PID" 2>/dev/null; then
+    if [[ $TRANSFUSION_SIGNAL != "$seen" || $TRANSFUSION_RC -gt 128 ]] && kill -0 "$TRANSFUSION_SRUN_PID" 2>/dev/null; then
       continue
     fi
     break
   done
-  TF_SRUN_PID=""
+  TRANSFUSION_SRUN_PID=""
   return 0
 }
 
 # Streaming's node-local cache: the trainer is given ROOT/job-$SLURM_JOB_ID as data.cache_dir, one
 # per job (removed when it ends); a requeued job keeps its id and so reuses its own. Under it the
 # loader keeps one folder per (remote, index.json, pack.json): data_pipeline.loader.stream_cache_dir.
-tf_cache_root() { echo "${TF_CACHE_ROOT:-${TMPDIR:-/tmp}/transfusion-cache}"; }
+tf_cache_root() { echo "${TRANSFUSION_CACHE_ROOT:-${TMPDIR:-/tmp}/transfusion-cache}"; }
 tf_cache_dir() { echo "$(tf_cache_root)/job-${SLURM_JOB_ID}"; }
 
 # One task per node: create this job's cache dir and remove streaming shared memory left by
 # crashed jobs (FileExistsError ..._locals on the next start). Streaming's cleaner removes every
 # streaming segment on the node, so it runs before any rank starts and assumes the job has its
-# nodes to itself (the usual case for training); on shared nodes set TF_CLEAN_SHM=0.
+# nodes to itself (the usual case for training); on shared nodes set TRANSFUSION_CLEAN_SHM=0.
 tf_prepare_nodes() {
   local cache
   cache=$(tf_cache_dir)
   # shellcheck disable=SC2016  # expanded by the task's shell, not here
   srun --ntasks-per-node=1 --ntasks="$SLURM_JOB_NUM_NODES" --kill-on-bad-exit=1 bash -c '
     mkdir -p "$1" || exit 1
-    [[ ${TF_CLEAN_SHM:-1} == 0 ]] && exit 0
+    [[ ${TRANSFUSION_CLEAN_SHM:-1} == 0 ]] && exit 0
     unset RANK WORLD_SIZE LOCAL_RANK LOCAL_WORLD_SIZE  # keep streaming from starting a process group
     python -c "from streaming.base.util import clean_stale_shared_memory as c; c()"' _ "$cache"
 }
@@ -130,8 +130,8 @@ tf_cleanup_nodes() {
 # Put this job back in the queue (same job id, same log file with --open-mode=append). Slurm
 # ends this script right away; the job starts again once resources (and BeginTime) allow.
 tf_requeue() {
-  local restarts=${SLURM_RESTART_COUNT:-0} max=${TF_MAX_RESTARTS:-100}
-  if [[ $TF_SIGNAL == TERM ]]; then
+  local restarts=${SLURM_RESTART_COUNT:-0} max=${TRANSFUSION_MAX_RESTARTS:-100}
+  if [[ $TRANSFUSION_SIGNAL == TERM ]]; then
     # TERM reaches the batch script on `scancel JOB` (the user wants it gone) and on preemption
     # (Slurm requeues preempted jobs itself when PreemptMode=REQUEUE): requeueing here would
     # bring a cancelled job back
@@ -139,7 +139,7 @@ tf_requeue() {
     exit 75
   fi
   if ((restarts >= max)); then
-    tf_log "not requeueing: restarted $restarts times (TF_MAX_RESTARTS=$max)"
+    tf_log "not requeueing: restarted $restarts times (TRANSFUSION_MAX_RESTARTS=$max)"
     exit 75
   fi
   tf_log "requeueing job $SLURM_JOB_ID (restart $((restarts + 1)))"

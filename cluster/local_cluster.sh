@@ -8,23 +8,23 @@
 #   bash cluster/local_cluster.sh status   print the daemons, sinfo and squeue
 #   bash cluster/local_cluster.sh env      print `export SLURM_CONF=...` (eval it to use sbatch)
 #
-# Everything lives in one state directory (TF_SLURM_DIR, default /tmp/transfusion-slurm):
+# Everything lives in one state directory (TRANSFUSION_SLURM_DIR, default /tmp/transfusion-slurm):
 # slurm.conf, its own munge key and socket, spool, state, pid and log files. Nothing under /etc
 # is written and no system service is started or stopped; the daemons use their own ports
-# (TF_SLURM_PORT, default 6917, and the next one), so an existing Slurm on the machine is untouched.
+# (TRANSFUSION_SLURM_PORT, default 6917, and the next one), so an existing Slurm on the machine is untouched.
 # Needs root (Slurm daemons run as root here). Options (environment):
-#   TF_SLURM_DIR      state directory                     [/tmp/transfusion-slurm]
-#   TF_SLURM_CPUS     CPUs of the node                    [max(nproc, 2)]
-#   TF_SLURM_PORT     slurmctld port; slurmd uses PORT+1  [6917]
+#   TRANSFUSION_SLURM_DIR      state directory                     [/tmp/transfusion-slurm]
+#   TRANSFUSION_SLURM_CPUS     CPUs of the node                    [max(nproc, 2)]
+#   TRANSFUSION_SLURM_PORT     slurmctld port; slurmd uses PORT+1  [6917]
 set -euo pipefail
 
-STATE=${TF_SLURM_DIR:-/tmp/transfusion-slurm}
-PORT=${TF_SLURM_PORT:-6917}
+STATE=${TRANSFUSION_SLURM_DIR:-/tmp/transfusion-slurm}
+PORT=${TRANSFUSION_SLURM_PORT:-6917}
 NODE=$(hostname -s)
 CLUSTER=tflocal
 CONF=$STATE/slurm.conf
 MUNGE_SOCKET=$STATE/munge/munge.socket
-START_TIMEOUT=${TF_SLURM_START_TIMEOUT:-90}
+START_TIMEOUT=${TRANSFUSION_SLURM_START_TIMEOUT:-90}
 
 log() { echo "local_cluster: $*" >&2; }
 die() { log "error: $*"; exit 1; }
@@ -57,7 +57,7 @@ install_packages() {
 }
 
 write_slurm_conf() {
-  local cpus=${TF_SLURM_CPUS:-$(nproc)}
+  local cpus=${TRANSFUSION_SLURM_CPUS:-$(nproc)}
   ((cpus >= 2)) || cpus=2
   mkdir -p "$STATE"/{ctld,spool,run,log}
   cat >"$CONF" <<EOF

@@ -16,14 +16,14 @@
 # /dev/shm (a tmpfs that goes away with the node). Node names do not resolve: jobs take MASTER_ADDR
 # from `scontrol show node` (NodeAddr), as cluster/common.sh does.
 # It is independent of local_cluster.sh: own state directory, munge key and socket, ports
-# (TF_NETNS_PORT, default 6927, and the next one) and cluster name, so both can run at once.
-#   TF_NETNS_DIR    state directory      [/tmp/transfusion-slurm-netns]
-#   TF_NETNS_NODES  number of nodes, 1-9 [2]
+# (TRANSFUSION_NETNS_PORT, default 6927, and the next one) and cluster name, so both can run at once.
+#   TRANSFUSION_NETNS_DIR    state directory      [/tmp/transfusion-slurm-netns]
+#   TRANSFUSION_NETNS_NODES  number of nodes, 1-9 [2]
 set -euo pipefail
 
-STATE=${TF_NETNS_DIR:-/tmp/transfusion-slurm-netns}
-PORT=${TF_NETNS_PORT:-6927}
-NODES=${TF_NETNS_NODES:-2}
+STATE=${TRANSFUSION_NETNS_DIR:-/tmp/transfusion-slurm-netns}
+PORT=${TRANSFUSION_NETNS_PORT:-6927}
+NODES=${TRANSFUSION_NETNS_NODES:-2}
 CLUSTER=tfnetns
 BRIDGE=tfbr0
 SUBNET=10.200.0
@@ -31,7 +31,7 @@ IFNAME=tfnet0
 HOST=$(hostname -s)
 CONF=$STATE/slurm.conf
 MUNGE_SOCKET=$STATE/munge/munge.socket
-START_TIMEOUT=${TF_SLURM_START_TIMEOUT:-90}
+START_TIMEOUT=${TRANSFUSION_SLURM_START_TIMEOUT:-90}
 
 log() { echo "netns_cluster: $*" >&2; }
 die() { log "error: $*"; exit 1; }
@@ -145,7 +145,7 @@ wait_idle() {
 
 cmd_start() {
   [[ $(id -u) == 0 ]] || die "run as root (namespaces and the Slurm daemons need it)"
-  ((NODES >= 1 && NODES <= 9)) || die "TF_NETNS_NODES must be 1-9, got $NODES"
+  ((NODES >= 1 && NODES <= 9)) || die "TRANSFUSION_NETNS_NODES must be 1-9, got $NODES"
   command -v slurmctld >/dev/null || die "slurm-wlm is missing: bash cluster/local_cluster.sh start installs it"
   setup_network
   write_conf

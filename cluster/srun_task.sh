@@ -8,8 +8,8 @@
 # LOCAL_WORLD_SIZE = tasks of this step on this node, derived by `python -m contract.dist_env`
 # (the same code the trainer uses), which then execs the command; MASTER_ADDR/MASTER_PORT come
 # from the batch script (common.sh: tf_rendezvous). `python` is the task's (inside the prefix).
-# Every GPU of the node stays visible; the program picks cuda:LOCAL_RANK (one task per GPU). TF_TASK_PREFIX, when set, is put before the command
-# (e.g. "apptainer exec --nv /path/image.sif"). TF_TASK_VERBOSE=1 prints one line per task (rank,
+# Every GPU of the node stays visible; the program picks cuda:LOCAL_RANK (one task per GPU). TRANSFUSION_TASK_PREFIX, when set, is put before the command
+# (e.g. "apptainer exec --nv /path/image.sif"). TRANSFUSION_TASK_VERBOSE=1 prints one line per task (rank,
 # node, master) to stderr.
 set -euo pipefail
 
@@ -18,8 +18,8 @@ set -euo pipefail
 : "${MASTER_PORT:?MASTER_PORT is not set: the batch script should call tf_rendezvous}"
 
 prefix=()
-if [[ -n ${TF_TASK_PREFIX:-} ]]; then
-  read -ra prefix <<<"$TF_TASK_PREFIX"
+if [[ -n ${TRANSFUSION_TASK_PREFIX:-} ]]; then
+  read -ra prefix <<<"$TRANSFUSION_TASK_PREFIX"
 fi
 # contract.dist_env derives RANK & co. from SLURM_* (the one implementation), exports them, execs "$@"
 exec "${prefix[@]}" python -m contract.dist_env "$@"

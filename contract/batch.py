@@ -1,4 +1,5 @@
-"""The batch contract between the data pipeline and the model (`data_pipeline.loader` builds it, `pretrain.model` reads it).
+"""The batch contract between the data pipeline and the model (`data_pipeline.loader` builds it, `pretrain.model` reads
+it).
 
 A batch is B packed sequences of exactly L positions. Every position carries a token id, the
 document it belongs to, the image it belongs to (or -1) and its RoPE position. Images are
@@ -50,7 +51,8 @@ class TransfusionBatch:
     def to(self, device: torch.device | str, non_blocking: bool = False) -> "TransfusionBatch":
         """Move every tensor to `device`."""
         return TransfusionBatch(**{
-            f.name: None if getattr(self, f.name) is None else getattr(self, f.name).to(device, non_blocking=non_blocking)
+            f.name: None if getattr(self, f.name) is None
+            else getattr(self, f.name).to(device, non_blocking=non_blocking)
             for f in fields(self)
         })
 
@@ -81,7 +83,8 @@ class TransfusionBatch:
                                ("text_index", lambda: replace(self, text_index=None).text_positions())):
             given = getattr(self, name)
             if given is not None and not torch.equal(given, computed()):
-                raise ValueError(f"batch.{name} does not list the positions its masks give; rebuild it with with_indices()")
+                raise ValueError(f"batch.{name} does not list the positions its masks give; rebuild it with "
+                                 f"with_indices()")
         N = self.num_images
         if self.noise.shape != self.latents.shape:
             raise ValueError(f"batch.noise shape {tuple(self.noise.shape)} != latents {tuple(self.latents.shape)}")

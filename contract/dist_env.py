@@ -173,7 +173,8 @@ def detect_env(env: Mapping[str, str] | None = None) -> DistEnv:
         return from_torch(env)
     if "SLURM_PROCID" in env and ("SLURM_NTASKS" in env or "SLURM_STEP_NUM_TASKS" in env):
         return from_slurm(env)
-    return DistEnv(0, 0, 1, 1, env.get("MASTER_ADDR", "127.0.0.1"), int(env.get("MASTER_PORT") or free_port()), "single")
+    return DistEnv(0, 0, 1, 1, env.get("MASTER_ADDR", "127.0.0.1"), int(env.get("MASTER_PORT") or free_port()),
+                   "single")
 
 
 def export_env(d: DistEnv, env: MutableMapping[str, str] | None = None) -> None:
@@ -192,7 +193,7 @@ def export_env(d: DistEnv, env: MutableMapping[str, str] | None = None) -> None:
 def main(argv: list[str] | None = None) -> None:
     """`python -m contract.dist_env CMD [ARGS...]` inside a Slurm task: export RANK & co. from SLURM_*, exec CMD.
 
-    TF_TASK_VERBOSE=1 prints one line per task (rank, node, master) to stderr.
+    TRANSFUSION_TASK_VERBOSE=1 prints one line per task (rank, node, master) to stderr.
     """
     cmd = sys.argv[1:] if argv is None else argv
     if not cmd:
@@ -202,7 +203,7 @@ def main(argv: list[str] | None = None) -> None:
     except (KeyError, ValueError) as e:
         sys.exit(f"contract.dist_env: cannot place this Slurm task ({type(e).__name__}: {e})")
     export_env(d)
-    if os.environ.get("TF_TASK_VERBOSE") == "1":
+    if os.environ.get("TRANSFUSION_TASK_VERBOSE") == "1":
         print(f"[srun_task] rank {d.rank}/{d.world_size} local {d.local_rank}/{d.local_world_size} node "
               f"{os.environ.get('SLURMD_NODENAME', '?')} master {d.master_addr}:{d.master_port} gloo_if "
               f"{os.environ.get('GLOO_SOCKET_IFNAME', 'auto')}", file=sys.stderr, flush=True)

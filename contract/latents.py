@@ -15,7 +15,8 @@ import torch
 LatentDtype = Literal["fp16", "bf16"]
 
 #: MDS column (name, encoding) per storage dtype
-COLUMNS: dict[str, tuple[str, str]] = {"fp16": ("latents", "ndarray:float16"), "bf16": ("latents_bf16", "ndarray:uint16")}
+COLUMNS: dict[str, tuple[str, str]] = {"fp16": ("latents", "ndarray:float16"),
+                                       "bf16": ("latents_bf16", "ndarray:uint16")}
 
 
 def column(dtype: LatentDtype) -> str:

@@ -25,7 +25,8 @@ class DataConfig:
     streams: list[StreamConfig] = field(default_factory=list)
     val_streams: list[StreamConfig] = field(default_factory=list)
     cache_dir: str = ""  # local cache root for remote streams; one subdirectory per (remote, index.json, pack.json)
-    cache_limit: str | None = None  # e.g. "50gb": streaming evicts shards past it and re-downloads them; None = keep all
+    # e.g. "50gb": streaming evicts shards past it and re-downloads them; None = keep all
+    cache_limit: str | None = None
     num_workers: int = 2
     prefetch_factor: int = 2
     shuffle: bool = True

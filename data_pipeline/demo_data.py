@@ -106,7 +106,8 @@ def make_demo_data(out: str | Path, seed: int = 0, fast: bool = True, seq_len: i
     d = cfg["data"]
     dc = DataConfig(tokenizer=d["tokenizer"], vae=d["vae"], seq_len=seq_len, cache_dir=d["cache_dir"],
                     image_position_share=d["image_position_share"],
-                    streams=[StreamConfig(**s) for s in d["streams"]], val_streams=[StreamConfig(**s) for s in d["val_streams"]])
+                    streams=[StreamConfig(**s) for s in d["streams"]],
+                    val_streams=[StreamConfig(**s) for s in d["val_streams"]])
     m = cfg["model"]
     return DemoData(root, cfg_path, dc, Path(d["tokenizer"]), Path(d["vae"]),
                     (m["latent_channels"], m["latent_size"], m["latent_size"]), m["patch_size"],
@@ -133,7 +134,8 @@ def main(argv: list[str] | None = None) -> None:
     if a.patch_size is not None:
         sizes = dataclasses.replace(sizes, patch_size=a.patch_size)
     d = make_demo_data(a.out, a.seed, a.fast, a.seq_len, vocab_size=a.vocab_size, sizes=sizes)
-    print(f"demo data in {time.time() - t0:.0f}s: {d.config_path} (latent shape {d.latent_shape}, vocab {d.vocab_size})")
+    print(f"demo data in {time.time() - t0:.0f}s: {d.config_path} (latent shape {d.latent_shape}, "
+          f"vocab {d.vocab_size})")
 
 
 if __name__ == "__main__":

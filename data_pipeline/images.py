@@ -90,7 +90,8 @@ def to_rgb(img: Image.Image) -> Image.Image:
     if m == "F":
         arr = np.asarray(img, dtype=np.float64)  # (H, W)
         if not np.isfinite(arr).all() or (arr.size and (arr.min() < 0 or arr.max() > 1)):
-            raise BadImage("unsupported_range", f"float image values {np.nanmin(arr):g}..{np.nanmax(arr):g} outside 0..1")
+            raise BadImage("unsupported_range",
+                           f"float image values {np.nanmin(arr):g}..{np.nanmax(arr):g} outside 0..1")
         return _grey(arr * 255.0)
     if m == "P" or m in _ALPHA:
         rgba = img.convert("RGBA")

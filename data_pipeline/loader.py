@@ -84,10 +84,10 @@ def clean_stale_shm(shm_dir: Path = Path("/dev/shm"), stale_after_s: float = STA
 def _clean_once() -> None:
     """Remove shared memory left by crashed runs (only provably stale segments), once per process.
 
-    `TF_CLEAN_SHM=0` (docs/cluster.md) switches it off.
+    `TRANSFUSION_CLEAN_SHM=0` (docs/cluster.md) switches it off.
     """
     global _CLEANED
-    if not _CLEANED and os.environ.get("TF_CLEAN_SHM", "1") != "0":
+    if not _CLEANED and os.environ.get("TRANSFUSION_CLEAN_SHM", "1") != "0":
         clean_stale_shm()
     _CLEANED = True
 
@@ -150,7 +150,8 @@ class PackedDataset(StreamingDataset):
             name = shard.raw_data.basename
             where = Path(stream.local) / stream.split / name
             size = where.stat().st_size if where.is_file() else None
-            truncated = f"{size} of {shard.raw_data.bytes} bytes; " if size is not None and size != shard.raw_data.bytes else ""
+            truncated = (f"{size} of {shard.raw_data.bytes} bytes; "
+                         if size is not None and size != shard.raw_data.bytes else "")
             if stream.remote:
                 url = storage.join(stream.remote, stream.split, name)
                 raise RuntimeError(f"{url}: corrupt or truncated shard ({truncated}{type(e).__name__}: {e}; cached "
@@ -225,7 +226,8 @@ def mix_proportions(streams: list[StreamConfig], image_share: float | None) -> l
     stats = [_pack_stats(s) for s in streams]
     if any(not st or "rows" not in st for st in stats):
         missing = [s.name for s, st in zip(streams, stats) if not st or "rows" not in st]
-        raise ValueError(f"data.streams {missing}: no pack.json to derive the mix from; set `proportion` on every stream")
+        raise ValueError(f"data.streams {missing}: no pack.json to derive the mix from; set `proportion` on every "
+                         f"stream")
     rows = np.array([st["rows"] for st in stats], dtype=np.float64)
     share = np.array([st["image_positions"] / max(1, st["positions"]) for st in stats])
     lo, hi = share < image_share, share >= image_share
@@ -253,8 +255,10 @@ def check_stream(sc: StreamConfig, cfg: DataConfig, spec: RowSpec) -> None:
     if st.get("seq_len", cfg.seq_len) != cfg.seq_len:
         raise ValueError(f"{where}: packed with seq_len={st['seq_len']} but data.seq_len={cfg.seq_len}; "
                          "repack or change data.seq_len")
-    if st.get("latent_shape") and (st["patch_size"] != spec.patch_size or list(st["latent_shape"]) != list(spec.latent_shape)):
-        raise ValueError(f"{where}: packed for patch_size={st['patch_size']}, latent_shape={st['latent_shape']} but the model "
+    if st.get("latent_shape") and (st["patch_size"] != spec.patch_size
+                                   or list(st["latent_shape"]) != list(spec.latent_shape)):
+        raise ValueError(f"{where}: packed for patch_size={st['patch_size']}, latent_shape={st['latent_shape']} but "
+                         f"the model "
                          f"uses patch_size={spec.patch_size}, latent_shape={list(spec.latent_shape)}; "
                          "repack with matching --patch-size")
 
@@ -262,7 +266,8 @@ def check_stream(sc: StreamConfig, cfg: DataConfig, spec: RowSpec) -> None:
 def _streams(cfg: DataConfig, split: str, spec: RowSpec) -> list[Stream]:
     scs = cfg.streams if split == "train" else cfg.val_streams
     if not scs:
-        raise ValueError(f"data.{'streams' if split == 'train' else 'val_streams'} is empty: list the packed MDS directories")
+        raise ValueError(f"data.{'streams' if split == 'train' else 'val_streams'} is empty: list the packed MDS "
+                         f"directories")
     if cfg.cache_limit and (local := [sc.name for sc in scs if not sc.remote]):
         # streaming evicts by deleting shard files: on a stream read in place that would delete the data set
         raise ValueError(f"data.cache_limit={cfg.cache_limit!r} with local streams {local} "
@@ -275,7 +280,8 @@ def _streams(cfg: DataConfig, split: str, spec: RowSpec) -> list[Stream]:
         check_stream(sc, cfg, spec)
         local = str(stream_cache_dir(cfg.cache_dir, sc.name, sc.remote)) if sc.remote else sc.local
         if not sc.remote and not (Path(local) / "index.json").is_file():
-            raise FileNotFoundError(f"data.{'streams' if split == 'train' else 'val_streams'}[{i}].local={local}: no index.json")
+            raise FileNotFoundError(f"data.{'streams' if split == 'train' else 'val_streams'}[{i}].local={local}: no "
+                                    f"index.json")
         out.append(Stream(remote=sc.remote, local=local, proportion=p))
     return out
 
@@ -289,7 +295,8 @@ class TransfusionLoader:
         _clean_once()
         self.split = split
         self.dataset = PackedDataset(
-            spec=spec, seed=seed, fixed_epoch=split == "val", streams=_streams(cfg, split, spec), batch_size=micro_batch_size,
+            spec=spec, seed=seed, fixed_epoch=split == "val", streams=_streams(cfg, split, spec),
+            batch_size=micro_batch_size,
             shuffle=cfg.shuffle and split == "train", shuffle_seed=seed, num_canonical_nodes=cfg.num_canonical_nodes,
             cache_limit=cfg.cache_limit,
         )
@@ -309,7 +316,8 @@ class TransfusionLoader:
                 yield batch
             empty = 0 if n else empty + 1
             if empty >= 2:
-                raise RuntimeError("the train streams yield no full micro-batch: fewer rows than micro_batch_size x ranks")
+                raise RuntimeError("the train streams yield no full micro-batch: fewer rows than micro_batch_size x "
+                                   "ranks")
 
     def state_dict(self) -> dict:
         """Resumption state (plain JSON data); take it after the batch the trainer consumed last."""

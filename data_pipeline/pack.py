@@ -237,7 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--tokenizer", required=True, help="sentencepiece .model (special ids in <model>.json)")
     ap.add_argument("--out", required=True, help="output directory or URL: OUT/train, OUT/val, OUT/pack.json")
     ap.add_argument("--seq-len", type=int, default=d.seq_len, help="positions per packed row (data.seq_len)")
-    ap.add_argument("--patch-size", type=int, default=d.patch_size, help="latent cells per patch side (model.patch_size)")
+    ap.add_argument("--patch-size", type=int, default=d.patch_size,
+                    help="latent cells per patch side (model.patch_size)")
     ap.add_argument("--val-every", type=int, default=d.val_every,
                     help="every N-th document of each part goes to OUT/val (0: no val)")
     ap.add_argument("--lookahead", type=int, default=d.lookahead, help="documents considered when filling a row")
@@ -260,7 +261,8 @@ def _image_meta(inputs: list[str]) -> dict:
 
 
 def file_sha256(path: str | Path) -> str:
-    """Hex SHA-256 of a file's bytes, local or remote (what pack.json's identity records for the tokenizer and inputs)."""
+    """Hex SHA-256 of a file's bytes, local or remote (what pack.json's identity records for the tokenizer and
+    inputs)."""
     h = hashlib.sha256()
     with storage.open_read(path) as f:
         while chunk := f.read(1 << 24):
@@ -385,7 +387,8 @@ def wait_for_parts(out: str, idents: list[dict], timeout: float) -> None:
 
 
 def finalize(opts: PackOptions, n_parts: int, meta: dict, P: int) -> dict:
-    """Merge the part indexes of each split, write OUT/<split>/pack.json; returns the summed report (without identity)."""
+    """Merge the part indexes of each split, write OUT/<split>/pack.json; returns the summed report (without
+    identity)."""
     out = opts.out
     reps = [storage.read_json(_marker(out, k)) for k in range(n_parts)]
     report = dict(meta)
@@ -420,7 +423,8 @@ def _previous(out: str, identity: dict) -> dict | None:
             return rep
         raise ValueError(f"{out}: holds a pack of other inputs or options (differs in {diff}); use a new --out, "
                          f"or delete {out} to repack there")
-    if storage.list_dir(storage.join(out, "parts")) or any(storage.exists(storage.join(out, s)) for s in ("train", "val")):
+    if storage.list_dir(storage.join(out, "parts")) or any(storage.exists(storage.join(out, s))
+                                                           for s in ("train", "val")):
         print(f"[pack] {out}: left by an unfinished run (no pack.json); keeping its finished parts whose identity "
               "matches and packing the rest")
     return None
@@ -446,7 +450,8 @@ def run(opts: PackOptions, rank_and_world: tuple[int, int] | None = None) -> dic
     if (rep := _previous(opts.out, identity)) is not None:
         print(f"[pack] {opts.out}: already packed from the same inputs and options; nothing to do")
         return rep if rank == 0 else None
-    meta = {"kind": opts.kind, "seq_len": opts.seq_len, "patch_size": opts.patch_size, "latent_shape": None, "dtype": "fp16"}
+    meta = {"kind": opts.kind, "seq_len": opts.seq_len, "patch_size": opts.patch_size, "latent_shape": None,
+            "dtype": "fp16"}
     P = 0
     if opts.kind != "text":
         im = _image_meta(opts.inputs)

@@ -122,7 +122,8 @@ class Packer:
 
     def __init__(self, seq_len: int, patches_per_image: int, lookahead: int = 64):
         if pair_positions(patches_per_image) > seq_len:
-            raise ValueError(f"an image needs {pair_positions(patches_per_image)} positions, more than seq_len={seq_len}")
+            raise ValueError(f"an image needs {pair_positions(patches_per_image)} positions, more than "
+                             f"seq_len={seq_len}")
         self.seq_len, self.P, self.lookahead = seq_len, patches_per_image, lookahead
         self.buffer: deque[list[Unit]] = deque()
         self.pending: deque[list[Unit]] = deque()

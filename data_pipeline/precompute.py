@@ -67,7 +67,8 @@ class Stats:
     records: sources.SkipLog = field(default_factory=sources.SkipLog)
 
     def to_json(self) -> dict:
-        return {**{k: getattr(self, k) for k in _COUNTS}, **{k: dict(sorted(getattr(self, k).items())) for k in _COUNTERS},
+        return {**{k: getattr(self, k) for k in _COUNTS},
+                **{k: dict(sorted(getattr(self, k).items())) for k in _COUNTERS},
                 **self.records.to_json("records_skipped")}
 
     def add(self, d: dict) -> None:
@@ -322,20 +323,26 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--input", dest="inputs", nargs="+", required=True,
                     help="pairs/interleaved .jsonl, image folders, webdataset .tar, .parquet (globs and brace "
                          "ranges ok; .tar and .parquet may be s3:// URLs, read streamed)")
-    ap.add_argument("--kind", choices=("pairs", "interleaved"), default=d.kind, help="layout of .jsonl and .parquet inputs")
+    ap.add_argument("--kind", choices=("pairs", "interleaved"), default=d.kind,
+                    help="layout of .jsonl and .parquet inputs")
     ap.add_argument("--image-column", default=d.image_column,
                     help="parquet pairs: column of image bytes, a {bytes, path} struct or a path/URL")
     ap.add_argument("--caption-column", default=d.caption_column, help="parquet pairs: caption column")
-    ap.add_argument("--texts-column", default=d.texts_column, help="parquet interleaved: list of texts (null at images)")
-    ap.add_argument("--images-column", default=d.images_column, help="parquet interleaved: list of images (null at texts)")
+    ap.add_argument("--texts-column", default=d.texts_column,
+                    help="parquet interleaved: list of texts (null at images)")
+    ap.add_argument("--images-column", default=d.images_column,
+                    help="parquet interleaved: list of images (null at texts)")
     ap.add_argument("--vae", required=True, help="local diffusers AutoencoderKL directory")
-    ap.add_argument("--out", required=True, help="output directory or remote URL such as s3://bucket/prefix (MDS dataset)")
-    ap.add_argument("--image-size", type=int, default=d.image_size, help="square side images are resized and centre-cropped to")
+    ap.add_argument("--out", required=True,
+                    help="output directory or remote URL such as s3://bucket/prefix (MDS dataset)")
+    ap.add_argument("--image-size", type=int, default=d.image_size,
+                    help="square side images are resized and centre-cropped to")
     ap.add_argument("--batch-size", type=int, default=d.batch_size, help="images per VAE forward")
     ap.add_argument("--part-size", type=int, default=d.part_size, help="records per part (unit of work and resumption)")
     ap.add_argument("--dtype", choices=tuple(latent_codec.COLUMNS), default=d.dtype, help="storage dtype of latents")
     ap.add_argument("--device", default=d.device, help="auto = cuda:LOCAL_RANK if present, else cpu")
-    ap.add_argument("--decode-threads", type=int, default=d.decode_threads, help="image-decoding threads beside the VAE")
+    ap.add_argument("--decode-threads", type=int, default=d.decode_threads,
+                    help="image-decoding threads beside the VAE")
     ap.add_argument("--shard-size", type=int, default=d.shard_size, help="bytes per MDS shard")
     ap.add_argument("--wait-timeout", type=float, default=d.wait_timeout, help="rank 0 waits this long for other ranks")
     ap.add_argument("--merge-only", action="store_true", help="only merge finished parts and write the reports")
@@ -389,7 +396,8 @@ def run(opts: PrecomputeOptions, rank_and_world: tuple[int, int] | None = None) 
                 print(f"[precompute rank {rank}] {part_dir(out, k)} was made from other inputs or options "
                       f"(differs in {diff}); redoing it")
             todo += [k] if diff else []
-        print(f"[precompute rank {rank}/{world}] {len(parts)} parts, {len(mine)} mine, {len(mine) - len(todo)} already done")
+        print(f"[precompute rank {rank}/{world}] {len(parts)} parts, {len(mine)} mine, {len(mine) - len(todo)} already "
+              f"done")
         # in Slurm logs (no TTY) the bar is redrawn every 30 s instead of continuously
         with tqdm(desc=f"rank {rank}", unit="img", mininterval=0.1 if sys.stderr.isatty() else 30.0) as bar:
             for k in todo:
@@ -397,7 +405,8 @@ def run(opts: PrecomputeOptions, rank_and_world: tuple[int, int] | None = None) 
     if rank != 0:
         return None
     wait_for_parts(out, idents, opts.wait_timeout)
-    stale = sorted(n for n in storage.list_dir(out) if n.startswith("part-") and n[5:].isdigit() and int(n[5:]) >= len(parts))
+    stale = sorted(n for n in storage.list_dir(out)
+                   if n.startswith("part-") and n[5:].isdigit() and int(n[5:]) >= len(parts))
     if stale:
         print(f"[precompute] {out}: {stale[:5]}... are left from a run with more parts and are not merged; "
               "remove them or use a new --out")

@@ -206,14 +206,15 @@ def vae_stage(opts: PrepareOptions, root: Path, recipe: VaeRecipe, rank: int) ->
     if recipe.steps > 0:
         print(f"[prepare] vae: training {recipe.steps} steps on {len(data)} images of {opts.image_size} px "
               f"({recipe.downsample}x, {recipe.latent_channels} channels, width {recipe.width})", flush=True)
-        vaelib.train_vae(data, d, steps=recipe.steps, batch_size=recipe.batch_size, lr=recipe.lr,
-                         kl_weight=recipe.kl_weight, latent_channels=recipe.latent_channels,
-                         downsample=recipe.downsample, width=recipe.width, seed=opts.seed,
-                         sample_every=max(1, recipe.steps // 3), fg_weight=recipe.fg_weight,
-                         latent_noise=recipe.latent_noise,
-                         report={"images_used": len(data), **skips.to_json("skipped")})
+        settings = vaelib.VaeTrainSettings(
+            steps=recipe.steps, batch_size=recipe.batch_size, lr=recipe.lr, kl_weight=recipe.kl_weight,
+            latent_channels=recipe.latent_channels, downsample=recipe.downsample, width=recipe.width,
+            seed=opts.seed, sample_every=max(1, recipe.steps // 3), fg_weight=recipe.fg_weight,
+            latent_noise=recipe.latent_noise)
+        vaelib.train_vae(data, d, settings, report={"images_used": len(data), **skips.to_json("skipped")})
     else:
-        model = vaelib.small_vae(recipe.latent_channels, downsample=recipe.downsample, width=recipe.width, seed=opts.seed)
+        model = vaelib.small_vae(recipe.latent_channels, downsample=recipe.downsample, width=recipe.width,
+                                 seed=opts.seed)
         vaelib.save_with_stats(model, data[:256], d, {"random_init": True})
     _write_json(d / DONE, {"identity": identity, "seconds": round(time.time() - t0, 2), "images": len(data)})
     print(f"[prepare] vae: {d} in {time.time() - t0:.0f}s")
@@ -370,7 +371,8 @@ def run(opts: PrepareOptions, rank_and_world: tuple[int, int] | None = None) -> 
     summary = {k: {"rows": r["train"]["rows"], "val_rows": r.get("val", {}).get("rows", 0),
                    "efficiency": r["train"]["efficiency"]} for k, r in reports.items()}
     _write_json(root / "prepare.json", {"seconds": {k: round(v, 1) for k, v in times.items()}, "streams": summary})
-    print(f"[prepare] {path} in {time.time() - t0:.0f}s (stage seconds {json.dumps({k: round(v, 1) for k, v in times.items()})}; "
+    print(f"[prepare] {path} in {time.time() - t0:.0f}s (stage seconds "
+          f"{json.dumps({k: round(v, 1) for k, v in times.items()})}; "
           f"streams {json.dumps(summary)})")
     return path
 
@@ -384,13 +386,17 @@ def build_parser() -> argparse.ArgumentParser:
                                  epilog=(f"VAE recipes by image size (--vae-* flags override a field):\n{table()}"
                                          if table else None))
     ap.add_argument("--out", required=True, help="output directory (stages resume there)")
-    ap.add_argument("--text", dest="texts", nargs="+", default=[], help="text .jsonl/.txt files, folders or quoted globs")
+    ap.add_argument("--text", dest="texts", nargs="+", default=[],
+                    help="text .jsonl/.txt files, folders or quoted globs")
     ap.add_argument("--pairs", nargs="+", default=[],
-                    help="image-caption .jsonl ({'image': path, 'caption': str}), image folders with caption files, or .tar")
-    ap.add_argument("--interleaved", nargs="+", default=[], help="interleaved .jsonl ({'segments': [{'text'}|{'image'}]})")
+                    help="image-caption .jsonl ({'image': path, 'caption': str}), image folders with caption files, or "
+                         ".tar")
+    ap.add_argument("--interleaved", nargs="+", default=[],
+                    help="interleaved .jsonl ({'segments': [{'text'}|{'image'}]})")
     ap.add_argument("--image-size", type=int, default=d.image_size, help=f"pixels (square) (default: {d.image_size})")
     ap.add_argument("--seq-len", type=int, default=d.seq_len, help=f"positions per packed row (default: {d.seq_len})")
-    ap.add_argument("--tokenizer", default="", help="an existing sentencepiece .model (default: train one on texts + captions)")
+    ap.add_argument("--tokenizer", default="",
+                    help="an existing sentencepiece .model (default: train one on texts + captions)")
     ap.add_argument("--vocab-size", type=int, default=d.vocab_size,
                     help=f"pieces of a trained tokenizer (default: {d.vocab_size})")
     g = ap.add_mutually_exclusive_group()
@@ -406,11 +412,13 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--val-every", type=int, default=d.val_every,
                     help=f"every N-th document of each source goes to validation; 0 = none (default: {d.val_every})")
     ap.add_argument("--image-position-share", type=float, default=None,
-                    help="data.image_position_share (default: 0.5 when the streams reach it, else 90%% of the image-heaviest)")
+                    help="data.image_position_share (default: 0.5 when the streams reach it, else 90%% of the "
+                         "image-heaviest)")
     ap.add_argument("--sample-prompts", type=int, default=d.sample_prompts,
                     help=f"validation captions written to logging.sample_prompts (default: {d.sample_prompts})")
     ap.add_argument("--seed", type=int, default=d.seed, help=f"(default: {d.seed})")
-    ap.add_argument("--part-size", type=int, default=d.part_size, help=f"records per precompute part (default: {d.part_size})")
+    ap.add_argument("--part-size", type=int, default=d.part_size,
+                    help=f"records per precompute part (default: {d.part_size})")
     ap.add_argument("--batch-size", type=int, default=d.batch_size,
                     help=f"images per VAE forward in precompute (default: {d.batch_size})")
     ap.add_argument("--decode-threads", type=int, default=d.decode_threads, help=f"(default: {d.decode_threads})")

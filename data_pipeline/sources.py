@@ -83,10 +83,12 @@ class SkipLog:
 
     def to_json(self, counts_key: str = "records_skipped") -> dict:
         """The report keys every stage writes: {counts_key: {reason: n}, "named": [...], "named_left_out": n}."""
-        return {counts_key: dict(sorted(self.counts.items())), "named": self.named, "named_left_out": self.named_left_out}
+        return {counts_key: dict(sorted(self.counts.items())), "named": self.named,
+                "named_left_out": self.named_left_out}
 
     def summary(self, what: str) -> str:
-        """One log line: `<what>: skipped N (reason n, ...); first: <record> (<reason>)`; "" when nothing was skipped."""
+        """One log line: `<what>: skipped N (reason n, ...); first: <record> (<reason>)`; "" when nothing was
+        skipped."""
         n = sum(self.counts.values())
         if not n:
             return ""
@@ -160,7 +162,8 @@ def expand(inputs: list[str]) -> list[str]:
                 continue
             hits = sorted(glob.glob(pat)) if any(c in pat for c in "*?[") else ([pat] if os.path.exists(pat) else [])
             if not hits:
-                raise FileNotFoundError(f"{pat}: no such input file or directory" + (f" (from {given})" if pat != given else ""))
+                raise FileNotFoundError(f"{pat}: no such input file or directory"
+                                        + (f" (from {given})" if pat != given else ""))
             out += hits
     return out
 
@@ -244,7 +247,8 @@ def _caption_of(rec: object, where: str) -> str:
             if not rec[k].strip():
                 raise BadRecord("empty_caption", f"{where}: field '{k}' is empty")
             return rec[k]
-    raise BadRecord("no_caption", f"{where}: no string caption field (one of {CAPTION_KEYS}); got keys {sorted(rec)[:8]}")
+    raise BadRecord("no_caption",
+                    f"{where}: no string caption field (one of {CAPTION_KEYS}); got keys {sorted(rec)[:8]}")
 
 
 def decode_caption(raw: bytes, where: str, fallback: str | None) -> tuple[str, str]:
@@ -254,7 +258,8 @@ def decode_caption(raw: bytes, where: str, fallback: str | None) -> tuple[str, s
     except UnicodeDecodeError as e:
         if fallback:
             return raw.decode(fallback, "replace"), f"caption_{fallback}"
-        raise BadRecord("caption_not_utf8", f"{where}: {e}; set --caption-fallback-encoding (e.g. cp1252) to repair") from e
+        raise BadRecord("caption_not_utf8",
+                        f"{where}: {e}; set --caption-fallback-encoding (e.g. cp1252) to repair") from e
 
 
 def _parse_json(raw: bytes, where: str) -> object:
@@ -389,7 +394,8 @@ def _need_columns(pf: Any, path: str, want: dict[str, str]) -> None:
     have = set(pf.schema_arrow.names)
     for flag, col in want.items():
         if col not in have:
-            raise ValueError(f"{path}: no column '{col}' (columns: {sorted(have)[:20]}); name the right one with {flag}")
+            raise ValueError(f"{path}: no column '{col}' (columns: {sorted(have)[:20]}); "
+                             f"name the right one with {flag}")
 
 
 def _parquet_rows_of(part: Part, cols: list[str]) -> Iterator[tuple[int, dict]]:
@@ -448,7 +454,8 @@ def _parquet_interleaved(row: dict, cols: Columns, path: str, where: str) -> Rec
     texts, imgs = row.get(cols.texts), row.get(cols.images)
     if not isinstance(texts, list) or not isinstance(imgs, list) or len(texts) != len(imgs):
         lens = [len(x) if isinstance(x, list) else type(x).__name__ for x in (texts, imgs)]
-        raise BadRecord("bad_row", f"{where}: '{cols.texts}' and '{cols.images}' must be lists of one length (got {lens})")
+        raise BadRecord("bad_row",
+                        f"{where}: '{cols.texts}' and '{cols.images}' must be lists of one length (got {lens})")
     segs: list[tuple[str, object]] = []
     for j, (t, im) in enumerate(zip(texts, imgs)):
         if t is not None and im is not None:
@@ -523,7 +530,8 @@ def text_files(inputs: list[str]) -> list[str]:
     for path in expand(inputs):
         if storage.is_remote(path) and not path.endswith((".txt", ".jsonl")):
             raise ValueError(f"{path}: a remote text input must be a .jsonl or .txt file (list them, or a brace range)")
-        out += sorted(str(p) for p in Path(path).rglob("*") if p.suffix in (".txt", ".jsonl")) if os.path.isdir(path) else [path]
+        out += (sorted(str(p) for p in Path(path).rglob("*") if p.suffix in (".txt", ".jsonl"))
+                if os.path.isdir(path) else [path])
     return out
 
 

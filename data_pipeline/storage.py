@@ -81,7 +81,8 @@ def _s3_client() -> Any:
         import boto3  # noqa: PLC0415 - optional dependency (the `s3` extra)
         from botocore.config import Config  # noqa: PLC0415
     except ImportError as e:
-        raise StorageError("s3:// URLs need boto3: pip install 'transfusion-pretrain[s3]' (or pip install boto3)") from e
+        raise StorageError("s3:// URLs need boto3: pip install 'transfusion-pretrain[s3]' "
+                           "(or pip install boto3)") from e
 
     key = (os.getpid(), os.environ.get("S3_ENDPOINT_URL"), os.environ.get("AWS_ACCESS_KEY_ID"),
            os.environ.get("AWS_SECRET_ACCESS_KEY"), os.environ.get("AWS_PROFILE"))
@@ -361,7 +362,8 @@ def delete(url: str | Path) -> None:
         _local(u).unlink(missing_ok=True)
         return
     if scheme(u) != "s3":
-        raise StorageError(f"{u}: deleting is only supported on s3:// and local paths; remove it with the store's tools")
+        raise StorageError(f"{u}: deleting is only supported on s3:// and local paths; "
+                           "remove it with the store's tools")
     bucket, key = _bucket_key(u)
     try:
         _s3_client().delete_object(Bucket=bucket, Key=key)

@@ -125,7 +125,8 @@ def png_bytes(img: Image.Image) -> bytes:
     return buf.getvalue()
 
 
-def random_scene(rng: np.random.Generator, exclude: tuple[tuple[str, str, str], ...] = HELD_OUT) -> tuple[str, str, str]:
+def random_scene(rng: np.random.Generator,
+                 exclude: tuple[tuple[str, str, str], ...] = HELD_OUT) -> tuple[str, str, str]:
     """A random (colour, shape, place), uniform over the combinations not in `exclude` (default: HELD_OUT)."""
     while True:
         scene = (str(rng.choice(list(COLORS))), str(rng.choice(SHAPES)), str(rng.choice(list(PLACES))))

@@ -89,7 +89,8 @@ def wrap(model_path: str | Path) -> SpecialIds:
     if not info["lossless"]:
         warnings.warn(f"{model_path}: this tokenizer changes text ({info}): characters outside its vocabulary become "
                       "<unk> without byte_fallback, a normaliser rewrites characters, remove_extra_whitespaces folds "
-                      "spaces and newlines; train one with `python -m data_pipeline.tokenizer train` for a lossless one",
+                      "spaces and newlines; train one with `python -m data_pipeline.tokenizer train` for a lossless "
+                      "one",
                       stacklevel=2)
     save_special_ids(ids, model_path)
     _add_meta(model_path, model=info)
@@ -185,7 +186,8 @@ def train(texts: Iterable[str], out_model: str | Path, vocab_size: int = 1000, s
     out_model.write_bytes(buf.getvalue())
     rep.pieces = spm.SentencePieceProcessor(model_proto=buf.getvalue()).get_piece_size()
     if rep.pieces < vocab_size:
-        warnings.warn(f"{out_model}: vocabulary of {rep.pieces} pieces, fewer than --vocab-size {vocab_size}: the training "
+        warnings.warn(f"{out_model}: vocabulary of {rep.pieces} pieces, fewer than --vocab-size {vocab_size}: the "
+                      f"training "
                       f"text ({rep.documents} documents, {rep.chunks} chunks) has no more distinct sub-words worth a "
                       "piece; give more varied text or ask for a smaller vocabulary", stacklevel=2)
     if skips is not None:
@@ -229,7 +231,8 @@ def main(argv: list[str] | None = None) -> None:
     sub = ap.add_subparsers(dest="cmd", required=True)
     t = sub.add_parser("train", help="train a sentencepiece model from .txt / .jsonl files")
     t.add_argument("--input", nargs="+", required=True,
-                   help=".jsonl ({'text': ...} a line), .txt (one document a file) or folders of them, as pack reads them")
+                   help=".jsonl ({'text': ...} a line), .txt (one document a file) or folders of them, as pack reads "
+                        "them")
     t.add_argument("--out", required=True, help="output .model path; <out>.json gets the special ids")
     t.add_argument("--vocab-size", type=int, default=32000)
     t.add_argument("--seed", type=int, default=0)

@@ -163,7 +163,8 @@ def recipe_for(image_size: int) -> VaeRecipe:
 
 def recipe_table() -> str:
     """RECIPES as a plain-text table (the CLI's --help epilog)."""
-    rows = [f"{'px':>5} {'down':>5} {'width':>6} {'ch':>3} {'latent':>9} {'patch':>6} {'patches':>8} {'steps':>6}  measured"]
+    rows = [f"{'px':>5} {'down':>5} {'width':>6} {'ch':>3} {'latent':>9} {'patch':>6} {'patches':>8} {'steps':>6}  "
+            f"measured"]
     for r in RECIPES.values():
         rows.append(f"{r.image_size:>5} {r.downsample:>4}x {r.width:>6} {r.latent_channels:>3} "
                     f"{f'{r.latent_size}x{r.latent_size}x{r.latent_channels}':>9} {r.patch_size:>6} {r.patches:>8} "
@@ -211,7 +212,8 @@ def load_images(inputs: list[str], size: int, limit: int | None = None, kind: st
                 if limit and len(out) >= limit:
                     return torch.from_numpy(np.stack(out))
     if not out:
-        raise ValueError(f"{inputs}: no readable images to train the VAE on ({skips.summary('skipped') or 'none found'})")
+        raise ValueError(f"{inputs}: no readable images to train the VAE on "
+                         f"({skips.summary('skipped') or 'none found'})")
     return torch.from_numpy(np.stack(out))
 
 
@@ -255,57 +257,85 @@ def _batches(data: torch.Tensor, bs: int, gen: torch.Generator) -> Iterator[torc
             yield data[perm[i : i + bs]]
 
 
-def train_vae(data: torch.Tensor, out: str | Path, steps: int = 300, batch_size: int = 16, lr: float = 2e-3,
-              kl_weight: float = 1e-6, gan_weight: float = 0.0, gan_start: int = 0, latent_channels: int = 8,
-              downsample: int = 8, width: int = 32, seed: int = 0, sample_every: int = 100,
-              fg_weight: float = 1.0, latent_noise: float = 0.0, report: dict | None = None,
-              threads: int | None = None) -> Path:
+@dataclass(frozen=True)
+class VaeTrainSettings:
+    """How `train_vae` trains: optimisation, losses, model shape, seed and logging.
+
+    `latent_noise` > 0 trains the decoder on noised latents (`noise_latents`), so that it rebuilds the
+    clean image from a latent that is slightly off, as a denoiser's output is (docs/quality.md §15);
+    a negative value is a ValueError in `train_vae`. `threads`: torch CPU threads while training
+    (None: `default_threads()`; restored afterwards).
+    """
+
+    steps: int = 300  # optimizer steps (one-cycle schedule)
+    batch_size: int = 16  # images per step
+    lr: float = 2e-3  # peak learning rate
+    kl_weight: float = 1e-6  # weight of the KL term (per latent element)
+    gan_weight: float = 0.0  # > 0 adds a patch-GAN hinge loss
+    gan_start: int = 0  # step at which the GAN loss starts
+    latent_channels: int = 8
+    downsample: int = 8  # image side / latent side
+    width: int = 32  # channels of the first block (small_vae)
+    seed: int = 0  # initialisation, batch order and posterior samples
+    sample_every: int = 100  # write samples/recon_STEP.png every N steps
+    fg_weight: float = 1.0  # weight of pixels that differ from the image's dominant colour
+    latent_noise: float = 0.0  # noise_latents' max_noise, in latent stds
+    threads: int | None = None
+
+    @classmethod
+    def from_recipe(cls, recipe: VaeRecipe, **overrides) -> VaeTrainSettings:
+        """The settings of `recipe` (steps, batch size, lr, latent channels, downsampling, width, latent
+        noise; samples written 3 times), with `overrides` (any field) on top."""
+        base = dict(steps=recipe.steps, batch_size=recipe.batch_size, lr=recipe.lr,
+                    latent_channels=recipe.latent_channels, downsample=recipe.downsample, width=recipe.width,
+                    latent_noise=recipe.latent_noise, sample_every=max(1, recipe.steps // 3))
+        return cls(**{**base, **overrides})
+
+
+def train_vae(data: torch.Tensor, out: str | Path, settings: VaeTrainSettings = VaeTrainSettings(),
+              report: dict | None = None) -> Path:
     """Train a small AutoencoderKL with L1 + KL (+ patch GAN), save it with measured shift/scale.
 
     data: (N, 3, H, W) images in [-1, 1], held in memory (batches are index gathers, no loader).
-    `latent_noise` > 0 trains the decoder on noised latents (`noise_latents`), so that it rebuilds the
-    clean image from a latent that is slightly off, as a denoiser's output is (docs/quality.md §15).
-    Raises ValueError for a negative `latent_noise`.
+    `settings`: how (`VaeTrainSettings`). Raises ValueError for a negative `settings.latent_noise`.
     `report` (e.g. the inputs' skip counts) is added to the training report `out/latent_stats.json`.
-    `threads`: torch CPU threads while training (None: `default_threads()`; restored afterwards).
     """
     prev = torch.get_num_threads()
-    torch.set_num_threads(threads or default_threads())
+    torch.set_num_threads(settings.threads or default_threads())
     try:
-        return _train_vae(data, out, steps, batch_size, lr, kl_weight, gan_weight, gan_start, latent_channels,
-                          downsample, width, seed, sample_every, fg_weight, latent_noise, report)
+        return _train_vae(data, out, settings, report)
     finally:
         torch.set_num_threads(prev)
 
 
-def _train_vae(data: torch.Tensor, out: str | Path, steps: int, batch_size: int, lr: float, kl_weight: float,
-               gan_weight: float, gan_start: int, latent_channels: int, downsample: int, width: int, seed: int,
-               sample_every: int, fg_weight: float, latent_noise: float, report: dict | None) -> Path:
+def _train_vae(data: torch.Tensor, out: str | Path, s: VaeTrainSettings, report: dict | None) -> Path:
     """train_vae's work, on the current torch thread count."""
+    steps, lr, latent_channels = s.steps, s.lr, s.latent_channels
+    latent_noise, gan_weight = s.latent_noise, s.gan_weight
     if latent_noise < 0:
         raise ValueError(f"latent_noise={latent_noise}: must be >= 0 (0 = plain VAE training)")
     out = Path(out)
     (out / "samples").mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(seed)
-    model = small_vae(latent_channels, downsample, width, seed).train()
+    torch.manual_seed(s.seed)
+    model = small_vae(latent_channels, s.downsample, s.width, s.seed).train()
     with torch.no_grad():  # start with a narrow posterior (std ~0.05): at std 1 the sampled latent drowns
         model.quant_conv.bias[latent_channels:] = -6.0  # colour and shape and early training only learns blobs
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
     disc = PatchDiscriminator() if gan_weight > 0 else None
     dopt = torch.optim.AdamW(disc.parameters(), lr=lr / 4, betas=(0.5, 0.9)) if disc else None
-    gen = torch.Generator().manual_seed(seed)
-    it = _batches(data, min(batch_size, len(data)), gen)
+    gen = torch.Generator().manual_seed(s.seed)
+    it = _batches(data, min(s.batch_size, len(data)), gen)
     bar = tqdm(range(steps), desc="vae", unit="step")
     for step in bar:
         x = next(it)  # (B, 3, H, W)
         post = model.encode(x).latent_dist
         z = noise_latents(post.sample(generator=gen), latent_noise, gen)  # (B, C, h, w)
         rec = model.decode(z).sample
-        l1 = weighted_l1(rec, x, fg_weight)
+        l1 = weighted_l1(rec, x, s.fg_weight)
         kl = post.kl().mean() / x[0].numel()
-        loss = l1 + kl_weight * kl
-        use_gan = disc is not None and step >= gan_start
+        loss = l1 + s.kl_weight * kl
+        use_gan = disc is not None and step >= s.gan_start
         if use_gan:
             loss = loss - gan_weight * disc(rec).mean()
         opt.zero_grad(set_to_none=True)
@@ -318,7 +348,7 @@ def _train_vae(data: torch.Tensor, out: str | Path, steps: int, batch_size: int,
             d_loss.backward()
             dopt.step()
         bar.set_postfix(l1=f"{l1.item():.4f}", kl=f"{kl.item():.3g}")
-        if (step + 1) % sample_every == 0 or step + 1 == steps:
+        if (step + 1) % s.sample_every == 0 or step + 1 == steps:
             model.eval()
             _save_recon(model, data[:8], out / "samples" / f"recon_{step + 1:06d}.png")
             model.train()
@@ -396,7 +426,8 @@ def main(argv: list[str] | None = None) -> None:
     unless the shape and schedule flags are given)."""
     ap = argparse.ArgumentParser(prog="python -m data_pipeline.vae", description=__doc__,
                                  formatter_class=_HelpFormatter,
-                                 epilog="recipes (--image-size picks one; docs/data.md \"VAE recipes\"):\n" + recipe_table())
+                                 epilog="recipes (--image-size picks one; docs/data.md \"VAE recipes\"):\n"
+                                        + recipe_table())
     rec = "(default: the --image-size recipe below)"
     ap.add_argument("--input", nargs="+", required=True, help="pairs .jsonl, image folders or webdataset .tar files")
     ap.add_argument("--out", required=True, help="output directory (diffusers format + samples/*.png)")
@@ -410,15 +441,18 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--gan-weight", type=float, default=0.0, help="> 0 adds a patch-GAN hinge loss")
     ap.add_argument("--gan-start", type=int, default=0, help="step at which the GAN loss starts")
     ap.add_argument("--latent-channels", type=int, default=None, help=f"channels of the latent {rec}")
-    ap.add_argument("--downsample", type=int, default=None, choices=(2, 4, 8, 16), help=f"image side / latent side {rec}")
+    ap.add_argument("--downsample", type=int, default=None, choices=(2, 4, 8, 16),
+                    help=f"image side / latent side {rec}")
     ap.add_argument("--width", type=int, default=None, help=f"channels of the first block {rec}")
     ap.add_argument("--sample-every", type=int, default=500, help="write samples/recon_STEP.png every N steps")
     ap.add_argument("--fg-weight", type=float, default=1.0,
-                    help="weight of pixels that differ from the image's dominant colour (small objects on flat backgrounds)")
+                    help="weight of pixels that differ from the image's dominant colour (small objects on flat "
+                         "backgrounds)")
     ap.add_argument("--latent-noise", type=float, default=None,
                     help=f"train the decoder on latents noised by up to this many latent stds (robust decoding) {rec}")
     ap.add_argument("--threads", type=int, default=None,
-                    help="torch CPU threads (default: one per core not busy with other jobs, at least 1: default_threads)")
+                    help="torch CPU threads (default: one per core not busy with other jobs, at least 1: "
+                         "default_threads)")
     ap.add_argument("--seed", type=int, default=0, help="initialisation, batch order and posterior samples")
     a = ap.parse_args(argv)
     try:
@@ -432,11 +466,13 @@ def main(argv: list[str] | None = None) -> None:
     if skips.counts:
         print(skips.summary("[vae] inputs") + f"; all named in {Path(a.out) / 'latent_stats.json'}", file=sys.stderr)
     ch, ds = pick(a.latent_channels, r.latent_channels), pick(a.downsample, r.downsample)
-    train_vae(data, a.out, pick(a.steps, r.steps), pick(a.batch_size, r.batch_size), pick(a.lr, r.lr), a.kl_weight,
-              a.gan_weight, a.gan_start, ch, ds, pick(a.width, r.width), a.seed, a.sample_every, a.fg_weight,
-              pick(a.latent_noise, r.latent_noise),
-              report={"images_used": len(data), "recipe": dataclasses.asdict(r), **skips.to_json("skipped")},
-              threads=a.threads)
+    settings = VaeTrainSettings(
+        steps=pick(a.steps, r.steps), batch_size=pick(a.batch_size, r.batch_size), lr=pick(a.lr, r.lr),
+        kl_weight=a.kl_weight, gan_weight=a.gan_weight, gan_start=a.gan_start, latent_channels=ch, downsample=ds,
+        width=pick(a.width, r.width), seed=a.seed, sample_every=a.sample_every, fg_weight=a.fg_weight,
+        latent_noise=pick(a.latent_noise, r.latent_noise), threads=a.threads)
+    train_vae(data, a.out, settings,
+              report={"images_used": len(data), "recipe": dataclasses.asdict(r), **skips.to_json("skipped")})
     print(f"saved {a.out} in {time.time() - t0:.0f}s; model keys: model.latent_channels={ch} "
           f"model.latent_size={a.image_size // ds} (patch size of the recipe: {r.patch_size})")
 

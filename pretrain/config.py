@@ -99,11 +99,13 @@ class LoggingConfig:
     )
     # sampler of the logged samples, of the evaluation and (recorded in the export) of generation; None = the
     # objective's own (pretrain.model.config.default_sampler): DDPM ancestral (the paper's) for ddpm, Euler for
-    # flow. The deterministic DDIM drew the demo model's images with 20-30 points less colour and shape (docs/quality.md)
+    # flow. The deterministic DDIM drew the demo model's images with 20-30 points less colour and shape
+    # (docs/quality.md)
     sample_sampler: Sampler | None = None
     sample_steps: int = 100
     sample_cfg_scale: float = 3.0
-    eval_every: int = 0  # synthetic-task evaluation (pretrain.evaluation.evaluate) every N steps; 0 = never; needs data.vae
+    # synthetic-task evaluation (pretrain.evaluation.evaluate) every N steps; 0 = never; needs data.vae
+    eval_every: int = 0
     tensorboard: bool = True
     peak_flops: float | None = None  # per device; None = detect the GPU (unknown: MFU not shown)
     # step-time breakdown: events = CUDA events, one wait per step (no effect on the step); sync = the old
@@ -181,7 +183,8 @@ def load_config(path: str | Path | list[str | Path] | None = None, overrides: li
 
 
 def set_vocab_size(cfg: Config, explicit: bool) -> Config:
-    """`model.vocab_size` = the tokenizer's (pieces + BOI/EOI/PAD, from `<data.tokenizer>.json`) when data.tokenizer is set.
+    """`model.vocab_size` = the tokenizer's (pieces + BOI/EOI/PAD, from `<data.tokenizer>.json`) when data.tokenizer is
+    set.
 
     The tokenizer is the one source of the vocabulary; an explicitly configured model.vocab_size that
     disagrees with it is an error (drop the key). Without a tokenizer the configured value stays.
@@ -193,7 +196,8 @@ def set_vocab_size(cfg: Config, explicit: bool) -> Config:
         n = load_special_ids(cfg.data.tokenizer).vocab_size
     except (OSError, ValueError) as e:
         raise configlib.ConfigError(f"data.tokenizer={cfg.data.tokenizer}: {e} (the model's vocab_size comes from it; "
-                                    "to count parameters without a tokenizer set data.tokenizer= model.vocab_size=N)") from e
+                                    "to count parameters without a tokenizer set data.tokenizer= "
+                                    "model.vocab_size=N)") from e
     if explicit and cfg.model.vocab_size != n:
         raise configlib.ConfigError(f"model.vocab_size={cfg.model.vocab_size} disagrees with data.tokenizer "
                                     f"({cfg.data.tokenizer}: {n} ids incl. BOI/EOI/PAD); drop model.vocab_size, "

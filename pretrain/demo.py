@@ -1,4 +1,5 @@
-"""The tiny end-to-end run on CPU: synthetic data -> tokenizer, VAE, shards -> 2-rank ZeRO-2 training (configs/demo.yaml)
+"""The tiny end-to-end run on CPU: synthetic data -> tokenizer, VAE, shards -> 2-rank ZeRO-2 training
+(configs/demo.yaml)
 -> export -> evaluation (pixel-judged text->image samples, captions, text loss; a PNG grid and a
 report). `make demo` runs it.
 
@@ -195,7 +196,8 @@ def main(argv: list[str] | None = None) -> int:
     module = ["--module" if a.launcher == "deepspeed" else "-m", "pretrain.train"]  # deepspeed has no -m
     def train_command() -> list[str]:  # a fresh rendezvous port for each launch
         return launcher_cmd(a.launcher, a.nproc) + module + [
-            "--config", f"configs/tiny.yaml,configs/demo.yaml,{data / 'data.yaml'}"]  # demo.yaml: the small model's switches
+            # demo.yaml: the small model's switches
+            "--config", f"configs/tiny.yaml,configs/demo.yaml,{data / 'data.yaml'}"]
 
     steps = a.steps or chosen_steps(out, train_command(), env, a.train_seconds, a.fresh)
     run(train_command() + [
@@ -205,7 +207,8 @@ def main(argv: list[str] | None = None) -> int:
     ], env, stage="train")
     run([py, "-m", "pretrain.artifacts.export", "--run-dir", str(run_dir), "--out", str(export_dir)], stage="export")
     # 3 samples per combination (462 prompts) and 243 captions: at 80% a standard error of 1.9 points, where
-    # pretrain.evaluation.evaluate's default 154 prompts leave 3.2, as wide as the margins to the targets (docs/quality.md)
+    # pretrain.evaluation.evaluate's default 154 prompts leave 3.2, as wide as the margins to the targets
+    # (docs/quality.md)
     run([py, "-m", "pretrain.evaluation.evaluate", "--model", str(export_dir), "--out", str(out / "eval"),
          "--per-combo", str(EVAL_PER_COMBO), "--captions", str(EVAL_CAPTIONS)], stage="evaluate")
     print(summary(out, run_dir, export_dir), flush=True)

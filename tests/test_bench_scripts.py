@@ -43,7 +43,8 @@ def test_gpu_step_tiny_prints_a_consistent_table() -> None:
     assert math.isclose(flops, expected, rel_tol=1e-5), (flops, expected)
 
     rows = {m.group(1, 2): [float(x.replace(",", "").rstrip("%")) for x in m.group(3, 4, 5, 6, 8, 9, 10)]
-            for m in re.finditer(r"^(flex|sdpa)\s+(no ckpt|ckpt)\s+(\S+)\s+(\S+)\s+(\S+)\s+(\S+)%\s+(n/a)\s+(\S+)\s+(\S+)"
+            for m in re.finditer(r"^(flex|sdpa)\s+(no "
+                                 r"ckpt|ckpt)\s+(\S+)\s+(\S+)\s+(\S+)\s+(\S+)%\s+(n/a)\s+(\S+)\s+(\S+)"
                                  r"\s+(\S+)$", out, re.M)}
     assert list(rows) == [(a, c) for a in ("flex", "sdpa") for c in ("no ckpt", "ckpt")], out
     first_pos_s = rows["flex", "no ckpt"][1]
@@ -66,7 +67,8 @@ def test_scale_016b_bench_trains_under_zero3_and_memory_matches_the_estimate(tmp
     rows, each rank holds half of the parameters, and each rank's measured peak RSS is within RSS_TOLERANCE
     of pretrain.plan.estimate's."""
     res_path = tmp_path / "res.json"
-    out = _run("scale_016b.py", "--steps", "3", "--lr", "2e-3", "--patch-encoder", "unet", "--out", str(tmp_path / "work"),
+    out = _run("scale_016b.py", "--steps", "3", "--lr", "2e-3", "--patch-encoder", "unet", "--out",
+               str(tmp_path / "work"),
                "--json", str(res_path), "model.n_layers=2", "model.dim=128", "model.n_heads=2",
                "model.unet_channels=[32,64]", timeout=1200)
     res = json.loads(res_path.read_text())
@@ -128,9 +130,11 @@ def test_precision_bench_times_each_precision_and_attention_path(demo_data) -> N
 
 
 def test_pack_parts_prints_efficiency_per_part_size() -> None:
-    """bench/pack_parts.py: the parted efficiency never beats one part by more than rounding, and the baseline ratio is 1."""
+    """bench/pack_parts.py: the parted efficiency never beats one part by more than rounding, and the baseline ratio is
+    1."""
     out = _run("pack_parts.py", "--docs", "2000", "--sizes", "200", "1000")
-    rows = re.findall(r"^\| (text|pairs|interleaved) \| (all \(baseline\)|[\d,]+) \| [\d,]+ \| ([\d.]+)% \| ([\d.]+) \|$",
+    rows = re.findall(r"^\| (text|pairs|interleaved) \| (all \(baseline\)|[\d,]+) \| [\d,]+ \| ([\d.]+)% \| ([\d.]+) "
+                      r"\|$",
                       out, re.M)
     assert len(rows) == 9, out
     for kind, part, eff, ratio in rows:

@@ -64,7 +64,8 @@ def undocumented_defaults(parser: argparse.ArgumentParser) -> list[str]:
 
 def test_the_walk_finds_the_documented_commands() -> None:
     for cli in ("data_pipeline.vae", "data_pipeline.precompute", "data_pipeline.pack", "data_pipeline.tokenizer",
-                "data_pipeline.demo_data", "pretrain.demo", "pretrain.evaluation.evaluate", "pretrain.inference.generate",
+                "data_pipeline.demo_data", "pretrain.demo", "pretrain.evaluation.evaluate",
+                "pretrain.inference.generate",
                 "pretrain.artifacts.export", "pretrain.plan.estimate"):
         assert cli in CLI_MODULES, cli
 

@@ -143,7 +143,8 @@ def test_readme_documents_every_config_key() -> None:
     missing = [
         f"{section.name}.{f.name}"
         for section in dataclasses.fields(Config)
-        for f in dataclasses.fields(section.type if isinstance(section.type, type) else type(getattr(Config(), section.name)))
+        for f in dataclasses.fields(section.type if isinstance(section.type, type)
+                                    else type(getattr(Config(), section.name)))
         if f"`{section.name}.{f.name}`" not in readme
     ]
     assert not missing, f"README.md config reference lacks: {missing}"
@@ -202,13 +203,16 @@ def test_vocab_size_comes_from_the_tokenizer_in_every_entry_point(demo_data) -> 
     """One source: the tokenizer's metadata when data.tokenizer is set (also for pretrain.plan.estimate)."""
     cfg = load_config([ROOT / "configs/tiny.yaml", demo_data.config_path])
     assert cfg.model.vocab_size == demo_data.vocab_size != ModelConfig().vocab_size
-    assert load_config([ROOT / "configs/tiny.yaml", demo_data.config_path], [f"model.vocab_size={demo_data.vocab_size}"])
-    with pytest.raises(ConfigError, match=r"model.vocab_size=5000 disagrees with data.tokenizer.*drop model.vocab_size"):
+    assert load_config([ROOT / "configs/tiny.yaml", demo_data.config_path],
+                       [f"model.vocab_size={demo_data.vocab_size}"])
+    with pytest.raises(ConfigError,
+                       match=r"model.vocab_size=5000 disagrees with data.tokenizer.*drop model.vocab_size"):
         load_config([ROOT / "configs/tiny.yaml", demo_data.config_path], ["model.vocab_size=5000"])
     with pytest.raises(ConfigError, match=r"data.tokenizer=/nope.model.*tokenizer metadata missing"):
         load_config(None, ["data.tokenizer=/nope.model"])
     out = subprocess.run(
-        [sys.executable, "-m", "pretrain.plan.estimate", "--config", f"{ROOT / 'configs/tiny.yaml'},{demo_data.config_path}"],
+        [sys.executable, "-m", "pretrain.plan.estimate", "--config",
+         f"{ROOT / 'configs/tiny.yaml'},{demo_data.config_path}"],
         capture_output=True, text=True, check=True, cwd=ROOT,
     ).stdout
     assert int(next(ln for ln in out.splitlines() if ln.startswith("parameters: ")).split()[1]) == \

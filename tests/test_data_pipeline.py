@@ -146,7 +146,8 @@ def test_pair_randomness_layout_and_caps(demo_data):
     assert 0 < dropped < 0.25 * sum(first)
     again = _one_epoch(demo_data, cfg, mbs=2)
     for a, b in zip(batches, again):
-        assert torch.equal(a.noise, b.noise) and torch.equal(a.timesteps, b.timesteps) and torch.equal(a.tokens, b.tokens)
+        assert torch.equal(a.noise, b.noise) and torch.equal(a.timesteps, b.timesteps)
+        assert torch.equal(a.tokens, b.tokens)
     other = _loader(demo_data, cfg, mbs=2, seed=1)
     assert not torch.equal(next(iter(other)).noise, batches[0].noise)
 
@@ -198,7 +199,8 @@ def test_default_mix_matches_prediction(demo_data):
 
 def test_explicit_proportions_hold(demo_data):
     """Stream proportions 0.25 text / 0.75 pairs: share of image-free rows 0.25 +- 0.03 over one epoch."""
-    streams = [dataclasses.replace(s, proportion=p) for s, p in zip(_cfg(demo_data, ["text", "pairs"]).streams, (0.25, 0.75))]
+    streams = [dataclasses.replace(s, proportion=p)
+               for s, p in zip(_cfg(demo_data, ["text", "pairs"]).streams, (0.25, 0.75))]
     cfg = dataclasses.replace(demo_data.data_config, streams=streams, num_workers=0)
     rows = no_img = 0
     for b in _one_epoch(demo_data, cfg, mbs=2):
@@ -215,7 +217,8 @@ def test_remote_directory_with_local_cache(demo_data, tmp_path):
                                  streams=[StreamConfig(name="pairs", remote=local.streams[0].local)])
     a = _one_epoch(demo_data, local, mbs=2)
     b = _one_epoch(demo_data, remote, mbs=2)
-    assert len(a) == len(b) and all(torch.equal(x.tokens, y.tokens) and torch.equal(x.latents, y.latents) for x, y in zip(a, b))
+    assert len(a) == len(b) and all(torch.equal(x.tokens, y.tokens) and torch.equal(x.latents, y.latents) for x,
+                                    y in zip(a, b))
     assert list((tmp_path / "cache").rglob("*.mds"))
 
 
@@ -248,7 +251,8 @@ def _bad_image_inputs(root: Path) -> Path:
     """A pairs jsonl with one good image of each mode and every kind of bad image."""
     d = root / "imgs"
     d.mkdir(parents=True)
-    good = {"rgb.png": Image.new("RGB", (80, 64), (9, 200, 9)), "rgba.png": Image.new("RGBA", (64, 64), (9, 9, 200, 128)),
+    good = {"rgb.png": Image.new("RGB", (80, 64), (9, 200, 9)),
+            "rgba.png": Image.new("RGBA", (64, 64), (9, 9, 200, 128)),
             "grey.png": Image.new("L", (64, 70), 128), "pal.png": Image.new("RGB", (64, 64), (200, 0, 0)).convert("P"),
             "cmyk.jpg": Image.new("CMYK", (64, 64), (0, 100, 100, 0))}
     for name, im in good.items():
@@ -288,10 +292,12 @@ def test_precompute_skips_and_counts_bad_images(demo_data, tmp_path):
 def test_precompute_two_ranks_equal_one_and_resume(demo_data, tmp_path):
     """2 ranks write the same dataset as 1; a rerun after a crash redoes only the unfinished part."""
     raw = str(demo_data.root / "raw" / "pairs.jsonl")
-    common = ["--input", raw, "--vae", str(demo_data.vae), "--image-size", "64", "--part-size", "60", "--batch-size", "16"]
+    common = ["--input", raw, "--vae", str(demo_data.vae), "--image-size", "64", "--part-size", "60", "--batch-size",
+              "16"]
     _precompute([*common, "--out", str(tmp_path / "one")])
     env2 = {"WORLD_SIZE": "2"}
-    procs = [subprocess.Popen([sys.executable, "-m", "data_pipeline.precompute", *common, "--out", str(tmp_path / "two")],
+    procs = [subprocess.Popen([sys.executable, "-m", "data_pipeline.precompute", *common, "--out",
+                               str(tmp_path / "two")],
                               cwd=ROOT, env={**os.environ, **env2, "RANK": str(r)}, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT)
              for r in range(2)]
@@ -313,9 +319,11 @@ def test_precompute_two_ranks_equal_one_and_resume(demo_data, tmp_path):
 
 def _run_precompute(demo, inputs, out, *extra, kind="pairs"):
     from data_pipeline import precompute
-    argv = ["--input", *map(str, inputs), "--kind", kind, "--vae", str(demo.vae), "--out", str(out), "--image-size", "64",
+    argv = ["--input", *map(str, inputs), "--kind", kind, "--vae", str(demo.vae), "--out", str(out), "--image-size",
+            "64",
             "--decode-threads", "1", *extra]
-    return precompute.run(precompute.PrecomputeOptions(**vars(precompute.build_parser().parse_args(argv))), rank_and_world=(0, 1))
+    return precompute.run(precompute.PrecomputeOptions(**vars(precompute.build_parser().parse_args(argv))),
+                          rank_and_world=(0, 1))
 
 
 def test_webdataset_tar_and_folder_inputs(demo_data, tmp_path):
@@ -374,7 +382,8 @@ def test_bad_jsonl_records_skipped_counted_and_named(demo_data, tmp_path):
     (tmp_path / "p.jsonl").write_bytes(b"\n".join(lines) + b"\n")
     rep = _run_precompute(demo_data, [tmp_path / "p.jsonl"], tmp_path / "out")
     assert (rep["records_read"], rep["records_written"], rep["encoded"]) == (20, 15, 15)
-    assert rep["records_skipped"] == {"bad_json": 1, "empty_caption": 1, "no_caption": 1, "no_image_field": 1, "not_utf8": 1}
+    assert rep["records_skipped"] == {"bad_json": 1, "empty_caption": 1, "no_caption": 1, "no_image_field": 1,
+                                      "not_utf8": 1}
     named = {(n["record"].rsplit("/", 1)[1], n["reason"]) for n in rep["named"]}
     assert named == {("p.jsonl:8", "bad_json"), ("p.jsonl:9", "no_caption"), ("p.jsonl:10", "empty_caption"),
                      ("p.jsonl:11", "no_image_field"), ("p.jsonl:20", "not_utf8")}
@@ -411,7 +420,8 @@ def test_webdataset_caption_faults_counted_and_latin1_repaired(demo_data, tmp_pa
     named = sorted((Path(n["record"]).name, n["reason"]) for n in rep["named"])
     assert named == [("000.tar:b", "no_caption"), ("000.tar:c", "no_caption"), ("000.tar:d", "caption_not_utf8"),
                      ("000.tar:e", "no_image"), ("x.png", "no_caption")]
-    rep = _run_precompute(demo_data, [tmp_path / "000.tar"], tmp_path / "fixed", "--caption-fallback-encoding", "cp1252")
+    rep = _run_precompute(demo_data, [tmp_path / "000.tar"], tmp_path / "fixed", "--caption-fallback-encoding",
+                          "cp1252")
     assert rep["repaired"] == {"caption_cp1252": 1} and rep["records_written"] == 2
     assert [s["doc"][0]["text"] for s in read_mds(tmp_path / "fixed")] == ["a red circle", "un caf\u00e9 cr\u00e8me"]
 
@@ -441,7 +451,8 @@ def test_pack_text_skips_and_names_bad_lines(demo_data, tmp_path):
     assert [(Path(n["record"]).name, n["reason"]) for n in rep["named"]] == [(f"t.jsonl@{offset[2]}", "bad_json"),
                                                                              (f"t.jsonl@{offset[4]}", "no_text")]
     tok = Tokenizer(demo_data.tokenizer)
-    rows = [r["tokens"][: r["n_real"]].tolist() for split in ("train", "val") for r in read_mds(tmp_path / "out" / split)]
+    rows = [r["tokens"][: r["n_real"]].tolist() for split in ("train",
+                                                              "val") for r in read_mds(tmp_path / "out" / split)]
     texts = sorted(tok.decode(t) for row in rows for t in _split_docs(row, tok.ids))
     assert texts == [f"document {i}\n\twith  its layout" for i in (0, 1, 3, 5)]
     with pytest.raises(ValueError, match=rf"t.jsonl@{offset[2]}: not valid JSON"):
@@ -470,7 +481,8 @@ def test_precompute_resume_checks_part_identity(demo_data, tmp_path, capsys):
     draw_shape("red", "circle", "top").save(inp / "x.png")
 
     def write(name, n):
-        (inp / name).write_text("".join(json.dumps({"image": "x.png", "caption": f"{name} {i}"}) + "\n" for i in range(n)))
+        (inp / name).write_text("".join(json.dumps({"image": "x.png",
+                                                    "caption": f"{name} {i}"}) + "\n" for i in range(n)))
 
     def caps(out):
         return [s["doc"][0]["text"] for s in read_mds(out)]
@@ -486,22 +498,26 @@ def test_precompute_resume_checks_part_identity(demo_data, tmp_path, capsys):
     rep = _run_precompute(demo_data, [inp / "*.jsonl"], out, "--part-size", "2")
     printed = capsys.readouterr().out
     assert "0 already done" in printed and "differs in ['input_sha256', 'part']" in printed
-    assert caps(out) == ["a.jsonl 0", "a.jsonl 1", "b.jsonl 0", "b.jsonl 1", "b.jsonl 2"] and rep["records_written"] == 5
+    assert caps(out) == ["a.jsonl 0", "a.jsonl 1", "b.jsonl 0", "b.jsonl 1",
+                         "b.jsonl 2"] and rep["records_written"] == 5
     with (inp / "b.jsonl").open("a") as f:  # appended lines: b's first part keeps its identity
         f.write(json.dumps({"image": "x.png", "caption": "b.jsonl 3"}) + "\n")
     _run_precompute(demo_data, [inp / "*.jsonl"], out, "--part-size", "2")
     assert "2 already done" in capsys.readouterr().out
-    rep = _run_precompute(demo_data, [inp / "*.jsonl"], out, "--part-size", "3")  # a.jsonl:0-2 unchanged, b's parts redone
+    # a.jsonl:0-2 unchanged, b's parts redone
+    rep = _run_precompute(demo_data, [inp / "*.jsonl"], out, "--part-size", "3")
     assert "1 already done" in capsys.readouterr().out
     assert caps(out) == ["a.jsonl 0", "a.jsonl 1", "b.jsonl 0", "b.jsonl 1", "b.jsonl 2", "b.jsonl 3"]
     assert rep["parts"] == 3 and rep["records_written"] == 6
 
 
 def test_pack_rerun_checks_identity(demo_data, tmp_path, capsys):
-    """A finished pack is reused only for the same inputs and options; otherwise a clear stop; a crashed one is redone."""
+    """A finished pack is reused only for the same inputs and options; otherwise a clear stop; a crashed one is
+    redone."""
     src = tmp_path / "t.jsonl"
     src.write_text("".join(json.dumps({"text": f"document {i}"}) + "\n" for i in range(5)))
-    argv = ["--kind", "text", "--input", str(src), "--tokenizer", str(demo_data.tokenizer), "--out", str(tmp_path / "out")]
+    argv = ["--kind", "text", "--input", str(src), "--tokenizer", str(demo_data.tokenizer), "--out",
+            str(tmp_path / "out")]
     first = _run_pack([*argv, "--seq-len", "32"])
     assert _run_pack([*argv, "--seq-len", "32"]) == first
     assert "already packed" in capsys.readouterr().out

@@ -75,7 +75,8 @@ def test_resume_two_ranks_two_workers_is_exact(demo_data):
         assert len(want) == len(got) == N_AFTER
         for i, (w, g) in enumerate(zip(want, got)):
             for k in w:
-                assert (w[k] == g[k]).all() and w[k].shape == g[k].shape, f"rank {rank} step {i}: {k} differs after resume"
+                assert (w[k] == g[k]).all() and w[k].shape == g[k].shape, \
+                    f"rank {rank} step {i}: {k} differs after resume"
     # the two ranks see different sequences
     assert not (full[0][1][0]["tokens"] == full[1][1][0]["tokens"]).all()
 
@@ -95,7 +96,7 @@ def _job(name: str, demo, state: dict | None, clean_shm: str, node_tmp, ev: dict
     import tempfile
 
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(free_port()), TF_CLEAN_SHM=clean_shm, TMPDIR=str(node_tmp))
+                      MASTER_PORT=str(free_port()), TRANSFUSION_CLEAN_SHM=clean_shm, TMPDIR=str(node_tmp))
     tempfile.tempdir = str(node_tmp)  # gettempdir() may have been cached before TMPDIR was set
     cfg = dataclasses.replace(demo.data_config, num_workers=0, streams=[demo.data_config.streams[0]])
     try:
@@ -130,7 +131,7 @@ def test_two_jobs_on_one_node_keep_their_loader_state(demo_data, tmp_path, clean
     every prefix from 000000 up to the first unused one, A's live segments (resume state) included, and
     B then registered A's prefix; A restarted its epoch at sample 0. The jobs get a fresh node temp dir:
     leftover file locks of earlier jobs in /tmp would push A's prefix past a gap where streaming's clean
-    stops, hiding the fault. `TF_CLEAN_SHM=0` (the issue's case, docs/cluster.md) must switch cleaning
+    stops, hiding the fault. `TRANSFUSION_CLEAN_SHM=0` (the issue's case, docs/cluster.md) must switch cleaning
     off in the loader; `1` must clean only segments no live process maps.
     """
     cfg = dataclasses.replace(demo_data.data_config, num_workers=0, streams=[demo_data.data_config.streams[0]])

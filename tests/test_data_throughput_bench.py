@@ -34,5 +34,6 @@ def test_data_throughput_table_and_rates_feed_the_data_plan(tmp_path: Path) -> N
                            "--text-tokens", "1e9", "--images", "1e6", "--rates", str(rates)],
                           capture_output=True, text=True, cwd=ROOT)
     assert plan.returncode == 0, plan.stderr
-    assert f"text {got['pack_positions_per_s']:,.0f}, pairs {got['pack_pairs_positions_per_s']:,.0f} positions/s" in plan.stdout
+    assert (f"text {got['pack_positions_per_s']:,.0f}, pairs {got['pack_pairs_positions_per_s']:,.0f} positions/s"
+            in plan.stdout)
     assert not math.isnan(got["pack_pairs_positions_per_s"])

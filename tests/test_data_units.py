@@ -121,7 +121,8 @@ def test_vocab_too_small_for_bytes_is_a_clear_error(tmp_path):
 
 def _external(tmp_path, **opts) -> bytes:
     buf = io.BytesIO()
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(_texts()), model_writer=buf, vocab_size=opts.pop("vocab_size", 40),
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(_texts()), model_writer=buf,
+                                   vocab_size=opts.pop("vocab_size", 40),
                                    bos_id=1, eos_id=2, unk_id=0, pad_id=-1, minloglevel=2, **opts)
     (tmp_path / "ext.model").write_bytes(buf.getvalue())
     return buf.getvalue()
@@ -361,9 +362,11 @@ def test_vae_train_records_unit_variance_stats(tmp_path):
     from data_pipeline import synthetic, vae
 
     rng = np.random.default_rng(0)
-    imgs = [images.load_image(synthetic.png_bytes(synthetic.draw_shape(*synthetic.random_scene(rng), 32)), 32) for _ in range(16)]
+    imgs = [images.load_image(synthetic.png_bytes(synthetic.draw_shape(*synthetic.random_scene(rng), 32)), 32)
+            for _ in range(16)]
     data = torch.from_numpy(np.stack(imgs))  # (16, 3, 32, 32)
-    out = vae.train_vae(data, tmp_path / "vae", steps=2, batch_size=8, latent_channels=4, width=8, sample_every=1)
+    out = vae.train_vae(data, tmp_path / "vae",
+                        vae.VaeTrainSettings(steps=2, batch_size=8, latent_channels=4, width=8, sample_every=1))
     assert sorted(p.name for p in (out / "samples").glob("*.png")) == ["recon_000001.png", "recon_000002.png"]
     v = vae.load_vae(out)
     z = vae.encode(v, data)  # (16, 4, 4, 4)
@@ -442,12 +445,13 @@ def test_vae_training_refuses_a_negative_latent_noise(tmp_path):
     from data_pipeline import vae
 
     with pytest.raises(ValueError, match="latent_noise=-0.1"):
-        vae.train_vae(torch.zeros(4, 3, 16, 16), tmp_path / "vae", steps=1, latent_noise=-0.1)
+        vae.train_vae(torch.zeros(4, 3, 16, 16), tmp_path / "vae", vae.VaeTrainSettings(steps=1, latent_noise=-0.1))
     assert not (tmp_path / "vae").exists()
 
 
 def test_clean_stale_shm_keeps_live_segments_and_honours_switch(monkeypatch):
-    """Only streaming segments no live process maps and none just created are removed; TF_CLEAN_SHM=0 removes nothing."""
+    """Only streaming segments no live process maps and none just created are removed; TRANSFUSION_CLEAN_SHM=0 removes
+    nothing."""
     import os
     import time
     from multiprocessing import resource_tracker, shared_memory
@@ -459,7 +463,7 @@ def test_clean_stale_shm_keeps_live_segments_and_honours_switch(monkeypatch):
     resource_tracker.unregister(dead._name, "shared_memory")
     try:
         monkeypatch.setattr(loader, "_CLEANED", False)
-        monkeypatch.setenv("TF_CLEAN_SHM", "0")
+        monkeypatch.setenv("TRANSFUSION_CLEAN_SHM", "0")
         loader._clean_once()
         assert Path("/dev/shm/999991_locals").exists()
         assert not {"999990_locals", "999991_locals"} & set(loader.clean_stale_shm())  # the unmapped one is fresh

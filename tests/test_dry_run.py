@@ -61,4 +61,5 @@ def test_tokenizer_check_follows_the_content_not_the_path(tmp_path) -> None:
     other.parent.mkdir()
     other.write_bytes(b"tokenizer B")
     (problem,) = _check_tokenizer("data.streams[0] (pairs)", str(stream / "train"), str(other))
-    assert problem.startswith("data.streams[0] (pairs): packed with tokenizer /gone/spm.model") and "data.tokenizer=" in problem
+    assert problem.startswith("data.streams[0] (pairs): packed with tokenizer /gone/spm.model")
+    assert "data.tokenizer=" in problem

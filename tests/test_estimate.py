@@ -42,7 +42,8 @@ def test_model_states_equal_deepspeed_estimator() -> None:
     c = count_parameters(load_config(ROOT / "configs/transfusion_7b.yaml").model)
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
-        estimate_zero3_model_states_mem_needs_all_cold(c["total"], c["largest_layer"], num_gpus_per_node=8, num_nodes=16)
+        estimate_zero3_model_states_mem_needs_all_cold(c["total"], c["largest_layer"], num_gpus_per_node=8,
+                                                       num_nodes=16)
     printed = buf.getvalue()
     for off_opt, off_par in ((False, False), (True, False), (True, True)):
         ours = model_state_bytes(c["total"], c["largest_layer"], 8, 16, 3, off_opt, off_par)
@@ -142,7 +143,8 @@ def test_plan_verdict_and_activation_checkpointing() -> None:
     ok = make_plan(cfg, 16, 8, GPUS["h100-80gb"])
     assert ok.fits and ok.checkpointing
     assert sum(ok.activations_other.values()) > 5 * sum(ok.activations.values())  # no ckpt: all layers saved
-    big = load_config(ROOT / "configs/transfusion_7b.yaml", ["train.micro_batch_size=16", "train.activation_checkpointing=false"])
+    big = load_config(ROOT / "configs/transfusion_7b.yaml", ["train.micro_batch_size=16",
+                                                             "train.activation_checkpointing=false"])
     assert not make_plan(big, 16, 8, GPUS["h100-80gb"]).fits
     assert make_plan(cfg, 16, 8, GPUS["a100-40gb"]).gpu.memory_bytes < ok.gpu.memory_bytes
 

@@ -94,7 +94,8 @@ def test_generator_varies_looks_and_keeps_held_out_combinations_out(tmp_path) ->
     assert not np.array_equal(a, b)  # fresh draws differ
     paths = synthetic.write_demo_sources(tmp_path, seed=0, n_pairs=400, n_texts=300, n_interleaved=60, size=32)
     text = " ".join(p.read_text() for p in paths.values())
-    held = [synthetic.caption_for(*c) for c in synthetic.HELD_OUT]  # "at the bottom" must not match "at the bottom left"
+    # "at the bottom" must not match "at the bottom left"
+    held = [synthetic.caption_for(*c) for c in synthetic.HELD_OUT]
     assert not [h for h in held if re.search(re.escape(h) + r"(?! left| right)\b", text)]
     seen = {json.loads(line)["caption"] for line in paths["pairs"].read_text().splitlines()}
     assert len(seen) > 100  # the other combinations are there

@@ -41,7 +41,8 @@ def trained_run(demo_data, tmp_path_factory) -> Path:
 
 
 def _export(run_dir: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pretrain.artifacts.export", "--run-dir", str(run_dir), "--out", str(out),
+    return subprocess.run([sys.executable, "-m", "pretrain.artifacts.export", "--run-dir", str(run_dir), "--out",
+                           str(out),
                            *extra],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
 
@@ -85,7 +86,8 @@ def test_generate_cli_writes_pngs_and_captions(trained_run: Path, demo_data, tmp
     assert _export(trained_run, tmp_path / "exp").returncode == 0
     image = next((demo_data.root / "raw").glob("**/*.png"))
     res = subprocess.run(
-        [sys.executable, "-m", "pretrain.inference.generate", "--model", str(tmp_path / "exp"), "--out", str(tmp_path / "png"),
+        [sys.executable, "-m", "pretrain.inference.generate", "--model", str(tmp_path / "exp"), "--out",
+         str(tmp_path / "png"),
          "--steps", "4", "--prompt", "a red circle at the top left", "--prompt", "a blue square",
          "--caption", str(image), "--text", "The", "--max-new-tokens", "5"],
         cwd=ROOT, capture_output=True, text=True, timeout=300,
@@ -97,7 +99,8 @@ def test_generate_cli_writes_pngs_and_captions(trained_run: Path, demo_data, tmp
         assert im.format == "PNG" and im.size == (64, 64)
     assert f"{image} -> " in res.stdout and "'The' -> " in res.stdout
     only_prompt = subprocess.run(  # images alone: no caption or text requests
-        [sys.executable, "-m", "pretrain.inference.generate", "--model", str(tmp_path / "exp"), "--out", str(tmp_path / "png2"),
+        [sys.executable, "-m", "pretrain.inference.generate", "--model", str(tmp_path / "exp"), "--out",
+         str(tmp_path / "png2"),
          "--steps", "2", "--prompt", "a red circle at the top left"],
         cwd=ROOT, capture_output=True, text=True, timeout=300,
     )
@@ -146,7 +149,8 @@ def test_shard_names_follow_the_zero_stage_and_stage0_raw_export_is_refused(tmp_
     assert shard_names(tmp_path, 3, 2) == [f"zero_pp_rank_{r}_mp_rank_00_{k}_states.pt" for r in (0, 1)
                                            for k in ("model", "optim")]
     for stage in (1, 2):
-        assert shard_names(tmp_path, stage, 2) == ["mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+        assert shard_names(tmp_path, stage, 2) == ["mp_rank_00_model_states.pt",
+                                                   "zero_pp_rank_0_mp_rank_00_optim_states.pt",
                                                    "zero_pp_rank_1_mp_rank_00_optim_states.pt"]
     assert shard_names(tmp_path, 0, 2) == ["mp_rank_00_model_states.pt"]
     (tmp_path / "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt").touch()
@@ -208,7 +212,8 @@ def test_from_pretrained_reads_a_sharded_export_exactly(tmp_path: Path) -> None:
     loaded = Transfusion.from_pretrained(tmp_path)
     assert not loaded.training
     ref = model.state_dict()
-    assert loaded.state_dict().keys() == ref.keys() and all(torch.equal(v, ref[k]) for k, v in loaded.state_dict().items())
+    assert loaded.state_dict().keys() == ref.keys() and all(torch.equal(v, ref[k]) for k,
+                                                            v in loaded.state_dict().items())
     batch = random_batch(cfg.model, batch_size=2, seq_len=64, seed=0)
     with torch.no_grad():
         a, b = model(batch), loaded(batch)
@@ -260,7 +265,8 @@ def test_streamed_shards_read_back_with_safetensors_in_every_dtype(tmp_path: Pat
                 got.update(load_file(p))
             assert got.keys() == tensors.keys()
             for k, t in tensors.items():
-                assert got[k].dtype == dtype and got[k].shape == t.shape and torch.equal(got[k], t.to(dtype)), (dtype, k)
+                assert got[k].dtype == dtype and got[k].shape == t.shape and torch.equal(got[k], t.to(dtype)), \
+                    (dtype, k)
 
 
 def test_dropping_mapped_checkpoint_pages_frees_rss_and_keeps_the_data(tmp_path: Path) -> None:

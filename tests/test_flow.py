@@ -14,7 +14,7 @@ import torch
 from contract.special_ids import SpecialIds
 from pretrain.config import load_config
 from pretrain.configlib import ConfigError
-from pretrain.inference.generate import packed_batch, generate_images
+from pretrain.inference.generate import ImageSampling, packed_batch, generate_images
 from pretrain.model import ModelConfig, Transfusion
 from pretrain.model.diffusion import euler_sample, flow_time, sample_latents
 from batches import random_batch
@@ -147,7 +147,7 @@ def test_cached_flow_generation_equals_uncached_euler() -> None:
         model.patch_decoder.proj.weight.normal_(0, 0.05)
     P, steps, scale = model.cfg.patches_per_image, 6, 2.0
     prompts = [[5, 6, 7], [8]]
-    got = generate_images(model, prompts, SP, steps=steps, cfg_scale=scale, seed=3, sampler="euler")
+    got = generate_images(model, prompts, SP, ImageSampling(steps=steps, cfg_scale=scale, sampler="euler"), seed=3)
     rows = [[SP.bos_id, *p, SP.boi_id] + [None] * P for p in prompts] + [[SP.bos_id, SP.boi_id] + [None] * P] * 2
     x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3))
     grid = torch.linspace(1, 0, steps + 1)
@@ -159,14 +159,15 @@ def test_cached_flow_generation_equals_uncached_euler() -> None:
             x = x + float(grid[i + 1] - grid[i]) * (uncond + scale * (cond - uncond))
     torch.testing.assert_close(got, x, atol=1e-5, rtol=1e-4)
     with pytest.raises(ValueError, match="model.objective='flow'.*euler"):
-        generate_images(model, prompts, SP, steps=2, sampler="ddim")
-    assert generate_images(model, prompts, SP, steps=2, sampler=None).shape == (2, 4, 8, 8)  # None: euler
+        generate_images(model, prompts, SP, ImageSampling(steps=2, sampler="ddim"))
+    # None: euler
+    assert generate_images(model, prompts, SP, ImageSampling(steps=2, sampler=None)).shape == (2, 4, 8, 8)
 
 
 def test_ddpm_model_refuses_euler() -> None:
     model = Transfusion(tiny_cfg(objective="ddpm")).eval()
     with pytest.raises(ValueError, match="sampler='euler'.*model.objective='ddpm'.*ddpm or ddim"):
-        generate_images(model, [[5]], SP, steps=2, sampler="euler")
+        generate_images(model, [[5]], SP, ImageSampling(steps=2, sampler="euler"))
 
 
 @pytest.mark.parametrize("key,value", [("diffusion_prediction", "v"), ("diffusion_loss_weighting", "v_trunc")])

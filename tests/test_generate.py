@@ -7,7 +7,8 @@ import torch
 import pytest
 
 from contract.special_ids import SpecialIds
-from pretrain.inference.generate import (ImageSampling, TextSampling, packed_batch, cfg_combine, generate, generate_images,
+from pretrain.inference.generate import (ImageSampling, TextSampling, packed_batch, cfg_combine, generate,
+                                         generate_images,
                                generate_text, sample_tokens)
 from pretrain.model import Transfusion
 from pretrain.model.diffusion import add_noise, cosine_alpha_bar, ddim_sample, diffusion_sample, make_scheduler
@@ -60,9 +61,9 @@ def test_images_deterministic_and_guidance_matters() -> None:
     model = build(tiny_cfg())
     with torch.no_grad():  # give the zero-initialised epsilon layer some weight so guidance has an effect
         model.patch_decoder.proj.weight.normal_(0, 0.02)
-    a = generate_images(model, [[5, 6], [7]], SP, steps=4, cfg_scale=3.0, seed=1)
-    b = generate_images(model, [[5, 6], [7]], SP, steps=4, cfg_scale=3.0, seed=1)
-    c = generate_images(model, [[5, 6], [7]], SP, steps=4, cfg_scale=1.0, seed=1)
+    a = generate_images(model, [[5, 6], [7]], SP, ImageSampling(steps=4, cfg_scale=3.0), seed=1)
+    b = generate_images(model, [[5, 6], [7]], SP, ImageSampling(steps=4, cfg_scale=3.0), seed=1)
+    c = generate_images(model, [[5, 6], [7]], SP, ImageSampling(steps=4, cfg_scale=1.0), seed=1)
     assert a.shape == (2, 8, 8, 8) and torch.equal(a, b)
     assert not torch.allclose(a, c)
 
@@ -159,7 +160,8 @@ def test_ddpm_images_reproducible_by_seed() -> None:
     model = build(tiny_cfg())
     with torch.no_grad():
         model.patch_decoder.proj.weight.normal_(0, 0.02)
-    a, b, c = (generate_images(model, [[5, 6]], SP, steps=5, cfg_scale=2.0, seed=s, sampler="ddpm") for s in (1, 1, 2))
+    im = ImageSampling(steps=5, cfg_scale=2.0, sampler="ddpm")
+    a, b, c = (generate_images(model, [[5, 6]], SP, im, seed=s) for s in (1, 1, 2))
     assert torch.equal(a, b) and not torch.allclose(a, c)
 
 
@@ -173,7 +175,8 @@ def test_text_sampling_filters() -> None:
         ids = sample_tokens(logits.expand(20000, 4), s, g)
         return torch.bincount(ids, minlength=4) / 20000
 
-    torch.testing.assert_close(freq(TextSampling(temperature=1.0)), torch.tensor([0.5, 0.3, 0.15, 0.05]), atol=0.015, rtol=0)
+    torch.testing.assert_close(freq(TextSampling(temperature=1.0)), torch.tensor([0.5, 0.3, 0.15, 0.05]), atol=0.015,
+                               rtol=0)
     # top-k 2 and top-p 0.8 both keep {0.5, 0.3}, renormalised to 5/8, 3/8
     for s in (TextSampling(temperature=1.0, top_k=2), TextSampling(temperature=1.0, top_p=0.8)):
         torch.testing.assert_close(freq(s), torch.tensor([0.625, 0.375, 0.0, 0.0]), atol=0.015, rtol=0)
@@ -260,7 +263,8 @@ def test_cli_bad_input_gets_a_message(random_export, tmp_path) -> None:
     Image.new("RGB", (4, 4)).save(tiny)
     junk.write_bytes(b"not an image")
     cases = [
-        (["--model", str(tmp_path / "nope"), "--text", "a"], ["nope", "config.yaml missing", "pretrain.artifacts.export"]),
+        (["--model", str(tmp_path / "nope"), "--text", "a"], ["nope", "config.yaml missing",
+                                                              "pretrain.artifacts.export"]),
         (["--model", str(random_export), "--caption", str(tiny)], [str(tiny), "too_small", "at least 8x8"]),
         (["--model", str(random_export), "--caption", str(junk)], [str(junk), "not a usable image"]),
         (["--model", str(random_export), "--caption", str(tmp_path / "gone.png")], ["gone.png", "cannot read"]),

@@ -34,15 +34,17 @@ WORDS = "red green blue circle square triangle top left right bottom center the 
 
 @pytest.fixture(scope="module")
 def export(tmp_path_factory) -> Path:
-    """An export directory (pretrain.artifacts.export's layout): trained length 64, recorded sampling ddpm / 3 steps / CFG 2."""
+    """An export directory (pretrain.artifacts.export's layout): trained length 64, recorded sampling ddpm / 3 steps /
+    CFG 2."""
     from data_pipeline import images, synthetic, tokenizer, vae
 
     tmp = tmp_path_factory.mktemp("export")
     rng = np.random.default_rng(0)
     tokenizer.train([" ".join(rng.choice(WORDS, size=12)) for _ in range(300)], tmp / "spm.model", vocab_size=300)
-    pix = [images.load_image(synthetic.png_bytes(synthetic.draw_shape(*synthetic.random_scene(rng), 32)), 32) for _ in range(4)]
-    vae_dir = vae.train_vae(torch.from_numpy(np.stack(pix)), tmp / "vae", steps=1, batch_size=4, latent_channels=4,
-                            width=8, sample_every=1)
+    pix = [images.load_image(synthetic.png_bytes(synthetic.draw_shape(*synthetic.random_scene(rng), 32)), 32)
+           for _ in range(4)]
+    vae_dir = vae.train_vae(torch.from_numpy(np.stack(pix)), tmp / "vae",
+                            vae.VaeTrainSettings(steps=1, batch_size=4, latent_channels=4, width=8, sample_every=1))
     cfg = load_config("configs/tiny.yaml", [
         "model.latent_channels=4", "model.latent_size=4", "model.patch_size=2", f"data.tokenizer={tmp / 'spm.model'}",
         f"data.vae={vae_dir}", f"data.seq_len={SEQ_LEN}", "logging.sample_steps=3", "logging.sample_cfg_scale=2.0"])
@@ -71,8 +73,8 @@ def test_flow_objective_alone_is_a_valid_config_and_samples_with_default_argumen
     model = Transfusion(load_config("configs/tiny.yaml", ["model.objective=flow"]).model).eval()
     from contract.special_ids import SpecialIds
     sp = SpecialIds(vocab_size=model.cfg.vocab_size, bos_id=1, eos_id=2, boi_id=3, eoi_id=4, pad_id=0)
-    got = gen.generate_images(model, [[5, 6]], sp, steps=2)
-    assert torch.equal(got, gen.generate_images(model, [[5, 6]], sp, steps=2, sampler="euler"))
+    got = gen.generate_images(model, [[5, 6]], sp, gen.ImageSampling(steps=2))
+    assert torch.equal(got, gen.generate_images(model, [[5, 6]], sp, gen.ImageSampling(steps=2, sampler="euler")))
 
 
 def test_every_entry_point_defaults_to_the_one_resolver() -> None:
@@ -82,7 +84,7 @@ def test_every_entry_point_defaults_to_the_one_resolver() -> None:
     assert LoggingConfig().sample_sampler is None
     assert gen.ImageSampling() == gen.ImageSampling(None, None, None)
     sig = inspect.signature(gen.generate_images).parameters
-    assert (sig["steps"].default, sig["cfg_scale"].default, sig["sampler"].default) == (None, None, None)
+    assert sig["image"].default == gen.ImageSampling()
     st = evaluate.EvalSettings()
     assert (st.steps, st.cfg_scale, st.sampler) == (None, None, None)
     a = gen._parser().parse_args(["--model", "m"])
@@ -90,7 +92,8 @@ def test_every_entry_point_defaults_to_the_one_resolver() -> None:
     d = LoggingConfig()
     for objective in ("ddpm", "flow"):
         model = Transfusion(load_config("configs/tiny.yaml", [f"model.objective={objective}"]).model)
-        assert gen.resolve_sampling(model) == gen.ImageSampling(d.sample_steps, d.sample_cfg_scale, default_sampler(objective))
+        assert gen.resolve_sampling(model) == gen.ImageSampling(d.sample_steps, d.sample_cfg_scale,
+                                                                default_sampler(objective))
     assert default_sampler("flow") == "euler" and default_sampler("ddpm") == "ddpm"
 
 
@@ -103,9 +106,9 @@ def test_python_api_cli_and_evaluation_use_the_exports_recorded_sampling(export:
     assert model.export_record == gen.ExportRecord(gen.ImageSampling(3, 2.0, "ddpm"), SEQ_LEN)
     prompts = [[5, 6, 7]]
     default = gen.generate_images(model, prompts, sp)
-    assert torch.equal(default, gen.generate_images(model, prompts, sp, steps=3, cfg_scale=2.0, sampler="ddpm"))
-    assert not torch.allclose(default, gen.generate_images(model, prompts, sp, steps=4, cfg_scale=2.0, sampler="ddpm"))
-    assert not torch.allclose(default, gen.generate_images(model, prompts, sp, steps=3, cfg_scale=3.0, sampler="ddpm"))
+    assert torch.equal(default, gen.generate_images(model, prompts, sp, gen.ImageSampling(3, 2.0, "ddpm")))
+    assert not torch.allclose(default, gen.generate_images(model, prompts, sp, gen.ImageSampling(4, 2.0, "ddpm")))
+    assert not torch.allclose(default, gen.generate_images(model, prompts, sp, gen.ImageSampling(3, 3.0, "ddpm")))
     # the evaluation's settings resolve to the same record (its report holds the values used)
     im = gen.resolve_sampling(model, gen.ImageSampling(evaluate.EvalSettings().steps, None, None))
     assert im == model.export_record.sampling
@@ -143,7 +146,8 @@ def test_long_prompt_is_an_error_naming_the_limit_or_truncated_from_the_left(exp
     model, sp, _ = gen.load_exported(export)
     P = model.cfg.patches_per_image
     prompt = _long(100)  # 1 + 100 + 8 = 109 > 64
-    with pytest.raises(gen.PromptTooLong, match=f"1 \\+ 100 positions \\+ 8 to generate = 109 exceed .* length {SEQ_LEN}"):
+    with pytest.raises(gen.PromptTooLong,
+                       match=f"1 \\+ 100 positions \\+ 8 to generate = 109 exceed .* length {SEQ_LEN}"):
         gen.generate_text(model, [prompt], sp, max_new_tokens=8)
     with pytest.warns(gen.PromptTruncated, match="dropped 45 positions from the left \\(45 tokens, 0 images\\)"):
         got = gen.generate_text(model, [prompt], sp, max_new_tokens=8, on_long_prompt="truncate")
@@ -159,8 +163,9 @@ def test_long_prompt_is_an_error_naming_the_limit_or_truncated_from_the_left(exp
     assert got == gen.generate_text(model, [_long(60)[5:]], sp, 8)
     # images: BOS caption BOI + P patches; mixed: the new tokens and (P + 1) per image to generate
     with pytest.raises(gen.PromptTooLong, match=f"length {SEQ_LEN}"):
-        gen.generate_images(model, [_long(SEQ_LEN - 1 - P)], sp, steps=1)
-    assert gen.generate_images(model, [_long(SEQ_LEN - 2 - P)], sp, steps=1).shape[0] == 1  # fits exactly
+        gen.generate_images(model, [_long(SEQ_LEN - 1 - P)], sp, gen.ImageSampling(steps=1))
+    # fits exactly
+    assert gen.generate_images(model, [_long(SEQ_LEN - 2 - P)], sp, gen.ImageSampling(steps=1)).shape[0] == 1
     with pytest.raises(gen.PromptTooLong, match=f"length {SEQ_LEN}"):
         gen.generate(model, [[_long(SEQ_LEN - 10 - P - 1)]], sp, max_new_tokens=10, max_images=1)
     with pytest.raises(gen.PromptTooLong, match="lower --max-new-tokens"):  # nothing to cut: refused in both modes
@@ -172,7 +177,8 @@ def test_cli_long_prompt_error_or_truncate(export: Path, tmp_path: Path, capsys)
     with pytest.raises(SystemExit) as e:
         gen.main(["--model", str(export), "--text", long_text, "--max-new-tokens", "4"])
     msg = str(e.value.code)
-    assert msg.startswith("error: prompt 0: ") and f"trained sequence length {SEQ_LEN}" in msg and "--on-long-prompt" in msg
+    assert msg.startswith("error: prompt 0: ") and f"trained sequence length {SEQ_LEN}" in msg
+    assert "--on-long-prompt" in msg
     with pytest.warns(gen.PromptTruncated, match=r"dropped \d+ positions from the left"):
         gen.main(["--model", str(export), "--text", long_text, "--max-new-tokens", "4", "--on-long-prompt", "truncate"])
     assert capsys.readouterr().out.count(" -> ") == 1
@@ -195,7 +201,8 @@ def test_docs_caption_any_image_snippet_runs(export: Path, tmp_path: Path) -> No
     assert ns["pixels"].shape == (1, 3, 32, 32)  # the export's image size, from its latent size and the VAE
 
 
-def test_cli_caption_of_an_animated_image_is_refused_or_takes_the_chosen_frame(export: Path, tmp_path: Path, capsys) -> None:
+def test_cli_caption_of_an_animated_image_is_refused_or_takes_the_chosen_frame(
+        export: Path, tmp_path: Path, capsys) -> None:
     """Issue 27.5 in generation's image reader: an animated GIF is refused by default (its first frame is often
     blank), `--animated-frame K` captions frame K."""
     gif = tmp_path / "anim.gif"

@@ -33,7 +33,8 @@ def test_gpu_session_rehearsal_runs_every_step_on_cpu(demo_data, tmp_path: Path)
         "0_setup", "1_tests", "2_train", "3_gpu_step", "4_scale016b"], summary
     assert all(": ok (exit 0)" in line for line in summary.splitlines()[:5]), summary
 
-    assert "trainer imports ok" in files["0_setup.txt"] and "available False" in files["0_setup.txt"], files["0_setup.txt"]
+    setup = files["0_setup.txt"]
+    assert "trainer imports ok" in setup and "available False" in setup, setup
     tests = files["1_tests.txt"]  # without CUDA every test of the gpu group is reported skipped, none fails
     n_skipped = int(re.search(r"(\d+) skipped", tests).group(1))
     assert n_skipped >= 8 and "passed" not in tests and "failed" not in tests and "needs CUDA" in tests, tests

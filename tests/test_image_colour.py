@@ -83,7 +83,8 @@ BRADFORD_D50_TO_D65 = np.array([[0.9555766, -0.0230393, 0.0631636], [-0.0282895,
                                 [0.0122982, -0.0204830, 1.3299098]])
 XYZ_D65_TO_SRGB = np.array([[3.2404542, -1.5371385, -0.4985314], [-0.9692660, 1.8760108, 0.0415560],
                             [0.0556434, -0.2040259, 1.0572252]])
-TO_XYZ_D65 = {"adobe": (ADOBE_TO_XYZ_D65, 563 / 256), "prophoto": (BRADFORD_D50_TO_D65 @ PROPHOTO_TO_XYZ_D50, 461 / 256)}
+TO_XYZ_D65 = {"adobe": (ADOBE_TO_XYZ_D65, 563 / 256),
+              "prophoto": (BRADFORD_D50_TO_D65 @ PROPHOTO_TO_XYZ_D50, 461 / 256)}
 PROFILES = {"adobe": ADOBE, "prophoto": PROPHOTO}
 
 
@@ -131,18 +132,21 @@ def test_profiles_are_real_icc_that_lcms_reads():
 @pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
 def test_wide_gamut_icc_converted_to_srgb(space, fmt):
     """A PNG/JPEG tagged Adobe RGB or ProPhoto decodes to the sRGB a colour-managed viewer shows: within 1 level
-    of the independent numpy conversion, where reading the numbers as sRGB (the old decoder) is off by 10-23 on average."""
+    of the independent numpy conversion, where reading the numbers as sRGB (the old decoder) is off by 10-23 on
+    average."""
     u = _scene()
     kw = {"quality": 95, "subsampling": 0} if fmt == "JPEG" else {}
     data = _save(u, fmt, icc_profile=PROFILES[space], **kw)
-    stored = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))  # (32, 32, 3): the file's numbers (JPEG: after loss)
+    # (32, 32, 3): the file's numbers (JPEG: after loss)
+    stored = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
     want = reference_srgb(stored.astype(np.float64), space)
     notes: Counter = Counter()
     got = _pixels(images.load_image(data, 32, notes=notes))  # 32 -> 32: no resampling
     err = np.abs(got - want)
     assert err.max() <= 1.0 and err.mean() < 0.3, (err.max(), err.mean())
     naive = np.abs(stored - want)
-    assert naive.mean() > 5 and naive.max() > 100, naive.mean()  # the test can fail: reading the numbers as sRGB is far off
+    # the test can fail: reading the numbers as sRGB is far off
+    assert naive.mean() > 5 and naive.max() > 100, naive.mean()
     assert notes == Counter(icc_to_srgb=1)
 
 
@@ -167,7 +171,8 @@ def test_srgb_tagged_image_is_unchanged_within_rounding():
 
 
 @pytest.mark.parametrize("icc, reason", [(b"not a profile at all", "bad_icc_profile"),
-                                         (ImageCms.ImageCmsProfile(ImageCms.createProfile("LAB")).tobytes(), "icc_mismatch")])
+                                         (ImageCms.ImageCmsProfile(ImageCms.createProfile("LAB")).tobytes(),
+                                          "icc_mismatch")])
 def test_unusable_icc_profile_is_skipped_with_reason(icc, reason):
     with pytest.raises(images.BadImage) as e:
         images.load_image(_save(_scene(), "PNG", icc_profile=icc), 32)
@@ -218,7 +223,8 @@ def test_precompute_report_counts_conversions_and_names_animated(tmp_path: Path)
     from data_pipeline import precompute, vae
 
     data = torch.from_numpy(np.stack([images.load_image(_save(_scene(i), "PNG"), 32) for i in range(4)]))
-    vae_dir = vae.train_vae(data, tmp_path / "vae", steps=1, batch_size=4, latent_channels=4, width=8, sample_every=1)
+    vae_dir = vae.train_vae(data, tmp_path / "vae",
+                            vae.VaeTrainSettings(steps=1, batch_size=4, latent_channels=4, width=8, sample_every=1))
     (tmp_path / "wide.png").write_bytes(_save(_scene(), "PNG", icc_profile=ADOBE))
     (tmp_path / "photo.jpg").write_bytes(_save(_scene(1), "JPEG", icc_profile=PROPHOTO))
     (tmp_path / "plain.png").write_bytes(_save(_scene(2), "PNG"))

@@ -42,19 +42,22 @@ def test_the_checker_sees_a_reverse_import(tmp_path: Path) -> None:
     """ci/import_graph.py flags a data_pipeline module importing the model, also from inside a function."""
     _tree(tmp_path, {"contract/__init__.py": "", "pretrain/__init__.py": "", "pretrain/model/__init__.py": "",
                      "data_pipeline/__init__.py": "def f():\n    from pretrain.model import Transfusion\n"})
-    r = subprocess.run([sys.executable, str(CHECKER), "--root", str(tmp_path), "--check"], capture_output=True, text=True)
+    r = subprocess.run([sys.executable, str(CHECKER), "--root", str(tmp_path), "--check"], capture_output=True,
+                       text=True)
     assert r.returncode == 1 and "data_pipeline/__init__.py:2 (local): data_pipeline imports pretrain.model" in r.stdout
 
 
 def test_the_checker_sees_the_loop_importing_a_tool_and_lets_the_entry_point(tmp_path: Path) -> None:
     """A training-room module importing generation is flagged; the same import in train/__main__.py is not."""
     files = {"contract/__init__.py": "", "pretrain/__init__.py": "", "pretrain/model/__init__.py": "",
-             "data_pipeline/__init__.py": "", "pretrain/inference/__init__.py": "", "pretrain/inference/generate.py": "",
+             "data_pipeline/__init__.py": "", "pretrain/inference/__init__.py": "",
+             "pretrain/inference/generate.py": "",
              "pretrain/train/__init__.py": "",
              "pretrain/train/__main__.py": "from pretrain.inference.generate import x\n",
              "pretrain/train/loop.py": "from pretrain.inference import generate\n"}
     _tree(tmp_path, files)
-    r = subprocess.run([sys.executable, str(CHECKER), "--root", str(tmp_path), "--check"], capture_output=True, text=True)
+    r = subprocess.run([sys.executable, str(CHECKER), "--root", str(tmp_path), "--check"], capture_output=True,
+                       text=True)
     assert r.returncode == 1, r.stdout
     assert "pretrain/train/loop.py:1: pretrain.train imports pretrain.inference.generate" in r.stdout
     assert "__main__.py:1:" not in r.stdout.split("imports against the direction")[1]

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from contract.special_ids import SpecialIds
-from pretrain.inference.generate import TextSampling, packed_batch, generate, generate_images, generate_text
+from pretrain.inference.generate import (ImageSampling, TextSampling, packed_batch, generate, generate_images,
+                                         generate_text)
 from pretrain.model import CachedChunk, KVCache, Transfusion
 from pretrain.model.diffusion import diffusion_sample
 from test_model import build, tiny_cfg
@@ -62,13 +63,15 @@ def test_cached_chunks_equal_full_forward(attention: str) -> None:
         patch_ids = torch.arange(2)[:, None].expand(2, P)
         pads = torch.full((2, P), SP.pad_id)
         for _ in range(2):  # a denoising step leaves the cache unchanged: the second one sees the same
-            h, eps = model.forward_cached(cache, CachedChunk(pads, patch_ids, torch.ones(2, P, dtype=torch.bool), x_t, t),
+            h, eps = model.forward_cached(cache, CachedChunk(pads, patch_ids, torch.ones(2, P, dtype=torch.bool), x_t,
+                                                             t),
                                           commit=False)
             torch.testing.assert_close(eps, eps_ref, **TOL)
         model.forward_cached(cache, CachedChunk(pads, patch_ids, torch.ones(2, P, dtype=torch.bool), x_t, t))
         for i in range(len(suffixes[0])):
             tok = torch.tensor([[s[i]] for s in suffixes])
-            h, _ = model.forward_cached(cache, CachedChunk(tok, torch.full_like(tok, -1), torch.ones(2, 1, dtype=torch.bool)))
+            h, _ = model.forward_cached(cache, CachedChunk(tok, torch.full_like(tok, -1),
+                                                           torch.ones(2, 1, dtype=torch.bool)))
             for b, p in enumerate(prefixes):
                 torch.testing.assert_close(h[b, 0], h_ref[b, len(p) + P + i], **TOL)
 
@@ -109,7 +112,7 @@ def test_cached_images_equal_uncached_sampler() -> None:
     model = _model()
     P = model.cfg.patches_per_image
     prompts, scale, steps = [[5, 6, 7], [8]], 3.0, 5
-    got = generate_images(model, prompts, SP, steps=steps, cfg_scale=scale, seed=3, sampler="ddim")
+    got = generate_images(model, prompts, SP, ImageSampling(steps=steps, cfg_scale=scale, sampler="ddim"), seed=3)
     rows = [[SP.bos_id, *p, SP.boi_id] + [None] * P for p in prompts] + [[SP.bos_id, SP.boi_id] + [None] * P] * 2
 
     def eps_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

@@ -149,11 +149,14 @@ def test_cached_step_of_untied_experts_equals_full_forward() -> None:
     x_t, t = torch.randn(1, 8, 8, 8, generator=torch.Generator().manual_seed(2)), torch.tensor([400])
     prefix, suffix = [1, 5, 6, 3], [4, 9, 10]
     with torch.no_grad():
-        h_ref, eps_ref = model.hidden_and_sampler_input(packed_batch(model, [prefix + [None] * P + suffix], x_t, t, 0), x_t, t)
+        h_ref, eps_ref = model.hidden_and_sampler_input(packed_batch(model, [prefix + [None] * P + suffix], x_t, t, 0),
+                                                        x_t, t)
         cache = KVCache(model.cfg, 1)
         tokens = torch.tensor([prefix])
-        model.forward_cached(cache, CachedChunk(tokens, torch.full_like(tokens, -1), torch.ones_like(tokens, dtype=torch.bool)))
-        img = (torch.zeros(1, P, dtype=torch.long), torch.zeros(1, P, dtype=torch.long), torch.ones(1, P, dtype=torch.bool))
+        model.forward_cached(cache, CachedChunk(tokens, torch.full_like(tokens, -1),
+                                                torch.ones_like(tokens, dtype=torch.bool)))
+        img = (torch.zeros(1, P, dtype=torch.long), torch.zeros(1, P, dtype=torch.long),
+               torch.ones(1, P, dtype=torch.bool))
         _, eps = model.forward_cached(cache, CachedChunk(*img, x_t, t))
         tokens = torch.tensor([suffix])
         h, _ = model.forward_cached(cache, CachedChunk(tokens, torch.full_like(tokens, -1),
@@ -226,7 +229,8 @@ def test_export_directory_round_trip(tmp_path) -> None:
 
 
 def test_activation_checkpointing_recomputes_experts_exactly() -> None:
-    """The trainer's per-block checkpointing (pretrain.train.engine) wraps the expert blocks: same loss and gradients."""
+    """The trainer's per-block checkpointing (pretrain.train.engine) wraps the expert blocks: same loss and
+    gradients."""
     from pretrain.train.engine import apply_activation_checkpointing
 
     cfg = tiny_cfg(modality_experts=True)

@@ -127,7 +127,8 @@ def test_dense_mask_matches_rule_elementwise() -> None:
     batch = random_batch(cfg, 1, L, seed=5)
     m = dense_mask(batch.doc_ids, batch.image_ids)[0, 0]
     d, im = batch.doc_ids[0].tolist(), batch.image_ids[0].tolist()
-    ref = torch.tensor([[d[q] == d[k] and (k <= q or (im[q] >= 0 and im[q] == im[k])) for k in range(L)] for q in range(L)])
+    ref = torch.tensor([[d[q] == d[k] and (k <= q or (im[q] >= 0 and im[q] == im[k])) for k in range(L)]
+                        for q in range(L)])
     assert torch.equal(m, ref)
 
 
@@ -234,7 +235,8 @@ def test_loss_split_invariance() -> None:
     """
     cfg = tiny_cfg()
     model = build(cfg)
-    rows = [random_batch(cfg, 1, L, seed=s, images_per_row=k, docs_per_row=1 + s % 2) for s, k in enumerate([0, 1, 2, 1])]
+    rows = [random_batch(cfg, 1, L, seed=s, images_per_row=k, docs_per_row=1 + s % 2)
+            for s, k in enumerate([0, 1, 2, 1])]
     full = _cat(rows)
     n_text, n_img = full.num_text_targets, full.num_images
     model(full).loss.backward()  # one batch: local counts are the global counts

@@ -1,6 +1,7 @@
 """The model learns the synthetic task: the demo's data recipe (a trained VAE) and training recipe
-(configs/demo.yaml) for a few hundred steps of the real 2-rank DeepSpeed trainer (ZeRO-2, the demo's stage), exported, then judged
-by `python -m pretrain.evaluation.evaluate` on fresh draws (pixels and caption words, not the model's own claims).
+(configs/demo.yaml) for a few hundred steps of the real 2-rank DeepSpeed trainer (ZeRO-2, the demo's stage),
+exported, then judged by `python -m pretrain.evaluation.evaluate` on fresh draws (pixels and caption words, not
+the model's own claims).
 
 Floors and why luck cannot pass them: each is far above chance for its sample size. With n judged
 items and chance p, the binomial tail P(X >= floor * n) is given next to each floor; the untrained
@@ -70,7 +71,8 @@ def test_demo_recipe_learns_to_caption_and_to_place(trained_vae_data: DemoData, 
              f"checkpoint.every={STEPS}", "logging.val_every=0", "logging.sample_every=0", "logging.every=100",
              f"data.cache_dir={tmp_path / 'cache'}"]
     for cmd in (train, [py, "-m", "pretrain.artifacts.export", "--run-dir", str(run_dir), "--out", str(export)],
-                [py, "-m", "pretrain.evaluation.evaluate", "--model", str(export), "--out", str(ev), "--captions", "81"]):
+                [py, "-m", "pretrain.evaluation.evaluate", "--model", str(export), "--out", str(ev), "--captions",
+                 "81"]):
         done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=1500,
                               env={"OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO),
                                    "PATH": str(Path(py).parent) + ":/usr/bin:/bin"})

@@ -145,7 +145,8 @@ def test_pack_into_an_s3_bucket(demo_data, corpus, s3, tmp_path) -> None:
     print(f"packed into s3 in {time.time() - t0:.1f}s")
     assert rep is not None and rep["parts"] >= 3
     client = s3.client()
-    keys = sorted(o["Key"] for page in client.get_paginator("list_objects_v2").paginate(Bucket=s3.bucket, Prefix="shards/text/")
+    keys = sorted(o["Key"] for page in client.get_paginator("list_objects_v2").paginate(
+                      Bucket=s3.bucket, Prefix="shards/text/")
                   for o in page.get("Contents", []))
     ref = _files(tmp_path / "local")
     assert [k.removeprefix("shards/text/") for k in keys] == sorted(ref)

@@ -25,7 +25,8 @@ def _sources(root: Path, pairs: int = 60) -> dict:
 
 
 def _opts(raw: dict, out: Path, **kw) -> prepare.PrepareOptions:
-    base = dict(out=str(out), texts=[str(raw["texts"])], pairs=[str(raw["pairs"])], interleaved=[str(raw["interleaved"])],
+    base = dict(out=str(out), texts=[str(raw["texts"])], pairs=[str(raw["pairs"])],
+                interleaved=[str(raw["interleaved"])],
                 image_size=32, seq_len=128, vocab_size=300, part_size=25, decode_threads=1,
                 recipe=prepare.VaeRecipe(steps=0, latent_channels=4, downsample=4, width=8, patch_size=2))
     return prepare.PrepareOptions(**{**base, **kw})
@@ -56,7 +57,8 @@ def test_data_yaml_holds_what_the_shards_fix_and_reruns_skip_every_stage(tmp_pat
     assert run_cfg.model.vocab_size == load_special_ids(out / "tokenizer" / "spm.model").vocab_size
     assert data_key_problems(run_cfg) == []
     assert 0 < run_cfg.data.image_position_share <= 0.5
-    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and p.suffix in (".model", ".mds", ".safetensors")}
+    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*")
+              if p.is_file() and p.suffix in (".model", ".mds", ".safetensors")}
     capsys.readouterr()
     prepare.run(_opts(raw, out), rank_and_world=(0, 1))
     said = capsys.readouterr().out
@@ -101,7 +103,8 @@ def test_two_ranks_write_what_one_rank_writes(tmp_path: Path) -> None:
     import torch
 
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as the two ranks below (OMP_NUM_THREADS=1): CPU convolutions differ by an ulp across thread counts
+    # as the two ranks below (OMP_NUM_THREADS=1): CPU convolutions differ by an ulp across thread counts
+    torch.set_num_threads(1)
     try:
         one = prepare.run(_opts(raw, tmp_path / "one"), rank_and_world=(0, 1))
     finally:
@@ -110,7 +113,8 @@ def test_two_ranks_write_what_one_rank_writes(tmp_path: Path) -> None:
             "raw = json.loads(sys.argv[1]); prepare.run(t._opts(raw, __import__('pathlib').Path(sys.argv[2])))")
     code = code % str(Path(__file__).parent)
     args = [json.dumps({k: str(v) for k, v in raw.items()}), str(tmp_path / "two")]
-    procs = [subprocess.Popen([sys.executable, "-c", code, *args], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    procs = [subprocess.Popen([sys.executable, "-c", code, *args], cwd=REPO, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT,
                               text=True, env={**os.environ, "RANK": str(r), "WORLD_SIZE": "2", "LOCAL_RANK": str(r),
                                               "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}) for r in (0, 1)]
     logs = [p.communicate(timeout=300)[0] for p in procs]
@@ -144,7 +148,8 @@ def other_tokenizer(tmp_path_factory) -> Path:
     from data_pipeline import tokenizer
 
     path = tmp_path_factory.mktemp("tok") / "other.model"
-    tokenizer.train([f"entirely different words number {i} of another corpus" for i in range(200)], path, vocab_size=320)
+    tokenizer.train([f"entirely different words number {i} of another corpus" for i in range(200)], path,
+                    vocab_size=320)
     return path
 
 
@@ -188,7 +193,8 @@ def test_a_validation_stream_smaller_than_a_batch_per_rank_is_named(demo_data) -
     warned = small_val_streams(cfg, micro_batch=4, world_size=2)
     assert len(warned) == sum(n < 8 for n in rows.values()) > 0
     small = next(k for k, n in rows.items() if n < 8)
-    assert any(f"({small}) holds {rows[small]} rows, fewer than 2 ranks x train.micro_batch_size 4 = 8" in w for w in warned)
+    want = f"({small}) holds {rows[small]} rows, fewer than 2 ranks x train.micro_batch_size 4 = 8"
+    assert any(want in w for w in warned)
     assert small_val_streams(cfg, micro_batch=1, world_size=1) == []
 
 

@@ -75,7 +75,8 @@ def test_storage_errors_name_the_url_and_what_to_do(s3):
 
 def _first_batches(demo, cache: Path, n: int = 3, cache_limit: str | None = None, **stream) -> list:
     """Token tensors of the first `n` micro-batches (2 rows, no shuffle) of one stream."""
-    cfg = dataclasses.replace(demo.data_config, cache_dir=str(cache), shuffle=False, num_workers=0, cache_limit=cache_limit,
+    cfg = dataclasses.replace(demo.data_config, cache_dir=str(cache), shuffle=False, num_workers=0,
+                              cache_limit=cache_limit,
                               image_position_share=None, streams=[StreamConfig(name="s", **stream)])
     ld = build_loader(cfg, "train", micro_batch_size=2, seed=0, patch_size=demo.patch_size,
                       latent_shape=demo.latent_shape, diffusion_steps=1000)
@@ -128,7 +129,8 @@ def _loader_error(demo, cache: Path, remote: str) -> str:
 def test_cache_limit_refuses_streams_read_in_place(demo_data, tmp_path):
     """streaming evicts by deleting shard files: a cache limit over a local stream would delete the data set."""
     local = next(s.local for s in demo_data.data_config.streams if s.name == "pairs")
-    with pytest.raises(ValueError, match=r"data.cache_limit='1mb' with local streams \['s'\].*give those streams a `remote`"):
+    with pytest.raises(ValueError,
+                       match=r"data.cache_limit='1mb' with local streams \['s'\].*give those streams a `remote`"):
         _first_batches(demo_data, tmp_path / "c", local=local, cache_limit="1mb")
     assert len(_first_batches(demo_data, tmp_path / "c", remote=local, cache_limit="1mb")) == 3
     assert list(Path(local).rglob("*.mds"))
@@ -182,7 +184,8 @@ def test_dry_run_reads_remote_streams_in_place(demo_data, s3, tmp_path):
     (p,) = problems(s3.url("pairs", "train"), "data.seq_len=128")
     assert "packed with seq_len=256 but data.seq_len=128" in p, p
     (p,) = problems(s3.url("nothing", "train"))
-    assert f"{s3.url('nothing', 'train', 'index.json')} not found; pack the source with data_pipeline.pack to that remote" in p, p
+    assert (f"{s3.url('nothing', 'train', 'index.json')} not found; pack the source with data_pipeline.pack "
+            "to that remote") in p, p
     (p,) = problems("s3://no-such-bucket-z/pairs/train")
     assert "bucket 'no-such-bucket-z' does not exist" in p, p
 
@@ -227,7 +230,8 @@ def test_demo_data_precomputed_and_packed_into_a_bucket(demo_data, s3, tmp_path,
     with tarfile.open(tmp_path / "pairs.tar", "w") as tf:  # 48 pairs as img2dataset writes them
         for i, line in enumerate(list(open(raw / "pairs.jsonl"))[:48]):
             r = json.loads(line)
-            for name, data in ((f"{i:06d}.png", (raw / r["image"]).read_bytes()), (f"{i:06d}.txt", r["caption"].encode())):
+            for name, data in ((f"{i:06d}.png", (raw / r["image"]).read_bytes()),
+                               (f"{i:06d}.txt", r["caption"].encode())):
                 ti = tarfile.TarInfo(name)
                 ti.size = len(data)
                 tf.addfile(ti, io.BytesIO(data))
@@ -309,7 +313,8 @@ def test_training_from_a_bucket_through_a_bounded_cache_resumes_exactly(demo_dat
         return tmp_path / name
 
     local_run, s3_run = tmp_path / "local", tmp_path / "s3"
-    assert _train(demo_data, local_run, data_yaml("local.yaml", False)) == 0, (local_run / "train.log").read_text()[-3000:]
+    assert _train(demo_data, local_run, data_yaml("local.yaml",
+                                                  False)) == 0, (local_run / "train.log").read_text()[-3000:]
     cfg = data_yaml("s3.yaml", True)
     assert _train(demo_data, s3_run, cfg, fault="kill_after_step=3") != 0
     assert (s3_run / "checkpoints/step_00000003/COMPLETE").is_file(), (s3_run / "train.log").read_text()[-3000:]

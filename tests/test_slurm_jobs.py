@@ -293,7 +293,7 @@ def test_export_job_writes_safetensors(slurm: Slurm, reference_run: Job, tmp_pat
 def two_node_cluster() -> Iterator[Slurm]:
     """cluster/netns_cluster.sh: nodes n1/n2 at 10.200.0.11/.12, each in its own namespace; torn down after."""
     state = "/tmp/transfusion-slurm-netns-test"
-    env = {**os.environ, "TF_NETNS_DIR": state}
+    env = {**os.environ, "TRANSFUSION_NETNS_DIR": state}
     script = ["bash", "cluster/netns_cluster.sh"]
     subprocess.run([*script, "stop"], cwd=REPO, env=env, capture_output=True)  # leftovers of a killed run
     r = subprocess.run([*script, "start"], cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
@@ -314,7 +314,7 @@ def test_two_node_zero3_over_gloo_matches_one_node(two_node_cluster: Slurm, slur
     jid = two_node_cluster.sbatch(
         "cluster/train.slurm", [str(train_config), f"train.run_dir={run}"],
         ["--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=1", "--gpus-per-node=0"], log,
-        GLOO_SOCKET_IFNAME="tfnet0", TF_TASK_VERBOSE="1")
+        GLOO_SOCKET_IFNAME="tfnet0", TRANSFUSION_TASK_VERBOSE="1")
     info = two_node_cluster.wait(jid, log)
     text = log.read_text()
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", tail(log)

@@ -36,8 +36,10 @@ def _task_env(**slurm: str) -> dict[str, str]:
     """What srun_task.sh exports when run as the task described by `slurm` (from the repository root, with
     this venv's `python` first on PATH, as a Slurm task of the templates runs)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "RANK", "LOCAL_", "WORLD_"))}
-    env.update(MASTER_ADDR="10.0.0.1", MASTER_PORT="20042", PATH=f"{Path(sys.executable).parent}:{env['PATH']}", **slurm)
-    r = subprocess.run(["bash", str(CLUSTER / "srun_task.sh"), "env"], env=env, capture_output=True, text=True, cwd=REPO)
+    env.update(MASTER_ADDR="10.0.0.1", MASTER_PORT="20042", PATH=f"{Path(sys.executable).parent}:{env['PATH']}",
+               **slurm)
+    r = subprocess.run(["bash", str(CLUSTER / "srun_task.sh"), "env"], env=env, capture_output=True, text=True,
+                       cwd=REPO)
     assert r.returncode == 0, r.stderr
     return dict(line.split("=", 1) for line in r.stdout.splitlines() if "=" in line)
 
@@ -53,7 +55,8 @@ def _task_env(**slurm: str) -> dict[str, str]:
 def test_srun_task_exports_torch_rank_variables(per_node: str, node: int, procid: str, localid: str,
                                                 local_world: str) -> None:
     """RANK/LOCAL_RANK/WORLD_SIZE/LOCAL_WORLD_SIZE come from the step's SLURM_* variables."""
-    world = str(sum(int(p.split("(")[0]) * (int(p.split("x")[1][:-1]) if "(x" in p else 1) for p in per_node.split(",")))
+    world = str(sum(int(p.split("(")[0]) * (int(p.split("x")[1][:-1]) if "(x" in p else 1)
+                    for p in per_node.split(",")))
     out = _task_env(SLURM_PROCID=procid, SLURM_LOCALID=localid, SLURM_NTASKS=world, SLURM_STEP_NUM_TASKS=world,
                     SLURM_STEP_TASKS_PER_NODE=per_node, SLURM_NODEID=str(node))
     assert (out["RANK"], out["LOCAL_RANK"], out["WORLD_SIZE"], out["LOCAL_WORLD_SIZE"]) == (procid, localid, world,
@@ -79,7 +82,8 @@ def test_master_addr_is_the_first_nodes_nodeaddr_in_both_shell_and_python(tmp_pa
     fake = tmp_path / "scontrol"
     fake.write_text("#!/bin/sh\n"
                     'if [ "$1 $2" = "show hostnames" ]; then echo n1; echo n2; exit 0; fi\n'
-                    f'if [ "$1 $2" = "show node" ]; then echo "NodeName=$3 Arch=x86_64 CoresPerSocket=1"; echo "{line}"; fi\n')
+                    f'if [ "$1 $2" = "show node" ]; then echo "NodeName=$3 Arch=x86_64 CoresPerSocket=1"; echo '
+                    f'"{line}"; fi\n')
     fake.chmod(0o755)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "MASTER_"))}
     env.update(PATH=f"{tmp_path}:{env['PATH']}", SLURM_JOB_NODELIST="n[1-2]", SLURM_JOB_ID="7", SLURM_PROCID="0",

@@ -31,7 +31,8 @@ HF_IMAGE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])  # what `d
 
 
 def _pairs_parquet(path: Path, row_group_size: int = 3) -> list[str]:
-    """Nine LAION/HF-style rows (image struct + caption), three of them bad; returns the expected captions of the good."""
+    """Nine LAION/HF-style rows (image struct + caption), three of them bad; returns the expected captions of the
+    good."""
     (path.parent / "side.png").write_bytes(_png("blue", "square"))
     images = [{"bytes": _png(), "path": None},                       # 0 HF struct with bytes
               {"bytes": None, "path": "side.png"},                   # 1 HF struct, path relative to the parquet file
@@ -51,7 +52,8 @@ def _pairs_parquet(path: Path, row_group_size: int = 3) -> list[str]:
 
 
 def _records(inputs: list[str], kind: str = "pairs", part_size: int = 1000, **cols: str) -> list[sources.Record]:
-    return [r for p in sources.list_parts(inputs, part_size) for r in sources.read_part(p, kind, columns=sources.Columns(**cols))]
+    return [r for p in sources.list_parts(inputs, part_size)
+            for r in sources.read_part(p, kind, columns=sources.Columns(**cols))]
 
 
 def test_parquet_pairs_hf_struct_and_bad_rows(tmp_path: Path) -> None:
@@ -62,7 +64,8 @@ def test_parquet_pairs_hf_struct_and_bad_rows(tmp_path: Path) -> None:
     recs = _records([str(f)])
     assert [r.segments[0][1] for r in recs if not r.skipped] == good
     assert [(Path(r.key).name, r.skipped) for r in recs if r.skipped] == [
-        ("laion.parquet:row 2", "no_image"), ("laion.parquet:row 5", "no_caption"), ("laion.parquet:row 6", "empty_caption")]
+        ("laion.parquet:row 2", "no_image"), ("laion.parquet:row 5", "no_caption"),
+        ("laion.parquet:row 6", "empty_caption")]
     by_cap = {r.segments[0][1]: r.segments[1][1] for r in recs if not r.skipped}
     assert by_cap["a blue square"] == (tmp_path / "side.png").read_bytes()  # read from the path beside the file
     assert by_cap["gone"] is None  # an unreadable path is a missing image (precompute counts missing_file)
@@ -85,7 +88,8 @@ def test_parquet_columns_are_configurable_and_a_missing_one_is_named(tmp_path: P
 
 
 def test_obelics_interleaved_parquet(tmp_path: Path) -> None:
-    """OBELICS rows: parallel `texts` / `images` lists with nulls, images as bytes or paths; malformed rows skipped by reason."""
+    """OBELICS rows: parallel `texts` / `images` lists with nulls, images as bytes or paths; malformed rows skipped by
+    reason."""
     f = tmp_path / "obelics.parquet"
     texts = [["Intro", None, "after the image", None],  # 0 text, image, text, image
              [None, "only text"],                       # 1 position 0 is null in both lists: dropped
@@ -97,7 +101,8 @@ def test_obelics_interleaved_parquet(tmp_path: Path) -> None:
                              "images": pa.array(images, pa.list_(pa.binary()))}), f)
     recs = _records([str(f)], kind="interleaved")
     assert [(Path(r.key).name, r.skipped) for r in recs if r.skipped] == [
-        ("obelics.parquet:row 2", "bad_row"), ("obelics.parquet:row 3", "bad_segment"), ("obelics.parquet:row 4", "bad_row")]
+        ("obelics.parquet:row 2", "bad_row"), ("obelics.parquet:row 3", "bad_segment"),
+        ("obelics.parquet:row 4", "bad_row")]
     assert recs[1].segments == [("text", "only text")]
     assert [k for k, _ in recs[0].segments] == ["text", "image", "text", "image"]
     assert recs[0].segments[1][1] == _png() and recs[0].segments[3][1] == _png("blue")
@@ -161,13 +166,15 @@ def test_precompute_and_pack_parquet_pairs_count_and_name_skips(demo_data, tmp_p
     argv = ["--input", str(f), "--vae", str(demo_data.vae), "--out", str(out), "--image-size", "64",
             "--decode-threads", "1", "--part-size", "4"]
     rep = precompute.run(precompute.PrecomputeOptions(**vars(precompute.build_parser().parse_args(argv))), (0, 1))
-    assert rep["records_read"] == 9 and rep["records_written"] == 4  # the broken and the missing images drop their pairs
+    # the broken and the missing images drop their pairs
+    assert rep["records_read"] == 9 and rep["records_written"] == 4
     assert rep["records_skipped"] == {"empty_caption": 1, "no_caption": 1, "no_image": 1}
     assert sum(rep["skipped"].values()) == 2 and rep["skipped"]["missing_file"] == 1
     named = {(n["record"].rsplit("/", 1)[1], n["reason"]) for n in rep["named"]}
     assert ("laion.parquet:row 2", "no_image") in named and ("laion.parquet:row 7", "missing_file") in named
     assert [s["doc"][0]["text"] for s in read_mds(out)] == [c for c in good if c not in ("broken", "gone")]
-    prep = pack.run(pack.PackOptions("pairs", [str(out)], str(demo_data.tokenizer), str(tmp_path / "shards"), seq_len=256,
+    prep = pack.run(pack.PackOptions("pairs", [str(out)], str(demo_data.tokenizer), str(tmp_path / "shards"),
+                                     seq_len=256,
                                      patch_size=demo_data.patch_size), (0, 1))
     assert prep["train"]["images"] == 4
     assert json.loads((tmp_path / "shards" / "train" / "pack.json").read_text())["images"] == 4

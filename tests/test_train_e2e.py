@@ -57,14 +57,17 @@ def launch(launcher: str, demo_data, run_dir: Path, *overrides: str, fault: str 
             f"data.cache_dir={run_dir}/cache", *RUN_OVERRIDES, *overrides]
     cmd = {
         "deepspeed": [str(VENV_BIN / "deepspeed"), "--num_gpus", str(nproc), "--master_port", port],
-        "torchrun": [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", port],
-        "accelerate": [str(VENV_BIN / "accelerate"), "launch", "--config_file", str(REPO / "configs/accelerate/zero3.yaml"),
+        "torchrun": [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
+                     port],
+        "accelerate": [str(VENV_BIN / "accelerate"), "launch", "--config_file",
+                       str(REPO / "configs/accelerate/zero3.yaml"),
                        "--num_processes", str(nproc), "--main_process_port", port],
     }[launcher] + args
     run_dir.mkdir(parents=True, exist_ok=True)
     extra = {"PRETRAIN_FAULT": fault} if fault else {}
     with open(run_dir / f"{launcher}.log", "a") as log:
-        return subprocess.run(cmd, cwd=REPO, env=run_env(**extra), stdout=log, stderr=subprocess.STDOUT, timeout=TIMEOUT)
+        return subprocess.run(cmd, cwd=REPO, env=run_env(**extra), stdout=log, stderr=subprocess.STDOUT,
+                              timeout=TIMEOUT)
 
 
 def train_rows(run_dir: Path) -> dict[int, dict]:
@@ -134,7 +137,8 @@ def test_exact_resume_after_kill_9_and_requeue_signal(straight, demo_data, tmp_p
     bias correction; FusedAdam on GPU and torch AdamW recompute it from the step and resume bit for bit.
     """
     p = launch("torchrun", demo_data, tmp_path, fault="kill_after_step=5")
-    assert p.returncode != 0 and (tmp_path / "checkpoints/step_00000005/COMPLETE").is_file(), log_tail(tmp_path, "torchrun")
+    assert p.returncode != 0 and (tmp_path / "checkpoints/step_00000005/COMPLETE").is_file(), \
+        log_tail(tmp_path, "torchrun")
     assert not (tmp_path / "checkpoints/step_00000010").exists()
     # the signal lands after step 7; the ranks agree on it during step 8, save it and exit 75
     p = launch("deepspeed", demo_data, tmp_path, fault="sigusr1_rank1_after_step=7")
@@ -156,7 +160,8 @@ def test_exact_resume_after_kill_9_and_requeue_signal(straight, demo_data, tmp_p
     # would differ by far more (its decay warm-up starts again at 0.1)
     from pretrain.train.ema import load_full
 
-    ema_ref, ema_got = load_full(straight / "checkpoints/step_00000010"), load_full(tmp_path / "checkpoints/step_00000010")
+    ema_ref = load_full(straight / "checkpoints/step_00000010")
+    ema_got = load_full(tmp_path / "checkpoints/step_00000010")
     for n, e in ema_ref.items():
         torch.testing.assert_close(ema_got[n], e, rtol=0, atol=1e-5, msg=lambda m: f"EMA {n}: {m}")
 
@@ -176,7 +181,8 @@ def test_resume_on_one_rank_then_two_then_one(straight, demo_data, tmp_path):
     interleaved texts too). A lost or mis-sliced EMA partition on resume differs by ~lr (2e-3), 200x more.
     """
     p = launch("torchrun", demo_data, tmp_path, fault="kill_after_step=5", nproc=1)
-    assert p.returncode != 0 and (tmp_path / "checkpoints/step_00000005/COMPLETE").is_file(), log_tail(tmp_path, "torchrun")
+    assert p.returncode != 0 and (tmp_path / "checkpoints/step_00000005/COMPLETE").is_file(), \
+        log_tail(tmp_path, "torchrun")
     p = launch("deepspeed", demo_data, tmp_path, fault="sigusr1_rank1_after_step=7")
     assert p.returncode == 75, log_tail(tmp_path, "deepspeed")
     assert "saved by 1 ranks, this job has 2" in (tmp_path / "deepspeed.log").read_text()
@@ -193,7 +199,8 @@ def test_resume_on_one_rank_then_two_then_one(straight, demo_data, tmp_path):
         assert abs(got[s]["grad_norm"] - ref[s]["grad_norm"]) <= 1e-5 * ref[s]["grad_norm"], s
     from pretrain.train.ema import load_full
 
-    ema_ref, ema_got = load_full(straight / "checkpoints/step_00000010"), load_full(tmp_path / "checkpoints/step_00000010")
+    ema_ref = load_full(straight / "checkpoints/step_00000010")
+    ema_got = load_full(tmp_path / "checkpoints/step_00000010")
     for n, e in ema_ref.items():
         torch.testing.assert_close(ema_got[n], e, rtol=0, atol=1e-5, msg=lambda m: f"EMA {n}: {m}")
 
@@ -237,7 +244,8 @@ def test_zero2_follows_zero3_resumes_exactly_and_exports(straight, demo_data, tm
     test's own file), and the default export is the EMA, which every rank holds whole at stage 2.
     """
     p = launch("torchrun", demo_data, tmp_path, "distributed.zero_stage=2", fault="kill_after_step=5")
-    assert p.returncode != 0 and (tmp_path / "checkpoints/step_00000005/COMPLETE").is_file(), log_tail(tmp_path, "torchrun")
+    assert p.returncode != 0 and (tmp_path / "checkpoints/step_00000005/COMPLETE").is_file(), \
+        log_tail(tmp_path, "torchrun")
     p = launch("torchrun", demo_data, tmp_path, "distributed.zero_stage=2")
     assert p.returncode == 0, log_tail(tmp_path, "torchrun")
     assert_follows_straight(straight, tmp_path)
@@ -266,14 +274,16 @@ def test_zero0_logs_the_gradient_norm_and_exports_its_ema(straight, demo_data, t
     EMA exports; the raw weights, only in DeepSpeed's pickled module file, are refused with the reason."""
     p = launch("torchrun", demo_data, tmp_path, "distributed.zero_stage=0")
     assert p.returncode == 0, log_tail(tmp_path, "torchrun")
-    assert all(math.isfinite(r["grad_norm"]) for r in train_rows(tmp_path).values())  # NaN before the trainer measured it
+    # NaN before the trainer measured it
+    assert all(math.isfinite(r["grad_norm"]) for r in train_rows(tmp_path).values())
     assert_follows_straight(straight, tmp_path)
     from pretrain.train.ema import load_full
     from pretrain.artifacts.export import ExportError, ExportOptions, export
 
     out = export(tmp_path, tmp_path / "ema")
     assert json.loads((out / "export.json").read_text())["weights"] == "ema"
-    assert set(load_full(tmp_path / "checkpoints/step_00000010")) == set(load_full(straight / "checkpoints/step_00000010"))
+    assert (set(load_full(tmp_path / "checkpoints/step_00000010"))
+            == set(load_full(straight / "checkpoints/step_00000010")))
     with pytest.raises(ExportError, match="ZeRO stage 0"):
         export(tmp_path, tmp_path / "raw", ExportOptions(weights="raw"))
     assert not (tmp_path / "raw").exists()
@@ -307,7 +317,8 @@ def test_epochs_roll_over_with_workers_and_validation(demo_data, tmp_path):
     train loader; the train workers then died at the next epoch ("DataLoader worker exited").
     """
     cmd = [sys.executable, "-m", "pretrain.train", "--config", config_arg(demo_data), f"train.run_dir={tmp_path}",
-           f"data.cache_dir={tmp_path}/cache", "train.steps=40", "train.global_batch_size=8", "train.micro_batch_size=2",
+           f"data.cache_dir={tmp_path}/cache", "train.steps=40", "train.global_batch_size=8",
+           "train.micro_batch_size=2",
            "data.num_workers=2", "logging.val_every=3", "logging.val_batches=1", "logging.sample_every=0",
            "checkpoint.every=0", "logging.every=1"]
     with open(tmp_path / "run.log", "w") as log:
@@ -315,7 +326,8 @@ def test_epochs_roll_over_with_workers_and_validation(demo_data, tmp_path):
     assert p.returncode == 0, (tmp_path / "run.log").read_text()[-3000:]
     rows = train_rows(tmp_path)
     assert sorted(rows) == list(range(1, 41))
-    rows_per_epoch = sum(json.loads((Path(s.local) / "pack.json").read_text())["rows"] for s in demo_data.data_config.streams)
+    rows_per_epoch = sum(json.loads((Path(s.local) / "pack.json").read_text())["rows"]
+                         for s in demo_data.data_config.streams)
     assert 40 * 8 > 2 * rows_per_epoch, "the run must cross at least two epoch boundaries"
 
 

@@ -104,7 +104,8 @@ def test_deepspeed_config_is_derived_and_user_keys_merge_on_top():
     amp = load_config("configs/tiny.yaml", ["train.precision=bf16_autocast"])
     ds_amp = derive_ds_config(amp, plan_batch(amp, 2), on_gpu=True)  # fp32 weights, autocast forward
     assert ds_amp["bf16"]["enabled"] is False and ds_amp["torch_autocast"]["enabled"] is True
-    assert ds_amp["torch_autocast"]["dtype"] == "bfloat16" and ds_amp["torch_autocast"]["lower_precision_safe_modules"] == []
+    amp = ds_amp["torch_autocast"]
+    assert amp["dtype"] == "bfloat16" and amp["lower_precision_safe_modules"] == []
     bad = load_config("configs/tiny.yaml", ["distributed.deepspeed={train_batch_size: 3}"])
     with pytest.raises(BatchSizeError, match="train.global_batch_size"):
         derive_ds_config(bad, plan_batch(bad, 2), on_gpu=False)

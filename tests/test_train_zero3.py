@@ -130,8 +130,10 @@ def _cut_batches(demo_data, cfg) -> list[list]:
     from data_pipeline.loader import build_loader
 
     m = cfg.model
-    loader = build_loader(replace(cfg.data, num_workers=0), "train", micro_batch_size=1, seed=0, patch_size=m.patch_size,
-                          latent_shape=(m.latent_channels, m.latent_size, m.latent_size), diffusion_steps=m.diffusion_steps)
+    loader = build_loader(replace(cfg.data, num_workers=0), "train", micro_batch_size=1, seed=0,
+                          patch_size=m.patch_size,
+                          latent_shape=(m.latent_channels, m.latent_size, m.latent_size),
+                          diffusion_steps=m.diffusion_steps)
     text, image, pool = [], [], []
     for b in loader:
         (image if b.num_images else text).append(b)

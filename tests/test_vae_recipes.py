@@ -80,8 +80,8 @@ def test_training_threads_follow_the_free_cores_and_are_restored(tmp_path: Path,
     real = vae._train_vae
     monkeypatch.setattr(vae, "_train_vae", lambda *a: seen.append(torch.get_num_threads()) or real(*a))
     before = torch.get_num_threads()
-    vae.train_vae(torch.zeros(4, 3, 16, 16), tmp_path / "v", steps=1, batch_size=2, latent_channels=4, downsample=4,
-                  width=8, threads=1)
+    vae.train_vae(torch.zeros(4, 3, 16, 16), tmp_path / "v",
+                  vae.VaeTrainSettings(steps=1, batch_size=2, latent_channels=4, downsample=4, width=8, threads=1))
     assert seen == [1] and torch.get_num_threads() == before
 
 

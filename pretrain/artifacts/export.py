@@ -57,7 +57,8 @@ def pick_checkpoint(run_dir: Path, step: int | None) -> Path:
         return path
     found = checkpoint.find_resume("auto", run_dir)
     if found is None:
-        raise FileNotFoundError(f"{root}: no complete checkpoint; train first or pass --run-dir of a run that saved one")
+        raise FileNotFoundError(f"{root}: no complete checkpoint; train first or pass --run-dir of a run "
+                                "that saved one")
     return found
 
 
@@ -361,7 +362,8 @@ def export_hf_llama(src: Path, out: Path, opts: ExportOptions = ExportOptions())
         (tmp / layout.HF_CONFIG).write_text(json.dumps(hf, indent=1))
         if tok.is_file():
             shutil.copyfile(tok, tmp / layout.TOKENIZER)
-        (tmp / layout.MANIFEST).write_text(json.dumps({"format": "hf-llama", "source": origin, "dtype": dtype}, indent=1))
+        (tmp / layout.MANIFEST).write_text(json.dumps({"format": "hf-llama", "source": origin, "dtype": dtype},
+                                                      indent=1))
 
     return write_atomically(out, force, fill)
 
@@ -373,14 +375,17 @@ def main(argv: list[str] | None = None) -> int:
                     help="train.run_dir of the run to export (with --hf-llama: or an export directory)")
     ap.add_argument("--out", required=True, type=Path, help="output directory")
     ap.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest complete)")
-    ap.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="dtype of the saved weights (default: %(default)s)")
-    ap.add_argument("--max-shard-gb", type=float, default=5.0, help="largest safetensors file, GB (default: %(default)s)")
+    ap.add_argument("--dtype", choices=sorted(DTYPES), default="fp32",
+                    help="dtype of the saved weights (default: %(default)s)")
+    ap.add_argument("--max-shard-gb", type=float, default=5.0,
+                    help="largest safetensors file, GB (default: %(default)s)")
     ap.add_argument("--vae", default=None, help="VAE directory to ship (default: data.vae of the run)")
     ap.add_argument("--force", action="store_true", help="replace --out even if it is not an earlier export")
     ap.add_argument("--weights", choices=["auto", "ema", "raw"], default="auto",
                     help="auto: the EMA weights when the run kept them (train.ema_decay > 0), else the trained ones "
                          "(default: %(default)s)")
-    ap.add_argument("--hf-llama", action="store_true", help="write the text tower as a Hugging Face LlamaForCausalLM dir")
+    ap.add_argument("--hf-llama", action="store_true",
+                    help="write the text tower as a Hugging Face LlamaForCausalLM dir")
     a = ap.parse_args(argv)
     opts = ExportOptions(step=a.step, dtype=a.dtype, max_shard_gb=a.max_shard_gb, vae=a.vae, force=a.force,
                          weights=a.weights)

@@ -145,7 +145,8 @@ def read_hf_dir(path: Path) -> tuple[dict, Reader]:
 
     cfg_file = path / layout.HF_CONFIG
     if not cfg_file.is_file():
-        raise HFConversionError(f"{cfg_file} missing: point at a Hugging Face Llama directory (config.json + safetensors)")
+        raise HFConversionError(f"{cfg_file} missing: point at a Hugging Face Llama directory (config.json + "
+                                f"safetensors)")
     index = path / layout.WEIGHTS_INDEX
     if index.is_file():
         where = {k: path / f for k, f in json.loads(index.read_text())["weight_map"].items()}
@@ -172,7 +173,8 @@ def _layer_from_hf(read: Reader, cfg: ModelConfig, i: int) -> Iterator[tuple[str
     v = read(p + "self_attn.v_proj.weight")  # (Hkv*hd, D)
     yield f"layers.{i}.attention.wqkv.weight", torch.cat([q, k, v])
     yield f"layers.{i}.attention.wo.weight", read(p + "self_attn.o_proj.weight")
-    yield f"layers.{i}.feed_forward.w13.weight", torch.cat([read(p + "mlp.gate_proj.weight"), read(p + "mlp.up_proj.weight")])
+    yield f"layers.{i}.feed_forward.w13.weight", torch.cat([read(p + "mlp.gate_proj.weight"),
+                                                            read(p + "mlp.up_proj.weight")])
     yield f"layers.{i}.feed_forward.w2.weight", read(p + "mlp.down_proj.weight")
     yield f"layers.{i}.attention_norm.weight", read(p + "input_layernorm.weight")
     yield f"layers.{i}.ffn_norm.weight", read(p + "post_attention_layernorm.weight")
@@ -205,7 +207,8 @@ def to_hf(name: str, t: torch.Tensor, cfg: ModelConfig) -> Iterator[tuple[str, t
         _, i, rest = name.split(".", 2)
         p = f"model.layers.{i}."
         if rest == "attention.wqkv.weight":
-            q, k, v = t.split([cfg.n_heads * cfg.head_dim, cfg.kv_heads_used * cfg.head_dim, cfg.kv_heads_used * cfg.head_dim])
+            q, k, v = t.split([cfg.n_heads * cfg.head_dim, cfg.kv_heads_used * cfg.head_dim,
+                               cfg.kv_heads_used * cfg.head_dim])
             yield p + "self_attn.q_proj.weight", permute(q, cfg.n_heads).contiguous()
             yield p + "self_attn.k_proj.weight", permute(k, cfg.kv_heads_used).contiguous()
             yield p + "self_attn.v_proj.weight", v.contiguous()
@@ -214,7 +217,8 @@ def to_hf(name: str, t: torch.Tensor, cfg: ModelConfig) -> Iterator[tuple[str, t
             yield p + "mlp.gate_proj.weight", gate.contiguous()
             yield p + "mlp.up_proj.weight", up.contiguous()
         else:
-            yield p + {"attention.wo.weight": "self_attn.o_proj.weight", "feed_forward.w2.weight": "mlp.down_proj.weight",
+            yield p + {"attention.wo.weight": "self_attn.o_proj.weight",
+                       "feed_forward.w2.weight": "mlp.down_proj.weight",
                        "attention_norm.weight": "input_layernorm.weight",
                        "ffn_norm.weight": "post_attention_layernorm.weight"}[rest], t
 

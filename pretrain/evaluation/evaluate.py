@@ -126,14 +126,14 @@ def vae_ceiling(vae: Any, n: int, size: int, seed: int, latent_noise: float = 0.
 def text_to_image(model: Any, sp: Any, tok: Any, vae: Any, st: EvalSettings) -> tuple[dict, np.ndarray, list]:
     """Generate one image per prompt (every combination x per_combo), judge; (scores, pixels (N,H,W,3), prompts)."""
     from data_pipeline.vae import decode
-    from pretrain.inference.generate import generate_images
+    from pretrain.inference.generate import ImageSampling, generate_images
 
     out, pix, prompts = {}, [], []
     for name in ("seen", "held_out"):
         scenes = combos(name == "held_out") * st.per_combo
         captions = [synthetic.caption_for(*sc) for sc in scenes]
-        lat = generate_images(model, [tok.encode(c) for c in captions], sp, st.steps, st.cfg_scale,
-                              seed=st.seed + (name == "held_out"), sampler=st.sampler)
+        lat = generate_images(model, [tok.encode(c) for c in captions], sp,
+                              ImageSampling(st.steps, st.cfg_scale, st.sampler), seed=st.seed + (name == "held_out"))
         images = to_uint8(decode(vae, lat))
         out[name] = score([judge(im) for im in images], scenes)
         pix.append(images)
@@ -168,7 +168,8 @@ def text_loss(model: Any, sp: Any, tok: Any, n_docs: int, seed: int, max_len: in
     rows = [[sp.bos_id, *tok.encode(synthetic.text_document(rng))][: max_len - 1] + [sp.eos_id] for _ in range(n_docs)]
     device = next(model.parameters()).device
     C, S = model.cfg.latent_channels, model.cfg.latent_size
-    batch = packed_batch(model, rows, torch.zeros(0, C, S, S, device=device), torch.zeros(0, dtype=torch.long, device=device),
+    batch = packed_batch(model, rows, torch.zeros(0, C, S, S, device=device),
+                         torch.zeros(0, dtype=torch.long, device=device),
                    sp.pad_id)
     targets = torch.full_like(batch.tokens, IGNORE_INDEX)
     for b, r in enumerate(rows):
@@ -180,7 +181,8 @@ def text_loss(model: Any, sp: Any, tok: Any, n_docs: int, seed: int, max_len: in
 
 
 @torch.no_grad()
-def evaluate(model: Any, sp: Any, tok: Any, vae: Any, st: EvalSettings | None = None) -> tuple[dict, np.ndarray, list[str]]:
+def evaluate(model: Any, sp: Any, tok: Any, vae: Any,
+             st: EvalSettings | None = None) -> tuple[dict, np.ndarray, list[str]]:
     """The whole evaluation: (report dict, text->image samples (N, H, W, 3) uint8, their prompts).
 
     Every ZeRO-3 rank must call it with the same arguments: the forwards are collective. `st`'s None
@@ -224,13 +226,15 @@ def table(report: dict) -> str:
         for split, m in report[part].items():
             cells = "".join(f"{100 * m[c]:10.1f}%" if c in m else f"{'-':>11s}" for c in cols)
             lines.append(f"{part + ' (' + split + ')':28s}{cells}{m['n']:6d}")
-    lines.append(f"{'chance':28s}" + "".join(f"{100 * CHANCE[c]:10.1f}%" if c in CHANCE else f"{'-':>11s}" for c in cols))
+    lines.append(f"{'chance':28s}"
+                 + "".join(f"{100 * CHANCE[c]:10.1f}%" if c in CHANCE else f"{'-':>11s}" for c in cols))
     t = report["text"]
     lines.append(f"text: loss {t['loss']:.3f} nats/token, perplexity {t['perplexity']:.2f} ({t['tokens']} tokens)")
     return "\n".join(lines)
 
 
-def save_grid(pixels: np.ndarray, prompts: list[str], path: str | Path, cols: int = 9, scale: int | None = None) -> Path:
+def save_grid(pixels: np.ndarray, prompts: list[str], path: str | Path, cols: int = 9,
+              scale: int | None = None) -> Path:
     """A PNG of samples (N, H, W, 3) uint8 and their prompts.
 
     When every prompt names a (colour, shape, place) combination (the evaluation's), one sample per
@@ -324,7 +328,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--steps", type=int, default=None,
                     help="denoising steps (default: the export's logging.sample_steps, as the trainer's evaluation)")
     ap.add_argument("--sampler", choices=get_args(Sampler), default=None,
-                    help="default: the export's logging.sample_sampler, else the objective's own (ddpm, or euler for flow)")
+                    help="default: the export's logging.sample_sampler, else the objective's own (ddpm, or euler for "
+                         "flow)")
     ap.add_argument("--cfg-scale", type=float, default=None,
                     help="classifier-free guidance scale (default: the export's logging.sample_cfg_scale)")
     ap.add_argument("--captions", type=int, default=d.captions, help="fresh images to caption (default: %(default)s)")

@@ -54,7 +54,8 @@ def _check_weights(weights: str | Path | None) -> None:
     try:
         torch.load(weights, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any refusal means: not a plain tensor file
-        raise ValueError(f"{weights}: not a plain tensor state dict ({type(e).__name__}); refusing to unpickle it") from e
+        raise ValueError(f"{weights}: not a plain tensor state dict ({type(e).__name__}); "
+                         "refusing to unpickle it") from e
 
 
 def main(argv: list[str] | None = None) -> None:

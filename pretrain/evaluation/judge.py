@@ -130,7 +130,8 @@ def judge(img: np.ndarray) -> Verdict:
     return Verdict(color, shape, _CELL_TO_PLACE[cell], objects, smears, sym180, extent)
 
 
-_PLACE_RE = re.compile(r"\b(?:in the center|at the (top left|top right|bottom left|bottom right|top|bottom|left|right))\b")
+_PLACE_RE = re.compile(r"\b(?:in the center|at the (top left|top right|bottom left|bottom "
+                       r"right|top|bottom|left|right))\b")
 
 
 def parse_caption(text: str) -> tuple[str | None, str | None, str | None]:

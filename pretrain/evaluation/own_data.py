@@ -51,7 +51,8 @@ def val_loss(model: Any, data: Any, micro_batch: int = 1, max_batches: int = 200
     sums: dict[str, list[float]] = {}
     for sc in data.val_streams:
         loader = build_loader(replace(data, val_streams=[sc], num_workers=0), split="val", micro_batch_size=micro_batch,
-                              seed=0, patch_size=m.patch_size, latent_shape=(m.latent_channels, m.latent_size, m.latent_size),
+                              seed=0, patch_size=m.patch_size,
+                              latent_shape=(m.latent_channels, m.latent_size, m.latent_size),
                               diffusion_steps=m.diffusion_steps)
         s = [0.0, 0.0, 0.0, 0.0, 0.0]  # CE sum, MSE sum, text targets, images, sequences
         for i, b in enumerate(loader):
@@ -121,10 +122,12 @@ def main(argv: list[str] | None = None) -> dict:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True, help="export directory (pretrain.artifacts.export)")
     ap.add_argument("--out", required=True, help="directory for report.json, samples/, samples.jsonl, captions.jsonl")
-    ap.add_argument("--data", default=None, help="data.yaml whose validation streams to score (default: the export's config)")
+    ap.add_argument("--data", default=None,
+                    help="data.yaml whose validation streams to score (default: the export's config)")
     ap.add_argument("--prompt", nargs="*", default=None, help="prompts (default: the export's logging.sample_prompts)")
     ap.add_argument("--captions", type=int, default=16, help="validation images to caption (default: 16)")
-    ap.add_argument("--val-batches", type=int, default=200, help="sequences per validation stream at most (default: 200)")
+    ap.add_argument("--val-batches", type=int, default=200,
+                    help="sequences per validation stream at most (default: 200)")
     ap.add_argument("--seed", type=int, default=0, help="(default: 0)")
     a = ap.parse_args(argv)
     model, sp, root = load_exported(a.model)
@@ -134,12 +137,15 @@ def main(argv: list[str] | None = None) -> dict:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     tok = Tokenizer(root / "tokenizer.model")
-    report: dict[str, Any] = {"model": str(root), "data": str(cfg_path), "val": val_loss(model, data, max_batches=a.val_batches)}
+    report: dict[str, Any] = {"model": str(root), "data": str(cfg_path),
+                              "val": val_loss(model, data, max_batches=a.val_batches)}
     vae = load_vae(root / "vae") if (root / "vae" / "config.json").is_file() else None
-    prompts = a.prompt if a.prompt is not None else (yaml.safe_load((root / "config.yaml").read_text()).get("logging") or {}).get(
-        "sample_prompts", [])
+    prompts = a.prompt
+    if prompts is None:
+        prompts = (yaml.safe_load((root / "config.yaml").read_text()).get("logging") or {}).get("sample_prompts", [])
     if vae is not None and prompts:
-        lat = generate_images(model, [tok.encode(p) for p in prompts], sp, seed=a.seed)  # the export's sampler/steps/CFG
+        # the export's sampler/steps/CFG
+        lat = generate_images(model, [tok.encode(p) for p in prompts], sp, seed=a.seed)
         paths = save_pngs(decode(vae, lat), out / "samples", names=sample_names(prompts, 1))
         with open(out / "samples.jsonl", "w") as f:
             for p, path in zip(prompts, paths):

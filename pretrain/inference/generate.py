@@ -42,7 +42,8 @@ from pretrain.model.config import Sampler, check_sampler, default_sampler
 TokenSeq = list[int | None]  # one sequence being generated: token ids, None at the patch positions of its image
 
 
-def packed_batch(model: Transfusion, rows: list[TokenSeq], latents: torch.Tensor, t: torch.Tensor, pad: int) -> TransfusionBatch:
+def packed_batch(model: Transfusion, rows: list[TokenSeq], latents: torch.Tensor, t: torch.Tensor,
+                 pad: int) -> TransfusionBatch:
     """Right-padded batch of rows (each one document, at most one image) in the model's contract."""
     L = max(len(r) for r in rows)
     B, device = len(rows), latents.device
@@ -63,7 +64,8 @@ def packed_batch(model: Transfusion, rows: list[TokenSeq], latents: torch.Tensor
     positions = torch.arange(L).expand(B, L).contiguous()
     return TransfusionBatch(
         tokens=tokens.to(device), targets=torch.full_like(tokens, IGNORE_INDEX).to(device), doc_ids=doc_ids.to(device),
-        image_ids=image_ids.to(device), positions=positions.to(device), latents=latents, noise=torch.zeros_like(latents),
+        image_ids=image_ids.to(device), positions=positions.to(device), latents=latents,
+        noise=torch.zeros_like(latents),
         timesteps=t,
     )
 
@@ -283,7 +285,8 @@ def prefill(model: Transfusion, cache: KVCache, rows: list[TokenSeq], images: li
         n += k // P
     x0 = torch.stack(images).to(device) if images else None
     t = torch.zeros(n, dtype=torch.long, device=device)  # clean images in context: t = 0
-    model.forward_cached(cache, CachedChunk(tokens.to(device), image_ids.to(device), valid.to(device), x0, t if n else None))
+    model.forward_cached(cache, CachedChunk(tokens.to(device), image_ids.to(device), valid.to(device), x0,
+                                            t if n else None))
 
 
 def new_cache(model: Transfusion, batch_size: int) -> KVCache:
@@ -312,7 +315,8 @@ def _denoise(model: Transfusion, cache: KVCache, rows: list[int], im: ImageSampl
 
     def eps_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         xs, ts = x.repeat(k, 1, 1, 1), t.repeat(k)  # (k*m, C, H, W)
-        _, eps = model.forward_cached(ctx, CachedChunk(tokens, image_ids, valid, xs, ts), commit=False)  # (k*m, C, H, W)
+        # (k*m, C, H, W)
+        _, eps = model.forward_cached(ctx, CachedChunk(tokens, image_ids, valid, xs, ts), commit=False)
         return eps if k == 1 else cfg_combine(*eps.chunk(2), im.cfg_scale)
 
     return model.sample_latents(eps_fn, noise, im.steps, im.sampler, generator=g)  # eps_fn: eps or velocity
@@ -323,15 +327,13 @@ def generate_images(
     model: Transfusion,
     prompts: list[list[int]],
     sp: SpecialIds,
-    steps: int | None = None,
-    cfg_scale: float | None = None,
+    image: ImageSampling = ImageSampling(),
     seed: int = 0,
-    sampler: Sampler | None = None,
     on_long_prompt: LongPrompt = "error",
 ) -> torch.Tensor:
     """Latents (N, C, H, W) for N tokenised captions (without BOS), CFG against the dropped caption.
 
-    steps, cfg_scale, sampler None: what the export recorded (`ImageSampling`, `resolve_sampling`), the
+    `image`'s None fields (steps, cfg_scale, sampler): what the export recorded (`resolve_sampling`), the
     sampler being the objective's own unless recorded; ValueError when the sampler does not fit
     model.objective. A caption longer than the trained length allows (with BOI and the P patches):
     PromptTooLong, or cut from the left with a warning (`fit_prompts`, `on_long_prompt`).
@@ -343,10 +345,9 @@ def generate_images(
     cache = new_cache(model, len(prompts))
     prefill(model, cache, [[sp.bos_id, *p, sp.boi_id] for p in prompts], [], sp.pad_id)
     g = torch.Generator().manual_seed(seed)
-    return _denoise(model, cache, list(range(len(prompts))), ImageSampling(steps, cfg_scale, sampler), sp, g)
+    return _denoise(model, cache, list(range(len(prompts))), image, sp, g)
 
 
-@torch.no_grad()
 @dataclass
 class _RowState:
     """One prompt's decoding state in `generate` (one object per row, not parallel lists)."""
@@ -359,6 +360,7 @@ class _RowState:
     out: list[Segment] = field(default_factory=list)  # the generated segments (prompt omitted)
 
 
+@torch.no_grad()
 def generate(
     model: Transfusion,
     prompts: list[list[Segment]],
@@ -383,7 +385,8 @@ def generate(
     exceeds the trained sequence length is PromptTooLong, or cut from the left with a PromptTruncated
     warning (`on_long_prompt`, `fit_prompts`).
     """
-    prompts = fit_prompts(model, prompts, max_new_tokens + max_images * (model.cfg.patches_per_image + 1), on_long_prompt)
+    prompts = fit_prompts(model, prompts, max_new_tokens + max_images * (model.cfg.patches_per_image + 1),
+                          on_long_prompt)
     P = model.cfg.patches_per_image
     flat = [_flatten(p, sp, P) for p in prompts]
     B = len(flat)
@@ -458,7 +461,8 @@ def generate_text(
 
 
 def load_exported(path: str | Path, device: str = "cpu") -> tuple[Transfusion, SpecialIds, Path]:
-    """Model (`Transfusion.from_pretrained`), special ids and the export directory of `pretrain.artifacts.export` output.
+    """Model (`Transfusion.from_pretrained`), special ids and the export directory of `pretrain.artifacts.export`
+    output.
 
     The model carries the export's `ExportRecord` (`model.export_record`: sampling defaults and trained
     sequence length), which the generation functions use for arguments left None.
@@ -467,7 +471,8 @@ def load_exported(path: str | Path, device: str = "cpu") -> tuple[Transfusion, S
     root = Path(path)
     for name in ("config.yaml", "tokenizer.json"):
         if not (root / name).is_file():
-            raise FileNotFoundError(f"{root / name} missing: point --model at a directory written by pretrain.artifacts.export")
+            raise FileNotFoundError(f"{root / name} missing: point --model at a directory written by "
+                                    f"pretrain.artifacts.export")
     model = Transfusion.from_pretrained(root, device=device)
     model.export_record = read_export_record(root)
     return model, load_special_ids(root / "tokenizer.json"), root
@@ -497,22 +502,27 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--caption", action="append", default=[], help="PNG/JPEG image to caption (repeatable)")
     ap.add_argument("--text", action="append", default=[], help="text prompt to continue (repeatable)")
     ap.add_argument("--mixed", action="append", default=[],
-                    help="prompt for mixed-modal generation: text, and an image wherever the model emits BOI (repeatable)")
-    ap.add_argument("--force-image", action="store_true", help="--mixed: end each prompt with BOI (an image comes first)")
+                    help="prompt for mixed-modal generation: text, and an image wherever the model emits BOI "
+                         "(repeatable)")
+    ap.add_argument("--force-image", action="store_true",
+                    help="--mixed: end each prompt with BOI (an image comes first)")
     ap.add_argument("--max-images", type=int, default=1, help="--mixed: images per prompt at most (default: 1)")
     ap.add_argument("--num-samples", type=int, default=1, metavar="N",
                     help="samples per prompt (default: 1); images are written as <prompt slug>_<k>.png")
     ap.add_argument("--out", default="samples", help="directory for generated PNGs (default: samples)")
     ap.add_argument("--sampler", choices=get_args(Sampler), default=None,
                     help="ancestral DDPM (paper) or DDIM for model.objective=ddpm; Euler (ODE) or euler_ancestral "
-                         "(stochastic) for flow (default: the export's logging.sample_sampler, else the objective's own)")
-    ap.add_argument("--steps", type=int, default=None, help="denoising steps (default: the export's logging.sample_steps)")
+                         "(stochastic) for flow (default: the export's logging.sample_sampler, else the objective's "
+                         "own)")
+    ap.add_argument("--steps", type=int, default=None,
+                    help="denoising steps (default: the export's logging.sample_steps)")
     ap.add_argument("--cfg-scale", type=float, default=None,
                     help="classifier-free guidance scale, 1 = off (default: the export's logging.sample_cfg_scale)")
     ap.add_argument("--max-new-tokens", type=int, default=48, help="new tokens per prompt at most (default: 48)")
     ap.add_argument("--on-long-prompt", choices=get_args(LongPrompt), default="error",
                     help="a prompt that, with what is to be generated, exceeds the trained sequence length (the "
-                         "export's data.seq_len): stop with an error, or drop its oldest part with a warning (default: error)")
+                         "export's data.seq_len): stop with an error, or drop its oldest part with a warning (default: "
+                         "error)")
     ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (paper; default)")
     ap.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0 = all; default)")
     ap.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off; default)")
@@ -569,8 +579,7 @@ def _run(args: argparse.Namespace) -> None:
         pixels = _read_images(args.caption, model.cfg.latent_size * vae.downsample, args.animated_frame)
     kw = {"seed": args.seed, "on_long_prompt": args.on_long_prompt}
     if args.prompt:
-        lat = generate_images(model, [t for t in texts["prompt"] for _ in range(n)], sp, image.steps, image.cfg_scale,
-                              sampler=image.sampler, **kw)
+        lat = generate_images(model, [t for t in texts["prompt"] for _ in range(n)], sp, image, **kw)
         paths = save_pngs(decode(vae, lat), args.out, names=sample_names(args.prompt, n))
         for i, path in enumerate(paths):
             print(f"{args.prompt[i // n]!r} -> {path}")
@@ -580,7 +589,8 @@ def _run(args: argparse.Namespace) -> None:
         for i, c in enumerate(ids):
             print(f"{args.caption[i // n]}{f' [{i % n}]' if n > 1 else ''} -> {tok.decode(c)!r}")
     if args.text:
-        ids = generate_text(model, [t for t in texts["text"] for _ in range(n)], sp, args.max_new_tokens, None, text, **kw)
+        ids = generate_text(model, [t for t in texts["text"] for _ in range(n)], sp, args.max_new_tokens, None, text,
+                            **kw)
         for i, c in enumerate(ids):
             print(f"{args.text[i // n]!r}{f' [{i % n}]' if n > 1 else ''} -> {tok.decode(c)!r}")
     if args.mixed:
@@ -591,7 +601,8 @@ def _run(args: argparse.Namespace) -> None:
 
 
 def _describe(out: list[Segment], tok: object, vae: object, decode: object, dir: Path, stem: str) -> list[str]:
-    """Text segments decoded, images written as PNGs `<stem>_img<j>.png` (named by their path) for one mixed-modal output."""
+    """Text segments decoded, images written as PNGs `<stem>_img<j>.png` (named by their path) for one mixed-modal
+    output."""
     parts = []
     for j, seg in enumerate(out):
         if isinstance(seg, torch.Tensor):
@@ -617,7 +628,8 @@ def _read_images(paths: list[str], size: int, animated_frame: int | None = None)
 
 
 def save_pngs(pixels: torch.Tensor, out: str | Path, prefix: str = "", names: list[str] | None = None) -> list[Path]:
-    """Write (N, 3, H, W) images in [-1, 1] as PNG files `<names[i]>.png` (default `<prefix><i>.png`); returns their paths."""
+    """Write (N, 3, H, W) images in [-1, 1] as PNG files `<names[i]>.png` (default `<prefix><i>.png`); returns their
+    paths."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     paths = []

@@ -8,7 +8,7 @@ import torch
 
 from data_pipeline.tokenizer import Tokenizer
 from data_pipeline.vae import decode, load_vae
-from pretrain.inference.generate import generate_images, generate_text
+from pretrain.inference.generate import ImageSampling, generate_images, generate_text
 from pretrain.train.hooks import HookContext
 
 
@@ -26,8 +26,8 @@ def tensorboard_samples(ctx: HookContext) -> None:
     ids = tok.ids
     was_training = model.training
     model.eval()
-    latents = generate_images(model, [tok.encode(p) for p in lg.sample_prompts], ids, lg.sample_steps,
-                              lg.sample_cfg_scale, seed=step, sampler=lg.sample_sampler)
+    latents = generate_images(model, [tok.encode(p) for p in lg.sample_prompts], ids,
+                              ImageSampling(lg.sample_steps, lg.sample_cfg_scale, lg.sample_sampler), seed=step)
     captions = generate_text(model, [[] for _ in lg.sample_prompts], ids, 24, images=latents)
     model.train(was_training)
     pixels = _to_pixels(latents, cfg.data.vae)  # (N, 3, H, W) in [0, 1]

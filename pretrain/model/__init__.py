@@ -8,4 +8,5 @@ from pretrain.model.config import ModelConfig
 from pretrain.model.kv_cache import KVCache
 from pretrain.model.transfusion import CachedChunk, Transfusion, TransfusionOutput
 
-__all__ = ["IGNORE_INDEX", "CachedChunk", "KVCache", "ModelConfig", "Transfusion", "TransfusionBatch", "TransfusionOutput"]
+__all__ = ["IGNORE_INDEX", "CachedChunk", "KVCache", "ModelConfig", "Transfusion", "TransfusionBatch",
+           "TransfusionOutput"]

@@ -105,7 +105,8 @@ class ModelConfig:
             raise ValueError(f"model.patch_pos_embed={self.patch_pos_embed!r} needs model.patch_encoder=linear "
                              "(the U-Net's convolutions already see where a patch is); set it to none")
         if self.diffusion_prediction == "v" and self.diffusion_loss_weighting != "eps":
-            raise ValueError("model.diffusion_prediction=v is already the v-loss: set model.diffusion_loss_weighting=eps")
+            raise ValueError("model.diffusion_prediction=v is already the v-loss: set "
+                             "model.diffusion_loss_weighting=eps")
         self._check_objective()
         if self.patch_size not in (1, 2, 4, 8):
             raise ValueError(f"model.patch_size must be 1, 2, 4 or 8, got {self.patch_size}")

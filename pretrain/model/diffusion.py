@@ -1,5 +1,9 @@
 """Diffusion pieces: the cosine schedule (Nichol & Dhariwal), noising, timestep embedding, DDPM/DDIM samplers,
-and the flow-matching alternative (`model.objective=flow`): its time map, noising and Euler samplers."""
+and the flow-matching alternative (`model.objective=flow`): its time map, noising and Euler samplers.
+
+The noise level is `t` throughout: the integer DDPM timestep in [0, T) (t = 0 nearly clean, T - 1 nearly
+pure noise) for objective=ddpm, the flow time in [0, 1] (x_t = (1 - t) x0 + t eps: 0 clean, 1 pure noise)
+for objective=flow."""
 
 from __future__ import annotations
 
@@ -43,7 +47,7 @@ def timestep_loss_weights(alpha_bar: torch.Tensor, weighting: str, cap: float) -
 
 
 def add_noise(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
-    """x_t = sqrt(ab_t) x0 + sqrt(1 - ab_t) eps for (N, C, H, W) latents and (N,) timesteps."""
+    """x_t = sqrt(ab_t) x0 + sqrt(1 - ab_t) eps for (N, C, H, W) latents and (N,) integer timesteps t in [0, T)."""
     ab = alpha_bar[t].view(-1, *([1] * (x0.dim() - 1))).to(x0.dtype)  # (N, 1, 1, 1)
     return ab.sqrt() * x0 + (1 - ab).sqrt() * noise  # (N, C, H, W)
 
@@ -65,6 +69,7 @@ class TimestepEmbedder(nn.Module):
         return self.fc2(nn.functional.silu(self.fc1(emb)))  # (N, dim)
 
 
+#: fn(x_t (N, C, H, W), t (N,)) -> epsilon (ddpm, integer timesteps t) or velocity (flow, flow times t)
 DenoiserFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -129,91 +134,92 @@ def ddim_sample(
     return diffusion_sample(eps_fn, noise, alpha_bar, num_steps, "ddim", clip_x0)
 
 
-def shift_time(s: torch.Tensor, shift: float) -> torch.Tensor:
-    """SD3's resolution shift of flow time s in [0, 1]: shift * s / (1 + (shift - 1) * s), same shape.
+def shift_time(t: torch.Tensor, shift: float) -> torch.Tensor:
+    """SD3's resolution shift of flow time t in [0, 1]: shift * t / (1 + (shift - 1) * t), same shape.
 
     Esser et al. 2024 ("Scaling Rectified Flow Transformers", sec. 5.3.2): shift > 1 moves time towards
-    noise (s = 1), as larger images need; shift = 1 is the identity. Monotone, fixes 0 and 1.
+    noise (t = 1), as larger images need; shift = 1 is the identity. Monotone, fixes 0 and 1.
     """
-    return shift * s / (1 + (shift - 1) * s)
+    return shift * t / (1 + (shift - 1) * t)
 
 
-def flow_time(t: torch.Tensor, steps: int, mean: float = 0.0, std: float = 1.0, shift: float = 1.0) -> torch.Tensor:
-    """Flow time s in (0, 1) (s = 1 pure noise) of the loader's integer timesteps t in [0, steps), float32, same shape.
+def flow_time(timesteps: torch.Tensor, steps: int, mean: float = 0.0, std: float = 1.0,
+              shift: float = 1.0) -> torch.Tensor:
+    """Flow time t in (0, 1) (t = 1 pure noise) of the loader's integer timesteps k in [0, steps), float32, same shape.
 
-    The loader draws t uniform on 0..steps-1 (its draws fix exact resume and the sequence digests, so the
-    flow objective reuses them); u = (t + 0.5) / steps is then uniform on (0, 1) and the quantile map
-    z = Phi^{-1}(u), s = shift_time(sigmoid(mean + std * z), shift) turns it into SD3's logit-normal
+    The loader draws k uniform on 0..steps-1 (its draws fix exact resume and the sequence digests, so the
+    flow objective reuses them); u = (k + 0.5) / steps is then uniform on (0, 1) and the quantile map
+    z = Phi^{-1}(u), t = shift_time(sigmoid(mean + std * z), shift) turns it into SD3's logit-normal
     time with a shift (Esser et al. 2024, sec. 3.1 and sec. 5.3.2; keys model.flow_logit_mean,
-    flow_logit_std, flow_shift), discretised to `steps` quantiles. The map is increasing in t, so the
-    image-first noise cap t <= data.image_first_max_timestep becomes a cap on s: t <= 500 of T = 1000 is
+    flow_logit_std, flow_shift), discretised to `steps` quantiles. The map is increasing in k, so the
+    image-first noise cap k <= data.image_first_max_timestep becomes a cap on t: k <= 500 of T = 1000 is
     u <= 0.5005, the median of the time distribution. With the defaults (mean 0, shift 1) that median is
-    s = 0.5, signal (1 - s) = noise s, SNR = ((1 - s) / s)^2 = 1: the same "SNR >= 1" as the paper's cap,
+    t = 0.5, signal (1 - t) = noise t, SNR = ((1 - t) / t)^2 = 1: the same "SNR >= 1" as the paper's cap,
     where the cosine schedule has alpha_bar(500) ~ 0.5, SNR ~ 1. A mean > 0 or shift > 1 moves the median,
-    and so the cap, to s > 0.5 (SNR < 1); set data.image_first_max_timestep lower to keep SNR >= 1 there.
+    and so the cap, to t > 0.5 (SNR < 1); set data.image_first_max_timestep lower to keep SNR >= 1 there.
     """
-    u = (t.double() + 0.5) / steps  # (N,) uniform quantiles in (0, 1)
-    s = torch.sigmoid(mean + std * torch.special.ndtri(u))  # (N,) logit-normal
-    return shift_time(s, shift).float()
+    u = (timesteps.double() + 0.5) / steps  # (N,) uniform quantiles in (0, 1)
+    t = torch.sigmoid(mean + std * torch.special.ndtri(u))  # (N,) logit-normal
+    return shift_time(t, shift).float()
 
 
-def add_flow_noise(x0: torch.Tensor, noise: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    """x_s = (1 - s) x0 + s eps for (N, C, H, W) latents and flow times s (N,): the rectified-flow path
-    (Liu et al. 2022; Lipman et al. 2022), whose velocity dx_s/ds = eps - x0 the model predicts."""
-    s = s.view(-1, *([1] * (x0.dim() - 1))).to(x0.dtype)  # (N, 1, 1, 1)
-    return (1 - s) * x0 + s * noise  # (N, C, H, W)
+def add_flow_noise(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """x_t = (1 - t) x0 + t eps for (N, C, H, W) latents and flow times t (N,) in [0, 1]: the rectified-flow
+    path (Liu et al. 2022; Lipman et al. 2022), whose velocity dx_t/dt = eps - x0 the model predicts."""
+    t = t.view(-1, *([1] * (x0.dim() - 1))).to(x0.dtype)  # (N, 1, 1, 1)
+    return (1 - t) * x0 + t * noise  # (N, C, H, W)
 
 
 def euler_sample(v_fn: DenoiserFn, noise: torch.Tensor, num_steps: int, shift: float = 1.0) -> torch.Tensor:
-    """From pure noise (N, C, H, W) at s = 1 to x0 at s = 0 in `num_steps` Euler steps on the velocity.
+    """From pure noise (N, C, H, W) at t = 1 to x0 at t = 0 in `num_steps` Euler steps on the velocity.
 
-    v_fn(x_s, s) predicts v = eps - x0 for flow times s (N,) in [0, 1]; classifier-free guidance belongs
-    in v_fn (v = v_u + w (v_c - v_u)). The grid is s_i = shift_time(linspace(1, 0, n + 1), shift), the
-    training shift applied to the sampling times (SD3); each step is x <- x + (s_{i+1} - s_i) v. Uses
-    diffusers' FlowMatchEulerDiscreteScheduler (its `shift` is the same formula), handed the unshifted
-    grid; its last sigma is 0. Deterministic: no per-step noise.
+    v_fn(x_t, t) predicts v = eps - x0 for flow times t (N,) in [0, 1]; classifier-free guidance belongs
+    in v_fn (v = v_u + w (v_c - v_u)). The grid is t_i = shift_time(linspace(1, 0, n + 1), shift), the
+    training shift applied to the sampling times (SD3); each step is x <- x + (t_{i+1} - t_i) v. Uses
+    diffusers' FlowMatchEulerDiscreteScheduler (its `shift` is the same formula, its sigmas our t), handed
+    the unshifted grid; its last sigma is 0. Deterministic: no per-step noise.
     """
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     sched = FlowMatchEulerDiscreteScheduler(shift=shift)
     sched.set_timesteps(sigmas=torch.linspace(1, 0, num_steps + 1)[:-1].tolist(), device=noise.device)
     x = noise
-    for i, t in enumerate(sched.timesteps):
-        s = sched.sigmas[i].expand(x.shape[0]).to(x.device)  # (N,)
-        x = sched.step(v_fn(x, s), t, x).prev_sample  # (N, C, H, W) fp32
+    for i, sched_t in enumerate(sched.timesteps):
+        t = sched.sigmas[i].expand(x.shape[0]).to(x.device)  # (N,)
+        x = sched.step(v_fn(x, t), sched_t, x).prev_sample  # (N, C, H, W) fp32
     return x.to(noise.dtype)
 
 
 def euler_ancestral_sample(v_fn: DenoiserFn, noise: torch.Tensor, num_steps: int, shift: float = 1.0,
                            generator: torch.Generator | None = None) -> torch.Tensor:
-    """DDPM ancestral sampling on the rectified-flow path: from noise (N, C, H, W) at s = 1 to x0 at s = 0.
+    """DDPM ancestral sampling on the rectified-flow path: from noise (N, C, H, W) at t = 1 to x0 at t = 0.
 
-    Same grid and v_fn as `euler_sample`. A step from s to s' < s estimates x0 = x - s v and
-    eps = x + (1 - s) v, then draws x_{s'} from the Gaussian posterior q(x_{s'} | x_s, x0) of the path
-    x_s = a_s x0 + b_s eps (a = 1 - s, b = s): its variance is
-    sigma^2 = sigma_{s|s'}^2 * b_{s'}^2 / b_s^2 with sigma_{s|s'}^2 = b_s^2 - (a_s b_{s'} / a_{s'})^2, the
+    Same grid and v_fn as `euler_sample`. A step from t to t' < t estimates x0 = x - t v and
+    eps = x + (1 - t) v, then draws x_{t'} from the Gaussian posterior q(x_{t'} | x_t, x0) of the path
+    x_t = a_t x0 + b_t eps (a = 1 - t, b = t): its variance is
+    sigma^2 = sigma_{t|t'}^2 * b_{t'}^2 / b_t^2 with sigma_{t|t'}^2 = b_t^2 - (a_t b_{t'} / a_{t'})^2, the
     forward transition's variance (the posterior q(z_s | z_t, x) of Kingma et al. 2021, "Variational
     Diffusion Models", for any Gaussian path), and
-    x_{s'} = a_{s'} x0 + sqrt(b_{s'}^2 - sigma^2) eps + sigma z: DDIM with eta = 1 (Song et al. 2021,
+    x_{t'} = a_{t'} x0 + sqrt(b_{t'}^2 - sigma^2) eps + sigma z: DDIM with eta = 1 (Song et al. 2021,
     eq. 12 and 16) written for this path. The last step returns the x0 estimate. Deterministic given
     `generator` (CPU draws, moved to the latents' device).
     """
     grid = shift_time(torch.linspace(1, 0, num_steps + 1, dtype=torch.float64), shift).tolist()
     x = noise.float()  # (N, C, H, W)
-    for s, s2 in zip(grid[:-1], grid[1:]):
-        v = v_fn(x.to(noise.dtype), torch.full((x.shape[0],), s, device=x.device)).float()  # (N, C, H, W)
-        x = euler_ancestral_step(x, v, s, s2, generator)
+    for t, t_next in zip(grid[:-1], grid[1:]):
+        v = v_fn(x.to(noise.dtype), torch.full((x.shape[0],), t, device=x.device)).float()  # (N, C, H, W)
+        x = euler_ancestral_step(x, v, t, t_next, generator)
     return x.to(noise.dtype)
 
 
-def euler_ancestral_step(x: torch.Tensor, v: torch.Tensor, s: float, s2: float,
+def euler_ancestral_step(x: torch.Tensor, v: torch.Tensor, t: float, t_next: float,
                          generator: torch.Generator | None = None) -> torch.Tensor:
-    """One step of `euler_ancestral_sample` from flow time s to s2 < s: x and the velocity v (N, C, H, W)
-    -> x at s2 (N, C, H, W), or the x0 estimate x - s v when s2 <= 0 (the formula is in that docstring)."""
-    x0, eps = x - s * v, x + (1 - s) * v  # (N, C, H, W) each
-    if s2 <= 0:
+    """One step of `euler_ancestral_sample` from flow time t to t_next < t: x and the velocity v (N, C, H, W)
+    -> x at t_next (N, C, H, W), or the x0 estimate x - t v when t_next <= 0 (the formula is in that docstring)."""
+    x0, eps = x - t * v, x + (1 - t) * v  # (N, C, H, W) each
+    if t_next <= 0:
         return x0
-    a, b, a2, b2 = 1 - s, s, 1 - s2, s2
+    a, b, a2, b2 = 1 - t, t, 1 - t_next, t_next
     var = max(b * b - (a * b2 / a2) ** 2, 0.0) * b2 * b2 / (b * b)
     z = torch.randn(x.shape, generator=generator).to(x.device)  # (N, C, H, W)
     return a2 * x0 + math.sqrt(max(b2 * b2 - var, 0.0)) * eps + math.sqrt(var) * z
@@ -228,8 +234,9 @@ def sample_latents(
     flow_shift: float = 1.0,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """Latents (N, C, H, W) from noise with `sampler`: "euler"/"euler_ancestral" (flow; fn gives the velocity
-    at flow times) or "ddpm"/"ddim" (fn gives epsilon at integer timesteps, `alpha_bar` the schedule). See
+    """Latents (N, C, H, W) from noise with `sampler`: "euler"/"euler_ancestral" (flow; fn(x_t, t) gives the
+    velocity at flow times t in [0, 1]) or "ddpm"/"ddim" (fn(x_t, t) gives epsilon at integer timesteps t in
+    [0, T), `alpha_bar` the schedule). See
     euler_sample, euler_ancestral_sample and diffusion_sample; `Transfusion.sample_latents` fills the
     objective's arguments."""
     if sampler == "euler":

@@ -74,7 +74,8 @@ def sincos_2d(grid: int, dim: int) -> torch.Tensor:
     """
     q = dim // 4
     omega = 1.0 / 10000 ** (torch.arange(q, dtype=torch.float64) / q)  # (q,)
-    ys, xs = torch.meshgrid(torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64), indexing="ij")
+    ys, xs = torch.meshgrid(torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64),
+                            indexing="ij")
     ay, ax = ys.reshape(-1, 1) * omega, xs.reshape(-1, 1) * omega  # (P, q)
     emb = torch.cat([ay.sin(), ay.cos(), ax.sin(), ax.cos()], dim=1)  # (P, 4q)
     return torch.nn.functional.pad(emb, (0, dim - 4 * q)).float()

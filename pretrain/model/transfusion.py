@@ -21,7 +21,8 @@ from contract.batch import TransfusionBatch
 from pretrain.model import masks
 from pretrain.model.backbone import ModalityExpertsBlock, ModalityRoute, TransformerBlock, rope_tables
 from pretrain.model.config import ModelConfig, check_sampler
-from pretrain.model.diffusion import (DenoiserFn, add_flow_noise, add_noise, cosine_alpha_bar, flow_time, sample_latents,
+from pretrain.model.diffusion import (DenoiserFn, add_flow_noise, add_noise, cosine_alpha_bar, flow_time,
+                                      sample_latents,
                                       timestep_loss_weights)
 from pretrain.model.export_layout import read_model_config, weight_files
 from pretrain.model.kv_cache import KVCache
@@ -47,15 +48,15 @@ class CachedChunk(NamedTuple):
 
     tokens, image_ids, valid: (B, l) token ids (ignored at patches), each position's image index 0..N-1
     (row-major, P contiguous patches each) or -1 (text), and whether the slot holds a real position.
-    x_t (N, C, H, W), level (N,): the chunk's images and their noise level in the objective's units
-    (`Transfusion.noise_level`; 0 is a clean image for both objectives); None when the chunk has none.
+    x_t (N, C, H, W), t (N,): the chunk's images and their noise level t in the objective's units
+    (`Transfusion.t_from_timesteps`; t = 0 is a clean image for both objectives); None when the chunk has none.
     """
 
     tokens: torch.Tensor
     image_ids: torch.Tensor
     valid: torch.Tensor
     x_t: torch.Tensor | None = None
-    level: torch.Tensor | None = None
+    t: torch.Tensor | None = None
 
 
 class Transfusion(nn.Module):
@@ -158,20 +159,20 @@ class Transfusion(nn.Module):
         """Noise the batch's latents at its timesteps, run the model, and return the losses.
 
         loss = sum of text-target CE / text_denom + diffusion_loss_weight * sum of per-image eps MSE /
-        image_denom (objective=flow: the velocity MSE, x_s = (1-s) x0 + s eps, v = eps - x0, s from
-        `noise_level`). text_denom / image_denom default to this batch's counts (a mean); the trainer passes
+        image_denom (objective=flow: the velocity MSE, x_t = (1-t) x0 + t eps, v = eps - x0, t from
+        `t_from_timesteps`). text_denom / image_denom default to this batch's counts (a mean); the trainer passes
         the step's global counts divided by (accumulation steps x ranks), so that DeepSpeed's averaging
         gives d(sum / global count) however the global batch is split (pretrain.train.global_denominators).
         """
-        latents, noise, t, img_weight = self._images_or_dummy(batch)
-        level = self.noise_level(t)  # (N,): t (ddpm) or flow time s (flow)
-        x_t = self._add_noise(latents, noise, level)  # (N, C, H, W)
-        h, out = self._hidden_and_output(batch, x_t, level)  # (B*L, D), (N, C, H, W)
+        latents, noise, timesteps, img_weight = self._images_or_dummy(batch)
+        t = self.t_from_timesteps(timesteps)  # (N,): the timestep (ddpm) or flow time in (0, 1) (flow)
+        x_t = self._add_noise(latents, noise, t)  # (N, C, H, W)
+        h, out = self._hidden_and_output(batch, x_t, t)  # (B*L, D), (N, C, H, W)
 
         lm_sum, n_text = self._lm_loss(h, batch)
         target = self._diffusion_target(latents, noise, t)  # (N, C, H, W)
         per_image = (out.float() - target.float()).pow(2).mean(dim=(1, 2, 3))  # (N,)
-        diff_sum = (per_image * img_weight * self.timestep_weights(latents.device)[t]).sum()
+        diff_sum = (per_image * img_weight * self.timestep_weights(latents.device)[timesteps]).sum()
 
         n_img = batch.num_images
         text_denom = float(max(n_text, 1)) if text_denom is None else text_denom
@@ -180,56 +181,61 @@ class Transfusion(nn.Module):
         return TransfusionOutput(loss, lm_sum.detach(), diff_sum.detach(), n_text, n_img)
 
     def hidden_and_sampler_input(self, batch: TransfusionBatch, x_t: torch.Tensor,
-                                 level: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                                 t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The whole model over a batch: final hidden states (B*L, D) and the sampler input (N, C, H, W).
 
-        x_t (N, C, H, W) are the batch's latents noised at noise levels `level` (N,) in the objective's
-        units (`noise_level`: timestep t for ddpm, flow time s for flow); the patch encoder puts them at
+        x_t (N, C, H, W) are the batch's latents noised at noise levels `t` (N,) in the objective's
+        units (`t_from_timesteps`: the integer timestep in [0, diffusion_steps) for ddpm, flow time in
+        [0, 1] for flow); the patch encoder puts them at
         the batch's patch positions, the backbone runs over all positions, the patch decoder reads the
         patch positions back. Text generation takes `lm_logits` of the hidden states, image generation
         the sampler input (`sampler_input`: epsilon for ddpm, the velocity for flow). When the batch holds
-        no image, x_t/level is one dummy image, which bypasses the backbone (its output is meaningless;
+        no image, x_t/t is one dummy image, which bypasses the backbone (its output is meaningless;
         ZeRO-3 still gathers every module).
         """
-        h, out = self._hidden_and_output(batch, x_t, level)  # (B*L, D), (N, C, H, W)
-        return h, self.sampler_input(out, x_t, level)
+        h, out = self._hidden_and_output(batch, x_t, t)  # (B*L, D), (N, C, H, W)
+        return h, self.sampler_input(out, x_t, t)
 
-    def noise_level(self, t: torch.Tensor) -> torch.Tensor:
-        """The loader's integer timesteps t (N,) in the objective's units, which every other method takes:
-        t itself (ddpm), or flow time s in (0, 1) float32 (flow; diffusion.flow_time's quantile map)."""
+    def t_from_timesteps(self, timesteps: torch.Tensor) -> torch.Tensor:
+        """The noise level t (N,) in the objective's units, which every other method takes, of the loader's
+        integer timesteps (N,) in [0, diffusion_steps): the timestep itself (ddpm), or flow time t in (0, 1)
+        float32, t = 1 pure noise (flow; diffusion.flow_time's quantile map)."""
         if self.cfg.objective == "ddpm":
-            return t
+            return timesteps
         c = self.cfg
-        return flow_time(t, c.diffusion_steps, c.flow_logit_mean, c.flow_logit_std, c.flow_shift).to(t.device)
+        return flow_time(timesteps, c.diffusion_steps, c.flow_logit_mean, c.flow_logit_std,
+                         c.flow_shift).to(timesteps.device)
 
-    def _add_noise(self, x0: torch.Tensor, noise: torch.Tensor, level: torch.Tensor) -> torch.Tensor:
-        """x0 (N, C, H, W) noised at `level` (N,): the cosine-schedule DDPM forward process, or the flow path."""
+    def _add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """x0 (N, C, H, W) noised at `t` (N,): the cosine-schedule DDPM forward process, or the flow path."""
         if self.cfg.objective == "flow":
-            return add_flow_noise(x0, noise, level)
-        return add_noise(x0, noise, level, self.alpha_bar(x0.device))
+            return add_flow_noise(x0, noise, t)
+        return add_noise(x0, noise, t, self.alpha_bar(x0.device))
 
-    def _time_input(self, level: torch.Tensor) -> torch.Tensor:
-        """What the timestep embedder sees (N,): t (ddpm), or s * diffusion_steps (flow: the same range, continuous)."""
-        return level.float() * self.cfg.diffusion_steps if self.cfg.objective == "flow" else level
+    def _time_input(self, t: torch.Tensor) -> torch.Tensor:
+        """What the timestep embedder sees (N,): t (ddpm), or t * diffusion_steps (flow: the same range, continuous)."""
+        return t.float() * self.cfg.diffusion_steps if self.cfg.objective == "flow" else t
 
     def sampler_input(self, out: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """What the configured objective's sampler steps on (N, C, H, W): epsilon (ddpm, eps_from_output)
-        or the predicted velocity v = eps - x0 (flow: the decoder's output itself)."""
+        or the predicted velocity v = eps - x0 (flow: the decoder's output itself); t (N,) as x_t's noise
+        level (`t_from_timesteps`)."""
         if self.cfg.objective == "flow":
             return out
         return self.eps_from_output(out, x_t, t)
 
     def sample_latents(self, fn: DenoiserFn, noise: torch.Tensor, steps: int, sampler: str,
                        generator: torch.Generator | None = None) -> torch.Tensor:
-        """Latents (N, C, H, W) from noise: fn(x, level) is the model's sampler input (with CFG) at noise
-        levels in this model's units; DDPM/DDIM on the cosine schedule or Euler with model.flow_shift.
-        Raises ValueError when `sampler` does not fit model.objective."""
+        """Latents (N, C, H, W) from noise: fn(x_t, t) is the model's sampler input (with CFG) at noise
+        levels t (N,) in this model's units (`t_from_timesteps`); DDPM/DDIM on the cosine schedule or Euler
+        with model.flow_shift. Raises ValueError when `sampler` does not fit model.objective."""
         check_sampler(self.cfg.objective, sampler)
         ab = self.alpha_bar(noise.device)  # (T,), unused by euler
         return sample_latents(fn, noise, steps, sampler, ab, self.cfg.flow_shift, generator)  # type: ignore[arg-type]
 
     def eps_from_output(self, out: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """Predicted epsilon (N, C, H, W) from the patch decoder's output under model.diffusion_prediction.
+        """Predicted epsilon (N, C, H, W) from the patch decoder's output under model.diffusion_prediction,
+        for x_t at integer DDPM timesteps t (N,) in [0, diffusion_steps).
 
         "eps": the output is epsilon. "v": the output is v = sqrt(ab) eps - sqrt(1-ab) x0 (Salimans & Ho
         2022, "Progressive distillation", sec. 4), so eps = sqrt(1-ab) x_t + sqrt(ab) v. Samplers always
@@ -279,9 +285,9 @@ class Transfusion(nn.Module):
         x = self.tok_embeddings(tokens)  # (B, l, D)
         patch_pos = torch.nonzero(image_ids.reshape(-1) >= 0).squeeze(1)  # (N*P,)
         if x_t is not None:
-            if chunk.level is None:
-                raise ValueError("CachedChunk.x_t needs its noise level (level, (N,))")
-            time_in = self._time_input(chunk.level)  # (N,) the embedder's input
+            if chunk.t is None:
+                raise ValueError("CachedChunk.x_t needs its noise level (t, (N,))")
+            time_in = self._time_input(chunk.t)  # (N,) the embedder's input
             patches, ctx = self.patch_encoder(x_t.to(x.dtype), time_in)  # (N, P, D)
             x = x.reshape(B * l, D).index_copy(0, patch_pos, patches.reshape(-1, D)).view(B, l, D)
         positions, mask = cache.begin(valid, image_ids)  # (B, l), (B, 1, l, Lc + l)
@@ -292,7 +298,7 @@ class Transfusion(nn.Module):
         if x_t is None:
             return h, None
         out = self.patch_decoder(h.reshape(B * l, D)[patch_pos].view_as(patches), time_in, ctx)  # (N, C, H, W)
-        return h, self.sampler_input(out, x_t, chunk.level)  # eps (ddpm) or velocity (flow)
+        return h, self.sampler_input(out, x_t, chunk.t)  # eps (ddpm) or velocity (flow)
 
     def lm_logits(self, h: torch.Tensor) -> torch.Tensor:
         """Next-token logits (..., V) from final hidden states (..., D)."""

@@ -56,7 +56,8 @@ def _vocab_problem(where: str, cfg: Config, top: dict) -> str | None:
         if not digest and packed and Path(packed).resolve() == Path(tok).resolve():
             return None
         size = f" ({n_packed} ids)" if n_packed else ""
-        return (f"{where}: tokenized with {packed}{size} (sha256 {str(digest)[:12]}), but data.tokenizer={tok} is another "
+        return (f"{where}: tokenized with {packed}{size} (sha256 {str(digest)[:12]}), but data.tokenizer={tok} is "
+                f"another "
                 f"tokenizer ({cfg.model.vocab_size} ids, the model's vocabulary): set data.tokenizer={packed}")
     if n_packed is not None and n_packed != cfg.model.vocab_size:
         return (f"{where}: tokenized with {packed} ({n_packed} ids) but model.vocab_size={cfg.model.vocab_size}: "

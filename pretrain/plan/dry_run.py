@@ -138,7 +138,8 @@ def dry_run(cfg: Config, shape: ClusterShape) -> int:
     print(format_plan(est, cfg, [0.35, 0.45], cfg.train.steps * cfg.train.global_batch_size * cfg.data.seq_len))
     if not est.fits:
         problems.append(
-            f"train.micro_batch_size={cfg.train.micro_batch_size}: {est.gpu_bytes / 2**30:.1f} GiB per GPU does not fit "
+            f"train.micro_batch_size={cfg.train.micro_batch_size}: {est.gpu_bytes / 2**30:.1f} GiB per GPU does not "
+            f"fit "
             f"in {shape.gpu.key} ({shape.gpu.memory_bytes / 2**30:.1f} GiB); {DOES_NOT_FIT_ADVICE}")
     if problems:
         print(f"dry run FAILED: {len(problems)} problem(s)")

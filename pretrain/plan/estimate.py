@@ -8,7 +8,8 @@ Everything runs on the meta device (no weights are allocated), in seconds even f
 - parameters: counted on the model built on the meta device, by part;
 - FLOPs per position (training = forward + backward = 3x forward): 6 x the matmul weights every
   position passes through (under model.modality_experts one expert's: Mixture-of-Transformers
-  doubles the backbone's parameters, not its FLOPs per position), the LM head only at positions with a next-token target,
+  doubles the backbone's parameters, not its FLOPs per position), the LM head only at positions with a next-token
+  target,
   the patch
   encoder/decoder per image (counted by torch's FlopCounterMode, so U-Net convolutions are exact),
   and attention per document under the Transfusion mask: 12 x layers x dim FLOPs per allowed
@@ -263,7 +264,8 @@ def model_state_bytes(total: int, largest_layer: int, gpus_per_node: int, nodes:
             params = 0.0
     elif zero_stage == 3:
         cpu = largest_layer * 4 * gpus_per_node * 1.5  # zero.Init: DeepSpeed's figure
-    return {"parameters": params, "gradients": grads, "optimizer": optim, "gathered_layer": gathered, "cpu_per_node": cpu}
+    return {"parameters": params, "gradients": grads, "optimizer": optim, "gathered_layer": gathered,
+            "cpu_per_node": cpu}
 
 
 def deepspeed_buffer_bytes(ds_zero: dict[str, Any], total: int, bytes_per_el: int) -> dict[str, float]:
@@ -450,7 +452,8 @@ def format_plan(plan: Plan, cfg: Config, mfus: list[float], positions: float) ->
         + ("   (modality experts: one expert's per position)" if cfg.model.modality_experts else ""),
         f"  {'lm_head (text targets only)':42s}{f.lm_head / 1e9:8.2f} G",
         f"  {'patch encoder/decoder':42s}{f.patching / 1e9:8.2f} G",
-        f"  {'attention (Transfusion mask)':42s}{f.attention / 1e9:8.2f} G   (dense 12*L*d*seq: {f.attention_dense / 1e9:.2f} G)",
+        f"  {'attention (Transfusion mask)':42s}{f.attention / 1e9:8.2f} G   (dense 12*L*d*seq: "
+        f"{f.attention_dense / 1e9:.2f} G)",
     ]
     d = cfg.distributed
     where = "CPU" if d.offload_optimizer else "GPU"
@@ -495,7 +498,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--config", required=True, help="run config YAML")
     ap.add_argument("--nodes", type=int, default=1, help="(default: %(default)s)")
     ap.add_argument("--gpus-per-node", type=int, default=8, help="(default: %(default)s)")
-    ap.add_argument("--gpu", default="h100-80gb", choices=sorted(GPUS), help="GPU kind (see --list-gpus) (default: %(default)s)")
+    ap.add_argument("--gpu", default="h100-80gb", choices=sorted(GPUS),
+                    help="GPU kind (see --list-gpus) (default: %(default)s)")
     ap.add_argument("--mfu", default="0.35,0.45", help="comma-separated MFUs for the time estimate "
                     "(put the one bench/gpu_step.py measured first) (default: %(default)s)")
     ap.add_argument("--positions", type=float, default=PAPER_POSITIONS, help="training positions (default 2T)")

@@ -297,7 +297,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m pretrain.train.checkpoint", description=main.__doc__)
     p.add_argument("command", choices=["to-universal"])
     p.add_argument("ckpt", type=Path, help="a complete checkpoint, e.g. RUN_DIR/checkpoints/step_00001000")
-    p.add_argument("--workers", type=int, default=2, help="DeepSpeed's extract/merge worker processes (default: %(default)s)")
+    p.add_argument("--workers", type=int, default=2,
+                   help="DeepSpeed's extract/merge worker processes (default: %(default)s)")
     a = p.parse_args(argv)
     if not is_complete(a.ckpt):
         print(f"{a.ckpt}: not a complete checkpoint (no {MARKER} marker)", file=sys.stderr)

@@ -87,7 +87,8 @@ class ShardedEMA:
         self.updates += 1
 
     def save(self, ckpt_dir: Path, rank: int) -> Path:
-        """Write this rank's shadows to CKPT/ema_rank{rank}.safetensors (full shapes and update count in the metadata)."""
+        """Write this rank's shadows to CKPT/ema_rank{rank}.safetensors (full shapes and update count in the
+        metadata)."""
         from safetensors.torch import save_file
 
         meta = {"shapes": json.dumps({n: full_shape(p) for n, p in self.params.items()}),
@@ -112,7 +113,8 @@ class ShardedEMA:
             full = dict(iter_full(ckpt_dir))
             missing = set(self.shadow) - set(full)
             if missing:
-                raise ValueError(f"{ckpt_dir}: no EMA for parameters {sorted(missing)[:5]}; was it saved by another model?")
+                raise ValueError(f"{ckpt_dir}: no EMA for parameters {sorted(missing)[:5]}; was it saved by another "
+                                 f"model?")
             for n, s in self.shadow.items():
                 s.copy_(partition_of(full[n], rank, world_size, s.numel()))
             self.updates = _updates(ckpt_dir / FILE.format(rank=0))

@@ -87,7 +87,8 @@ def parse_args(argv: list[str] | None) -> tuple[str, list[str], dict[str, Any]]:
     p.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.steps=100")
     p.add_argument("--nodes", type=int, default=None, help="dry run: nodes (default: the Slurm allocation, else 1)")
     p.add_argument("--gpus-per-node", type=int, default=None, help="dry run: GPUs per node (default: Slurm, else 8)")
-    p.add_argument("--gpu", default=None, help="dry run: GPU kind, e.g. h100-80gb (python -m pretrain.plan.estimate --list-gpus)")
+    p.add_argument("--gpu", default=None,
+                   help="dry run: GPU kind, e.g. h100-80gb (python -m pretrain.plan.estimate --list-gpus)")
     a = p.parse_args(argv)
     return a.config, a.overrides, {"nodes": a.nodes, "gpus_per_node": a.gpus_per_node, "gpu": a.gpu}
 
