@@ -111,4 +111,4 @@ def test_every_module_imports_under_the_installed_torch_and_it_meets_the_declare
     minimum = re.search(r'"torch>=([\d.]+)', (ROOT / "pyproject.toml").read_text()).group(1)
     have = tuple(int(x) for x in re.match(r"(\d+)\.(\d+)", torch.__version__).groups())
     assert have >= tuple(int(x) for x in minimum.split(".")[:2]), (torch.__version__, minimum)
-    assert hasattr(torch.nn.utils, "get_total_norm")  # the API that sets the minimum (added in torch 2.6)
+    assert hasattr(torch.nn.utils, "get_total_norm")  # the newest API the code calls (added in torch 2.6)
