@@ -263,9 +263,13 @@ def test_zero2_follows_zero3_resumes_exactly_and_exports(straight, demo_data, tm
     got_ema = load_file(export(tmp_path, tmp_path / "ema") / "model.safetensors")
     assert set(got_ema) == set(ema) and all(torch.equal(got_ema[n], ema[n]) for n in ema)
     assert any(not torch.equal(got_ema[n], raw[n]) for n in ema)
+    # EMA against the ZeRO-3 run: 1e-4 absolute. Adam divides a near-zero gradient by its own running scale,
+    # so the two reduction orders (stage 2's buckets, stage 3's partitions) can flip the update of a rarely
+    # seen token's embedding: measured 4.0e-5 on one element of 45,952, tok_embeddings (323, 113), the
+    # element that differs in the 1->2->1-rank test too. A lost or stale EMA differs by ~lr (2e-3) broadly.
     ema_ref = load_full(straight / "checkpoints/step_00000010")
     for n, e in ema_ref.items():
-        torch.testing.assert_close(ema[n], e, rtol=0, atol=1e-5, msg=lambda m: f"EMA {n}: {m}")
+        torch.testing.assert_close(ema[n], e, rtol=0, atol=1e-4, msg=lambda m: f"EMA {n}: {m}")
 
 
 def test_zero0_logs_the_gradient_norm_and_exports_its_ema(straight, demo_data, tmp_path):
