@@ -215,21 +215,29 @@ def test_cancelled_job_is_not_requeued(slurm: Slurm, train_config: Path, tmp_pat
     assert "not requeueing" in log.read_text(), tail(log)
 
 
+def single_vs_job(slurm: Slurm, module: str, template: str, args: list[str], tmp_path: Path) -> tuple[Path, Path, list]:
+    """Run `python -m module ARGS --out single` in one process and `template` with 2 Slurm tasks into `slurm`;
+    assert the job completed on two ranks and wrote the same file names; returns (single, multi, files)."""
+    single, multi, log = tmp_path / "single", tmp_path / "slurm", tmp_path / "job.out"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    r = subprocess.run([str(REPO / ".venv/bin/python"), "-m", module, *args, "--out", str(single)],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    jid = slurm.sbatch(template, [*args, "--out", str(multi)], CPU_RANKS, log)
+    info = slurm.wait(jid, log)
+    assert info["JobState"] == "COMPLETED", tail(log)
+    assert f"[{module.rsplit('.', 1)[1]} rank 1/2]" in log.read_text()  # really two ranks
+    files = sorted(p.relative_to(single) for p in single.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(multi) for p in multi.rglob("*") if p.is_file())
+    return single, multi, files
+
+
 def test_precompute_job_matches_the_single_process_command(slurm: Slurm, demo_data, tmp_path: Path) -> None:
     """precompute.slurm with 2 tasks writes the same shards, index and counts as one process."""
     args = ["--input", str(demo_data.root / "raw" / "pairs.jsonl"), "--kind", "pairs", "--vae", str(demo_data.vae),
             "--image-size", "64", "--batch-size", "16", "--part-size", "60", "--decode-threads", "1"]
-    single, multi, log = tmp_path / "single", tmp_path / "slurm", tmp_path / "job.out"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
-    r = subprocess.run([str(REPO / ".venv/bin/python"), "-m", "data_pipeline.precompute", *args, "--out", str(single)],
-                       cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
-    jid = slurm.sbatch("cluster/precompute.slurm", [*args, "--out", str(multi)], CPU_RANKS, log)
-    info = slurm.wait(jid, log)
-    assert info["JobState"] == "COMPLETED", tail(log)
-    assert "[precompute rank 1/2]" in log.read_text()  # really two ranks
-    files = sorted(p.relative_to(single) for p in single.rglob("*") if p.is_file())
-    assert files == sorted(p.relative_to(multi) for p in multi.rglob("*") if p.is_file())
+    single, multi, files = single_vs_job(slurm, "data_pipeline.precompute", "cluster/precompute.slurm", args,
+                                         tmp_path)
     assert len([f for f in files if f.suffix == ".mds"]) >= 4  # 240 pairs / 60 per part
     for f in files:
         if f.name == "report.json":  # timings differ; the counts must not
@@ -244,17 +252,7 @@ def test_pack_job_matches_the_single_process_command(slurm: Slurm, demo_data, tm
     """pack.slurm with 2 tasks writes the same shards, index and pack.json counts as one process."""
     args = ["--kind", "text", "--input", str(demo_data.root / "raw" / "texts.jsonl"), "--tokenizer",
             str(demo_data.tokenizer), "--seq-len", "256", "--val-every", "10", "--part-bytes", "16000"]
-    single, multi, log = tmp_path / "single", tmp_path / "slurm", tmp_path / "job.out"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
-    r = subprocess.run([str(REPO / ".venv/bin/python"), "-m", "data_pipeline.pack", *args, "--out", str(single)],
-                       cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
-    jid = slurm.sbatch("cluster/pack.slurm", [*args, "--out", str(multi)], CPU_RANKS, log)
-    info = slurm.wait(jid, log)
-    assert info["JobState"] == "COMPLETED", tail(log)
-    assert "[pack rank 1/2]" in log.read_text()  # really two ranks
-    files = sorted(p.relative_to(single) for p in single.rglob("*") if p.is_file())
-    assert files == sorted(p.relative_to(multi) for p in multi.rglob("*") if p.is_file())
+    single, multi, files = single_vs_job(slurm, "data_pipeline.pack", "cluster/pack.slurm", args, tmp_path)
     assert len([f for f in files if f.parent.name == "parts"]) >= 4  # 96 kB of text / 16 kB per part
     for f in files:
         if f.suffix == ".json" and (f.parent.name == "parts" or f == Path("pack.json")):  # timings differ
