@@ -273,7 +273,10 @@ def finalize(out: str | Path, n_parts: int, meta: dict) -> dict:
         merge_index(index_files, str(out), keep_local=not storage.is_remote(out))  # a remote: merged and uploaded
     report = {"parts": n_parts, **total.to_json()}
     storage.write_json(storage.join(out, "report.json"), report)
-    storage.write_json(storage.join(out, "latents.json"), meta)
+    meta_url = storage.join(out, "latents.json")
+    have = storage.read_json(meta_url) if storage.exists(meta_url) else None
+    if have is None or {**have, "vae": ""} != {**meta, "vae": ""}:  # the same VAE (checksum) at another local path,
+        storage.write_json(meta_url, meta)  # a rerun on another machine: kept, so packs made from it stay valid
     return report
 
 
@@ -383,8 +386,8 @@ def run(opts: PrecomputeOptions, rank_and_world: tuple[int, int] | None = None) 
     vae = vaelib.load_vae(opts.vae, dev, torch.bfloat16 if dev.type == "cuda" else torch.float32)
     h = opts.image_size // vae.downsample
     meta = {"latent_shape": [vae.latent_channels, h, h], "dtype": opts.dtype, "image_size": opts.image_size,
-            "vae": str(Path(opts.vae).resolve()), "stored": "normalised posterior mean: (mean - shift) * scale",
-            "kind": opts.kind}
+            "vae": str(Path(opts.vae).resolve()), "vae_sha256": vae_fingerprint(opts.vae),
+            "stored": "normalised posterior mean: (mean - shift) * scale", "kind": opts.kind}
     options = output_options(opts)
     idents = [part_identity(p, options) for p in parts]
     if not opts.merge_only:

@@ -20,7 +20,16 @@ identity checks; a stage whose inputs changed is redone, and the packs that depe
 
 Many ranks: `torchrun --nproc_per_node N -m data_pipeline.prepare ...` (or srun): rank 0 trains the
 tokenizer and the VAE while the others wait for it, every rank encodes its share of the images, rank 0
-packs and writes data.yaml. Inputs and outputs are local paths.
+packs and writes data.yaml.
+
+Object storage (`data_pipeline.storage`: endpoint and credentials from the environment): inputs may be
+`s3://` URLs (texts: .jsonl/.txt objects; images: webdataset .tar or .parquet objects), and `--out` may be
+a prefix (`--out s3://bucket/mydata --local DIR`). Then the latents and shards are written under the
+prefix, the tokenizer and VAE are trained in `--local DIR` and published to `OUT/tokenizer` and `OUT/vae`
+(their stage record last), and `DIR/data.yaml` points the trainer at the shards in place
+(`data.streams[].remote`, cached in `DIR/cache`); a copy is written to `OUT/data.yaml`. Every stage's record
+lives under OUT, so the same command on another machine (another `--local`) skips every stage and fetches
+the tokenizer and VAE.
 """
 
 from __future__ import annotations
@@ -31,6 +40,7 @@ import json
 import shlex
 import shutil
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -40,7 +50,7 @@ import yaml
 
 from contract.dist_env import detect_env
 from contract.fileio import write_json_atomic
-from data_pipeline import pack, precompute, sources, tokenizer, vae as vaelib
+from data_pipeline import pack, precompute, sources, storage, tokenizer, vae as vaelib
 
 KINDS = ("pairs", "interleaved")
 #: identity records of the stages prepare owns (the tokenizer and a trained VAE); written last
@@ -87,7 +97,7 @@ def vae_recipe(image_size: int) -> VaeRecipe:
 class PrepareOptions:
     """What `run` prepares (the CLI flags, typed); Python callers build it directly."""
 
-    out: str
+    out: str  # a local directory or an object-storage prefix (s3://bucket/prefix; then `local` is required)
     texts: list[str] = field(default_factory=list)  # .jsonl/.txt files, folders or globs
     pairs: list[str] = field(default_factory=list)  # pairs .jsonl, image folders with caption files, webdataset .tar
     interleaved: list[str] = field(default_factory=list)  # interleaved .jsonl ({"segments": [...]})
@@ -106,10 +116,16 @@ class PrepareOptions:
     batch_size: int = 32  # images per VAE forward in precompute
     decode_threads: int = 4
     wait_timeout: float = 6 * 3600  # ranks > 0 wait this long for rank 0's tokenizer/VAE/precompute
+    local: str = ""  # with a remote `out`: local directory for the tokenizer, VAE, data.yaml and the stream cache
 
     def __post_init__(self) -> None:
         if not (self.texts or self.pairs or self.interleaved):
             raise ValueError("nothing to prepare: give --text, --pairs and/or --interleaved")
+        if storage.is_remote(self.out) and not self.local:
+            raise ValueError(f"--out {self.out}: a remote --out needs --local DIR, a local directory for the "
+                             "tokenizer, the VAE and the trainer's data.yaml (the shards stay in the bucket)")
+        if self.local and storage.is_remote(self.local):
+            raise ValueError(f"--local {self.local}: must be a local directory")
         if self.val_every < 0:
             raise ValueError(f"--val-every {self.val_every}: must be >= 0 (0: no validation split)")
 
@@ -118,18 +134,90 @@ def _write_json(path: Path, obj: Any) -> None:
     write_json_atomic(path, obj)
 
 
-def _done(d: Path, identity: dict) -> bool:
+@dataclass(frozen=True)
+class Place:
+    """Where prepare writes: `out` (a local directory or a remote prefix: latents, shards, every stage record)
+    and `work` (local: the tokenizer and VAE the trainer reads, data.yaml, the stream cache). They are the
+    same directory for a local --out."""
+
+    out: str
+    work: Path
+
+    @property
+    def remote(self) -> bool:
+        return storage.is_remote(self.out)
+
+    def at(self, *parts: str) -> str:
+        """A path under out (a URL for a remote out)."""
+        return storage.join(self.out, *parts)
+
+
+def _record(d: str | Path) -> dict | None:
+    """The stage record in `d` (a local directory or a remote prefix), None when absent."""
+    f = storage.join(d, DONE)
+    return storage.read_json(f) if storage.exists(f) else None
+
+
+def _done(d: str | Path, identity: dict) -> bool:
     """`d` holds a finished stage output of this identity."""
-    f = d / DONE
-    return f.is_file() and json.loads(f.read_text()).get("identity") == identity
+    rec = _record(d)
+    return rec is not None and rec.get("identity") == identity
 
 
-def _wait_for(d: Path, identity: dict, timeout: float, what: str) -> None:
+def _publish(local: Path, remote: str) -> None:
+    """Copy a finished local stage directory to `remote`, replacing what was there, its record last (a crash
+    midway leaves no record: the next run publishes again)."""
+    storage.delete_tree(remote)
+    storage.copy_tree(local, remote, skip=(DONE,))
+    storage.upload_file(local / DONE, storage.join(remote, DONE))
+
+
+def _fetch(remote: str, local: Path) -> Path:
+    """A local copy of the finished stage directory `remote` at `local` (downloaded beside it first and renamed,
+    so ranks sharing the directory never see a half copy); returns the directory holding the copy."""
+    local.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{local.name}-", dir=local.parent))
+    storage.copy_tree(remote, tmp)
+    if local.exists():
+        shutil.rmtree(local, ignore_errors=True)
+    try:
+        tmp.rename(local)
+    except OSError:  # another rank renamed its copy first: use ours, same bytes
+        return tmp
+    return local
+
+
+def _stage_done(place: Place, name: str, identity: dict, rank: int = 0) -> Path | None:
+    """The local directory of stage `name` when it is finished with this identity: done locally (and published
+    to a remote out when the publish was lost), or done under a remote out and fetched; None otherwise."""
+    local = place.work / name
+    if _done(local, identity):
+        if place.remote and rank == 0 and not _done(place.at(name), identity):
+            _publish(local, place.at(name))
+        return local
+    if place.remote and _done(place.at(name), identity):
+        print(f"[prepare] {name}: finished under {place.at(name)}; fetched to {local}")
+        return _fetch(place.at(name), local)
+    return None
+
+
+def _wait_for(d: str | Path, identity: dict, timeout: float, what: str) -> None:
     t0 = time.time()
     while not _done(d, identity):
         if time.time() - t0 > timeout:
             raise TimeoutError(f"{d}: rank 0 did not finish the {what} in {timeout:.0f}s; see rank 0's log")
         time.sleep(1.0)
+
+
+def _local_input(path: str, dest: Path) -> Path:
+    """`path` itself when local, else the remote file or directory (--tokenizer, --vae) downloaded to `dest`."""
+    if not storage.is_remote(path):
+        return Path(path)
+    if storage.list_tree(path):  # a prefix holding files: a VAE directory
+        return _fetch(path, dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    storage.write_bytes(str(dest), storage.read_bytes(path))
+    return dest
 
 
 def _image_parts_fingerprint(opts: PrepareOptions) -> list[list[str]]:
@@ -147,24 +235,26 @@ def caption_texts(inputs: list[str], kind: sources.SourceKind) -> Iterator[str]:
                     yield str(val)
 
 
-def tokenizer_stage(opts: PrepareOptions, root: Path) -> tuple[Path, dict]:
-    """OUT/tokenizer/spm.model: trained on texts + captions (+ interleaved texts), or the given one wrapped."""
-    d = root / "tokenizer"
+def tokenizer_stage(opts: PrepareOptions, place: Place) -> tuple[Path, dict]:
+    """WORK/tokenizer/spm.model: trained on texts + captions (+ interleaved texts), or the given one wrapped;
+    published to OUT/tokenizer for a remote out."""
+    d = place.work / "tokenizer"
     model = d / "spm.model"
-    if opts.tokenizer:
-        identity = {"given": pack.file_sha256(Path(opts.tokenizer))}
+    given = _local_input(opts.tokenizer, place.work / "given" / "spm.model") if opts.tokenizer else None
+    if given:
+        identity = {"given": pack.file_sha256(given)}
     else:
         identity = {"texts": [sources.file_stamp(f) for f in sources.text_files(opts.texts)] if opts.texts else [],
                     "images": _image_parts_fingerprint(opts), "vocab_size": opts.vocab_size, "seed": opts.seed}
-    if _done(d, identity):
-        print(f"[prepare] tokenizer: {model} is done from the same inputs; skipped")
-        return model, json.loads((d / DONE).read_text())
+    if (have := _stage_done(place, "tokenizer", identity)) is not None:
+        print(f"[prepare] tokenizer: {have / 'spm.model'} is done from the same inputs; skipped")
+        return have / "spm.model", json.loads((have / DONE).read_text())
     if d.exists():
         shutil.rmtree(d)
     d.mkdir(parents=True)
     t0 = time.time()
-    if opts.tokenizer:
-        shutil.copyfile(opts.tokenizer, model)
+    if given:
+        shutil.copyfile(given, model)
         ids = tokenizer.wrap(model)
     else:
         skips = sources.SkipLog()
@@ -178,26 +268,29 @@ def tokenizer_stage(opts: PrepareOptions, root: Path) -> tuple[Path, dict]:
         ids = tokenizer.train(corpus(), model, vocab_size=opts.vocab_size, seed=opts.seed, skips=skips)
     rep = {"identity": identity, "vocab_size": ids.vocab_size, "seconds": round(time.time() - t0, 2)}
     _write_json(d / DONE, rep)
+    if place.remote:
+        _publish(d, place.at("tokenizer"))
     print(f"[prepare] tokenizer: {model} ({ids.vocab_size} ids) in {rep['seconds']:.0f}s")
     return model, rep
 
 
-def vae_stage(opts: PrepareOptions, root: Path, recipe: VaeRecipe, rank: int) -> Path:
-    """The VAE that encodes the images: --vae as given, else OUT/vae trained (rank 0) with `recipe`."""
+def vae_stage(opts: PrepareOptions, place: Place, recipe: VaeRecipe, rank: int) -> Path:
+    """The VAE that encodes the images: --vae as given (fetched to WORK/given/vae when remote), else WORK/vae
+    trained (rank 0) with `recipe` and, for a remote out, published to OUT/vae (the other ranks fetch it)."""
     if opts.vae:
-        return Path(opts.vae).resolve()
-    d = root / "vae"
+        return _local_input(opts.vae, place.work / "given" / (f"vae.{rank}" if rank else "vae")).resolve()
+    d = place.work / "vae"
     image_inputs = opts.pairs or opts.interleaved
     kind = "pairs" if opts.pairs else "interleaved"
     identity = {"images": [[p.name, sources.part_fingerprint(p)] for p in sources.list_parts(image_inputs)],
                 "kind": kind, "image_size": opts.image_size, "recipe": asdict(recipe), "seed": opts.seed}
-    if _done(d, identity):
+    if (have := _stage_done(place, "vae", identity, rank)) is not None:
         if rank == 0:
-            print(f"[prepare] vae: {d} is done from the same images and recipe; skipped")
-        return d
+            print(f"[prepare] vae: {have} is done from the same images and recipe; skipped")
+        return have
     if rank != 0:
-        _wait_for(d, identity, opts.wait_timeout, "VAE")
-        return d
+        _wait_for(place.at("vae") if place.remote else d, identity, opts.wait_timeout, "VAE")
+        return _stage_done(place, "vae", identity, rank) or d
     if d.exists():
         shutil.rmtree(d)
     t0 = time.time()
@@ -217,39 +310,42 @@ def vae_stage(opts: PrepareOptions, root: Path, recipe: VaeRecipe, rank: int) ->
                                  seed=opts.seed)
         vaelib.save_with_stats(model, data[:256], d, {"random_init": True})
     _write_json(d / DONE, {"identity": identity, "seconds": round(time.time() - t0, 2), "images": len(data)})
+    if place.remote:
+        _publish(d, place.at("vae"))
     print(f"[prepare] vae: {d} in {time.time() - t0:.0f}s")
     return d
 
 
-def precompute_stage(opts: PrepareOptions, root: Path, vae_dir: Path, rank: int, world: int) -> None:
-    """OUT/latents/<kind>: every rank encodes its parts; finished parts are kept (precompute's identity)."""
+def precompute_stage(opts: PrepareOptions, place: Place, vae_dir: Path, rank: int, world: int) -> None:
+    """OUT/latents/<kind> (local or remote): every rank encodes its parts; finished parts are kept (precompute's
+    identity)."""
     for kind in KINDS:
         inputs = getattr(opts, kind)
         if not inputs:
             continue
         precompute.run(precompute.PrecomputeOptions(
-            inputs, str(vae_dir), str(root / "latents" / kind), kind=kind, image_size=opts.image_size,
+            inputs, str(vae_dir), place.at("latents", kind), kind=kind, image_size=opts.image_size,
             batch_size=opts.batch_size, part_size=opts.part_size, decode_threads=opts.decode_threads,
             wait_timeout=opts.wait_timeout), rank_and_world=(rank, world))
 
 
 def _pack_one(popts: pack.PackOptions) -> dict:
     """pack.run, after removing a finished pack of other inputs (an upstream stage was redone)."""
-    out = Path(popts.out)
-    done = out / "pack.json"
-    if done.is_file() and json.loads(done.read_text()).get("identity") != pack.pack_identity(popts):
+    out = popts.out
+    done = storage.join(out, "pack.json")
+    if storage.exists(done) and storage.read_json(done).get("identity") != pack.pack_identity(popts):
         print(f"[prepare] {out}: packed from other inputs or options (an earlier stage was redone); repacking")
-        shutil.rmtree(out)
+        storage.delete_tree(out)
     return pack.run(popts, rank_and_world=(0, 1))  # rank 0 alone packs here (the other ranks have returned)
 
 
-def pack_stage(opts: PrepareOptions, root: Path, tok: Path, patch_size: int) -> dict[str, dict]:
+def pack_stage(opts: PrepareOptions, place: Place, tok: Path, patch_size: int) -> dict[str, dict]:
     """OUT/shards/<kind>: each source packed into seq_len rows (train + val); returns the pack reports."""
     reports = {}
-    for kind, inputs in (("text", opts.texts), ("pairs", [str(root / "latents" / "pairs")] if opts.pairs else []),
-                         ("interleaved", [str(root / "latents" / "interleaved")] if opts.interleaved else [])):
+    for kind, inputs in (("text", opts.texts), ("pairs", [place.at("latents", "pairs")] if opts.pairs else []),
+                         ("interleaved", [place.at("latents", "interleaved")] if opts.interleaved else [])):
         if inputs:
-            reports[kind] = _pack_one(pack.PackOptions(kind, list(inputs), str(tok), str(root / "shards" / kind),
+            reports[kind] = _pack_one(pack.PackOptions(kind, list(inputs), str(tok), place.at("shards", kind),
                                                        seq_len=opts.seq_len, patch_size=patch_size,
                                                        val_every=opts.val_every))
     return reports
@@ -267,7 +363,7 @@ def image_share(reports: dict[str, dict]) -> float | None:
     return round(0.9 * max(shares), 3) if min(shares) < 0.9 * max(shares) else None
 
 
-def val_captions(latents_dir: Path, val_every: int, n: int) -> list[str]:
+def val_captions(latents_dir: str | Path, val_every: int, n: int) -> list[str]:
     """The captions of the first `n` validation pairs (the documents pack sends to the val split)."""
     out: list[str] = []
     if val_every <= 0 or n <= 0:
@@ -280,16 +376,21 @@ def val_captions(latents_dir: Path, val_every: int, n: int) -> list[str]:
     return out
 
 
-def data_yaml(opts: PrepareOptions, root: Path, tok: Path, vae_dir: Path, tok_rep: dict, reports: dict[str, dict],
+def data_yaml(opts: PrepareOptions, place: Place, tok: Path, vae_dir: Path | str, reports: dict[str, dict],
               patch_size: int) -> dict:
     """The config fragment: `data:`, the `model:` keys the latents fix, `logging.sample_prompts` (model.vocab_size
-    is not written: the trainer takes it from data.tokenizer, one source)."""
+    is not written: the trainer takes it from data.tokenizer, one source). Shards under a remote out are read in
+    place (`remote:`, cached in WORK/cache)."""
     names = list(reports)
     share = image_share(reports) if opts.image_position_share == "auto" else opts.image_position_share
+
+    def stream(k: str, split: str) -> dict:
+        return {"name": k, ("remote" if place.remote else "local"): place.at("shards", k, split)}
+
     data: dict[str, Any] = {
-        "tokenizer": str(tok), "vae": str(vae_dir), "seq_len": opts.seq_len, "cache_dir": str(root / "cache"),
-        "streams": [{"name": k, "local": str(root / "shards" / k / "train")} for k in names],
-        "val_streams": [{"name": k, "local": str(root / "shards" / k / "val")} for k in names
+        "tokenizer": str(tok), "vae": str(vae_dir), "seq_len": opts.seq_len, "cache_dir": str(place.work / "cache"),
+        "streams": [stream(k, "train") for k in names],
+        "val_streams": [stream(k, "val") for k in names
                         if opts.val_every > 0 and reports[k].get("val", {}).get("rows", 0) > 0],
         "image_position_share": share,
     }
@@ -299,7 +400,7 @@ def data_yaml(opts: PrepareOptions, root: Path, tok: Path, vae_dir: Path, tok_re
         C, h, _ = image["latent_shape"]
         cfg["model"] = {"latent_channels": C, "latent_size": h, "patch_size": patch_size}
     if opts.pairs:
-        prompts = val_captions(root / "latents" / "pairs", opts.val_every, opts.sample_prompts)
+        prompts = val_captions(place.at("latents", "pairs"), opts.val_every, opts.sample_prompts)
         if prompts:
             cfg["logging"] = {"sample_prompts": prompts}
     return cfg
@@ -316,20 +417,22 @@ def val_warnings(reports: dict[str, dict], micro_batch: int = 2, ranks: int = 2)
 
 
 def run(opts: PrepareOptions, rank_and_world: tuple[int, int] | None = None) -> Path | None:
-    """Every stage for this rank; returns OUT/data.yaml on rank 0 (None on the others, which stop after
-    their share of the encoding). Raises ValueError/FileNotFoundError naming the bad input or flag."""
+    """Every stage for this rank; returns the local data.yaml on rank 0 (None on the others, which stop after
+    their share of the encoding). Raises ValueError/FileNotFoundError naming the bad input or flag, and
+    storage.StorageError naming the URL for an unreadable or unwritable remote."""
     if rank_and_world is None:
         env = detect_env()
         rank, world = env.rank, env.world_size
     else:
         rank, world = rank_and_world
     t0 = time.time()
-    root = Path(opts.out).resolve()
-    root.mkdir(parents=True, exist_ok=True)
+    out = opts.out if storage.is_remote(opts.out) else str(Path(opts.out).resolve())
+    place = Place(out, Path(opts.local or out).resolve())
+    place.work.mkdir(parents=True, exist_ok=True)
     recipe = opts.recipe or vae_recipe(opts.image_size)
     patch_size = opts.patch_size or recipe.patch_size
     if opts.vae:
-        vae_meta = json.loads((Path(opts.vae) / "config.json").read_text())
+        vae_meta = storage.read_json(storage.join(opts.vae, "config.json"))
         ds = 2 ** (len(vae_meta.get("block_out_channels", [1])) - 1)
     else:
         ds = recipe.downsample
@@ -339,41 +442,46 @@ def run(opts: PrepareOptions, rank_and_world: tuple[int, int] | None = None) -> 
     times: dict[str, float] = {}
     tok, tok_rep = (None, None)
     if rank == 0:
-        tok, tok_rep = tokenizer_stage(opts, root)
+        tok, tok_rep = tokenizer_stage(opts, place)
         times["tokenizer"] = time.time() - t0
+    vae_dir: Path | None = None
     if opts.pairs or opts.interleaved:
         t = time.time()
-        vae_dir = vae_stage(opts, root, recipe, rank)
+        vae_dir = vae_stage(opts, place, recipe, rank)
         times["vae"] = time.time() - t
         t = time.time()
-        precompute_stage(opts, root, vae_dir, rank, world)
+        precompute_stage(opts, place, vae_dir, rank, world)
         times["precompute"] = time.time() - t
-    else:
-        vae_dir = Path(opts.vae).resolve() if opts.vae else None
+    elif opts.vae:
+        vae_dir = _local_input(opts.vae, place.work / "given" / "vae").resolve()
     if rank != 0:
         return None
     t = time.time()
-    reports = pack_stage(opts, root, tok, patch_size)
+    reports = pack_stage(opts, place, tok, patch_size)
     times["pack"] = time.time() - t
-    cfg = data_yaml(opts, root, tok, vae_dir or "", tok_rep, reports, patch_size)
-    if vae_dir is None:
-        cfg["data"]["vae"] = ""
-    path = root / "data.yaml"
-    tmp = path.with_name("data.yaml.tmp")
+    cfg = data_yaml(opts, place, tok, vae_dir or "", reports, patch_size)
+    path = place.work / "data.yaml"
     cli = sys.argv and sys.argv[0].endswith("prepare.py")
     cmd = "python -m data_pipeline.prepare " + shlex.join(sys.argv[1:]) if cli else "data_pipeline.prepare"
-    tmp.write_text(f"# written by {cmd}\n# use: python -m pretrain.train --config configs/tiny.yaml,{path}\n"
-                   f"# model.vocab_size = {tok_rep['vocab_size']}: set by data.tokenizer (the trainer reads it there)\n"
-                   + yaml.safe_dump(cfg, sort_keys=False))
-    tmp.replace(path)
+    text = (f"# written by {cmd}\n# use: python -m pretrain.train --config configs/tiny.yaml,{path}\n"
+            f"# model.vocab_size = {tok_rep['vocab_size']}: set by data.tokenizer (the trainer reads it there)\n")
+    if place.remote:
+        text += (f"# the shards are read from {place.out}; data.tokenizer, data.vae and data.cache_dir are local to "
+                 f"the machine that wrote this: on another, run the same command with --local DIR there (every stage "
+                 f"is skipped, the tokenizer and VAE fetched)\n")
+    storage.write_bytes(str(path), (text + yaml.safe_dump(cfg, sort_keys=False)).encode())
     for w in val_warnings(reports):
         print(f"[prepare] warning: {w}", file=sys.stderr)
     summary = {k: {"rows": r["train"]["rows"], "val_rows": r.get("val", {}).get("rows", 0),
                    "efficiency": r["train"]["efficiency"]} for k, r in reports.items()}
-    _write_json(root / "prepare.json", {"seconds": {k: round(v, 1) for k, v in times.items()}, "streams": summary})
+    record = {"seconds": {k: round(v, 1) for k, v in times.items()}, "streams": summary}
+    _write_json(place.work / "prepare.json", record)
+    if place.remote:
+        storage.upload_file(path, place.at("data.yaml"))
+        storage.write_json(place.at("prepare.json"), record)
     print(f"[prepare] {path} in {time.time() - t0:.0f}s (stage seconds "
           f"{json.dumps({k: round(v, 1) for k, v in times.items()})}; "
-          f"streams {json.dumps(summary)})")
+          f"streams {json.dumps(summary)})" + (f"; shards and stage records under {place.out}" if place.remote else ""))
     return path
 
 
@@ -385,7 +493,12 @@ def build_parser() -> argparse.ArgumentParser:
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog=(f"VAE recipes by image size (--vae-* flags override a field):\n{table()}"
                                          if table else None))
-    ap.add_argument("--out", required=True, help="output directory (stages resume there)")
+    ap.add_argument("--out", required=True,
+                    help="output directory or object-storage prefix (s3://bucket/prefix; needs --local); stages "
+                         "resume there")
+    ap.add_argument("--local", default="",
+                    help="with a remote --out: local directory for the tokenizer, the VAE, data.yaml and the stream "
+                         "cache (default: --out itself, which must then be local)")
     ap.add_argument("--text", dest="texts", nargs="+", default=[],
                     help="text .jsonl/.txt files, folders or quoted globs")
     ap.add_argument("--pairs", nargs="+", default=[],
@@ -432,8 +545,9 @@ def options_from_args(a: argparse.Namespace) -> PrepareOptions:
             if getattr(a, f"vae_{f.name}", None) is not None}
     recipe = dataclasses.replace(recipe, **over)
     share = "auto" if a.image_position_share is None else a.image_position_share
-    return PrepareOptions(out=a.out, texts=a.texts, pairs=a.pairs, interleaved=a.interleaved, image_size=a.image_size,
-                          seq_len=a.seq_len, tokenizer=a.tokenizer, vocab_size=a.vocab_size, vae=a.vae, recipe=recipe,
+    return PrepareOptions(out=a.out, local=a.local, texts=a.texts, pairs=a.pairs, interleaved=a.interleaved,
+                          image_size=a.image_size, seq_len=a.seq_len, tokenizer=a.tokenizer, vocab_size=a.vocab_size,
+                          vae=a.vae, recipe=recipe,
                           patch_size=a.patch_size, val_every=a.val_every, image_position_share=share,
                           sample_prompts=a.sample_prompts, seed=a.seed, part_size=a.part_size, batch_size=a.batch_size,
                           decode_threads=a.decode_threads)

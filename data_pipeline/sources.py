@@ -201,7 +201,10 @@ def list_parts(inputs: list[str], part_size: int = 1000) -> list[Part]:
 
 
 def file_stamp(path: str | Path) -> list:
-    """[resolved path, size in bytes, mtime in ns] of a file: cheap evidence that it is unchanged."""
+    """[resolved path, size in bytes, mtime in ns] of a file: cheap evidence that it is unchanged ([URL] for a
+    remote object: the URL names it, as in part_fingerprint)."""
+    if storage.is_remote(path):
+        return [str(path)]
     st = os.stat(path)
     return [str(Path(path).resolve()), st.st_size, st.st_mtime_ns]
 
@@ -506,19 +509,12 @@ def _text_of(line: bytes, where: str) -> str:
     return rec["text"]
 
 
-def _txt_doc(fp: str) -> str:
-    try:
-        return Path(fp).read_bytes().decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise BadRecord("not_utf8", f"{fp}: {e}") from e
-
-
 def _text_items(fp: str) -> Iterator[tuple[str, object]]:
     """(where, thunk giving the text or raising BadRecord) for each document of one file."""
     if not fp.endswith(".jsonl"):
-        yield fp, lambda: _txt_doc(fp)
+        yield fp, lambda: _txt_bytes(storage.read_bytes(fp), fp)
         return
-    with open(fp, "rb") as f:
+    with storage.open_read(fp) as f:
         for n, line in enumerate(f, 1):
             if line.strip():
                 yield f"{fp}:{n}", lambda line=line, n=n: _text_of(line, f"{fp}:{n}")

@@ -30,7 +30,8 @@ from typing import Any, BinaryIO
 from contract.fileio import write_atomic
 
 __all__ = ["StorageError", "is_remote", "scheme", "join", "parent", "open_read", "read_bytes", "read_json",
-           "exists", "list_dir", "write_bytes", "write_json", "upload_file", "delete"]
+           "exists", "list_dir", "list_tree", "write_bytes", "write_json", "upload_file", "copy_tree", "delete",
+           "delete_tree"]
 
 
 class StorageError(Exception):
@@ -305,6 +306,44 @@ def list_dir(url: str | Path) -> list[str]:
     return sorted({r.split("/", 1)[0] for r in rel if r})
 
 
+def list_tree(url: str | Path) -> list[str]:
+    """Every file under `url` as a '/'-separated path relative to it, sorted; [] when there is none.
+
+    Local: a recursive walk; s3: `list_objects_v2` without a delimiter; other schemes: streaming's
+    CloudUploader.list_objects. Raises StorageError (missing bucket, credentials) naming the URL.
+    """
+    u = str(url)
+    if not is_remote(u):
+        p = _local(u)
+        return sorted(q.relative_to(p).as_posix() for q in p.rglob("*") if q.is_file()) if p.is_dir() else []
+    if scheme(u) == "s3":
+        bucket, prefix = _bucket_key(u.rstrip("/") + "/")
+        keys: list[str] = []
+        try:
+            for page in _s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+                keys += [o["Key"][len(prefix):] for o in page.get("Contents", [])]
+        except Exception as e:  # noqa: BLE001
+            raise s3_error(e, u, "list") from e
+        return sorted(k for k in keys if k)
+    with tempfile.TemporaryDirectory() as tmp:
+        keys = _uploader(u, tmp).list_objects() or []
+    base = urllib.parse.urlparse(u).path.strip("/") + "/"
+    return sorted(k[len(base):] for k in keys if k.startswith(base) and len(k) > len(base))
+
+
+def copy_tree(src: str | Path, dst: str | Path, skip: tuple[str, ...] = ()) -> list[str]:
+    """Copy every file under `src` to the same relative path under `dst` (each a local directory or a remote
+    prefix), except the relative paths in `skip`; returns the relative paths copied. Existing files are
+    replaced, other files under `dst` are left. Raises StorageError naming the URL that failed."""
+    rel = [r for r in list_tree(src) if r not in skip]
+    for r in rel:
+        if is_remote(dst) and not is_remote(src):
+            upload_file(Path(_local(src), *r.split("/")), join(dst, *r.split("/")))
+        else:
+            write_bytes(join(dst, *r.split("/")), read_bytes(join(src, *r.split("/"))))
+    return rel
+
+
 def write_bytes(url: str | Path, data: bytes) -> None:
     """Write `data` to `url` (replacing it). Local writes are atomic (a temporary file then rename);
     an object store's PUT is atomic by itself. Raises StorageError naming the URL and what to do."""
@@ -353,6 +392,21 @@ def upload_file(local: str | Path, url: str) -> None:
         except Exception as e:  # noqa: BLE001 - every backend raises its own types
             raise StorageError(f"{url}: cannot write it ({type(e).__name__}: {e}); check the URL and the credentials "
                                "in the environment for this scheme") from e
+
+
+def delete_tree(url: str | Path) -> int:
+    """Remove every file under `url` (a local directory or an s3:// prefix); returns how many were removed."""
+    u = str(url)
+    if not is_remote(u):
+        p = _local(u)
+        n = len(list_tree(u))
+        if p.is_dir():
+            shutil.rmtree(p)
+        return n
+    rel = list_tree(u)
+    for r in rel:
+        delete(join(u, *r.split("/")))
+    return len(rel)
 
 
 def delete(url: str | Path) -> None:

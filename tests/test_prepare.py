@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from data_pipeline import prepare
+from data_pipeline import prepare, storage
 from data_pipeline.synthetic import write_demo_sources
 
 REPO = Path(__file__).resolve().parents[1]
@@ -213,3 +213,82 @@ def test_cadence_follows_train_steps_unless_set() -> None:
     assert every("train.steps=3", "logging.sample_every=0", "checkpoint.every=7") == (7, 1, 0)
     with pytest.raises(ConfigError, match=r"logging.val_every=-1: must be >= 0 .*train.steps // 10"):
         load_config(REPO / "configs/tiny.yaml", ["logging.val_every=-1"])
+
+
+def _pairs_tar(raw: dict, tar: Path) -> Path:
+    """The pairs of `raw` as a webdataset tar (KEY.png + KEY.txt), the form of a remote image input."""
+    import tarfile
+
+    with tarfile.open(tar, "w") as tf:
+        for i, line in enumerate(Path(raw["pairs"]).read_text().splitlines()):
+            rec = json.loads(line)
+            tf.add(Path(raw["pairs"]).parent / rec["image"], arcname=f"{i:06d}.png")
+            cap = tar.parent / "caption.txt"
+            cap.write_text(rec["caption"])
+            tf.add(cap, arcname=f"{i:06d}.txt")
+    return tar
+
+
+def _objects(s3, prefix: str) -> dict[str, tuple]:
+    pages = s3.client().get_paginator("list_objects_v2").paginate(Bucket=s3.bucket, Prefix=prefix)
+    return {o["Key"]: (o["ETag"], o["LastModified"]) for page in pages for o in page.get("Contents", [])}
+
+
+def test_a_bucket_in_and_out_matches_a_local_run_and_another_machine_fetches_what_it_needs(tmp_path: Path, s3,
+                                                                                          capsys) -> None:
+    """Texts and an image tar read from a bucket; latents, shards and every stage record written under a prefix.
+    The shards equal those of a local run on the same inputs byte for byte; data.yaml reads them in place and
+    passes the trainer's key check; a rerun skips every stage and rewrites no shard or weight (the index and report
+files it rewrites hold the same bytes); the same command with another
+    --local (another machine) skips every stage too and fetches the very tokenizer and VAE."""
+    from pretrain.config import load_config
+    from pretrain.plan.data_keys import data_key_problems
+
+    raw = _sources(tmp_path)
+    tar = _pairs_tar(raw, tmp_path / "pairs.tar")
+    storage.upload_file(raw["texts"], s3.url("in", "texts.jsonl"))
+    storage.upload_file(tar, s3.url("in", "pairs.tar"))
+    local = _opts(raw, tmp_path / "local", texts=[str(raw["texts"])], pairs=[str(tar)], interleaved=[])
+    prepare.run(local, rank_and_world=(0, 1))
+
+    def remote(machine: str) -> prepare.PrepareOptions:
+        return _opts(raw, s3.url("out"), local=str(tmp_path / machine), texts=[s3.url("in", "texts.jsonl")],
+                     pairs=[s3.url("in", "pairs.tar")], interleaved=[])
+
+    with pytest.raises(ValueError, match="--local DIR"):
+        _opts(raw, s3.url("out"))
+    path = prepare.run(remote("m1"), rank_and_world=(0, 1))
+    assert path == tmp_path / "m1" / "data.yaml"
+    assert storage.list_dir(s3.url("out")) == ["data.yaml", "latents", "prepare.json", "shards", "tokenizer", "vae"]
+    for kind in ("text", "pairs"):
+        for split in ("train", "val"):
+            theirs = {r: storage.read_bytes(storage.join(s3.url("out", "shards", kind, split), r))
+                      for r in storage.list_tree(s3.url("out", "shards", kind, split)) if r.endswith(".mds")}
+            mine = tmp_path / "local" / "shards" / kind / split
+            assert theirs and theirs == {p.relative_to(mine).as_posix(): p.read_bytes() for p in mine.rglob("*.mds")}
+    cfg = yaml.safe_load(path.read_text())
+    assert cfg["data"]["streams"] == [{"name": k, "remote": s3.url("out", "shards", k, "train")}
+                                      for k in ("text", "pairs")]
+    assert cfg["data"]["tokenizer"] == str(tmp_path / "m1" / "tokenizer" / "spm.model")
+    assert storage.read_bytes(s3.url("out", "data.yaml")) == path.read_bytes()
+    run_cfg = load_config([REPO / "configs/tiny.yaml", path], [f"train.run_dir={tmp_path / 'run'}"])
+    assert data_key_problems(run_cfg) == []
+
+    written = _objects(s3, "out/")
+    capsys.readouterr()
+    prepare.run(remote("m1"), rank_and_world=(0, 1))
+    said = capsys.readouterr().out
+    assert "tokenizer: " in said and "vae: " in said and said.count("is done from the same") == 2, said
+    again = _objects(s3, "out/")
+    same = [k for k in written if k != "out/prepare.json"]  # that one records this run's stage times
+    assert {k: again[k][0] for k in same} == {k: written[k][0] for k in same} and again.keys() == written.keys()
+    assert {k: v for k, v in again.items() if k.endswith((".mds", ".model", ".safetensors"))} == \
+        {k: v for k, v in written.items() if k.endswith((".mds", ".model", ".safetensors"))}  # none rewritten
+    prepare.run(remote("m2"), rank_and_world=(0, 1))
+    said = capsys.readouterr().out
+    assert said.count("fetched to") == 2 and said.count("is done from the same") == 2, said
+    for rel in ("tokenizer/spm.model", "vae/config.json", "vae/diffusion_pytorch_model.safetensors"):
+        assert (tmp_path / "m2" / rel).read_bytes() == (tmp_path / "m1" / rel).read_bytes(), rel
+    assert {k: v for k, v in _objects(s3, "out/").items() if k.endswith((".mds", ".model", ".safetensors"))} == \
+        {k: v for k, v in written.items() if k.endswith((".mds", ".model", ".safetensors"))}, said
+    assert yaml.safe_load((tmp_path / "m2" / "data.yaml").read_text())["data"]["vae"] == str(tmp_path / "m2" / "vae")

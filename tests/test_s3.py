@@ -42,6 +42,19 @@ def test_storage_round_trip(s3, tmp_path):
             assert f.read(10) == b"\x00" * 10 and len(f.read()) == 2990  # streamed in pieces
         assert storage.exists(storage.join(root, "meta.json")) and not storage.exists(storage.join(root, "nope"))
         assert storage.parent(storage.join(root, "train")) == root
+        assert storage.list_tree(root) == ["meta.json", "train/shard.00000.mds"]
+    # a tree local -> bucket -> local comes back byte for byte; delete_tree empties the prefix
+    src = tmp_path / "tree"
+    for rel, data in {"a.json": b"{}", "sub/b.bin": bytes(range(256)) * 50, "sub/deeper/c.txt": b"c"}.items():
+        (src / rel).parent.mkdir(parents=True, exist_ok=True)
+        (src / rel).write_bytes(data)
+    assert storage.copy_tree(src, s3.url("tree"), skip=("a.json",)) == ["sub/b.bin", "sub/deeper/c.txt"]
+    assert storage.copy_tree(src, s3.url("tree")) == ["a.json", "sub/b.bin", "sub/deeper/c.txt"]
+    storage.copy_tree(s3.url("tree"), tmp_path / "back")
+    assert {p.relative_to(tmp_path / "back"): p.read_bytes() for p in (tmp_path / "back").rglob("*") if p.is_file()} \
+        == {p.relative_to(src): p.read_bytes() for p in src.rglob("*") if p.is_file()}
+    assert storage.delete_tree(s3.url("tree")) == 3 and storage.list_tree(s3.url("tree")) == []
+    assert storage.list_tree(s3.url("ds")) == ["meta.json", "train/shard.00000.mds"]  # a neighbour is untouched
 
 
 def test_storage_errors_name_the_url_and_what_to_do(s3):
