@@ -408,7 +408,8 @@ def data_yaml(opts: PrepareOptions, place: Place, tok: Path, vae_dir: Path | str
 
 def val_warnings(reports: dict[str, dict], micro_batch: int = 2, ranks: int = 2) -> list[str]:
     """Validation splits too small for one micro-batch per rank of a small run (`ranks` x `micro_batch` rows:
-    configs/tiny.yaml on 2 ranks); the trainer warns again with the run's own counts."""
+    configs/tiny.yaml on 2 ranks); the trainer warns again with the run's own counts
+    (`pretrain.train.loop.warn_small_val_streams`)."""
     need = micro_batch * ranks
     return [f"{k}: its validation split holds {r['val']['rows']} rows, fewer than {ranks} ranks x micro-batch "
             f"{micro_batch} = {need}: its validation loss rests on at most {r['val']['rows']} sequences; lower "

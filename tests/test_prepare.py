@@ -184,7 +184,7 @@ def test_dry_run_lists_every_key_to_set(demo_data, other_tokenizer, tmp_path: Pa
     assert "repack with matching --patch-size" not in done.stdout
 
 
-def test_a_validation_stream_smaller_than_a_batch_per_rank_is_named(demo_data) -> None:
+def test_a_validation_stream_smaller_than_a_batch_per_rank_is_named(demo_data, caplog) -> None:
     from pretrain.config import load_config
     from pretrain.plan.data_keys import small_val_streams
 
@@ -196,6 +196,11 @@ def test_a_validation_stream_smaller_than_a_batch_per_rank_is_named(demo_data) -
     want = f"({small}) holds {rows[small]} rows, fewer than 2 ranks x train.micro_batch_size 4 = 8"
     assert any(want in w for w in warned)
     assert small_val_streams(cfg, micro_batch=1, world_size=1) == []
+    from pretrain.train.loop import warn_small_val_streams
+
+    with caplog.at_level("WARNING", logger="pretrain"):
+        assert warn_small_val_streams(cfg, micro_batch=4, world_size=2) == warned
+    assert want in caplog.text
 
 
 def test_cadence_follows_train_steps_unless_set() -> None:

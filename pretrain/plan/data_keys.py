@@ -4,7 +4,8 @@ Packed shards fix four things about the model that reads them: the latents' chan
 and the image size), the patch size (pack's `--patch-size`) and the vocabulary (the tokenizer that
 tokenized them), plus `data.seq_len`. `data_key_problems(cfg)` reads each stream's `pack.json` and
 returns one message per disagreement naming the key to set; the trainer's setup raises them and the
-dry run lists them. `small_val_streams` names validation streams too small to give every rank a batch.
+dry run lists them. `small_val_streams` names validation streams too small to give every rank a batch
+(the trainer logs them at start).
 """
 
 from __future__ import annotations

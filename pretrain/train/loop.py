@@ -29,7 +29,7 @@ from pretrain.train import distributed
 from pretrain.config import Config, config_changes, load_config, save_config
 from pretrain.train.ema import ShardedEMA
 from pretrain.plan.batch import BatchPlan, BatchSizeError, micro_batch_sizes, plan_batch
-from pretrain.plan.data_keys import data_key_problems
+from pretrain.plan.data_keys import data_key_problems, small_val_streams
 from pretrain.train.engine import apply_optim_config, build_engine
 from pretrain.train.hooks import HookContext, TrainHooks, check_hooks
 from pretrain.train.metrics import MetricsWriter, StepStats, StepTimer, detect_peak_flops
@@ -272,6 +272,16 @@ def check_bad_step(run: Run, s: StepStats) -> None:
         )
 
 
+def warn_small_val_streams(cfg: Config, micro_batch: int, world_size: int) -> list[str]:
+    """Log a warning for each validation stream with fewer rows than `world_size` x `micro_batch`, naming the
+    counts and what to change (`pretrain.plan.data_keys.small_val_streams`); returns the messages. Such a
+    stream is still validated (`_val_batches` reads its rows by sample id), on fewer sequences than a batch."""
+    warned = small_val_streams(cfg, micro_batch, world_size)
+    for w in warned:
+        log.warning("%s", w)
+    return warned
+
+
 def _val_batches(loader: Any, limit: int, micro_batch: int, rank: int, world_size: int) -> tuple[list, int]:
     """This rank's share of a val stream's first `limit` micro-batches, and the number of forwards every rank runs.
 
@@ -459,6 +469,8 @@ def _build_run(cfg: Config, env: DistEnv, hooks: TrainHooks) -> Run:
     plan = plan_for(cfg, env, ckpt)
     log.info("launcher %s, %d ranks; global batch %d = micro %d x accumulation %d x ranks %d",
              env.launcher, env.world_size, plan.global_batch, plan.micro_batch, plan.grad_accum, plan.world_size)
+    if env.is_main:
+        warn_small_val_streams(cfg, plan.micro_batch, env.world_size)
     reshard = ckpt is not None and checkpoint.saved_world_size(ckpt) != env.world_size
     if reshard:
         if env.is_main:
