@@ -44,7 +44,8 @@ class TrainConfig:
     global_batch_size: int = 512  # sequences of data.seq_len positions per optimizer step
     micro_batch_size: int = 1  # sequences per rank per forward pass
     seed: int = 0
-    # auto: bf16 on GPU, fp32 on CPU. bf16: DeepSpeed's bf16 mode (bf16 weights, fp32 master copy).
+    # auto: bf16 on GPU; on CPU bf16_autocast where the CPU has native bf16 (AVX-512 BF16 or AMX), else fp32
+    # (pretrain.plan.batch.effective_precision). bf16: DeepSpeed's bf16 mode (bf16 weights, fp32 master copy).
     # bf16_autocast: fp32 weights and gradients, torch.autocast(bf16) around the forward (DeepSpeed's
     # torch_autocast): matmuls in bf16, attention in fp32 on CPU (its bf16 backward is slower there)
     precision: Literal["auto", "bf16", "bf16_autocast", "fp32"] = "auto"

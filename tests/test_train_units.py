@@ -104,8 +104,18 @@ def test_deepspeed_config_is_derived_and_user_keys_merge_on_top():
     amp = load_config("configs/tiny.yaml", ["train.precision=bf16_autocast"])
     ds_amp = derive_ds_config(amp, plan_batch(amp, 2), on_gpu=True)  # fp32 weights, autocast forward
     assert ds_amp["bf16"]["enabled"] is False and ds_amp["torch_autocast"]["enabled"] is True
-    amp = ds_amp["torch_autocast"]
-    assert amp["dtype"] == "bfloat16" and amp["lower_precision_safe_modules"] == []
+    autocast = ds_amp["torch_autocast"]
+    assert autocast["dtype"] == "bfloat16" and autocast["lower_precision_safe_modules"] == []
+    from pretrain.plan import batch
+
+    for native, want in ((True, "bf16_autocast"), (False, "fp32")):  # auto on CPU: autocast only where bf16 is native
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(batch, "cpu_has_native_bf16", lambda native=native: native)
+            cpu = derive_ds_config(gpu, plan_batch(gpu, 2), on_gpu=False)
+            assert batch.effective_precision(gpu, on_gpu=False) == want and cpu["bf16"]["enabled"] is False
+            assert cpu["torch_autocast"]["enabled"] is (want == "bf16_autocast")
+            assert batch.effective_precision(gpu, on_gpu=True) == "bf16"
+            assert batch.effective_precision(amp, on_gpu=False) == "bf16_autocast"  # a set value stays
     bad = load_config("configs/tiny.yaml", ["distributed.deepspeed={train_batch_size: 3}"])
     with pytest.raises(BatchSizeError, match="train.global_batch_size"):
         derive_ds_config(bad, plan_batch(bad, 2), on_gpu=False)

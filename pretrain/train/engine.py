@@ -17,7 +17,7 @@ import torch.utils.checkpoint
 
 from pretrain.config import Config
 from pretrain.model import Transfusion
-from pretrain.plan.batch import BatchPlan, derive_ds_config
+from pretrain.plan.batch import BatchPlan, derive_ds_config, effective_precision
 
 log = logging.getLogger(__name__)
 
@@ -154,6 +154,9 @@ def build_engine(cfg: Config, plan: BatchPlan, init_weights: InitialTensors | No
 
     on_gpu = torch.cuda.is_available()
     ds_config = derive_ds_config(cfg, plan, on_gpu)
+    if cfg.train.precision == "auto":
+        log.info("train.precision=auto: %s on this %s", effective_precision(cfg, on_gpu),
+                 "GPU" if on_gpu else "CPU (bf16_autocast only where it has native bf16: AVX-512 BF16 or AMX)")
     if load_universal:
         ds_config["checkpoint"] = {**ds_config.get("checkpoint", {}), "load_universal": True}
     model = build_model(cfg, ds_config)
