@@ -1,7 +1,7 @@
 """Train the VAE recipe of one image size on synthetic shapes and measure its reconstructions.
 
     python bench/vae_recipe_quality.py --size 32 [--images 1437] [--steps N] [--threads 1] [--out DIR]
-        [--downsample D --width W --latent-channels C --latent-noise T]   # a variant of the recipe
+        [--downsample D --width W --latent-channels C --batch-size B --latent-noise T]   # a variant of the recipe
 
 Trains `data_pipeline.vae.train_vae` with `recipe_for(--size)` (fg_weight 10, as the demo) on
 `--images` synthetic draws, then encodes and decodes 162 fresh draws (other seed) and prints: the
@@ -44,12 +44,12 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=None, help="default: the recipe's")
     ap.add_argument("--threads", type=int, default=None, help="default: data_pipeline.vae.default_threads()")
     ap.add_argument("--out", type=Path, default=None, help="keep the VAE here (default: a temporary directory)")
-    for flag in ("downsample", "width", "latent_channels"):
+    for flag in ("downsample", "width", "latent_channels", "batch_size"):
         ap.add_argument(f"--{flag.replace('_', '-')}", type=int, default=None, help="default: the recipe's")
     ap.add_argument("--latent-noise", type=float, default=None, help="default: the recipe's")
     a = ap.parse_args()
     r = V.recipe_for(a.size)
-    over = {k: getattr(a, k) for k in ("steps", "downsample", "width", "latent_channels", "latent_noise")}
+    over = {k: getattr(a, k) for k in ("steps", "downsample", "width", "latent_channels", "batch_size", "latent_noise")}
     r = dataclasses.replace(r, **{k: v for k, v in over.items() if v is not None})
     threads = a.threads or V.default_threads()
     torch.set_num_threads(threads)
@@ -66,8 +66,8 @@ def main() -> None:
     x = E.fresh_images(scenes, a.size, rng)
     rec = V.decode(vae, V.encode(vae, x))
     originals = E.score([judge(im) for im in E.to_uint8(x)], scenes)
-    row = {"size": a.size, "steps": r.steps, "latent_noise": r.latent_noise, "width": r.width,
-           "downsample": r.downsample,
+    row = {"size": a.size, "steps": r.steps, "batch_size": r.batch_size, "latent_noise": r.latent_noise,
+           "width": r.width, "downsample": r.downsample,
            "channels": r.latent_channels,
            "threads": threads, "train_seconds": round(seconds), "load_average": round(os.getloadavg()[0], 1),
            "judge_on_originals": round(100 * originals["all_three"], 1),
