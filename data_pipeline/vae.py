@@ -147,9 +147,8 @@ RECIPES: dict[int, VaeRecipe] = {r.image_size: r for r in (
     # batch 4: a 256-px image holds 4x the pixels of a 128-px one, and batch 16 took 8.2 s a step on 2 threads
     VaeRecipe(256, downsample=4, width=16, latent_channels=4, patch_size=4, steps=1600, batch_size=4,
               measured="synthetic shapes: 89.5% of reconstructions judged right (shape 100%, colour 89.5%: blue "
-                       "comes back purple; held "
-                       "out 75.0%, n = 32; judge on the originals 100%), PSNR 29.0 dB; 2,038 s on 2 threads, "
-                       "idle 2-core machine (bench/vae_recipe_quality.py --size 256)"),
+                       "comes back purple; held out 75.0%, n = 32; judge on the originals 100%), PSNR 29.0 dB; "
+                       "2,038 s on 2 threads, idle 2-core machine (bench/vae_recipe_quality.py --size 256)"),
 )}
 
 
